@@ -1,0 +1,70 @@
+"""The ``ngdiff`` console script.
+
+Each subcommand lives in its own module ``ngdiff_jax.commands.<name>`` that
+defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported lazily so ``ngdiff --help`` stays fast and a command's
+heavy imports (torch, matplotlib) are paid only by that command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> module under ngdiff_jax.commands
+COMMANDS = {
+    "demo": "demo",
+    "finetune": "finetune",
+    "unlearn": "unlearn",
+    "eval": "evaluate",
+    "report": "report",
+    "bench": "bench",
+    "toy": "toy",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(f"ngdiff_jax.commands.{COMMANDS[name]}")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ngdiff",
+        description="Machine unlearning for causal LMs in JAX: NGDiff + GeN, TOFU and MUSE.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    wanted = None
+    if argv:
+        wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name in COMMANDS:
+        if wanted is not None and wanted in COMMANDS and name != wanted:
+            # Only import the module of the command being run.
+            sub.add_parser(name)
+            continue
+        try:
+            mod = _load(name)
+        except ModuleNotFoundError as e:  # command not built in this checkout
+            if e.name and e.name.startswith("ngdiff_jax.commands"):
+                continue
+            raise
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
