@@ -1,0 +1,46 @@
+"""Reading and writing the JSON files benchmarks ship: JSON-lines or one JSON array."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def read_records(path: str | Path) -> list[Any]:
+    """Rows of a JSON file that holds either one JSON value per line or a single JSON array.
+
+    TOFU's files are JSON-lines (one object per line); MUSE's are one JSON array.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if not stripped:
+        return []
+    if stripped[0] == "[":
+        rows = json.loads(stripped)
+        if not isinstance(rows, list):
+            raise ValueError(
+                f"{path} starts with '[' but is not a JSON array; fix or re-export it."
+            )
+        return rows
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({e.msg}); expected one JSON object per line."
+                ) from e
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
+    """Write ``rows`` as JSON-lines (one compact object per line, UTF-8), like TOFU's files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
