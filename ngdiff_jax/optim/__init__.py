@@ -1,3 +1,44 @@
-"""Two-task gradient combiners and the GeN learning rate (filled in by the optimizer core)."""
+"""Two-task gradient combiners, the GeN learning rate and the paper's optimizer.
 
-__all__: list[str] = []
+All combiners share one calling convention,
+``update(retain_grads, state, params=None, *, forget_grads, **extra_args)``,
+where both inputs are gradients of losses being *minimized* (for gradient
+ascent the forget objective is ``-NLL``). :func:`unlearning_optimizer` chains a
+combiner, Adam and GeN into the optimizer of Bu, Jin et al. (2024).
+"""
+
+from ngdiff_jax.optim._base import CombinerState, TwoTaskWeights, two_task_combiner
+from ngdiff_jax.optim.gdiff import gdiff
+from ngdiff_jax.optim.gen import GeNState, gen_rate_estimate, scale_by_gen
+from ngdiff_jax.optim.mgda import mgda
+from ngdiff_jax.optim.ngdiff import ngdiff
+from ngdiff_jax.optim.pcgrad import pcgrad
+from ngdiff_jax.optim.stats import inject_stats
+from ngdiff_jax.optim.unlearning import (
+    COMBINERS,
+    RateState,
+    SkipNonFiniteState,
+    scale_by_rate,
+    skip_if_nonfinite,
+    unlearning_optimizer,
+)
+
+__all__ = [
+    "COMBINERS",
+    "CombinerState",
+    "GeNState",
+    "RateState",
+    "SkipNonFiniteState",
+    "TwoTaskWeights",
+    "gdiff",
+    "gen_rate_estimate",
+    "inject_stats",
+    "mgda",
+    "ngdiff",
+    "pcgrad",
+    "scale_by_gen",
+    "scale_by_rate",
+    "skip_if_nonfinite",
+    "two_task_combiner",
+    "unlearning_optimizer",
+]

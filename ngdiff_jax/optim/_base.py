@@ -1,0 +1,206 @@
+"""Shared machinery of the two-task gradient combiners.
+
+Every combiner in this package maps a pair of gradients ``(g_r, g_f)`` (of the
+retain loss and of the forget objective, both *minimized*) to a direction
+
+.. math::
+
+  d = w_r \\, g_r + w_f \\, g_f
+
+with two scalar weights computed from a handful of global reductions (norms and
+inner products over all leaves). This module holds what they share:
+
+* :class:`CombinerState`, the typed state (skipped-step counter, last norms and
+  weights, for logging through :func:`ngdiff_jax.optim.inject_stats`);
+* numerically robust tree reductions: global norms and inner products are
+  computed on ``g / max|g|`` and rescaled, so they neither overflow for a
+  gradient-ascent forget gradient of norm ``1e20`` nor underflow for a tiny
+  retain gradient, and are accumulated in at least float32 for bf16 inputs;
+* :func:`two_task_combiner`, which turns a weight rule into an
+  :class:`optax.GradientTransformationExtraArgs` with the common calling
+  convention, input validation and the non-finite guard (any NaN/Inf in either
+  input gives an all-zero direction and increments ``state.skipped``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "CombinerState",
+    "TwoTaskWeights",
+    "tree_max_abs",
+    "tree_scaled_norm",
+    "tree_scaled_vdot",
+    "two_task_combiner",
+]
+
+
+class CombinerState(NamedTuple):
+    """State of a two-task combiner (all fields are scalars).
+
+    Attributes:
+      skipped: number of steps whose inputs held a NaN or Inf (int32); those
+        steps returned an all-zero direction.
+      retain_norm: global L2 norm of the last ``retain_grads`` (float32).
+      forget_norm: global L2 norm of the last ``forget_grads`` (float32).
+      retain_weight: the last weight ``w_r`` in ``d = w_r g_r + w_f g_f``.
+      forget_weight: the last weight ``w_f``.
+    """
+
+    skipped: jax.Array
+    retain_norm: jax.Array
+    forget_norm: jax.Array
+    retain_weight: jax.Array
+    forget_weight: jax.Array
+
+
+class TwoTaskWeights(NamedTuple):
+    """What a weight rule returns: ``d = retain * g_r + forget * g_f`` and the norms."""
+
+    retain: jax.Array
+    forget: jax.Array
+    retain_norm: jax.Array
+    forget_norm: jax.Array
+
+
+def _acc_dtype(x: jax.Array) -> jnp.dtype:
+    return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+
+
+def tree_max_abs(tree: Any) -> jax.Array:
+    """``max_i |x_i|`` over all leaves as float32; NaN if any leaf holds a NaN.
+
+    Because NaN propagates through ``max`` and ``|Inf| = Inf``, the result is
+    finite exactly when every entry of every leaf is finite, so one reduction
+    gives both the scale used by the robust norms and the finiteness check.
+    """
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    maxes = [
+        jnp.max(jnp.abs(x)).astype(jnp.float32) if jnp.size(x) else jnp.zeros((), jnp.float32)
+        for x in leaves
+    ]
+    return jnp.max(jnp.stack(maxes))
+
+
+def _safe_scale(max_abs: jax.Array) -> jax.Array:
+    """The max-abs value itself where it is usable as a divisor, else 1."""
+    ok = jnp.isfinite(max_abs) & (max_abs > 0)
+    return jnp.where(ok, max_abs, jnp.ones_like(max_abs))
+
+
+def tree_scaled_vdot(a: Any, b: Any, a_scale: jax.Array, b_scale: jax.Array) -> jax.Array:
+    """``sum_i (a_i / a_scale) * (b_i / b_scale)`` over all leaves, in >= float32."""
+
+    def leaf(x, y):
+        dt = jnp.promote_types(_acc_dtype(x), _acc_dtype(y))
+        xs = x.astype(dt) / a_scale.astype(dt)
+        ys = y.astype(dt) / b_scale.astype(dt)
+        return jnp.sum(xs * ys).astype(jnp.float32)
+
+    parts = jax.tree.leaves(jax.tree.map(leaf, a, b))
+    return sum(parts, jnp.zeros((), jnp.float32))
+
+
+def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None) -> jax.Array:
+    """Global L2 norm, computed as ``s * ||x / s||`` with ``s = max|x|``.
+
+    Plain ``sqrt(sum x^2)`` overflows float32 once the norm passes ~1.8e19 and
+    flushes to zero below ~1e-19; the rescaled form is exact to rounding over the
+    whole float32 range. Non-finite input gives a non-finite norm.
+    """
+    if max_abs is None:
+        max_abs = tree_max_abs(tree)
+    s = _safe_scale(max_abs)
+    sq = tree_scaled_vdot(tree, tree, s, s)
+    norm = s * jnp.sqrt(sq)
+    return jnp.where(jnp.isfinite(max_abs), norm, max_abs)
+
+
+def _check_pair(retain_grads: Any, forget_grads: Any, name: str) -> None:
+    if forget_grads is None:
+        raise ValueError(
+            f"{name}.update needs the forget gradients as a keyword argument: call "
+            f"update(retain_grads, state, params, forget_grads=forget_grads)."
+        )
+    rs, fs = jax.tree.structure(retain_grads), jax.tree.structure(forget_grads)
+    if rs != fs:
+        raise ValueError(
+            f"{name}: retain_grads and forget_grads must have the same tree "
+            f"structure (both are gradients with respect to the same params); got "
+            f"{rs} and {fs}."
+        )
+    for r, f in zip(jax.tree.leaves(retain_grads), jax.tree.leaves(forget_grads)):
+        if jnp.shape(r) != jnp.shape(f):
+            raise ValueError(
+                f"{name}: retain_grads and forget_grads leaves differ in shape "
+                f"({jnp.shape(r)} vs {jnp.shape(f)}); both must be gradients with "
+                f"respect to the same params."
+            )
+
+
+def two_task_combiner(
+    weight_fn: Callable[[Any, Any, jax.Array, jax.Array], TwoTaskWeights],
+    name: str,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a combiner from a weight rule.
+
+    Args:
+      weight_fn: ``weight_fn(retain_grads, forget_grads, retain_max_abs,
+        forget_max_abs) -> TwoTaskWeights``; the max-abs values are the global
+        ``max |g|`` of each input (finite when it is called for real; on a skipped
+        step its result is discarded).
+      name: used in error messages.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with
+      ``update(retain_grads, state, params=None, *, forget_grads, **extra_args)``
+      returning ``d = w_r g_r + w_f g_f`` (each leaf in its input's dtype), or
+      zeros, counted in ``state.skipped``, when an input is not finite.
+    """
+
+    def init_fn(params):
+        del params
+        zero = jnp.zeros((), jnp.float32)
+        return CombinerState(
+            skipped=jnp.zeros((), jnp.int32),
+            retain_norm=zero,
+            forget_norm=zero,
+            retain_weight=zero,
+            forget_weight=zero,
+        )
+
+    def update_fn(retain_grads, state, params=None, *, forget_grads=None, **extra_args):
+        del params, extra_args
+        _check_pair(retain_grads, forget_grads, name)
+        m_r = tree_max_abs(retain_grads)
+        m_f = tree_max_abs(forget_grads)
+        finite = jnp.isfinite(m_r) & jnp.isfinite(m_f)
+        w = weight_fn(retain_grads, forget_grads, m_r, m_f)
+        w_r = jnp.where(finite, w.retain, 0.0).astype(jnp.float32)
+        w_f = jnp.where(finite, w.forget, 0.0).astype(jnp.float32)
+
+        def leaf(r, f):
+            dt = jnp.promote_types(_acc_dtype(r), _acc_dtype(f))
+            d = w_r.astype(dt) * r.astype(dt) + w_f.astype(dt) * f.astype(dt)
+            d = jnp.where(finite, d, jnp.zeros_like(d))
+            return d.astype(jnp.result_type(r))
+
+        direction = jax.tree.map(leaf, retain_grads, forget_grads)
+        new_state = CombinerState(
+            skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+            retain_norm=jnp.asarray(w.retain_norm, jnp.float32),
+            forget_norm=jnp.asarray(w.forget_norm, jnp.float32),
+            retain_weight=w_r,
+            forget_weight=w_f,
+        )
+        return direction, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,218 @@
+"""GeN: the generalized-Newton adaptive learning rate (Bu & Xu, 2024).
+
+"Automatic gradient descent with generalized Newton's method" picks the
+learning rate by fitting the loss along the update direction with a parabola.
+Let ``u`` be the update per unit rate (optax's sign convention: the step is
+``params + lr * u``) and :math:`\\ell(x) = L(\\theta + x u)`. Every ``every``
+steps GeN evaluates :math:`\\ell` at :math:`x \\in \\{-\\eta, 0, +\\eta\\}`
+(:math:`\\eta` the current rate; forward passes only), fits
+:math:`\\ell(x) \\approx L_0 + b x + a x^2 / 2`,
+
+.. math::
+
+  b = \\frac{\\ell(\\eta) - \\ell(-\\eta)}{2\\eta}, \\qquad
+  a = \\frac{\\ell(\\eta) - 2\\ell(0) + \\ell(-\\eta)}{\\eta^2}, \\qquad
+  x^* = -\\frac{b}{a},
+
+and updates the rate
+
+.. math::
+
+  \\eta \\leftarrow s\\,\\eta + (1 - s)\\,\\mathrm{clip}(x^*, \\eta / c, \\eta c)
+
+(``s = smoothing``, ``c = clip_factor``). Where the fit is useless (``a <= 0``:
+not convex along ``u``; ``b >= 0``: ``u`` is not a descent direction; or any
+value is non-finite) the rate is kept. On a quadratic the fit is exact and
+:math:`x^* = -(g \\cdot u)/(u^\\top A u)`, the exact line minimizer.
+
+``scale_by_gen`` goes **last** in a chain and returns ``eta * u`` with the new
+rate. Unlike the published PyTorch code, which steps Adam twice on probing
+steps, the probes here only *read* ``u``, the final update of this step, so
+every earlier member of the chain advances its state exactly once per step.
+Non-probing steps do not run the probes (``lax.cond``; note that under
+``vmap`` a ``cond`` becomes a ``select`` and both branches run).
+
+Example:
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from ngdiff_jax.optim import scale_by_gen
+  >>> loss = lambda p: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * p["w"] ** 2)
+  >>> params = {"w": jnp.array([1.0, 1.0])}
+  >>> tx = optax.chain(optax.scale(-1.0), scale_by_gen(0.1, smoothing=0.0, clip_factor=100.0))
+  >>> state = tx.init(params)
+  >>> updates, state = tx.update(jax.grad(loss)(params), state, params, value_fn=loss)
+  >>> round(float(state[1].learning_rate), 4)  # (g.g)/(g'Ag) = 10/28
+  0.3571
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["GeNState", "gen_rate_estimate", "scale_by_gen"]
+
+
+class GeNState(NamedTuple):
+    """State of :func:`scale_by_gen`.
+
+    Attributes:
+      count: number of updates done so far (int32); probes run when
+        ``count % every == 0`` (so on the first step).
+      learning_rate: the current rate (float32).
+    """
+
+    count: jax.Array
+    learning_rate: jax.Array
+
+
+def _shifted(params: Any, updates: Any, step: jax.Array) -> Any:
+    def leaf(p, u):
+        return (p + step.astype(jnp.result_type(u)) * u).astype(jnp.result_type(p))
+
+    return jax.tree.map(leaf, params, updates)
+
+
+def _scalar(v: Any, what: str) -> jax.Array:
+    v = jnp.asarray(v)
+    if v.shape != ():
+        raise ValueError(
+            f"scale_by_gen: {what} must be a scalar loss, got shape {v.shape}; "
+            f"reduce it (e.g. with .mean()) inside value_fn."
+        )
+    return v.astype(jnp.float32)
+
+
+def gen_rate_estimate(
+    loss_minus: jax.Array,
+    loss_zero: jax.Array,
+    loss_plus: jax.Array,
+    learning_rate: jax.Array,
+    *,
+    smoothing: float,
+    clip_factor: float,
+) -> jax.Array:
+    """The GeN rate update from the three probe losses (a pure function).
+
+    Args:
+      loss_minus, loss_zero, loss_plus: the loss at ``params + r * lr * u`` for
+        ``r = -1, 0, +1``.
+      learning_rate: the current rate ``lr`` (> 0).
+      smoothing: weight of the old rate in the moving average.
+      clip_factor: ``x*`` is clipped to ``[lr / clip_factor, lr * clip_factor]``.
+
+    Returns:
+      The new rate, or ``learning_rate`` unchanged where the fit is not usable.
+    """
+    lr = jnp.asarray(learning_rate, jnp.float32)
+    slope = loss_plus - loss_minus  # 2 * lr * b
+    curvature = loss_plus - 2.0 * loss_zero + loss_minus  # lr^2 * a
+    ok = jnp.isfinite(slope) & jnp.isfinite(curvature) & (curvature > 0) & (slope < 0)
+    x_star = -0.5 * lr * slope / jnp.where(ok, curvature, 1.0)
+    x_star = jnp.clip(x_star, lr / clip_factor, lr * clip_factor)
+    new_lr = smoothing * lr + (1.0 - smoothing) * x_star
+    return jnp.where(ok & jnp.isfinite(new_lr), new_lr, lr)
+
+
+def scale_by_gen(
+    learning_rate: float,
+    *,
+    every: int = 4,
+    smoothing: float = 0.9,
+    clip_factor: float = 2.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Scales updates by the GeN adaptive learning rate.
+
+    Args:
+      learning_rate: initial rate (a positive float, not a schedule: GeN is the
+        schedule).
+      every: probe (3 forward passes, 2 with ``value=``) every ``every`` steps.
+      smoothing: moving-average weight of the old rate, in ``[0, 1)``; 0 jumps
+        straight to the (clipped) estimate.
+      clip_factor: the estimate is clipped to ``[lr / clip_factor,
+        lr * clip_factor]`` (>= 1), so one probe changes the rate by at most that
+        factor.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` with
+      ``update(updates, state, params, *, value_fn, value=None, **extra_args)``.
+      ``value_fn(params) -> scalar loss`` (close over the batch; it receives the
+      ``params`` given to ``update`` shifted along ``updates``, same structure);
+      ``value`` is optional and must equal ``value_fn(params)`` if given (saves
+      one forward pass). Returns ``(lr * updates, GeNState)``.
+    """
+    if callable(learning_rate):
+        raise TypeError(
+            "scale_by_gen: learning_rate must be a positive number (the initial "
+            "rate); GeN adapts it itself, so schedules are not accepted. Use "
+            "unlearning_optimizer(..., gen=False) for a scheduled rate."
+        )
+    if not float(learning_rate) > 0:
+        raise ValueError(f"scale_by_gen: learning_rate must be > 0, got {learning_rate!r}.")
+    if int(every) != every or every < 1:
+        raise ValueError(f"scale_by_gen: every must be an integer >= 1, got {every!r}.")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"scale_by_gen: smoothing must be in [0, 1), got {smoothing!r}.")
+    if not clip_factor >= 1.0:
+        raise ValueError(f"scale_by_gen: clip_factor must be >= 1, got {clip_factor!r}.")
+    every = int(every)
+
+    def init_fn(params):
+        del params
+        return GeNState(
+            count=jnp.zeros((), jnp.int32),
+            learning_rate=jnp.asarray(learning_rate, jnp.float32),
+        )
+
+    def update_fn(
+        updates,
+        state: GeNState,
+        params=None,
+        *,
+        value_fn: Callable[[Any], jax.Array] | None = None,
+        value: jax.Array | None = None,
+        **extra_args,
+    ):
+        del extra_args
+        if value_fn is None:
+            raise ValueError(
+                "scale_by_gen needs value_fn: call update(updates, state, params, "
+                "value_fn=loss_of_params) where loss_of_params(params) returns the "
+                "scalar loss on the current batch (close over the batch)."
+            )
+        if not callable(value_fn):
+            raise TypeError(
+                f"scale_by_gen: value_fn must be callable, got {type(value_fn).__name__}."
+            )
+        if params is None:
+            raise ValueError(
+                "scale_by_gen needs params: call update(updates, state, params, value_fn=...)."
+            )
+        lr = state.learning_rate
+
+        def probe():
+            loss_minus = _scalar(value_fn(_shifted(params, updates, -lr)), "value_fn(params)")
+            loss_plus = _scalar(value_fn(_shifted(params, updates, lr)), "value_fn(params)")
+            if value is None:
+                loss_zero = _scalar(value_fn(params), "value_fn(params)")
+            else:
+                loss_zero = _scalar(value, "value")
+            return gen_rate_estimate(
+                loss_minus,
+                loss_zero,
+                loss_plus,
+                lr,
+                smoothing=smoothing,
+                clip_factor=clip_factor,
+            )
+
+        new_lr = jax.lax.cond(state.count % every == 0, probe, lambda: lr)
+        new_updates = jax.tree.map(lambda u: new_lr.astype(jnp.result_type(u)) * u, updates)
+        new_state = GeNState(count=optax.safe_increment(state.count), learning_rate=new_lr)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,227 @@
+"""The paper's full unlearning optimizer as one optax chain.
+
+:func:`unlearning_optimizer` builds, in this order,
+
+1. a two-task combiner (NGDiff by default) turning ``(g_r, g_f)`` into a
+   gradient-like direction ``d``;
+2. optionally Adam preconditioning (``optax.scale_by_adam``) of ``d``;
+3. the negation ``u = -(...)`` (optax's sign convention: ``params + lr * u``);
+4. the rate: GeN (:func:`~ngdiff_jax.optim.scale_by_gen`) or a fixed or
+   scheduled rate (:func:`scale_by_rate`, which records the rate in its state
+   for logging);
+
+all wrapped in :func:`skip_if_nonfinite`, which skips the *whole* step
+(zero update, every inner state unchanged, Adam moments included) when either
+gradient holds a NaN/Inf, and counts it. ``optax.apply_updates(params,
+updates)`` then decreases both losses to first order.
+
+Calling convention of the chain::
+
+  updates, opt_state = tx.update(retain_grads, opt_state, params,
+                                 forget_grads=forget_grads,
+                                 value_fn=loss_of_params,  # GeN only
+                                 value=loss_at_params)     # optional
+
+With Flax NNX: ``optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)`` and
+``optimizer.update(model, retain_grads, forget_grads=..., value_fn=...)``.
+There ``params`` (and so what ``value_fn`` receives) is the pure
+``nnx.State`` of the ``wrt`` variables (``nnx.as_pure(nnx.state(model,
+nnx.Param))``); rebuild a model inside ``value_fn`` with
+``nnx.merge(graphdef, params, rest)``. Gradients from ``nnx.grad`` can be
+passed as they are (NNX strips the Variable wrappers from ``forget_grads``).
+
+Example:
+
+  >>> import jax, jax.numpy as jnp, optax
+  >>> from ngdiff_jax.optim import unlearning_optimizer, inject_stats
+  >>> x = jnp.array([[1.0, 2.0], [0.5, -1.0]])
+  >>> retain = lambda p: jnp.mean((x @ p["w"] - 1.0) ** 2)
+  >>> forget = lambda p: -jnp.mean((x @ p["w"] + 1.0) ** 2)  # ascent, minimized
+  >>> params = {"w": jnp.zeros(2)}
+  >>> tx = unlearning_optimizer("ngdiff", 1e-2)
+  >>> opt_state = tx.init(params)
+  >>> updates, opt_state = tx.update(
+  ...     jax.grad(retain)(params), opt_state, params,
+  ...     forget_grads=jax.grad(forget)(params), value_fn=retain)
+  >>> params = optax.apply_updates(params, updates)
+  >>> sorted(inject_stats(opt_state))
+  ['forget_norm', 'forget_weight', 'learning_rate', 'retain_norm', 'retain_weight', 'skipped']
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ngdiff_jax.optim._base import tree_max_abs
+from ngdiff_jax.optim.gdiff import gdiff
+from ngdiff_jax.optim.gen import scale_by_gen
+from ngdiff_jax.optim.mgda import mgda
+from ngdiff_jax.optim.ngdiff import ngdiff
+from ngdiff_jax.optim.pcgrad import pcgrad
+
+__all__ = [
+    "COMBINERS",
+    "RateState",
+    "SkipNonFiniteState",
+    "scale_by_rate",
+    "skip_if_nonfinite",
+    "unlearning_optimizer",
+]
+
+#: Combiner names accepted by :func:`unlearning_optimizer`; ``"none"`` is the
+#: plain sum ``g_r + g_f`` (``gdiff(1, 1)``).
+COMBINERS = {
+    "ngdiff": ngdiff,
+    "gdiff": gdiff,
+    "mgda": mgda,
+    "pcgrad": pcgrad,
+    "none": lambda: gdiff(1.0, 1.0),
+}
+
+
+class RateState(NamedTuple):
+    """State of :func:`scale_by_rate`: step count and the last rate used."""
+
+    count: jax.Array
+    learning_rate: jax.Array
+
+
+def scale_by_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    """``updates -> lr(count) * updates`` (no negation), recording the rate.
+
+    Like ``optax.scale_by_schedule`` but the state keeps the rate used last, so
+    :func:`~ngdiff_jax.optim.inject_stats` can report it.
+
+    Args:
+      learning_rate: a float or an optax schedule ``count -> rate``.
+    """
+
+    def rate(count):
+        return jnp.asarray(
+            learning_rate(count) if callable(learning_rate) else learning_rate, jnp.float32
+        )
+
+    def init_fn(params):
+        del params
+        return RateState(
+            count=jnp.zeros((), jnp.int32), learning_rate=rate(jnp.zeros((), jnp.int32))
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        lr = rate(state.count)
+        updates = jax.tree.map(lambda u: lr.astype(jnp.result_type(u)) * u, updates)
+        return updates, RateState(count=optax.safe_increment(state.count), learning_rate=lr)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class SkipNonFiniteState(NamedTuple):
+    """State of :func:`skip_if_nonfinite`."""
+
+    skipped: jax.Array
+    inner_state: Any
+
+
+def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """Skips the whole step of ``inner`` when either task gradient is not finite.
+
+    ``update(retain_grads, state, params=None, *, forget_grads=None, **extra)``
+    runs ``inner`` and, if any entry of ``retain_grads`` or ``forget_grads`` is
+    NaN/Inf, returns all-zero updates and the *previous* inner state (so e.g.
+    Adam's moments and count do not move), incrementing ``state.skipped``.
+    Unlike ``optax.apply_if_finite`` it also checks ``forget_grads``.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return SkipNonFiniteState(skipped=jnp.zeros((), jnp.int32), inner_state=inner.init(params))
+
+    def update_fn(retain_grads, state, params=None, *, forget_grads=None, **extra_args):
+        finite = jnp.isfinite(tree_max_abs(retain_grads))
+        if forget_grads is not None:
+            finite = finite & jnp.isfinite(tree_max_abs(forget_grads))
+            extra_args["forget_grads"] = forget_grads
+        updates, inner_state = inner.update(retain_grads, state.inner_state, params, **extra_args)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        inner_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), inner_state, state.inner_state
+        )
+        skipped = state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
+        return updates, SkipNonFiniteState(skipped=skipped, inner_state=inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def unlearning_optimizer(
+    combiner: str | optax.GradientTransformation = "ngdiff",
+    learning_rate: optax.ScalarOrSchedule = 1e-5,
+    *,
+    adam: bool = True,
+    gen: bool = True,
+    gen_every: int = 4,
+    gen_smoothing: float = 0.9,
+    gen_clip_factor: float = 2.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    adam_eps: float = 1e-8,
+    skip_nonfinite: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """The paper's unlearning optimizer: combiner -> (Adam) -> -(GeN | rate).
+
+    Args:
+      combiner: ``"ngdiff"``, ``"gdiff"``, ``"mgda"``, ``"pcgrad"``, ``"none"``
+        (plain sum ``g_r + g_f``, same as ``gdiff(1, 1)``), or any
+        ``GradientTransformation`` taking ``forget_grads=`` (e.g. ``ngdiff(eps=...)``
+        or ``gdiff(1.0, 0.2)``).
+      learning_rate: with ``gen=True`` the initial GeN rate (a float); otherwise
+        a float or an optax schedule.
+      adam: precondition the combined direction with ``optax.scale_by_adam``.
+      gen: adapt the rate with GeN (then ``update`` needs ``value_fn=``).
+      gen_every, gen_smoothing, gen_clip_factor: GeN's ``every``, ``smoothing``
+        and ``clip_factor`` (see :func:`~ngdiff_jax.optim.scale_by_gen`).
+      b1, b2, adam_eps: Adam's parameters.
+      skip_nonfinite: wrap the chain in :func:`skip_if_nonfinite`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`; ``update(retain_grads,
+      state, params, *, forget_grads, value_fn=None, value=None)`` returns
+      updates for ``optax.apply_updates``.
+    """
+    if isinstance(combiner, str):
+        if combiner not in COMBINERS:
+            raise ValueError(
+                f"unlearning_optimizer: unknown combiner {combiner!r}; use one of "
+                f"{sorted(COMBINERS)} or pass a GradientTransformation."
+            )
+        combine = COMBINERS[combiner]()
+    elif isinstance(combiner, optax.GradientTransformation):
+        combine = combiner
+    else:
+        raise TypeError(
+            f"unlearning_optimizer: combiner must be a name or an optax "
+            f"GradientTransformation, got {type(combiner).__name__}."
+        )
+    if gen and callable(learning_rate):
+        raise TypeError(
+            "unlearning_optimizer: with gen=True the learning rate is GeN's initial "
+            "rate and must be a number; pass gen=False to use a schedule."
+        )
+    parts = [combine]
+    if adam:
+        parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=adam_eps))
+    parts.append(optax.scale(-1.0))
+    if gen:
+        parts.append(
+            scale_by_gen(
+                learning_rate, every=gen_every, smoothing=gen_smoothing, clip_factor=gen_clip_factor
+            )
+        )
+    else:
+        parts.append(scale_by_rate(learning_rate))
+    tx = optax.chain(*parts)
+    return skip_if_nonfinite(tx) if skip_nonfinite else tx

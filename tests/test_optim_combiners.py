@@ -1,0 +1,247 @@
+"""Two-task combiners against independent NumPy float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ngdiff_jax.optim import CombinerState, gdiff, mgda, ngdiff, pcgrad
+
+SHAPES = {"a": (3, 4), "b": {"c": (5,), "d": ()}, "e": (2, 1, 3)}
+NGDIFF_EPS = 1e-12
+
+
+def _tree(rng, scale=1.0):
+    return jax.tree.map(
+        lambda s: (scale * rng.normal(size=s)).astype(np.float32),
+        SHAPES,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+# ---- float64 references (on flat vectors) -------------------------------------------------
+
+
+def ref_ngdiff(r, f):
+    nr, nf = np.linalg.norm(r), np.linalg.norm(f)
+    wr = 1.0 / (nr + NGDIFF_EPS) if nr > 0 else 0.0
+    wf = 1.0 / (nf + NGDIFF_EPS) if nf > 0 else 0.0
+    return wr, wf
+
+
+def ref_gdiff(r, f, wr=1.0, wf=1.0):
+    return wr, wf
+
+
+def ref_mgda(r, f):
+    # argmin_{gamma in [0,1]} |gamma r + (1-gamma) f|^2 from the float64 2x2 Gram matrix
+    # (checked against a grid search in test_mgda_is_the_min_norm_point...).
+    G = np.array([[r @ r, r @ f], [r @ f, f @ f]])
+    den = G[0, 0] - 2 * G[0, 1] + G[1, 1]
+    if den <= 0:
+        return 0.5, 0.5
+    gamma = np.clip((G[1, 1] - G[0, 1]) / den, 0.0, 1.0)
+    wf = np.clip((G[0, 0] - G[0, 1]) / den, 0.0, 1.0)
+    return gamma, wf
+
+
+def ref_pcgrad(r, f):
+    c = r @ f
+    if c >= 0:
+        return 1.0, 1.0
+    # (r - c/|f|^2 f) + (f - c/|r|^2 r) = wr r + wf f
+    return 1.0 - c / (r @ r), 1.0 - c / (f @ f)
+
+
+REFS = {
+    "ngdiff": (lambda: ngdiff(eps=NGDIFF_EPS), ref_ngdiff),
+    "gdiff": (gdiff, ref_gdiff),
+    "mgda": (mgda, ref_mgda),
+    "pcgrad": (pcgrad, ref_pcgrad),
+}
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    cases = {}
+    cases["random"] = (_tree(rng), _tree(rng))
+    r = _tree(rng)
+    cases["conflicting"] = (r, jax.tree.map(lambda x, n: -0.7 * x + 0.2 * n, r, _tree(rng)))
+    r = _tree(rng, 1e-3)
+    cases["1e6_apart_conflicting"] = (
+        r,
+        jax.tree.map(lambda x, n: (-2e8 * x + 1e3 * n).astype(np.float32), r, _tree(rng)),
+    )
+    cases["1e6_apart_small_forget"] = (_tree(rng, 1e3), _tree(rng, 1e-3))
+    # norms 1e30 apart where plain float32 sums of squares underflow to 0 / overflow to inf
+    for name, small, big in [("underflow", 1e-21, 1e9), ("overflow", 1e-9, 1e21)]:
+        r = _tree(rng, small)
+        cases[f"1e30_apart_naive_norm_{name}s"] = (
+            r,
+            jax.tree.map(
+                lambda x, n, big=big, small=small: (
+                    -(big / small) * x.astype(np.float64) + 0.1 * big * n
+                ).astype(np.float32),
+                r,
+                _tree(rng),
+            ),
+        )
+    cases["aligned"] = (r := _tree(rng), jax.tree.map(lambda x: 3 * x, r))
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(REFS))
+def test_combiner_matches_float64_reference(name, case):
+    make, ref = REFS[name]
+    g_r, g_f = CASES[case]
+    tx = make()
+    state = tx.init(g_r)
+    d, state = tx.update(g_r, state, None, forget_grads=g_f)
+    r, f = _flat(g_r), _flat(g_f)
+    wr, wf = ref(r, f)
+    want = wr * r + wf * f
+    got = _flat(d)
+    assert jax.tree.structure(d) == jax.tree.structure(g_r)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(d))
+    # direction: relative to its own size (terms may cancel but never beyond float32 input rounding)
+    scale = max(abs(wr) * np.abs(r).max(), abs(wf) * np.abs(f).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+    # each weight accurate on its own, including the tiny one
+    np.testing.assert_allclose(float(state.retain_weight), wr, rtol=2e-5)
+    np.testing.assert_allclose(float(state.forget_weight), wf, rtol=2e-5)
+    np.testing.assert_allclose(float(state.retain_norm), np.linalg.norm(r), rtol=2e-6)
+    np.testing.assert_allclose(float(state.forget_norm), np.linalg.norm(f), rtol=2e-6)
+    assert int(state.skipped) == 0
+
+
+def test_mgda_is_the_min_norm_point_and_small_weight_is_direct():
+    g_r, g_f = CASES["1e6_apart_conflicting"]
+    tx = mgda()
+    d, s = tx.update(g_r, tx.init(g_r), forget_grads=g_f)
+    r, f = _flat(g_r), _flat(g_f)
+    gammas = np.linspace(0, 1, 20001)
+    grid = min(np.linalg.norm(g * r + (1 - g) * f) for g in gammas[-50:])
+    assert np.linalg.norm(_flat(d)) <= grid * (1 + 1e-5)
+    # forget weight ~1e-6..1e-8: as 1 - w_r it would be pure float32 rounding noise
+    assert 0 < float(s.forget_weight) < 1e-5
+    np.testing.assert_allclose(float(s.forget_weight), ref_mgda(r, f)[1], rtol=2e-5)
+
+
+def test_pcgrad_projection_removes_conflict():
+    g_r, g_f = CASES["conflicting"]
+    d, _ = pcgrad().update(g_r, pcgrad().init(g_r), forget_grads=g_f)
+    r, f, dd = _flat(g_r), _flat(g_f), _flat(d)
+    assert r @ f < 0
+    # d = r' + f' with r' orthogonal to the original f and f' to the original r
+    c = r @ f
+    r2, f2 = r - c / (f @ f) * f, f - c / (r @ r) * r
+    np.testing.assert_allclose(r2 @ f, 0, atol=1e-9 * np.linalg.norm(r) * np.linalg.norm(f))
+    np.testing.assert_allclose(dd, r2 + f2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REFS))
+def test_nonfinite_input_gives_zero_and_counts(name):
+    make, _ = REFS[name]
+    g_r, g_f = CASES["random"]
+    tx = make()
+    state = tx.init(g_r)
+    bad_r = jax.tree.map(lambda x: x, g_r)
+    bad_r["a"] = bad_r["a"].copy()
+    bad_r["a"][1, 2] = np.nan
+    bad_f = jax.tree.map(lambda x: x, g_f)
+    bad_f["b"]["c"] = bad_f["b"]["c"].copy()
+    bad_f["b"]["c"][0] = -np.inf
+    for rr, ff in [(bad_r, g_f), (g_r, bad_f)]:
+        d, state = tx.update(rr, state, forget_grads=ff)
+        assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(d))
+    assert int(state.skipped) == 2
+    d, state = tx.update(g_r, state, forget_grads=g_f)
+    assert np.all(np.isfinite(_flat(d))) and np.abs(_flat(d)).max() > 0
+    assert int(state.skipped) == 2
+
+
+@pytest.mark.parametrize("name", sorted(REFS))
+def test_zero_gradients_never_nan(name):
+    make, ref = REFS[name]
+    g_r, g_f = CASES["random"]
+    zero = jax.tree.map(np.zeros_like, g_r)
+    tx = make()
+    for rr, ff in [(zero, g_f), (g_r, zero), (zero, zero)]:
+        d, _s = tx.update(rr, tx.init(g_r), forget_grads=ff)
+        got = _flat(d)
+        assert np.all(np.isfinite(got))
+        wr, wf = ref(_flat(rr), _flat(ff))
+        np.testing.assert_allclose(got, wr * _flat(rr) + wf * _flat(ff), rtol=1e-5, atol=1e-7)
+    # ngdiff: the non-zero one alone, normalized
+    if name == "ngdiff":
+        d, _ = tx.update(zero, tx.init(g_r), forget_grads=g_f)
+        np.testing.assert_allclose(np.linalg.norm(_flat(d)), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REFS))
+def test_jit_no_recompile_and_extra_args(name):
+    make, ref = REFS[name]
+    tx = make()
+    traces = []
+
+    @jax.jit
+    def step(g_r, g_f, state):
+        traces.append(1)  # Python side effect: runs once per trace
+        return tx.update(g_r, state, None, forget_grads=g_f, value_fn=None, unrelated=3)
+
+    state = tx.init(CASES["random"][0])
+    for case in ["random", "conflicting", "1e6_apart_conflicting", "random"]:
+        g_r, g_f = CASES[case]
+        _, state = step(g_r, g_f, state)
+        wr, _wf = ref(_flat(g_r), _flat(g_f))
+        np.testing.assert_allclose(float(state.retain_weight), wr, rtol=2e-5)
+    bad = jax.tree.map(lambda x: np.full_like(x, np.nan), CASES["random"][0])
+    _d, state = step(bad, CASES["random"][1], state)
+    assert len(traces) == 1
+    assert int(state.skipped) == 1
+    assert isinstance(state, CombinerState)
+
+
+def test_bfloat16_inputs_keep_dtype_and_accumulate_in_float32():
+    g_r, g_f = CASES["conflicting"]
+    r16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), g_r)
+    f16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), g_f)
+    d, s = ngdiff().update(r16, ngdiff().init(r16), forget_grads=f16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(d))
+    assert s.retain_norm.dtype == jnp.float32
+    np.testing.assert_allclose(float(s.retain_norm), np.linalg.norm(_flat(r16)), rtol=1e-5)
+
+
+def test_errors_are_clear():
+    g_r, g_f = CASES["random"]
+    tx = ngdiff()
+    with pytest.raises(ValueError, match="forget_grads"):
+        tx.update(g_r, tx.init(g_r))
+    with pytest.raises(ValueError, match="same tree structure"):
+        tx.update(g_r, tx.init(g_r), forget_grads={"a": g_f["a"]})
+    with pytest.raises(ValueError, match="eps"):
+        ngdiff(eps=-1.0)
+
+
+def test_chained_in_front_of_sgd_descends_both_losses():
+    rng = np.random.default_rng(1)
+    A, B = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    loss_r = lambda p: jnp.sum((A @ p["w"] - 1.0) ** 2)
+    loss_f = lambda p: jnp.sum((B @ p["w"] + 1.0) ** 2)
+    params = {"w": jnp.asarray(rng.normal(size=4), jnp.float32)}
+    for make in (ngdiff, mgda, pcgrad):
+        tx = optax.chain(make(), optax.sgd(1e-4))
+        u, _ = tx.update(
+            jax.grad(loss_r)(params), tx.init(params), params, forget_grads=jax.grad(loss_f)(params)
+        )
+        new = optax.apply_updates(params, u)
+        assert loss_r(new) < loss_r(params) and loss_f(new) < loss_f(params)
