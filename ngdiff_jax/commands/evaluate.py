@@ -1,0 +1,82 @@
+"""``ngdiff eval``: evaluate a saved model on TOFU or MUSE and write its result JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HELP = "Evaluate a saved model on TOFU or MUSE with open-unlearning's metrics; write a result JSON."
+
+HEADLINE = {
+    "tofu": ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_ROUGE", "privleak"),
+    "muse": ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="saved model dir (HF layout, as save_pretrained writes) or hub id.")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model).")
+    parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
+    parser.add_argument("--data", default=None, help="benchmark folder (default ../shared/data/tofu or muse_news).")
+    parser.add_argument("--forget-split", default="forget10", help="TOFU forget split (forget01/05/10).")
+    parser.add_argument(
+        "--retain-eval", default=None,
+        help="result JSON of the retain model (ours or open-unlearning's *_EVAL.json) for forget_quality/privleak.",
+    )  # fmt: skip
+    parser.add_argument("--out", default=None, help="result JSON to write (default eval_results/<name>.json).")
+    parser.add_argument("--name", default=None, help="model name in the result/report (default: model dir name).")
+    parser.add_argument("--role", choices=("method", "target", "retain"), default=None,
+                        help="mark the target / retain model for the report.")  # fmt: skip
+    parser.add_argument("--step", type=int, default=None, help="training step of this checkpoint (trajectories).")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="TOFU answer length (default 200); MUSE VerbMem length (default 128).")  # fmt: skip
+    parser.add_argument("--limit", type=int, default=None, help="only the first N rows of every split (quick check).")
+
+
+def run(args) -> int:
+    from transformers import AutoTokenizer
+
+    from ngdiff_jax.models import from_pretrained
+
+    name = args.name or Path(str(args.model).rstrip("/")).name
+    out = Path(args.out) if args.out else Path("eval_results") / f"{name}.json"
+    if args.retain_eval is not None and not Path(args.retain_eval).is_file():
+        print(f"error: --retain-eval {args.retain_eval} does not exist; evaluate the retain model first.", file=sys.stderr)
+        return 2
+    try:
+        model = from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    except (OSError, ValueError) as e:
+        print(f"error: cannot load model/tokenizer from {args.model}: {e}", file=sys.stderr)
+        return 2
+    meta = {"model": str(args.model)}
+    if args.role:
+        meta["role"] = args.role
+    if args.step is not None:
+        meta["step"] = args.step
+    if args.benchmark == "tofu":
+        from ngdiff_jax.evaluation.tofu import TOFU_MAX_NEW_TOKENS, evaluate_tofu
+
+        result = evaluate_tofu(
+            model, tokenizer, args.data, forget_split=args.forget_split,
+            retain_reference=args.retain_eval, batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens or TOFU_MAX_NEW_TOKENS, limit=args.limit, name=name, meta=meta,
+        )  # fmt: skip
+    else:
+        from ngdiff_jax.evaluation.muse import VERBMEM_MAX_NEW_TOKENS, evaluate_muse
+
+        result = evaluate_muse(
+            model, tokenizer, args.data, retain_reference=args.retain_eval, batch_size=args.batch_size,
+            verbmem_max_new_tokens=args.max_new_tokens or VERBMEM_MAX_NEW_TOKENS, limit=args.limit,
+            name=name, meta=meta,
+        )  # fmt: skip
+    path = result.save(out)
+    summary = {k: result.aggregates.get(k) for k in HEADLINE[args.benchmark]}
+    summary["compile_s"] = result.timings.get("total_compile_s")
+    summary["run_s"] = result.timings.get("total_run_s")
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,173 @@
+"""MUSE evaluation (VerbMem, KnowMem, PrivLeak) with open-unlearning's metric names.
+
+Files (``../shared/data/muse_news``, JSON arrays): ``verbmem/forget.json``
+({prompt, gt}), ``knowmem/{forget_qa,retain2_qa}.json`` and their ``*_icl.json``
+in-context examples ({question, answer}), ``privleak/{forget,holdout}.json`` (texts).
+
+* ``forget_verbmem_ROUGE``: greedy 128 new tokens from the prompt, ROUGE-L F1 against ``gt``.
+* ``forget_knowmem_ROUGE`` / ``retain_knowmem_ROUGE``: the in-context examples as
+  ``"Question: {q}\\nAnswer: {a}\\n\\n"`` followed by ``"Question: {q}\\nAnswer: "``;
+  greedy 32 new tokens cut at ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``; ROUGE-L F1.
+* ``mia_min_k``: Min-40% AUC of the forget vs holdout texts (forget labelled 0, so 1 =
+  forget much more likely); ``privleak`` relative to the retain model's ``mia_min_k``
+  (0.5 without one): ``((1-auc) - (1-auc_ref)) / (1-auc_ref) * 100``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ngdiff_jax.evaluation import metrics as M
+from ngdiff_jax.evaluation.batching import Stopwatch, Timings
+from ngdiff_jax.evaluation.generation import generate_texts
+from ngdiff_jax.evaluation.results import EvalResult, reference_stats
+from ngdiff_jax.evaluation.scoring import Scorer
+from ngdiff_jax.models.logprobs import IGNORE_INDEX
+
+VERBMEM_MAX_NEW_TOKENS = 128
+KNOWMEM_MAX_NEW_TOKENS = 32
+KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
+MIN_K = 0.4
+
+
+def _read(data_dir: Path, rel: str):
+    path = data_dir / rel
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"MUSE file {path} not found; pass the MUSE-News folder (layout of ../shared/data/muse_news)."
+        )
+    text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:  # JSON lines
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def knowmem_prompt(question: str, icl: Sequence[dict]) -> str:
+    """MUSE's few-shot KnowMem prompt."""
+    shots = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in icl)
+    return f"{shots}Question: {question}\nAnswer: "
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def evaluate_muse(
+    model,
+    tokenizer,
+    data_dir: str | Path | None = None,
+    *,
+    retain_reference=None,
+    batch_size: int = 8,
+    verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
+    knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS,
+    max_length: int | None = None,
+    limit: int | None = None,
+    name: str = "model",
+    k: float = MIN_K,
+    buckets: Sequence[int] | None = None,
+    meta: dict | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on MUSE-News; returns aggregates and per-sample values.
+
+    Args:
+      data_dir: the MUSE-News folder (default ``shared_data_dir()/"muse_news"``).
+      retain_reference: the retain model's evaluation (result, or path to a saved one /
+        open-unlearning ``MUSE_EVAL.json``) for ``privleak``.
+      max_length: context used for scoring and prompts (default the model's
+        ``max_position_embeddings``); longer texts are cut (scoring: keep the start;
+        generation prompts: keep the end) and counted in ``meta``.
+      limit: only the first ``limit`` rows of every file.
+    """
+    if data_dir is None:
+        from ngdiff_jax.paths import shared_data_dir
+
+        data_dir = shared_data_dir() / "muse_news"
+    data_dir = Path(data_dir)
+    cut = (lambda rows: rows[:limit]) if limit is not None else (lambda rows: rows)
+    timings = Timings()
+    with Stopwatch() as sw_load:
+        verbmem = cut(_read(data_dir, "verbmem/forget.json"))
+        know = {
+            "forget": (cut(_read(data_dir, "knowmem/forget_qa.json")), _read(data_dir, "knowmem/forget_qa_icl.json")),
+            "retain": (cut(_read(data_dir, "knowmem/retain2_qa.json")), _read(data_dir, "knowmem/retain2_qa_icl.json")),
+        }
+        priv = {s: cut(_read(data_dir, f"privleak/{s}.json")) for s in ("forget", "holdout")}
+
+    agg: dict = {}
+    per: dict = {}
+    generations: dict = {}
+
+    # ---- VerbMem ----------------------------------------------------------------------------
+    prompts = [_encode_text(tokenizer, r["prompt"]) for r in verbmem]
+    texts = generate_texts(
+        model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=batch_size,
+        buckets=buckets, max_length=max_length, timings=timings, phase="verbmem_generate",
+    )  # fmt: skip
+    rouge = M.rouge_scores(texts, [r["gt"] for r in verbmem])
+    per["forget_verbmem_ROUGE"] = [s["rougeL_f1"] for s in rouge]
+    agg["forget_verbmem_ROUGE"] = float(np.mean(per["forget_verbmem_ROUGE"]))
+    generations["forget_verbmem_ROUGE"] = texts
+
+    # ---- KnowMem ----------------------------------------------------------------------------
+    for split, (rows, icl) in know.items():
+        prompts = [_encode_text(tokenizer, knowmem_prompt(r["question"], icl)) for r in rows]
+        texts = generate_texts(
+            model, tokenizer, prompts, max_new_tokens=knowmem_max_new_tokens, batch_size=batch_size,
+            stop_strings=KNOWMEM_STOP, buckets=buckets, max_length=max_length, timings=timings,
+            phase="knowmem_generate",
+        )  # fmt: skip
+        rouge = M.rouge_scores(texts, [r["answer"] for r in rows])
+        key = f"{split}_knowmem_ROUGE"
+        per[key] = [s["rougeL_f1"] for s in rouge]
+        agg[key] = float(np.mean(per[key]))
+        generations[key] = texts
+
+    # ---- PrivLeak (Min-K% on whole texts) ----------------------------------------------------
+    examples, owner = [], []
+    for split in ("forget", "holdout"):
+        for text in priv[split]:
+            if not isinstance(text, str):
+                text = text.get("text", "")
+            ids = _encode_text(tokenizer, text)
+            examples.append((ids, [IGNORE_INDEX] + ids[1:]))
+            owner.append(split)
+    scorer = Scorer(model, batch_size=batch_size, max_length=max_length, buckets=buckets, timings=timings)
+    scores = scorer.score(examples, phase="privleak_score")
+    mink = {"forget": [], "holdout": []}
+    for s, lp in zip(owner, scores.token_logprobs):
+        mink[s].append(M.min_k_score(lp[:-1], k))  # last scored token left out, as open-unlearning
+    per["mia_min_k"] = mink
+    agg["mia_min_k"] = M.mia_auc(mink["forget"], mink["holdout"])
+    ref = None if retain_reference is None else reference_stats(retain_reference)
+    ref_auc = None if ref is None else ref["mia_min_k"]
+    agg["privleak"] = M.privleak(agg["mia_min_k"], ref_auc)
+
+    info = dict(meta or {})
+    info.update(
+        {
+            "rows": {
+                "verbmem": len(verbmem),
+                "forget_knowmem": len(know["forget"][0]),
+                "retain_knowmem": len(know["retain"][0]),
+                "privleak_forget": len(priv["forget"]),
+                "privleak_holdout": len(priv["holdout"]),
+            },
+            "retain_reference": None if ref is None else ref["source"],
+            "privleak_reference_auc": 0.5 if ref_auc is None else ref_auc,
+            "batch_size": batch_size,
+            "min_k": k,
+            "truncated_examples": scorer.truncated,
+        }
+    )
+    t = timings.as_dict()
+    t["load_s"] = round(sw_load.seconds, 4)
+    return EvalResult(
+        name=name, benchmark="muse", aggregates=agg, per_sample=per,
+        generations=generations, timings=t, meta=info,
+    )  # fmt: skip

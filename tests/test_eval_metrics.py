@@ -1,0 +1,99 @@
+"""Every evaluation metric against values worked out by hand on tiny inputs."""
+
+import math
+
+import numpy as np
+import pytest
+
+from ngdiff_jax.evaluation import metrics as M
+
+
+def test_answer_prob_and_q_a_prob():
+    nll = np.array([math.log(2), math.log(4)])  # p = 0.5, 0.25
+    assert M.q_a_prob(nll) == pytest.approx(0.375)
+    # several answers per question: probabilities averaged per question first
+    nll2 = np.log([[2, 4], [1, 1]])  # per-question means 0.375, 1.0
+    assert M.q_a_prob(nll2) == pytest.approx((0.375 + 1.0) / 2)
+
+
+def test_prob_normalised():
+    correct = np.log([2.0])  # 0.5
+    wrong = np.log([[4.0, 4.0, 8.0]])  # 0.25 + 0.25 + 0.125 = 0.625
+    assert M.q_a_prob_normalised(correct, wrong) == pytest.approx(0.5 / 1.125)
+    with pytest.raises(ValueError, match="wrong_nll"):
+        M.prob_normalised(correct, np.log([4.0]))
+
+
+def test_truth_ratio_and_aggregates():
+    correct = np.log([2.0, 4.0])  # p_correct 0.5, 0.25
+    # wrong NLLs are averaged before exp: mean(ln4, ln4) = ln4 -> 0.25; mean(ln1, ln4) = ln2 -> 0.5
+    wrong = np.log([[4.0, 4.0], [1.0, 4.0]])
+    tr = M.truth_ratios(correct, wrong)
+    np.testing.assert_allclose(tr, [0.5, 2.0], rtol=1e-8)
+    # forget: mean(min(TR, 1/TR)) = mean(0.5, 0.5)
+    assert M.truth_ratio_closer_to_1(tr) == pytest.approx(0.5)
+    # others: mean(max(0, 1-TR)) = mean(0.5, 0)
+    assert M.truth_ratio_true_better(tr) == pytest.approx(0.25)
+
+
+def test_rouge_recall_f1_and_stemmer():
+    s = M.rouge_scores(["the cat"], ["the cat sat"])[0]
+    assert s["rougeL_recall"] == pytest.approx(2 / 3)
+    assert s["rougeL_f1"] == pytest.approx(0.8)  # P = 1, R = 2/3
+    assert s["rouge1_recall"] == pytest.approx(2 / 3)
+    # use_stemmer=True: "cats" matches "cat"
+    assert M.rouge_scores(["cats sitting"], ["cat sit"])[0]["rougeL_recall"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="pair up"):
+        M.rouge_scores(["a"], [])
+
+
+def test_cut_at_stop_strings():
+    assert M.cut_at_stop_strings(" Paris\n\nQuestion: x", ["\n\n", "\nQuestion", "Question:"]) == "Paris"
+    assert M.cut_at_stop_strings("abc", ["\n\n"]) == "abc"
+
+
+def test_forget_quality_exact_ks_pvalue():
+    # D = 1 between disjoint samples of 3: exact two-sided p = 2 / C(6, 3) = 0.1
+    assert M.forget_quality([1, 2, 3], [4, 5, 6]) == pytest.approx(0.1)
+    assert M.forget_quality([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
+    # D = 2/3 for [1,2,3] vs [2.5,4,5]. Under H0 the 20 interleavings are +-1 walks; those
+    # with D < 2/3 never leave [-1, 1], i.e. alternate within each pair: 2^3 = 8. p = 12/20.
+    assert M.forget_quality([1, 2, 3], [2.5, 4, 5]) == pytest.approx(0.6)
+
+
+def test_model_utility_harmonic_mean():
+    agg = {k: 0.5 for k in M.MODEL_UTILITY_KEYS}
+    agg["wf_Truth_Ratio"] = 0.25
+    # 9 / (8 * 2 + 4) = 0.45
+    assert M.model_utility(agg) == pytest.approx(0.45)
+    agg["ra_Q_A_ROUGE"] = 0.0
+    assert M.model_utility(agg) == 0.0
+    with pytest.raises(KeyError, match="retain_Q_A_Prob"):
+        M.model_utility({})
+
+
+def test_min_k_score():
+    lp = [-1.0, -2.0, -3.0, -4.0, -5.0]
+    assert M.min_k_score(lp, k=0.4) == pytest.approx(4.5)  # int(0.4*5)=2 lowest: -5, -4
+    assert M.min_k_score(lp, k=0.1) == pytest.approx(5.0)  # max(1, 0) = 1
+    assert M.min_k_score([], k=0.4) == 0.0
+
+
+def test_mia_auc_and_privleak():
+    # pairs (forget, holdout): (1,3) (1,2) (2,3) win, (2,2) tie -> 3.5 / 4
+    auc = M.mia_auc([1.0, 2.0], [3.0, 2.0])
+    assert auc == pytest.approx(0.875)
+    assert M.mia_auc([5.0], [1.0]) == pytest.approx(0.0)
+    # ((1 - .875) - (1 - .5)) / (1 - .5) * 100
+    assert M.privleak(auc, 0.5) == pytest.approx(-75.0)
+    assert M.privleak(0.6, None) == pytest.approx(-20.0)
+    assert M.privleak(0.7, 0.7) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_exact_memorization_and_extraction_strength():
+    assert M.exact_memorization([True, False, True, True]) == pytest.approx(0.75)
+    assert M.extraction_strength([False, True, True]) == pytest.approx(2 / 3)
+    assert M.extraction_strength([True, True, True]) == pytest.approx(1.0)
+    # open-unlearning's loop quirk: no matching suffix leaves k = n - 1
+    assert M.extraction_strength([True, True, False]) == pytest.approx(1 / 3)
+    assert M.extraction_strength([]) == 0.0

@@ -1,0 +1,139 @@
+"""The evaluation runners on a tiny random Llama and a few real TOFU / MUSE-News rows."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ngdiff_jax.models")
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from ngdiff_jax.data import QAFormatter, load_tofu, train_tokenizer  # noqa: E402
+from ngdiff_jax.evaluation import EvalResult, MODEL_UTILITY_KEYS, metrics, write_report  # noqa: E402
+from ngdiff_jax.evaluation.generation import generate_texts  # noqa: E402
+from ngdiff_jax.evaluation.muse import evaluate_muse  # noqa: E402
+from ngdiff_jax.evaluation.scoring import Scorer  # noqa: E402
+from ngdiff_jax.evaluation.tofu import evaluate_tofu  # noqa: E402
+from ngdiff_jax.models import from_config, generate, sequence_nll  # noqa: E402
+
+ROWS = 3
+
+
+@pytest.fixture(scope="module")
+def tok(tofu_dir):
+    rows = load_tofu("forget10_perturbed", tofu_dir)[:40]
+    return train_tokenizer([r["question"] + " " + r["answer"] for r in rows], vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def cfg(tok):
+    return LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tofu_results(tok, cfg, tofu_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tofu_eval")
+    kw = dict(limit=ROWS, batch_size=4, max_new_tokens=8)
+    retain = evaluate_tofu(from_config(cfg, rngs=nnx.Rngs(0)), tok, tofu_dir, name="retain", **kw)
+    retain.save(out / "retain.json")
+    target = evaluate_tofu(
+        from_config(cfg, rngs=nnx.Rngs(1)), tok, tofu_dir, name="target",
+        retain_reference=out / "retain.json", **kw,
+    )  # fmt: skip
+    return retain, target, out
+
+
+def test_scorer_matches_sequence_nll(tok, cfg):
+    model = from_config(cfg, rngs=nnx.Rngs(0))
+    fmt = QAFormatter(tok)
+    ex = [fmt.encode("Who is Basil?", "A writer."), fmt.encode("Where?", "In Baku, Azerbaijan, long ago.")]
+    s = Scorer(model, batch_size=4).score(ex)
+    # reference: one right-padded batch in input order, plain forward + sequence_nll
+    T = 64
+    ids = np.zeros((2, T), np.int32)
+    mask = np.zeros((2, T), np.int32)
+    lab = np.full((2, T), -100, np.int32)
+    for i, (x, y) in enumerate(ex):
+        ids[i, : len(x)], mask[i, : len(x)], lab[i, : len(y)] = x, 1, y
+    ref = np.asarray(jax.jit(lambda m, a, b, c: sequence_nll(m(a, b), c))(model, ids, mask, lab))
+    for i, (_, labels) in enumerate(ex):
+        assert s.nll[i] == pytest.approx(float(ref[i]), rel=1e-4)
+        assert len(s.token_logprobs[i]) == sum(y != -100 for y in labels[1:])
+        assert -s.token_logprobs[i].mean() == pytest.approx(s.nll[i], rel=1e-4)
+
+
+def test_batched_generation_matches_single_prompt(tok, cfg):
+    model = from_config(cfg, rngs=nnx.Rngs(0))
+    fmt = QAFormatter(tok)
+    prompts = [fmt.encode_prompt(q) for q in ["Who?", "What is the name of the author born in Baku?"]]
+    texts = generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    # the same prompt with no other prompt in its batch (same compiled shape)
+    assert texts[1] == generate_texts(model, tok, prompts[1:], max_new_tokens=6, batch_size=4)[0]
+    # and straight through models.generate, unpadded
+    alone = generate(model, np.asarray([prompts[1]] * 4, np.int32), max_new_tokens=6,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    ids = [int(t) for t in alone[0]]
+    ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+    assert texts[1] == tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_tofu_pipeline(tofu_results):
+    retain, target, out = tofu_results
+    agg = target.aggregates
+    for key in (
+        "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "forget_quality",
+        "retain_Q_A_Prob", "retain_Q_A_ROUGE", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised",
+        "ra_Q_A_ROUGE", "ra_Truth_Ratio", "wf_Q_A_Prob_normalised", "wf_Q_A_ROUGE", "wf_Truth_Ratio",
+        "model_utility", "privleak", "mia_min_k", "extraction_strength", "exact_memorization",
+    ):  # fmt: skip
+        assert key in agg, key
+    assert retain.aggregates["forget_quality"] is None  # no reference given
+    for key in ("forget_Q_A_Prob", "retain_Q_A_Prob", "ra_Q_A_Prob_normalised", "forget_truth_ratio"):
+        assert 0 < agg[key] <= 1
+    # aggregates are recomputable from the saved per-sample values
+    assert len(target.per_sample["forget_truth_ratio"]) == ROWS
+    assert agg["forget_truth_ratio"] == pytest.approx(
+        metrics.truth_ratio_closer_to_1(target.per_sample["forget_truth_ratio"]))
+    assert agg["forget_quality"] == pytest.approx(
+        metrics.forget_quality(target.per_sample["forget_truth_ratio"], retain.per_sample["forget_truth_ratio"]))
+    assert agg["model_utility"] == pytest.approx(metrics.model_utility({k: agg[k] for k in MODEL_UTILITY_KEYS}))
+    assert agg["privleak"] == pytest.approx(metrics.privleak(agg["mia_min_k"], retain.aggregates["mia_min_k"]))
+    assert len(target.generations["forget_Q_A_ROUGE"]) == ROWS
+    assert target.timings["total_compile_s"] >= 0 and target.timings["shapes"]["score"]
+    back = EvalResult.load(target.save(out / "target.json"))
+    assert back.aggregates == pytest.approx(target.to_dict()["aggregates"])
+    paths = write_report(out / "report", {"retain": retain, "target": target})
+    assert "| target | target |" in open(paths["md"]).read()
+
+
+def test_muse_pipeline(tok, cfg, muse_news_dir):
+    model = from_config(cfg, rngs=nnx.Rngs(0))
+    r = evaluate_muse(model, tok, muse_news_dir, limit=2, batch_size=4,
+                      verbmem_max_new_tokens=8, knowmem_max_new_tokens=8, max_length=256)  # fmt: skip
+    for key in ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "mia_min_k", "privleak"):
+        assert key in r.aggregates
+    assert 0 <= r.aggregates["mia_min_k"] <= 1
+    assert len(r.per_sample["mia_min_k"]["forget"]) == 2
+    assert r.meta["truncated_examples"] >= 1  # the articles are longer than 256 tokens
+    assert r.aggregates["privleak"] == pytest.approx(metrics.privleak(r.aggregates["mia_min_k"], 0.5))
+
+
+def test_cli_eval_and_report(tok, cfg, tofu_dir, tmp_path, capsys):
+    from ngdiff_jax.cli import main
+    from ngdiff_jax.models import save_pretrained
+
+    model_dir = tmp_path / "tiny"
+    save_pretrained(from_config(cfg, rngs=nnx.Rngs(0)), model_dir, tokenizer=tok)
+    res = tmp_path / "tiny.json"
+    rc = main(["eval", "--model", str(model_dir), "--data", str(tofu_dir), "--limit", "3",
+               "--batch-size", "4", "--max-new-tokens", "8", "--out", str(res), "--role", "retain"])  # fmt: skip
+    assert rc == 0 and EvalResult.load(res).meta["role"] == "retain"
+    assert main(["report", str(res), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "tradeoff.png").is_file()
+    assert main(["eval", "--model", str(model_dir), "--retain-eval", str(tmp_path / "nope.json")]) == 2
+    assert "evaluate the retain model first" in capsys.readouterr().err
