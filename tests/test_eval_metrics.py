@@ -97,3 +97,110 @@ def test_exact_memorization_and_extraction_strength():
     # open-unlearning's loop quirk: no matching suffix leaves k = n - 1
     assert M.extraction_strength([True, True, False]) == pytest.approx(1 / 3)
     assert M.extraction_strength([]) == 0.0
+
+
+def test_forget_quality_same_as_open_unlearning_inverse_form():
+    # open-unlearning's utils.get_forget_quality runs ks_2samp on 1 / (TR + 1e-10); KS only
+    # depends on the ordering, which a decreasing map reverses for both samples alike.
+    a, b = np.array([0.2, 0.9, 1.5, 3.0]), np.array([0.5, 0.7, 2.5])
+    import scipy.stats
+
+    inv = scipy.stats.ks_2samp(1 / (a + 1e-10), 1 / (b + 1e-10)).pvalue
+    assert M.forget_quality(a, b) == pytest.approx(inv)
+
+
+# ----------------------------------------------------------------------------- MUSE inputs
+
+
+class _CharTokenizer:
+    """One token per character (its code point), BOS = 1 unless ``bos=False``; EOS = 2."""
+
+    eos_token_id = 2
+    pad_token_id = 0
+
+    def __init__(self, bos=True):
+        self.bos = bos
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if (self.bos and add_special_tokens) else []) + [ord(c) for c in text]
+
+
+def test_knowmem_prompt_is_open_unlearnings_template():
+    from ngdiff_jax.evaluation.muse import knowmem_prompt
+
+    # open-unlearning MUSE template: user_start "Question: ", user_end "\n",
+    # asst_start "Answer: ", asst_end "\n\n"; every ICL pair, then the question.
+    icl = [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
+    assert knowmem_prompt("Q3?", icl) == (
+        "Question: Q1?\nAnswer: A1\n\nQuestion: Q2?\nAnswer: A2\n\nQuestion: Q3?\nAnswer: "
+    )
+
+
+def test_privleak_example_truncates_like_completion_dataset():
+    from ngdiff_jax.evaluation.muse import privleak_example
+
+    # BOS prefix (len 1) + at most 4 text tokens; position 0 not scored
+    ids, labels = privleak_example(_CharTokenizer(), "abcdef", max_tokens=4)
+    assert ids == [1, 97, 98, 99, 100]
+    assert labels == [-100, 97, 98, 99, 100]
+    # no BOS: the empty prefix has 0 tokens, open-unlearning still never scores index 0
+    ids, labels = privleak_example(_CharTokenizer(bos=False), "abcdef", max_tokens=4)
+    assert ids == [97, 98, 99, 100]
+    assert labels == [-100, 98, 99, 100]
+
+
+def test_evaluate_muse_reads_through_load_muse_and_truncates(tmp_path, monkeypatch):
+    import json
+
+    from ngdiff_jax.evaluation import muse as muse_mod
+    from ngdiff_jax.evaluation.scoring import Scores
+
+    for rel, rows in {
+        "verbmem/forget.json": [{"prompt": "p", "gt": "the cat sat"}],
+        "knowmem/forget_qa.json": [{"question": "fq", "answer": "red"}],
+        "knowmem/forget_qa_icl.json": [{"question": "iq", "answer": "ia"}],
+        "knowmem/retain2_qa.json": [{"question": "rq", "answer": "blue"}],  # local name of retain_qa
+        "knowmem/retain2_qa_icl.json": [{"question": "iq", "answer": "ia"}],
+        "privleak/forget.json": ["x" * 3000, "ab"],
+        "privleak/holdout.json": ["cd", "efg"],
+    }.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(rows))
+
+    answers = {"fq": "red", "rq": "blue"}
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        out = []
+        for p in prompts:
+            text = "".join(chr(t) for t in p[1:])
+            q = text.rsplit("Question: ", 1)[-1].split("\n")[0]
+            out.append(answers.get(q, "the cat"))
+        return out
+
+    seen = []
+
+    class FakeScorer:
+        truncated = 0
+
+        def __init__(self, *a, **kw):
+            pass
+
+        def score(self, examples, phase="score"):
+            seen.extend(examples)
+            # forget texts (first two) very likely, holdout unlikely
+            lps = [np.full(sum(1 for y in lab if y != -100), -0.1 if n < 2 else -1.0) for n, (_, lab) in enumerate(examples)]
+            return Scores(nll=np.zeros(len(examples)), token_logprobs=lps, correct=[lp > 0 for lp in lps])
+
+    monkeypatch.setattr(muse_mod, "generate_texts", fake_generate)
+    monkeypatch.setattr(muse_mod, "Scorer", FakeScorer)
+    r = muse_mod.evaluate_muse(None, _CharTokenizer(), tmp_path)
+    a = r.aggregates
+    # ROUGE-L F1 of "the cat" vs "the cat sat": P = 1, R = 2/3 -> 0.8
+    assert a["forget_verbmem_ROUGE"] == pytest.approx(0.8)
+    assert a["forget_knowmem_ROUGE"] == pytest.approx(1.0)
+    assert a["retain_knowmem_ROUGE"] == pytest.approx(1.0)
+    # the 3000-char text keeps BOS + 2048 tokens
+    assert len(seen[0][0]) == 1 + muse_mod.PRIVLEAK_MAX_TOKENS == 2049
+    # forget scores 0.1 < holdout 1.0 everywhere -> AUC 1; privleak ((0) - .5) / .5 * 100
+    assert a["mia_min_k"] == pytest.approx(1.0)
+    assert a["privleak"] == pytest.approx(-100.0)

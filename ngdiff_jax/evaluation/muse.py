@@ -1,21 +1,22 @@
 """MUSE evaluation (VerbMem, KnowMem, PrivLeak) with open-unlearning's metric names.
 
-Files (``../shared/data/muse_news``, JSON arrays): ``verbmem/forget.json``
-({prompt, gt}), ``knowmem/{forget_qa,retain2_qa}.json`` and their ``*_icl.json``
-in-context examples ({question, answer}), ``privleak/{forget,holdout}.json`` (texts).
+Data are read with :func:`ngdiff_jax.data.load_muse` (a local folder such as
+``../shared/data/muse_news``, or a hub id): ``verbmem/forget`` ({prompt, gt}),
+``knowmem/{forget_qa,retain_qa}`` and their ``*_icl`` in-context examples
+({question, answer}), ``privleak/{forget,holdout}`` (texts).
 
 * ``forget_verbmem_ROUGE``: greedy 128 new tokens from the prompt, ROUGE-L F1 against ``gt``.
 * ``forget_knowmem_ROUGE`` / ``retain_knowmem_ROUGE``: the in-context examples as
   ``"Question: {q}\\nAnswer: {a}\\n\\n"`` followed by ``"Question: {q}\\nAnswer: "``;
   greedy 32 new tokens cut at ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``; ROUGE-L F1.
-* ``mia_min_k``: Min-40% AUC of the forget vs holdout texts (forget labelled 0, so 1 =
+* ``mia_min_k``: Min-40% AUC of the forget vs holdout texts (BOS + at most 2048 text
+  tokens each, as open-unlearning's ``CompletionDataset``; forget labelled 0, so 1 =
   forget much more likely); ``privleak`` relative to the retain model's ``mia_min_k``
-  (0.5 without one): ``((1-auc) - (1-auc_ref)) / (1-auc_ref) * 100``.
+  (0.5 without one): ``((1-auc) - (1-auc_ref)) / ((1-auc_ref) + 1e-10) * 100``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,19 +33,9 @@ VERBMEM_MAX_NEW_TOKENS = 128
 KNOWMEM_MAX_NEW_TOKENS = 32
 KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
 MIN_K = 0.4
-
-
-def _read(data_dir: Path, rel: str):
-    path = data_dir / rel
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"MUSE file {path} not found; pass the MUSE-News folder (layout of ../shared/data/muse_news)."
-        )
-    text = path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:  # JSON lines
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+#: open-unlearning's ``CompletionDataset(max_length=2048)`` for the privleak texts: at most
+#: 2048 tokens after the (empty-prefix, i.e. BOS) prefix are kept.
+PRIVLEAK_MAX_TOKENS = 2048
 
 
 def knowmem_prompt(question: str, icl: Sequence[dict]) -> str:
@@ -55,6 +46,19 @@ def knowmem_prompt(question: str, icl: Sequence[dict]) -> str:
 
 def _encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def privleak_example(tokenizer, text: str, max_tokens: int = PRIVLEAK_MAX_TOKENS) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one privleak text, as open-unlearning's ``CompletionDataset``.
+
+    The prefix is empty, so its tokens are just what the tokenizer adds (BOS, or none);
+    they are not scored (at least position 0 never is) and at most ``max_tokens`` tokens
+    follow them (``preprocess_pretraining_instance``: ``full_ids[: prefix_len + max_length]``).
+    """
+    prefix_len = len(_encode_text(tokenizer, ""))
+    ids = _encode_text(tokenizer, text)[: prefix_len + max_tokens]
+    n_ignored = max(prefix_len, 1)
+    return ids, [IGNORE_INDEX] * min(n_ignored, len(ids)) + ids[n_ignored:]
 
 
 def evaluate_muse(
@@ -76,7 +80,8 @@ def evaluate_muse(
     """Evaluate ``model`` on MUSE-News; returns aggregates and per-sample values.
 
     Args:
-      data_dir: the MUSE-News folder (default ``shared_data_dir()/"muse_news"``).
+      data_dir: the MUSE-News folder (default ``shared_data_dir()/"muse_news"``), or
+        anything ``ngdiff_jax.data.load_muse`` accepts (e.g. ``"muse-bench/MUSE-News"``).
       retain_reference: the retain model's evaluation (result, or path to a saved one /
         open-unlearning ``MUSE_EVAL.json``) for ``privleak``.
       max_length: context used for scoring and prompts (default the model's
@@ -84,20 +89,21 @@ def evaluate_muse(
         generation prompts: keep the end) and counted in ``meta``.
       limit: only the first ``limit`` rows of every file.
     """
+    from ngdiff_jax.data import load_muse
+
     if data_dir is None:
         from ngdiff_jax.paths import shared_data_dir
 
         data_dir = shared_data_dir() / "muse_news"
-    data_dir = Path(data_dir)
     cut = (lambda rows: rows[:limit]) if limit is not None else (lambda rows: rows)
     timings = Timings()
     with Stopwatch() as sw_load:
-        verbmem = cut(_read(data_dir, "verbmem/forget.json"))
+        verbmem = cut(load_muse(data_dir, "verbmem", "forget"))
         know = {
-            "forget": (cut(_read(data_dir, "knowmem/forget_qa.json")), _read(data_dir, "knowmem/forget_qa_icl.json")),
-            "retain": (cut(_read(data_dir, "knowmem/retain2_qa.json")), _read(data_dir, "knowmem/retain2_qa_icl.json")),
+            split: (cut(load_muse(data_dir, "knowmem", f"{split}_qa")), load_muse(data_dir, "knowmem", f"{split}_qa_icl"))
+            for split in ("forget", "retain")
         }
-        priv = {s: cut(_read(data_dir, f"privleak/{s}.json")) for s in ("forget", "holdout")}
+        priv = {s: cut(load_muse(data_dir, "privleak", s)) for s in ("forget", "holdout")}
 
     agg: dict = {}
     per: dict = {}
@@ -131,11 +137,8 @@ def evaluate_muse(
     # ---- PrivLeak (Min-K% on whole texts) ----------------------------------------------------
     examples, owner = [], []
     for split in ("forget", "holdout"):
-        for text in priv[split]:
-            if not isinstance(text, str):
-                text = text.get("text", "")
-            ids = _encode_text(tokenizer, text)
-            examples.append((ids, [IGNORE_INDEX] + ids[1:]))
+        for text in priv[split]:  # load_muse returns the texts as strings
+            examples.append(privleak_example(tokenizer, text))
             owner.append(split)
     scorer = Scorer(model, batch_size=batch_size, max_length=max_length, buckets=buckets, timings=timings)
     scores = scorer.score(examples, phase="privleak_score")
