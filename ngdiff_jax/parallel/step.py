@@ -1,0 +1,159 @@
+"""The two-task unlearning step jitted over a device mesh.
+
+:func:`shard_unlearn_step` wraps a step from ``ngdiff_jax.training.make_unlearn_step``
+(``step(params, opt_state, forget_batch, retain_batch, rng, ref_params=None)``) in
+``jax.jit`` with explicit input and output shardings: parameters (and the reference
+model) per the rules, optimizer state mirroring them, batches split over the batch
+axes, RNG and metrics replicated. XLA's SPMD partitioner inserts the collectives, so
+the global gradient norms of NGDiff (and GeN's probes) are computed over all shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from ngdiff_jax.parallel.memory import (
+    CompiledMemory,
+    MemoryEstimate,
+    compiled_memory,
+    estimate_memory,
+)
+from ngdiff_jax.parallel.mesh import resolve_rules
+from ngdiff_jax.parallel.shardings import (
+    batch_sharding,
+    opt_state_shardings,
+    param_shardings,
+    place,
+    replicated,
+    shard_batch,
+    sharding_report,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShardedStep", "shard_unlearn_step"]
+
+
+@dataclass
+class ShardedStep:
+    """A jitted step with its shardings. Call it like the wrapped step; inputs that are not
+    yet on their shardings (host arrays, single-device arrays) are placed first."""
+
+    fn: Any  # the jitted function
+    mesh: Mesh
+    rules: tuple
+    param_shardings: Any
+    opt_state_shardings: Any
+    batch_sharding: NamedSharding
+    with_reference: bool
+    memory: MemoryEstimate
+    report: dict[str, list[str]]
+
+    def place_state(self, params, opt_state, ref_params=None):
+        """``(params, opt_state[, ref_params])`` on their shardings."""
+        out = (place(params, self.param_shardings), place(opt_state, self.opt_state_shardings))
+        if ref_params is not None:
+            out += (place(ref_params, self.param_shardings),)
+        return out
+
+    def place_batch(self, batch):
+        return shard_batch(batch, self.batch_sharding)
+
+    def _args(self, params, opt_state, forget_batch, retain_batch, rng, ref_params):
+        if (ref_params is not None) != self.with_reference:
+            raise ValueError(
+                "this sharded step was built "
+                + ("with" if self.with_reference else "without")
+                + " a reference model; pass ref_params "
+                + ("" if self.with_reference else "only ")
+                + "when shard_unlearn_step got ref_params."
+            )
+        args = (
+            place(params, self.param_shardings),
+            place(opt_state, self.opt_state_shardings),
+            self.place_batch(forget_batch),
+            self.place_batch(retain_batch),
+            place(rng, replicated(self.mesh)),
+        )
+        if ref_params is not None:
+            args += (place(ref_params, self.param_shardings),)
+        return args
+
+    def __call__(self, params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
+        return self.fn(*self._args(params, opt_state, forget_batch, retain_batch, rng, ref_params))
+
+    def lower(self, params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
+        return self.fn.lower(
+            *self._args(params, opt_state, forget_batch, retain_batch, rng, ref_params)
+        )
+
+    def compiled_memory(self, *args, **kwargs) -> CompiledMemory:
+        """XLA's per-device memory numbers for the step compiled on these arguments."""
+        return compiled_memory(self.lower(*args, **kwargs).compile())
+
+
+def shard_unlearn_step(
+    step_fn: Callable,
+    mesh: Mesh,
+    rules,
+    params,
+    opt_state,
+    *,
+    ref_params=None,
+    donate: bool = True,
+    strict: bool = False,
+    print_memory: bool = False,
+) -> ShardedStep:
+    """Jit ``step_fn`` over ``mesh`` with shardings from ``rules`` (preset name or tuple).
+
+    ``params``/``opt_state`` (arrays or ``ShapeDtypeStruct``s) fix the trees and shapes;
+    ``ref_params`` (or any non-None placeholder of the params' shapes) makes the step take
+    a reference model, sharded like the parameters. With ``donate`` the params and
+    optimizer-state buffers are reused for the outputs (keep no other reference to them).
+
+    Parameters whose rule asks for a mesh axis that does not divide their size are
+    replicated on that dimension: they are logged as a warning, or with ``strict`` raise.
+    ``print_memory`` prints the per-device memory estimate (also in ``.memory``).
+    """
+    rules = resolve_rules(rules)
+    p_sh = param_shardings(params, mesh, rules)
+    o_sh = opt_state_shardings(opt_state, params, p_sh, mesh)
+    b_sh = batch_sharding(mesh, rules)
+    rep = replicated(mesh)
+    report = sharding_report(params, mesh, rules)
+    if report["fallback"]:
+        msg = (
+            "these parameter dimensions cannot be split as the rules ask (size not divisible by the mesh "
+            "axes) and are replicated: " + "; ".join(report["fallback"])
+        )
+        if strict:
+            raise ValueError(msg + ". Change the mesh shape or the rules.")
+        log.warning(msg)
+    with_ref = ref_params is not None
+    in_sh = (p_sh, o_sh, b_sh, b_sh, rep) + ((p_sh,) if with_ref else ())
+    fn = jax.jit(
+        step_fn,
+        in_shardings=in_sh,
+        out_shardings=(p_sh, o_sh, rep),
+        donate_argnums=(0, 1) if donate else (),
+    )
+    memory = estimate_memory(params, opt_state, p_sh, o_sh, reference=with_ref)
+    if print_memory:
+        print(memory.format(), flush=True)
+    return ShardedStep(
+        fn=fn,
+        mesh=mesh,
+        rules=rules,
+        param_shardings=p_sh,
+        opt_state_shardings=o_sh,
+        batch_sharding=b_sh,
+        with_reference=with_ref,
+        memory=memory,
+        report=report,
+    )
