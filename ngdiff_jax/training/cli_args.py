@@ -1,0 +1,52 @@
+"""Argument handling shared by the `ngdiff finetune` and `ngdiff unlearn` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ngdiff_jax.config import ConfigError, load_config, to_dict
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help="YAML config: a path, or a name under configs/experiments (e.g. tofu_ngdiff).",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help=f"overrides, dotted keys for nesting, values parsed as YAML (e.g. {example}).",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit.")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (same as run.progress=false).")
+
+
+def resolve(cls, args):
+    """Build the config, printing a one-line error (exit code 2) for config problems."""
+    overrides = list(args.overrides)
+    if args.no_progress:
+        overrides.append("run.progress=false")
+    try:
+        return load_config(cls, args.config, overrides, subdir="experiments")
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def print_config(cfg) -> None:
+    import yaml
+
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+
+
+def print_summary(summary: dict) -> None:
+    keep = {k: v for k, v in summary.items() if k != "evals"}
+    if summary.get("evals"):
+        keep["first_eval"] = summary["evals"][0]
+        keep["last_eval"] = summary["evals"][-1]
+    print(json.dumps(keep, indent=2, default=str))

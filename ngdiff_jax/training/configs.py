@@ -1,0 +1,171 @@
+"""Config schema for training: frozen dataclasses built by :func:`ngdiff_jax.config.build`.
+
+Every YAML key maps to a field here, so a misspelled key is an error that lists
+the valid ones. ``method`` and ``model`` fields accept the name of a file in
+``configs/methods`` / ``configs/models`` (or a path to a YAML file) as well as
+an inline mapping; an inline mapping extends the default named config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "none")
+RETAIN_LOSSES = ("nll", "kl", "none")
+COMBINERS = ("ngdiff", "gdiff", "mgda", "pcgrad")
+LR_RULES = ("gen", "constant", "linear", "cosine")
+PROBES = ("retain", "forget", "sum")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """An unlearning method: forget objective, retain objective, combiner, learning-rate rule.
+
+    Objectives are losses to *minimize*: ``ga`` is minus the NLL of the forget
+    answers, ``npo``/``simnpo`` are the (reference-relative / length-normalized)
+    preference losses, ``nll`` on the retain side keeps the model's answers,
+    ``kl`` keeps its distribution close to the reference model's. ``none``
+    drops that task (its gradient is zero and no backward pass is done).
+    """
+
+    name: str = "custom"
+    forget_loss: Literal["ga", "npo", "simnpo", "nll", "none"] = "ga"
+    retain_loss: Literal["nll", "kl", "none"] = "nll"
+    combiner: Literal["ngdiff", "gdiff", "mgda", "pcgrad"] = "ngdiff"
+    lr_rule: Literal["gen", "constant", "linear", "cosine"] = "gen"
+    # Which loss GeN probes along the update direction to set the learning rate.
+    probe: Literal["retain", "forget", "sum"] = "retain"
+    adam: bool = True
+    # gdiff weights: direction = retain_weight * g_r + forget_weight * g_f
+    retain_weight: float = 1.0
+    forget_weight: float = 1.0
+    # NPO / SimNPO
+    beta: float = 0.1
+    simnpo_delta: float = 0.0
+
+    def __post_init__(self):
+        if self.forget_loss == "none" and self.retain_loss == "none":
+            raise ValueError(f"method {self.name!r} has forget_loss=none and retain_loss=none: nothing to train.")
+        if self.probe in ("retain", "sum") and self.retain_loss == "none" and self.lr_rule == "gen":
+            raise ValueError(
+                f"method {self.name!r} uses GeN probing the retain loss (probe={self.probe}) but has "
+                "retain_loss=none; set probe=forget or a retain loss."
+            )
+        if self.probe in ("forget", "sum") and self.forget_loss == "none" and self.lr_rule == "gen":
+            raise ValueError(
+                f"method {self.name!r} uses GeN probing the forget loss (probe={self.probe}) but has "
+                "forget_loss=none; set probe=retain or a forget loss."
+            )
+
+    @property
+    def needs_reference(self) -> bool:
+        """NPO and KL compare against a frozen reference model (the model before unlearning)."""
+        return self.forget_loss == "npo" or self.retain_loss == "kl"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer settings. ``lr`` is the fixed/peak rate, or GeN's initial rate."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None  # finetune only
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # finetune only (unlearning: method.lr_rule)
+    # GeN (scale_by_gen) settings
+    gen_every: int = 4
+    gen_smoothing: float = 0.9
+    gen_clip_factor: float = 2.0
+    eps: float = 1e-12  # ngdiff normalization epsilon
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the QA data comes from and how it is batched.
+
+    ``source``: a directory in the TOFU file layout (relative paths are relative
+    to the working directory), a hub id (``locuslab/TOFU``), or null for the
+    shared TOFU files (``ngdiff_jax.paths.shared_data_dir() / "tofu"``).
+    """
+
+    source: str | None = None
+    split: str = "full"  # finetune: the training split
+    forget_split: str = "forget10"  # unlearn
+    retain_split: str = "retain90"  # unlearn
+    limit: int | None = None  # use only the first N examples of each split (tests, smoke runs)
+    batch_size: int = 4
+    max_length: int = 128
+    buckets: tuple[int, ...] | None = None  # padded lengths; None lets the batcher choose
+    template: str | None = None  # prompt template for QAFormatter (None = its default)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model built from scratch: ``hf`` is a Hugging Face config dict (``model_type`` + sizes)."""
+
+    hf: dict = field(default_factory=dict)
+    tokenizer_vocab_size: int | None = None  # train a tokenizer of this size when none is given
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Loop settings shared by finetune and unlearn."""
+
+    output_dir: str = "runs/default"
+    steps: int | None = None  # number of optimizer steps; if None, `epochs` over the forget/train split
+    epochs: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50  # 0 disables checkpoints
+    max_checkpoints: int = 2
+    log_every: int = 1
+    eval_every: int = 0  # 0 disables the evaluation hook
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``ngdiff finetune``: train a causal LM on a QA split (TOFU target or retain model)."""
+
+    model: ModelSpec | None = field(default=None, metadata={"config_dir": "models"})
+    model_path: str | None = None  # pretrained model (local dir or hub id) instead of `model`
+    tokenizer: str | None = None  # tokenizer dir/hub id (default: model_path, or trained on the data)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01))
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if (self.model is None) == (self.model_path is None):
+            raise ValueError(
+                "finetune needs exactly one of `model` (a config in configs/models, e.g. model=tiny_llama) "
+                "or `model_path` (a pretrained model directory or hub id)."
+            )
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """``ngdiff unlearn``: run an unlearning method from a trained model."""
+
+    model_path: str = ""
+    tokenizer: str | None = None  # default: model_path
+    method: MethodConfig = field(default="ngdiff", metadata={"config_dir": "methods"})  # type: ignore[assignment]
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if isinstance(self.method, str):  # a method name or YAML path, as in the config files
+            from ngdiff_jax.training.methods import load_method
+
+            object.__setattr__(self, "method", load_method(self.method))
+        if not self.model_path:
+            raise ValueError(
+                "unlearn needs `model_path`: the directory of the model to unlearn from "
+                "(e.g. the output of `ngdiff finetune`), set it in the YAML or with model_path=..."
+            )
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` re-exported for convenience."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,119 @@
+"""The finetuning pipeline behind ``ngdiff finetune``: train a causal LM on a QA split.
+
+Builds TOFU's target model (split ``full``) or a retain-only reference model
+(``retain90`` ...), from scratch (``model``: a config in ``configs/models``, with
+a byte-level BPE tokenizer trained on the split when none is given) or from a
+pretrained ``model_path``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import yaml
+
+from ngdiff_jax.config import to_dict
+from ngdiff_jax.training import common
+from ngdiff_jax.training.configs import FinetuneConfig
+from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
+from ngdiff_jax.training.methods import make_finetune_optimizer
+from ngdiff_jax.training.step import make_finetune_step
+
+__all__ = ["build_model", "run_finetune"]
+
+
+def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path):
+    """``(model, tokenizer)``: pretrained from ``model_path``, or new from ``model`` (+ trained tokenizer)."""
+    from flax import nnx
+
+    from ngdiff_jax import models
+
+    if cfg.model_path is not None:
+        model = common.load_model(cfg.model_path)
+        tok = common.load_tokenizer(cfg.tokenizer or cfg.model_path)
+        return model, tok
+    hf = dict(cfg.model.hf)
+    if "model_type" not in hf:
+        raise ValueError("model.hf needs a `model_type` (e.g. llama) and the sizes of the model.")
+    if cfg.tokenizer is not None:
+        tok = common.load_tokenizer(cfg.tokenizer)
+    else:
+        tok_dir = out / "tokenizer"
+        if (tok_dir / "tokenizer.json").is_file():  # resuming: reuse the tokenizer trained before
+            tok = common.load_tokenizer(str(tok_dir))
+        else:
+            from ngdiff_jax.data import train_tokenizer
+
+            size = cfg.model.tokenizer_vocab_size or hf.get("vocab_size")
+            if size is None:
+                raise ValueError("set model.tokenizer_vocab_size or model.hf.vocab_size to train a tokenizer.")
+            from ngdiff_jax.data import DEFAULT_TEMPLATE
+
+            template = cfg.data.template or DEFAULT_TEMPLATE
+            texts = [t for r in rows for t in (r["question"], r["answer"])]
+            texts += [template.format(question=r["question"], answer=r["answer"]) for r in rows]
+            tok = train_tokenizer(texts, tok_dir, vocab_size=int(size))
+    hf["vocab_size"] = len(tok)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tok, name, None) is not None:
+            hf[name] = int(getattr(tok, name))
+    model = models.from_config(hf, rngs=nnx.Rngs(cfg.run.seed))
+    return model, tok
+
+
+def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict[str, Any]]:
+    """Train on ``cfg.data.split`` and export to ``<output_dir>/model`` (tokenizer included)."""
+    from ngdiff_jax import models
+
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    rows = common.load_split(cfg.data, cfg.data.split)
+    model, tok = build_model(cfg, rows, out)
+    examples = common.encode_split(rows, tok, cfg.data)
+    train = common.make_batcher(examples, tok, cfg.data, seed=cfg.run.seed)
+    num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(train))
+
+    apply_fn, params = models.functional(model)
+    tx = make_finetune_optimizer(cfg.optim, num_steps)
+    opt_state = tx.init(params)
+    ft_step = make_finetune_step(apply_fn, tx)
+
+    def step(params, opt_state, batches, rng):
+        return ft_step(params, opt_state, batches[0], rng)
+
+    settings = to_dict(cfg)
+    settings["run"] = {k: v for k, v in settings["run"].items() if k not in ("progress", "log_every", "eval_every", "max_checkpoints")}
+    t0 = time.perf_counter()
+    result = run_loop(
+        step,
+        params,
+        opt_state,
+        streams={"train": train},
+        num_steps=num_steps,
+        rng=jax.random.PRNGKey(cfg.run.seed),
+        out_dir=out,
+        checkpoint_every=cfg.run.checkpoint_every,
+        max_checkpoints=cfg.run.max_checkpoints,
+        log_every=cfg.run.log_every,
+        eval_fn=eval_fn,
+        eval_every=cfg.run.eval_every,
+        progress=cfg.run.progress,
+        meta=settings,
+        show=("loss", "grad_norm"),
+    )
+    wall = time.perf_counter() - t0
+    model_dir = common.save_model(model, result.params, out / "model", tok)
+    summary = {
+        "steps": result.step,
+        "resumed_from": result.resumed_from,
+        "last_metrics": result.last_metrics,
+        "step_time_s": result.step_time_s,
+        "wall_s": wall,
+        "model_dir": str(model_dir),
+    }
+    common.write_json(out / "summary.json", summary)
+    return result, summary

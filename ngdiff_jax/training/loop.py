@@ -1,0 +1,242 @@
+"""The training loop: jitted steps, JSON-lines log, rich progress bar, orbax checkpoints, resume.
+
+The loop is generic over the step: ``step(params, opt_state, batches, rng, *extra)
+-> (params, opt_state, metrics)`` where ``batches`` is a tuple with one batch per
+data stream (``(forget, retain)`` for unlearning, ``(train,)`` for finetuning).
+It is jitted here with ``params`` and ``opt_state`` donated.
+
+Every ``checkpoint_every`` steps (and at the end) the loop saves params,
+optimizer state, RNG key, step and the position of every data stream. Starting
+the loop again with the same ``out_dir`` restores the newest checkpoint and
+continues; because batches are a pure function of ``(seed, epoch, index)`` and
+the step is deterministic, the result equals that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ngdiff_jax.training.checkpoint import Checkpointer
+
+__all__ = ["LoopResult", "run_loop"]
+
+EvalFn = Callable[[int, Any], Mapping[str, Any]]
+
+
+@dataclass
+class LoopResult:
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    step: int
+    resumed_from: int | None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    step_time_s: float = float("nan")  # median wall time of a step after the first (compiling) one
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in jax.device_get(dict(metrics)).items():
+        a = np.asarray(v)
+        out[k] = int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
+    return out
+
+
+def _check_meta(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path) -> None:
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:5])
+        raise ValueError(
+            f"the checkpoints in {directory} were written by a run with different settings ({detail}). "
+            "Use a new output directory, or delete the old checkpoints to start over."
+        )
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log lines after ``last_step`` (written after the checkpoint being resumed)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+        if rec.get("step", 0) <= last_step:
+            keep.append(line)
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def _fmt(metrics: Mapping[str, float], keys: Sequence[str]) -> str:
+    parts = []
+    for k in keys:
+        if k in metrics:
+            v = metrics[k]
+            parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(parts)
+
+
+def run_loop(
+    step_fn: Callable[..., tuple[Any, Any, Mapping[str, Any]]],
+    params: Any,
+    opt_state: Any,
+    *,
+    streams: Mapping[str, Any],
+    num_steps: int,
+    rng: jax.Array,
+    out_dir: str | Path,
+    extra_args: tuple = (),
+    checkpoint_every: int = 50,
+    max_checkpoints: int | None = 2,
+    log_every: int = 1,
+    eval_fn: EvalFn | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    show: Sequence[str] = ("forget_loss", "retain_loss", "loss", "learning_rate", "skipped"),
+    donate: bool = True,
+) -> LoopResult:
+    """Run ``num_steps`` steps of ``step_fn`` (resuming from ``out_dir/checkpoints`` if present).
+
+    Args:
+      step_fn: ``step(params, opt_state, batches, rng, *extra_args) -> (params, opt_state, metrics)``
+        (pure; jitted here).
+      streams: name -> ``ngdiff_jax.data.Batcher`` (anything with ``next()``, ``state()``,
+        ``restore(dict)``); ``batches`` holds one batch from each, in this order.
+      rng: the initial key (``jax.random.PRNGKey(seed)``); split once per step, saved with checkpoints.
+      out_dir: gets ``log.jsonl`` (one JSON object per logged step), ``checkpoints/`` and, with an
+        ``eval_fn``, ``eval.jsonl``.
+      extra_args: passed to every step after ``rng`` (e.g. ``(ref_params,)``); not donated.
+      checkpoint_every: save every K steps (and after the last); 0 disables checkpoints.
+      eval_fn: ``eval_fn(step, params) -> dict`` called at step 0, every ``eval_every`` steps
+        and at the end (the hook the evaluation code plugs into).
+      meta: JSON-able settings stored with every checkpoint; resuming with other settings is an error.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "log.jsonl"
+    eval_path = out_dir / "eval.jsonl"
+    meta = dict(meta or {})
+    names = list(streams)
+
+    ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=max_checkpoints) if checkpoint_every > 0 else None
+    start = 0
+    resumed_from = None
+    if ckpt is not None and ckpt.latest_step() is not None:
+        target = {"params": params, "opt_state": opt_state, "rng": rng}
+        state, saved = ckpt.restore(None, target)
+        _check_meta(saved.get("settings", {}), json.loads(json.dumps(meta)), ckpt.directory)
+        params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+        start = resumed_from = int(saved["step"])
+        for name in names:
+            streams[name].restore(saved["data"][name])
+        _truncate_log(log_path, start)
+        _truncate_log(eval_path, start)
+    else:
+        for p in (log_path, eval_path):
+            if p.exists():
+                p.unlink()
+
+    if donate:
+        # Fresh buffers: the initial state may share buffers between leaves (optax inits) or with
+        # the caller's model, and donating one buffer twice (or a caller's buffer) is an error.
+        params, opt_state = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (params, opt_state))
+    jitted = jax.jit(step_fn, donate_argnums=(0, 1) if donate else ())
+    result = LoopResult(params, opt_state, rng, start, resumed_from)
+    times: list[float] = []
+
+    def save(step: int):
+        if ckpt is None:
+            return
+        ckpt.save(
+            step,
+            {"params": params, "opt_state": opt_state, "rng": rng},
+            {"step": step, "data": {n: streams[n].state() for n in names}, "settings": meta},
+        )
+
+    def evaluate(step: int):
+        if eval_fn is None:
+            return
+        rec = {"step": step, **{k: _jsonable(v) for k, v in dict(eval_fn(step, params)).items()}}
+        result.evals.append(rec)
+        with open(eval_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    if eval_fn is not None and start == 0:
+        evaluate(0)
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        disable=not progress,
+    )
+    metrics: dict[str, float] = {}
+    with bar, open(log_path, "a") as log:
+        task = bar.add_task(out_dir.name or "train", total=num_steps, completed=start, info="")
+        for step in range(start + 1, num_steps + 1):
+            batches = tuple(next(streams[n]) for n in names)
+            rng, sub = jax.random.split(rng)
+            t0 = time.perf_counter()
+            params, opt_state, raw = jitted(params, opt_state, batches, sub, *extra_args)
+            if step % log_every == 0 or step == num_steps or progress:
+                metrics = _host(raw)  # blocks: the timing below is the step's real time
+            else:
+                jax.block_until_ready(params)
+            times.append(time.perf_counter() - t0)
+            if step % log_every == 0 or step == num_steps:
+                log.write(json.dumps({"step": step, **metrics, "time_s": round(times[-1], 5)}) + "\n")
+                log.flush()
+            bar.update(task, completed=step, info=_fmt(metrics, show))
+            if ckpt is not None and (step % checkpoint_every == 0 or step == num_steps):
+                save(step)
+            if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step != num_steps:
+                evaluate(step)
+        if eval_fn is not None and (start < num_steps or not result.evals):
+            evaluate(num_steps)
+    if ckpt is not None:
+        ckpt.close()
+    result.params, result.opt_state, result.rng, result.step = params, opt_state, rng, max(start, num_steps)
+    if not metrics and log_path.exists():  # nothing left to run: report the logged last step
+        lines = log_path.read_text().splitlines()
+        if lines:
+            metrics = {k: v for k, v in json.loads(lines[-1]).items() if k not in ("step", "time_s")}
+    result.last_metrics = metrics
+    if len(times) > 1:
+        result.step_time_s = float(np.median(times[1:]))
+    return result
+
+
+def _jsonable(v):
+    if isinstance(v, (str, bool, int, float)) or v is None:
+        return v
+    a = np.asarray(jax.device_get(v))
+    if a.ndim == 0:
+        return a.item()
+    return a.tolist()
+
+
+def steps_for_epochs(epochs: float, batches_per_epoch: int) -> int:
+    """``ceil(epochs * batches_per_epoch)``, at least 1."""
+    return max(1, math.ceil(epochs * batches_per_epoch))

@@ -1,0 +1,120 @@
+"""The unlearning pipeline behind ``ngdiff unlearn``: model path + method + forget/retain splits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+
+from ngdiff_jax.config import to_dict
+from ngdiff_jax.training import common
+from ngdiff_jax.training.configs import UnlearnConfig
+from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
+from ngdiff_jax.training.methods import make_optimizer
+from ngdiff_jax.training.step import make_unlearn_step
+
+__all__ = ["run_unlearn"]
+
+EvalFn = Callable[[int, Any], dict]
+
+
+def _settings(cfg: UnlearnConfig) -> dict:
+    """What must match for a resume: everything but the loop's cosmetic settings."""
+    d = to_dict(cfg)
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "log_every", "eval_every", "max_checkpoints")}
+    return d
+
+
+def run_unlearn(
+    cfg: UnlearnConfig,
+    *,
+    eval_fn: EvalFn | None = None,
+    eval_sets: bool = True,
+) -> tuple[LoopResult, dict[str, Any]]:
+    """Run ``cfg.method`` from ``cfg.model_path`` and export the model to ``<output_dir>/model``.
+
+    With ``run.eval_every > 0`` the hook ``eval_fn(step, params)`` is called every that many
+    steps (default: :func:`common.qa_probability_eval` on the forget and retain batches,
+    giving ``forget_prob``/``retain_prob``). Returns the loop result and a summary dict
+    (also written to ``<output_dir>/summary.json``).
+    """
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    model = common.load_model(cfg.model_path)
+    tok = common.load_tokenizer(cfg.tokenizer or cfg.model_path)
+    forget_rows = common.load_split(cfg.data, cfg.data.forget_split)
+    retain_rows = common.load_split(cfg.data, cfg.data.retain_split)
+    forget_ex = common.encode_split(forget_rows, tok, cfg.data)
+    retain_ex = common.encode_split(retain_rows, tok, cfg.data)
+    seed = cfg.run.seed
+    forget = common.make_batcher(forget_ex, tok, cfg.data, seed=seed)
+    retain = common.make_batcher(retain_ex, tok, cfg.data, seed=seed + 1)
+    num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(forget))
+
+    from ngdiff_jax import models
+
+    apply_fn, params = models.functional(model)
+    ref_params = None
+    if cfg.method.needs_reference:
+        # A separate copy: the step donates `params`, the reference must stay intact.
+        ref_params = jax.tree_util.tree_map(jnp.copy, params)
+    tx = make_optimizer(cfg.method, cfg.optim, num_steps)
+    opt_state = tx.init(params)
+    unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx)
+
+    def step(params, opt_state, batches, rng, ref_params):
+        return unlearn_step(params, opt_state, batches[0], batches[1], rng, ref_params)
+
+    if eval_fn is None and cfg.run.eval_every > 0 and eval_sets:
+        from ngdiff_jax.data import make_batches
+
+        pad = common.pad_id(tok)
+        kw = {"pad_id": pad, "buckets": list(cfg.data.buckets) if cfg.data.buckets else None,
+              "max_length": cfg.data.max_length}  # fmt: skip
+        eval_fn = common.qa_probability_eval(
+            apply_fn,
+            {
+                "forget": make_batches(forget_ex, cfg.data.batch_size, **kw),
+                "retain": make_batches(retain_ex[: max(len(forget_ex), cfg.data.batch_size)], cfg.data.batch_size, **kw),
+            },
+        )
+
+    t0 = time.perf_counter()
+    result = run_loop(
+        step,
+        params,
+        opt_state,
+        streams={"forget": forget, "retain": retain},
+        num_steps=num_steps,
+        rng=jax.random.PRNGKey(seed),
+        out_dir=out,
+        extra_args=(ref_params,),
+        checkpoint_every=cfg.run.checkpoint_every,
+        max_checkpoints=cfg.run.max_checkpoints,
+        log_every=cfg.run.log_every,
+        eval_fn=eval_fn,
+        eval_every=cfg.run.eval_every,
+        progress=cfg.run.progress,
+        meta=_settings(cfg),
+    )
+    wall = time.perf_counter() - t0
+    model_dir = common.save_model(model, result.params, out / "model", tok)
+    summary = {
+        "method": cfg.method.name,
+        "steps": result.step,
+        "resumed_from": result.resumed_from,
+        "last_metrics": result.last_metrics,
+        "step_time_s": result.step_time_s,
+        "wall_s": wall,
+        "model_dir": str(model_dir),
+        "evals": result.evals,
+    }
+    common.write_json(out / "summary.json", summary)
+    return result, summary

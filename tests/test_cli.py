@@ -1,0 +1,65 @@
+"""`ngdiff finetune` / `ngdiff unlearn`: config files, overrides and the errors users see."""
+
+import pytest
+import yaml
+
+from ngdiff_jax.cli import main
+
+
+def test_print_config_with_overrides(capsys):
+    rc = main(["unlearn", "--config", "tofu_ngdiff", "--print-config",
+               "method=npo", "run.steps=50", "optim.lr=1e-4"])  # fmt: skip
+    assert rc == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["method"]["name"] == "npo" and cfg["method"]["forget_loss"] == "npo"
+    assert cfg["run"]["steps"] == 50 and cfg["optim"]["lr"] == 1e-4
+    assert cfg["data"]["forget_split"] == "forget10"
+
+
+def test_config_file_by_path_and_base(tmp_path, capsys):
+    f = tmp_path / "mine.yaml"
+    f.write_text("_base: tofu_finetune_target.yaml\ndata:\n  split: retain95\n")
+    assert main(["finetune", "--config", str(f), "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["split"] == "retain95" and cfg["model"]["hf"]["model_type"] == "llama"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["unlearn", "--config", "tofu_ngdiff", "optim.lrr=1"], "unknown key 'optim.lrr' in OptimConfig; valid keys are:"),
+        (["unlearn", "--config", "tofu_ngdiff", "bogus=1"], "unknown key 'bogus'"),
+        (["unlearn", "--config", "tofu_ngdiff", "method=nosuch"], "configs/methods/nosuch.yaml"),
+        (["unlearn", "--config", "nosuch_experiment"], "config 'nosuch_experiment' not found"),
+        (["unlearn", "--config", "tofu_ngdiff", "run.steps=abc"], "run.steps='abc' must be an integer"),
+        (["unlearn", "--config", "tofu_ngdiff", "optim.lr"], "not of the form key=value"),
+        (["finetune", "model=tiny_llama", "model_path=x"], "exactly one of `model`"),
+    ],
+)
+def test_config_errors_exit_2_and_name_the_problem(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_missing_model_path_and_split_are_named(tmp_path, capsys):
+    from ngdiff_jax.data.synthetic import write_benchmark
+
+    bench = write_benchmark(tmp_path / "bench", n_authors=4, questions_per_author=2, seed=0)
+    missing = tmp_path / "no_model_here"
+    rc = main(["unlearn", "--config", "synthetic_ngdiff", f"model_path={missing}", f"data.source={bench}",
+               f"run.output_dir={tmp_path / 'out'}"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "model_path" in err and str(missing) in err
+
+    rc = main(["finetune", "--config", "synthetic_finetune", f"data.source={bench}", "data.split=forget42",
+               f"run.output_dir={tmp_path / 'out2'}"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "forget42" in err and "looked for" in err
+
+    rc = main(["finetune", "--config", "synthetic_finetune", f"data.source={tmp_path / 'nodata'}",
+               f"run.output_dir={tmp_path / 'out3'}"])  # fmt: skip
+    assert rc == 1
+    assert "nodata" in capsys.readouterr().err
