@@ -9,7 +9,9 @@ The core is functional: :func:`make_unlearn_step` returns a pure, jittable
 from ngdiff_jax.training.checkpoint import Checkpointer
 from ngdiff_jax.training.configs import (
     DataConfig,
+    DistributedSection,
     FinetuneConfig,
+    MeshSection,
     MethodConfig,
     ModelSpec,
     OptimConfig,
@@ -46,8 +48,10 @@ def run_finetune(*args, **kwargs):
 __all__ = [
     "Checkpointer",
     "DataConfig",
+    "DistributedSection",
     "FinetuneConfig",
     "LoopResult",
+    "MeshSection",
     "MethodConfig",
     "ModelSpec",
     "OptimConfig",

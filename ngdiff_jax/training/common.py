@@ -18,6 +18,7 @@ __all__ = [
     "load_split",
     "load_tokenizer",
     "make_batcher",
+    "model_dir",
     "pad_id",
     "qa_probability_eval",
     "resolve_source",
@@ -127,10 +128,15 @@ def load_tokenizer(path: str):
     return tok
 
 
+def model_dir(path: str) -> str:
+    """``model_path`` checked: an existing model directory (with config.json) or a hub id."""
+    return _check_local_or_hub(path, "model_path")
+
+
 def load_model(path: str):
     from ngdiff_jax import models
 
-    return models.from_pretrained(_check_local_or_hub(path, "model_path"))
+    return models.from_pretrained(model_dir(path))
 
 
 def save_model(model, params, path: Path, tokenizer) -> Path:

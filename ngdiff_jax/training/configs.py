@@ -124,6 +124,104 @@ class RunConfig:
     progress: bool = True
 
 
+MESH_PRESETS = ("none", "dp", "fsdp", "fsdp_tensor")
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """``mesh:`` of ``ngdiff unlearn``: run the step on a device mesh (docs/SCALING.md).
+
+    ``preset`` is ``none`` (one device, the default), ``dp``, ``fsdp`` or ``fsdp_tensor``
+    (``ngdiff_jax.parallel.preset_config``); ``data``/``fsdp``/``tensor`` override the
+    preset's axis sizes (one may be -1: the devices the others leave; null keeps the
+    preset's). ``strict`` makes a parameter that cannot be split as the rules ask an error
+    instead of a warning.
+    """
+
+    preset: Literal["none", "dp", "fsdp", "fsdp_tensor"] = "none"
+    data: int | None = None
+    fsdp: int | None = None
+    tensor: int | None = None
+    strict: bool = False
+
+    def __post_init__(self):
+        sizes = self._sizes()
+        if self.preset == "none":
+            if sizes or self.strict:
+                given = ", ".join(f"mesh.{k}={v}" for k, v in sizes.items())
+                given = ", ".join(x for x in (given, "mesh.strict=true" if self.strict else "") if x)
+                raise ValueError(
+                    f"{given} is set but mesh.preset=none (one device); choose a preset "
+                    f"({', '.join(MESH_PRESETS[1:])}) or drop the mesh sizes."
+                )
+            return
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ValueError(f"mesh.{k}={v}: mesh axis sizes are positive, or -1 for the remaining devices.")
+        try:
+            self.mesh_config()
+        except ValueError as e:
+            raise ValueError(f"mesh (preset={self.preset}, {sizes}): {e}") from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.preset != "none"
+
+    def mesh_config(self):
+        """The ``ngdiff_jax.parallel.MeshConfig``, or None for ``preset: none``."""
+        if not self.enabled:
+            return None
+        from ngdiff_jax.parallel.mesh import preset_config
+
+        return dataclasses.replace(preset_config(self.preset), **self._sizes())
+
+    def _sizes(self) -> dict[str, int]:
+        return {k: v for k in ("data", "fsdp", "tensor") if (v := getattr(self, k)) is not None}
+
+
+@dataclass(frozen=True)
+class DistributedSection:
+    """``distributed:`` multi-process settings for ``jax.distributed.initialize``.
+
+    All null (the default): taken from the environment (``NGDIFF_COORDINATOR_ADDRESS``,
+    ``NGDIFF_NUM_PROCESSES``, ``NGDIFF_PROCESS_ID``, ``NGDIFF_LOCAL_DEVICE_IDS``,
+    ``NGDIFF_DISTRIBUTED=auto``), and with none of those a single process. Only used with
+    a mesh (``mesh.preset`` other than ``none``).
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
+    auto: bool = False
+
+    def __post_init__(self):
+        if self.is_set:
+            try:
+                self.distributed_config()
+            except ValueError as e:
+                raise ValueError(f"distributed: {e}") from None
+
+    @property
+    def is_set(self) -> bool:
+        keys = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
+        return self.auto or any(getattr(self, k) is not None for k in keys)
+
+    def distributed_config(self):
+        """A ``ngdiff_jax.parallel.DistributedConfig``; from the environment when nothing is set."""
+        from ngdiff_jax.parallel.distributed import DistributedConfig
+
+        if not self.is_set:
+            return DistributedConfig.from_env()
+        return DistributedConfig(
+            coordinator_address=self.coordinator_address,
+            num_processes=self.num_processes,
+            process_id=self.process_id,
+            local_device_ids=self.local_device_ids,
+            auto=self.auto,
+        )
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """``ngdiff finetune``: train a causal LM on a QA split (TOFU target or retain model)."""
@@ -153,8 +251,15 @@ class UnlearnConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
 
     def __post_init__(self):
+        if self.distributed.is_set and not self.mesh.enabled:
+            raise ValueError(
+                "distributed is set but mesh.preset=none: a multi-process run needs a mesh "
+                "(e.g. mesh.preset=fsdp mesh.data=<processes>)."
+            )
         if isinstance(self.method, str):  # a method name or YAML path, as in the config files
             from ngdiff_jax.training.methods import load_method
 

@@ -14,6 +14,7 @@ the step is deterministic, the result equals that of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -106,6 +107,7 @@ def run_loop(
     meta: Mapping[str, Any] | None = None,
     show: Sequence[str] = ("forget_loss", "retain_loss", "loss", "learning_rate", "skipped"),
     donate: bool = True,
+    jit: bool = True,
 ) -> LoopResult:
     """Run ``num_steps`` steps of ``step_fn`` (resuming from ``out_dir/checkpoints`` if present).
 
@@ -122,6 +124,11 @@ def run_loop(
       eval_fn: ``eval_fn(step, params) -> dict`` called at step 0, every ``eval_every`` steps
         and at the end (the hook the evaluation code plugs into).
       meta: JSON-able settings stored with every checkpoint; resuming with other settings is an error.
+      jit: False when ``step_fn`` is already jitted (e.g. ``ngdiff_jax.parallel.ShardedStep``, with its
+        own shardings and donation); it is then called as is.
+
+    Checkpoints restore onto the shardings of ``params``/``opt_state``/``rng`` (orbax, sharded). In a
+    multi-process run every process calls this; only process 0 writes the log files.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +136,7 @@ def run_loop(
     eval_path = out_dir / "eval.jsonl"
     meta = dict(meta or {})
     names = list(streams)
+    main = jax.process_index() == 0
 
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=max_checkpoints) if checkpoint_every > 0 else None
     start = 0
@@ -141,9 +149,10 @@ def run_loop(
         start = resumed_from = int(saved["step"])
         for name in names:
             streams[name].restore(saved["data"][name])
-        _truncate_log(log_path, start)
-        _truncate_log(eval_path, start)
-    else:
+        if main:
+            _truncate_log(log_path, start)
+            _truncate_log(eval_path, start)
+    elif main:
         for p in (log_path, eval_path):
             if p.exists():
                 p.unlink()
@@ -152,7 +161,7 @@ def run_loop(
         # Fresh buffers: the initial state may share buffers between leaves (optax inits) or with
         # the caller's model, and donating one buffer twice (or a caller's buffer) is an error.
         params, opt_state = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (params, opt_state))
-    jitted = jax.jit(step_fn, donate_argnums=(0, 1) if donate else ())
+    jitted = jax.jit(step_fn, donate_argnums=(0, 1) if donate else ()) if jit else step_fn
     result = LoopResult(params, opt_state, rng, start, resumed_from)
     times: list[float] = []
 
@@ -170,8 +179,9 @@ def run_loop(
             return
         rec = {"step": step, **{k: _jsonable(v) for k, v in dict(eval_fn(step, params)).items()}}
         result.evals.append(rec)
-        with open(eval_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if main:
+            with open(eval_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
 
     if eval_fn is not None and start == 0:
         evaluate(0)
@@ -190,10 +200,10 @@ def run_loop(
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        disable=not progress,
+        disable=not (progress and main),
     )
     metrics: dict[str, float] = {}
-    with bar, open(log_path, "a") as log:
+    with bar, (open(log_path, "a") if main else contextlib.nullcontext()) as log:
         task = bar.add_task(out_dir.name or "train", total=num_steps, completed=start, info="")
         for step in range(start + 1, num_steps + 1):
             batches = tuple(next(streams[n]) for n in names)
@@ -205,7 +215,7 @@ def run_loop(
             else:
                 jax.block_until_ready(params)
             times.append(time.perf_counter() - t0)
-            if step % log_every == 0 or step == num_steps:
+            if main and (step % log_every == 0 or step == num_steps):
                 log.write(json.dumps({"step": step, **metrics, "time_s": round(times[-1], 5)}) + "\n")
                 log.flush()
             bar.update(task, completed=step, info=_fmt(metrics, show))

@@ -24,8 +24,11 @@ EvalFn = Callable[[int, Any], dict]
 
 
 def _settings(cfg: UnlearnConfig) -> dict:
-    """What must match for a resume: everything but the loop's cosmetic settings."""
+    """What must match for a resume: everything but the loop's cosmetic settings and the
+    device layout (``mesh``, ``distributed``: orbax restores onto the current shardings)."""
     d = to_dict(cfg)
+    d.pop("mesh", None)
+    d.pop("distributed", None)
     d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "log_every", "eval_every", "max_checkpoints")}
     return d
 
@@ -42,12 +45,33 @@ def run_unlearn(
     steps (default: :func:`common.qa_probability_eval` on the forget and retain batches,
     giving ``forget_prob``/``retain_prob``). Returns the loop result and a summary dict
     (also written to ``<output_dir>/summary.json``).
+
+    With ``mesh.preset`` other than ``none`` the run is sharded (``ngdiff_jax.parallel``):
+    ``jax.distributed`` is initialized from ``cfg.distributed`` (default: the environment),
+    the model is loaded shard-wise onto the mesh, the step is jitted with the preset's
+    shardings, the per-device memory estimate is printed before the first step, checkpoints
+    are sharded orbax checkpoints and the export is gathered to process 0.
     """
+    par = mesh = None
+    if cfg.mesh.enabled:
+        from ngdiff_jax import parallel as par
+
+        par.initialize(cfg.distributed.distributed_config())  # before anything touches devices
+        mesh_cfg = cfg.mesh.mesh_config()
+        mesh = par.make_mesh(mesh_cfg)
+    main = par is None or par.is_main_process()
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    model = common.load_model(cfg.model_path)
+    from ngdiff_jax import models
+
+    if mesh is None:
+        model = common.load_model(cfg.model_path)
+        apply_fn, params = models.functional(model)
+    else:
+        model, apply_fn, params = par.load_sharded(common.model_dir(cfg.model_path), mesh, mesh_cfg.rules)
     tok = common.load_tokenizer(cfg.tokenizer or cfg.model_path)
     forget_rows = common.load_split(cfg.data, cfg.data.forget_split)
     retain_rows = common.load_split(cfg.data, cfg.data.retain_split)
@@ -58,19 +82,35 @@ def run_unlearn(
     retain = common.make_batcher(retain_ex, tok, cfg.data, seed=seed + 1)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(forget))
 
-    from ngdiff_jax import models
-
-    apply_fn, params = models.functional(model)
     ref_params = None
     if cfg.method.needs_reference:
         # A separate copy: the step donates `params`, the reference must stay intact.
         ref_params = jax.tree_util.tree_map(jnp.copy, params)
     tx = make_optimizer(cfg.method, cfg.optim, num_steps)
-    opt_state = tx.init(params)
     unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx)
+    rng = jax.random.PRNGKey(seed)
+    if mesh is None:
+        opt_state = tx.init(params)
 
-    def step(params, opt_state, batches, rng, ref_params):
-        return unlearn_step(params, opt_state, batches[0], batches[1], rng, ref_params)
+        def step(params, opt_state, batches, rng, ref_params):
+            return unlearn_step(params, opt_state, batches[0], batches[1], rng, ref_params)
+
+    else:
+        sharded = par.shard_unlearn_step(
+            unlearn_step, mesh, mesh_cfg.rules, params, jax.eval_shape(tx.init, params),
+            ref_params=ref_params, strict=cfg.mesh.strict, print_memory=main,
+        )  # fmt: skip
+        _check_batch_size(cfg, sharded)
+        opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state_shardings)(params)
+        if ref_params is not None:
+            params, opt_state, ref_params = sharded.place_state(params, opt_state, ref_params)
+        else:
+            params, opt_state = sharded.place_state(params, opt_state)
+        rng = par.place(rng, par.replicated(mesh))
+
+        def step(params, opt_state, batches, rng, ref_params):
+            # the ShardedStep places the (global, host) batches on the batch sharding
+            return sharded(params, opt_state, batches[0], batches[1], rng, ref_params)
 
     if eval_fn is None and cfg.run.eval_every > 0 and eval_sets:
         from ngdiff_jax.data import make_batches
@@ -93,7 +133,7 @@ def run_unlearn(
         opt_state,
         streams={"forget": forget, "retain": retain},
         num_steps=num_steps,
-        rng=jax.random.PRNGKey(seed),
+        rng=rng,
         out_dir=out,
         extra_args=(ref_params,),
         checkpoint_every=cfg.run.checkpoint_every,
@@ -103,9 +143,14 @@ def run_unlearn(
         eval_every=cfg.run.eval_every,
         progress=cfg.run.progress,
         meta=_settings(cfg),
+        jit=mesh is None,
     )
     wall = time.perf_counter() - t0
-    model_dir = common.save_model(model, result.params, out / "model", tok)
+    if mesh is None:
+        model_dir = common.save_model(model, result.params, out / "model", tok)
+    else:
+        model_dir = out / "model"
+        par.save_pretrained_gathered(model, result.params, model_dir, tokenizer=tok)
     summary = {
         "method": cfg.method.name,
         "steps": result.step,
@@ -116,5 +161,22 @@ def run_unlearn(
         "model_dir": str(model_dir),
         "evals": result.evals,
     }
-    common.write_json(out / "summary.json", summary)
+    if mesh is not None:
+        summary["mesh"] = dict(mesh.shape)
+        summary["memory_estimate"] = sharded.memory.as_dict()
+    if main:
+        common.write_json(out / "summary.json", summary)
     return result, summary
+
+
+def _check_batch_size(cfg: UnlearnConfig, sharded) -> None:
+    from ngdiff_jax.parallel.shardings import batch_axes
+
+    n = 1
+    for a in batch_axes(sharded.mesh, sharded.rules):
+        n *= sharded.mesh.shape[a]
+    if cfg.data.batch_size % n:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by the {n} devices that split the batch "
+            f"on mesh {dict(sharded.mesh.shape)} (mesh.preset={cfg.mesh.preset}); use a multiple of {n}."
+        )

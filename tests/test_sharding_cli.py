@@ -1,0 +1,157 @@
+"""`ngdiff unlearn ... mesh.preset=fsdp` on 4 simulated CPU devices (a subprocess: the device
+count is fixed when JAX starts) exports the parameters of the single-device run (1e-5 relative),
+prints the per-device memory estimate before the first step, and resumes from a sharded orbax
+checkpoint to the same result; bad `mesh`/`distributed` values are config errors naming the key.
+
+Run as a script (``python tests/test_sharding_cli.py <bench> <model> <out>``) it is the
+subprocess body: the fsdp run, then a resume after deleting the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+STEPS = 4
+
+
+def _overrides(bench, model, out, *extra):
+    return [
+        f"data.source={bench}", f"model_path={model}", f"run.output_dir={out}", "run.progress=false",
+        "method=ngdiff_npo", "method.lr_rule=constant", f"run.steps={STEPS}", "run.checkpoint_every=2",
+        "run.eval_every=0", *extra,
+    ]  # fmt: skip
+
+
+def _safetensors(model_dir: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Synthetic benchmark + a freshly initialized tiny llama (and tokenizer) saved like a finetune export."""
+    from ngdiff_jax.config import load_config
+    from ngdiff_jax.data.synthetic import write_benchmark
+    from ngdiff_jax.training import FinetuneConfig, common
+    from ngdiff_jax.training.finetune import build_model
+
+    root = tmp_path_factory.mktemp("sharding_cli")
+    bench = write_benchmark(root / "bench", n_authors=10, questions_per_author=8, seed=0)
+    cfg = load_config(FinetuneConfig, "synthetic_finetune", [f"data.source={bench}", "model.hf.num_hidden_layers=1"],
+                      subdir="experiments")  # fmt: skip
+    model, tok = build_model(cfg, common.load_split(cfg.data, cfg.data.split), root)
+    from ngdiff_jax import models
+
+    _, params = models.functional(model)
+    model_dir = common.save_model(model, params, root / "model", tok)
+    return {"bench": bench, "model": model_dir, "root": root}
+
+
+def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path):
+    from ngdiff_jax.config import load_config
+    from ngdiff_jax.training import UnlearnConfig, run_unlearn
+
+    sharded_out = tmp_path / "fsdp"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))  # the resume reuses the compiled step
+    proc = subprocess.Popen(
+        [sys.executable, __file__, str(tiny["bench"]), str(tiny["model"]), str(sharded_out)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:  # the single-device reference, in this process, while the subprocess runs
+        single_out = tmp_path / "single"
+        cfg = load_config(UnlearnConfig, "synthetic_ngdiff",
+                          _overrides(tiny["bench"], tiny["model"], single_out), subdir="experiments")  # fmt: skip
+        assert not cfg.mesh.enabled
+        run_unlearn(cfg)
+    finally:
+        stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{stdout[-3000:]}\n{stderr[-6000:]}"
+
+    # the estimate is printed once per run (before the loop starts)
+    assert stdout.count("per-device memory estimate on mesh data=1 x fsdp=4 x tensor=1") == 2, stdout
+    assert "reference model" in stdout
+    first = json.loads((sharded_out / "summary_first.json").read_text())
+    assert first["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and first["resumed_from"] is None
+    assert first["memory_estimate"]["reference"] > 0  # ngdiff_npo: reference model sharded too
+    resumed = json.loads((sharded_out / "summary.json").read_text())
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == STEPS
+
+    want = _safetensors(single_out / "model")
+    got_first = _safetensors(sharded_out / "model_first")
+    got_resumed = _safetensors(sharded_out / "model")
+    assert want.keys() == got_first.keys() == got_resumed.keys()
+    moved = 0
+    init = _safetensors(tiny["model"])
+    for k in want:
+        err = np.linalg.norm(got_first[k] - want[k]) / max(np.linalg.norm(want[k]), 1e-30)
+        assert err < 1e-5, (k, err)
+        np.testing.assert_array_equal(got_resumed[k], got_first[k], err_msg=k)  # same mesh: bitwise
+        moved += not np.array_equal(want[k], init[k])
+    assert moved > 0  # the runs did update the parameters
+    steps = [json.loads(x)["step"] for x in (sharded_out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_sharding_config_rejects_bad_mesh_and_distributed_values(capsys):
+    from ngdiff_jax.cli import main
+    from ngdiff_jax.config import ConfigError, load_config
+    from ngdiff_jax.training import UnlearnConfig
+
+    def build(*overrides):
+        return load_config(UnlearnConfig, None, ["model_path=some/model", *overrides])
+
+    cfg = build()
+    assert cfg.mesh.preset == "none" and cfg.mesh.mesh_config() is None
+    m = build("mesh.preset=fsdp_tensor", "mesh.tensor=4", "mesh.data=2").mesh.mesh_config()
+    assert (m.data, m.fsdp, m.tensor, m.rules) == (2, -1, 4, "fsdp_tensor")
+
+    with pytest.raises(ConfigError, match=r"mesh\.preset='fsdp2' is not one of 'none', 'dp', 'fsdp', 'fsdp_tensor'"):
+        build("mesh.preset=fsdp2")
+    with pytest.raises(ValueError, match=r"mesh\.fsdp=0: mesh axis sizes are positive"):
+        build("mesh.preset=fsdp", "mesh.fsdp=0")
+    with pytest.raises(ValueError, match=r"at most one axis may be -1"):
+        build("mesh.preset=fsdp", "mesh.data=-1")
+    with pytest.raises(ValueError, match=r"mesh\.tensor=2 is set but mesh\.preset=none"):
+        build("mesh.tensor=2")
+    with pytest.raises(ConfigError, match=r"unknown key 'mesh\.tensr'"):
+        build("mesh.preset=fsdp", "mesh.tensr=2")
+    with pytest.raises(ValueError, match=r"distributed: .*coordinator_address, num_processes and process_id together"):
+        build("mesh.preset=fsdp", "distributed.process_id=1")
+    with pytest.raises(ValueError, match=r"distributed is set but mesh\.preset=none"):
+        build("distributed.auto=true")
+    # the CLI prints the message and exits with 2
+    assert main(["unlearn", "model_path=some/model", "mesh.preset=fsdp2"]) == 2
+    assert "mesh.preset='fsdp2'" in capsys.readouterr().err
+
+
+def _subprocess_body(bench: str, model: str, out: str) -> None:
+    """The fsdp run through the CLI; then delete its last checkpoint and run again (resume from 2)."""
+    import jax
+
+    from ngdiff_jax.cli import main
+
+    assert jax.device_count() == 4, jax.devices()
+    out_p = Path(out)
+    args = ["unlearn", "--config", "synthetic_ngdiff", *_overrides(bench, model, out, "mesh.preset=fsdp")]
+    assert main(args) == 0
+    shutil.copytree(out_p / "model", out_p / "model_first")
+    shutil.copy(out_p / "summary.json", out_p / "summary_first.json")
+    shutil.rmtree(out_p / "checkpoints" / str(STEPS))
+    assert main(args) == 0
+
+
+if __name__ == "__main__":
+    _subprocess_body(*sys.argv[1:4])
