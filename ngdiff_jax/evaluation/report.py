@@ -196,7 +196,12 @@ def _plot(path: Path, entries: dict, traj: dict, title: str | None) -> None:
         return max(float(v), FQ_FLOOR) if log else float(v)
 
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
-    cmap = plt.get_cmap("tab10")
+    # Method colours: tab10 without its green and red, which mark the retain and target stars.
+    palette = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i not in (2, 3)]
+
+    def cmap(n):
+        return palette[n % len(palette)]
+
     missing = []
     style = {
         "target": dict(marker="*", s=260, color="#d62728", edgecolor="black", zorder=5),
