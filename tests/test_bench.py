@@ -1,0 +1,43 @@
+"""Smoke test of ``ngdiff bench`` on the micro size with one repeat (checks the JSON, times nothing)."""
+
+from __future__ import annotations
+
+import json
+
+from ngdiff_jax.cli import main
+
+
+def test_bench_json_keys(capsys):
+    rc = main([
+        "bench", "--device", "cpu", "--sizes", "micro", "--sections", "step,overhead,generate",
+        "--repeats", "1", "--warmup", "0", "--gen-batch", "2", "--gen-prompt-len", "8",
+        "--gen-new-tokens", "4", "--matmul-n", "64", "--json",
+    ])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert {"machine", "matmul", "step", "overhead", "generate", "targets"} <= set(result)
+    (step,) = result["step"]
+    for key in ("jax_step_ms", "torch_step_ms", "ratio", "jax_tokens_per_s", "torch_tokens_per_s",
+                "jax_mfu", "torch_mfu", "logits_max_abs_diff"):
+        assert key in step
+    assert step["size"] == "micro" and step["ratio"] > 0
+    assert step["logits_max_abs_diff"] < 1e-3  # same weights in both frameworks
+    for key in ("gdiff_step_ms", "ngdiff_step_ms", "ngdiff_gen_step_ms", "ngdiff_overhead", "gen_overhead"):
+        assert key in result["overhead"]
+    gen = result["generate"]
+    for key in ("jax_tokens_per_s", "torch_tokens_per_s", "speedup"):
+        assert gen[key] > 0
+    assert gen["tokens_match"] == 1.0  # greedy decoding agrees token for token
+    assert {t["name"] for t in result["targets"]} == {
+        "ratio[micro]", "ngdiff_overhead", "gen_overhead[every=4]", "generate_speedup"}
+
+
+def test_memory_child_reports_peak_and_compiled_analysis(capsys):
+    from ngdiff_jax.bench import memory_child
+
+    assert memory_child.main(["--framework", "jax", "--method", "ngdiff_gen", "--size", "micro",
+                              "--steps", "1"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["peak_rss_mb"] >= rec["baseline_rss_mb"] > 0
+    assert {"argument_size_in_bytes", "temp_size_in_bytes"} <= set(rec["compiled"])
