@@ -107,7 +107,7 @@ def _looks_like_float(s: str) -> bool:
         float(s)
     except ValueError:
         return False
-    return any(c in s.lower() for c in "e.") and not s.strip().lower() in ("nan", "inf", "-inf")
+    return any(c in s.lower() for c in "e.") and s.strip().lower() not in ("nan", "inf", "-inf")
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

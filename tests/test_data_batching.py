@@ -19,7 +19,7 @@ PAD = 0
 def _examples(n=11, seed=0):
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(n):
+    for _ in range(n):
         length = int(rng.integers(3, 40))
         ids = list(rng.integers(3, 100, size=length))
         k = int(rng.integers(1, length))

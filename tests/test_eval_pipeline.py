@@ -10,7 +10,7 @@ from flax import nnx  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from ngdiff_jax.data import QAFormatter, load_tofu, train_tokenizer  # noqa: E402
-from ngdiff_jax.evaluation import EvalResult, MODEL_UTILITY_KEYS, metrics, write_report  # noqa: E402
+from ngdiff_jax.evaluation import MODEL_UTILITY_KEYS, EvalResult, metrics, write_report  # noqa: E402
 from ngdiff_jax.evaluation.generation import generate_texts  # noqa: E402
 from ngdiff_jax.evaluation.muse import evaluate_muse  # noqa: E402
 from ngdiff_jax.evaluation.scoring import Scorer  # noqa: E402

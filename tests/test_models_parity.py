@@ -6,7 +6,6 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from ngdiff_jax import models as M  # noqa: E402

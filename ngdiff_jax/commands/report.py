@@ -64,6 +64,6 @@ def run(args) -> int:
         return 2
     paths = write_report(Path(args.out), results, trajectories or None,
                          target=args.target, retain=args.retain, title=args.title)  # fmt: skip
-    for kind, p in paths.items():
+    for p in paths.values():
         print(f"wrote {p}")
     return 0

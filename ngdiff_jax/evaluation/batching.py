@@ -56,7 +56,7 @@ class Timings:
         if list(shape) not in self.shapes[phase]:
             self.shapes[phase].append(list(shape))
 
-    def merge(self, other: "Timings") -> None:
+    def merge(self, other: Timings) -> None:
         for k, v in other.compile_s.items():
             self.add(k, v, compile=True)
         for k, v in other.run_s.items():

@@ -78,7 +78,7 @@ class EvalResult:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "EvalResult":
+    def load(cls, path: str | Path) -> EvalResult:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No evaluation result at {path}; run `ngdiff eval` to write one.")

@@ -78,7 +78,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ HF
     @classmethod
-    def from_hf(cls, hf_config: Any) -> "ModelConfig":
+    def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Build from a `transformers.PretrainedConfig` (or its dict)."""
         if isinstance(hf_config, ModelConfig):
             return hf_config

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngdiff_jax.models import sharding as shd
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, _unsupported_type_error
 from ngdiff_jax.models.modeling import CausalLM
 from ngdiff_jax.models.safetensors_io import SafetensorsFile, aligned_empty, write_safetensors
-from ngdiff_jax.models import sharding as shd
 
 A = ((0,),)  # 1-D, unchanged
 M2 = ((0,), (1,))  # 2-D matrix
@@ -268,7 +268,7 @@ def _open_files(d: Path) -> dict[str, SafetensorsFile]:
             raise ValueError(f"cannot read the shard index {index}: {e}") from e
         files = {fn: SafetensorsFile(d / fn) for fn in sorted(set(wm.values()))}
         out = {}
-        for fn, f in files.items():
+        for f in files.values():
             for k in f.keys():
                 out[k] = f
         return out

@@ -168,13 +168,14 @@ def two_task_combiner(
 
     def init_fn(params):
         del params
-        zero = jnp.zeros((), jnp.float32)
+        # One buffer per field: a state whose leaves share a buffer cannot be
+        # donated to a jitted step ("donate the same buffer twice").
         return CombinerState(
             skipped=jnp.zeros((), jnp.int32),
-            retain_norm=zero,
-            forget_norm=zero,
-            retain_weight=zero,
-            forget_weight=zero,
+            retain_norm=jnp.zeros((), jnp.float32),
+            forget_norm=jnp.zeros((), jnp.float32),
+            retain_weight=jnp.zeros((), jnp.float32),
+            forget_weight=jnp.zeros((), jnp.float32),
         )
 
     def update_fn(retain_grads, state, params=None, *, forget_grads=None, **extra_args):
