@@ -197,8 +197,9 @@ def build(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "config"
     types_ = _field_types(cls)
     unknown = [k for k in data if k not in fields]
     if unknown:
+        names = ", ".join(repr(f"{where}.{k}".removeprefix("config.")) for k in unknown)
         raise ConfigError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(repr(f'{where}.{k}'.removeprefix('config.')) for k in unknown)}"
+            f"unknown key{'s' if len(unknown) > 1 else ''} {names}"
             f" in {cls.__name__}; valid keys are: {', '.join(sorted(fields))}."
         )
     kwargs = {}

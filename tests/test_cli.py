@@ -27,7 +27,10 @@ def test_config_file_by_path_and_base(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["unlearn", "--config", "tofu_ngdiff", "optim.lrr=1"], "unknown key 'optim.lrr' in OptimConfig; valid keys are:"),
+        (
+            ["unlearn", "--config", "tofu_ngdiff", "optim.lrr=1"],
+            "unknown key 'optim.lrr' in OptimConfig; valid keys are:",
+        ),
         (["unlearn", "--config", "tofu_ngdiff", "bogus=1"], "unknown key 'bogus'"),
         (["unlearn", "--config", "tofu_ngdiff", "method=nosuch"], "configs/methods/nosuch.yaml"),
         (["unlearn", "--config", "nosuch_experiment"], "config 'nosuch_experiment' not found"),

@@ -57,7 +57,8 @@ def test_bad_values_and_missing_files():
         load_config(UnlearnConfig, None, ["model_path=x", "run.steps=many"])
     with pytest.raises(ConfigError, match="method.combiner='sgd' is not one of"):
         load_config(UnlearnConfig, None, ["model_path=x", "method.combiner=sgd"])
-    with pytest.raises(FileNotFoundError, match=r"config 'nosuch' not found.*configs/methods/nosuch.yaml.*Available.*ngdiff"):
+    pattern = r"config 'nosuch' not found.*configs/methods/nosuch.yaml.*Available.*ngdiff"
+    with pytest.raises(FileNotFoundError, match=pattern):
         load_config(UnlearnConfig, None, ["model_path=x", "method=nosuch"])
     with pytest.raises(ValueError, match="unlearn needs `model_path`"):
         load_config(UnlearnConfig, None, [])

@@ -188,7 +188,10 @@ def test_evaluate_muse_reads_through_load_muse_and_truncates(tmp_path, monkeypat
         def score(self, examples, phase="score"):
             seen.extend(examples)
             # forget texts (first two) very likely, holdout unlikely
-            lps = [np.full(sum(1 for y in lab if y != -100), -0.1 if n < 2 else -1.0) for n, (_, lab) in enumerate(examples)]
+            lps = [
+                np.full(sum(1 for y in lab if y != -100), -0.1 if n < 2 else -1.0)
+                for n, (_, lab) in enumerate(examples)
+            ]
             return Scores(nll=np.zeros(len(examples)), token_logprobs=lps, correct=[lp > 0 for lp in lps])
 
     monkeypatch.setattr(muse_mod, "generate_texts", fake_generate)

@@ -26,7 +26,8 @@ def test_ngdiff_on_real_tofu_forgets_and_retains(tofu_subset, tmp_path):
     common = [f"data.source={tofu_subset}", "data.batch_size=8", "data.max_length=64", "data.buckets=[64]",
               "run.progress=false", "run.checkpoint_every=0"]  # fmt: skip
     ft = load_config(FinetuneConfig, None, [
-        "model=tiny_llama", "model.tokenizer_vocab_size=512", "data.split=full", "optim.lr=3e-3", "optim.warmup_steps=20", "run.steps=250",
+        "model=tiny_llama", "model.tokenizer_vocab_size=512", "data.split=full", "optim.lr=3e-3",
+        "optim.warmup_steps=20", "run.steps=250",
         f"run.output_dir={tmp_path / 'target'}", *common])  # fmt: skip
     _, fsum = run_finetune(ft)
     assert fsum["last_metrics"]["loss"] < 1.0, fsum

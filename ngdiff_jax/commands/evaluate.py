@@ -16,7 +16,9 @@ HEADLINE = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="saved model dir (HF layout, as save_pretrained writes) or hub id.")
+    parser.add_argument(
+        "--model", required=True, help="saved model dir (HF layout, as save_pretrained writes) or hub id."
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model).")
     parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
     parser.add_argument("--data", default=None, help="benchmark folder (default ../shared/data/tofu or muse_news).")
@@ -44,7 +46,8 @@ def run(args) -> int:
     name = args.name or Path(str(args.model).rstrip("/")).name
     out = Path(args.out) if args.out else Path("eval_results") / f"{name}.json"
     if args.retain_eval is not None and not Path(args.retain_eval).is_file():
-        print(f"error: --retain-eval {args.retain_eval} does not exist; evaluate the retain model first.", file=sys.stderr)
+        msg = f"error: --retain-eval {args.retain_eval} does not exist; evaluate the retain model first."
+        print(msg, file=sys.stderr)
         return 2
     try:
         model = from_pretrained(args.model)

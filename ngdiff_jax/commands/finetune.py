@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from ngdiff_jax.training.cli_args import add_config_arguments, print_config, print_summary, resolve
+from ngdiff_jax.training.cli_args import add_config_arguments, run_command
 
 HELP = "Train or fine-tune a causal LM on a TOFU-style QA split (from configs/models or a pretrained path)."
 
@@ -15,19 +13,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ngdiff_jax.training.configs import FinetuneConfig
-
-    cfg = resolve(FinetuneConfig, args)
-    if cfg is None:
-        return 2
-    if args.print_config:
-        print_config(cfg)
-        return 0
     from ngdiff_jax.training.finetune import run_finetune
 
-    try:
-        _, summary = run_finetune(cfg)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_summary(summary)
-    return 0
+    return run_command(args, FinetuneConfig, run_finetune)

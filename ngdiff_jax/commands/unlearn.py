@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from ngdiff_jax.training.cli_args import add_config_arguments, print_config, print_summary, resolve
+from ngdiff_jax.training.cli_args import add_config_arguments, run_command
 
 HELP = "Unlearn a forget split from a trained model with a method from configs/methods (ngdiff, npo, ...)."
 
@@ -15,19 +13,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from ngdiff_jax.training.configs import UnlearnConfig
-
-    cfg = resolve(UnlearnConfig, args)
-    if cfg is None:
-        return 2
-    if args.print_config:
-        print_config(cfg)
-        return 0
     from ngdiff_jax.training.unlearn import run_unlearn
 
-    try:
-        _, summary = run_unlearn(cfg)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print_summary(summary)
-    return 0
+    return run_command(args, UnlearnConfig, run_unlearn)

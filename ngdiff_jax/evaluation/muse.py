@@ -100,7 +100,10 @@ def evaluate_muse(
     with Stopwatch() as sw_load:
         verbmem = cut(load_muse(data_dir, "verbmem", "forget"))
         know = {
-            split: (cut(load_muse(data_dir, "knowmem", f"{split}_qa")), load_muse(data_dir, "knowmem", f"{split}_qa_icl"))
+            split: (
+                cut(load_muse(data_dir, "knowmem", f"{split}_qa")),
+                load_muse(data_dir, "knowmem", f"{split}_qa_icl"),
+            )
             for split in ("forget", "retain")
         }
         priv = {s: cut(load_muse(data_dir, "privleak", s)) for s in ("forget", "holdout")}

@@ -308,7 +308,9 @@ def load_params(model_dir, cfg: ModelConfig, abstract_flat: dict[str, Any], *, m
     bad = [f"{s.hf_name}: expected {s.hf_shape}, found {files[s.hf_name].shape(s.hf_name)}"
            for s in specs.values() if files[s.hf_name].shape(s.hf_name) != s.hf_shape]
     if bad:
-        raise ValueError(f"checkpoint {d} has tensors of the wrong shape for config.json: " + "; ".join(sorted(set(bad))))
+        raise ValueError(
+            f"checkpoint {d} has tensors of the wrong shape for config.json: " + "; ".join(sorted(set(bad)))
+        )
     shardings = None
     if mesh is not None:
         shardings = _flat_params(shd.param_shardings(_unflatten_abstract(abstract_flat), mesh, rules))

@@ -38,6 +38,27 @@ def resolve(cls, args):
         return None
 
 
+def run_command(args, cls, run_fn) -> int:
+    """Resolve the config ``cls`` from ``args``, then ``run_fn(cfg) -> (result, summary)``.
+
+    Exit codes: 0 done, 1 missing model/data/split (the message names what was looked
+    for), 2 config error.
+    """
+    cfg = resolve(cls, args)
+    if cfg is None:
+        return 2
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    try:
+        _, summary = run_fn(cfg)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    return 0
+
+
 def print_config(cfg) -> None:
     import yaml
 

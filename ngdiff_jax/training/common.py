@@ -10,7 +10,21 @@ from typing import Any
 import jax
 import numpy as np
 
+from ngdiff_jax.config import to_dict
 from ngdiff_jax.training.configs import DataConfig
+
+#: Run settings that may change between a run and its resume (display and bookkeeping only).
+COSMETIC_RUN_KEYS = ("progress", "log_every", "eval_every", "max_checkpoints")
+
+
+def resume_settings(cfg, *, ignore: Sequence[str] = ()) -> dict:
+    """The config as a dict of what must match for a resume: everything but the cosmetic
+    ``run`` keys and the top-level sections named in ``ignore``."""
+    d = to_dict(cfg)
+    for key in ignore:
+        d.pop(key, None)
+    d["run"] = {k: v for k, v in d["run"].items() if k not in COSMETIC_RUN_KEYS}
+    return d
 
 __all__ = [
     "encode_split",

@@ -85,8 +85,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     def step(params, opt_state, batches, rng):
         return ft_step(params, opt_state, batches[0], rng)
 
-    settings = to_dict(cfg)
-    settings["run"] = {k: v for k, v in settings["run"].items() if k not in ("progress", "log_every", "eval_every", "max_checkpoints")}
+    settings = common.resume_settings(cfg)
     t0 = time.perf_counter()
     result = run_loop(
         step,

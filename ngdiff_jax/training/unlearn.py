@@ -24,13 +24,9 @@ EvalFn = Callable[[int, Any], dict]
 
 
 def _settings(cfg: UnlearnConfig) -> dict:
-    """What must match for a resume: everything but the loop's cosmetic settings and the
-    device layout (``mesh``, ``distributed``: orbax restores onto the current shardings)."""
-    d = to_dict(cfg)
-    d.pop("mesh", None)
-    d.pop("distributed", None)
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("progress", "log_every", "eval_every", "max_checkpoints")}
-    return d
+    """What must match for a resume; the device layout (``mesh``, ``distributed``) may
+    change, since orbax restores onto the current shardings."""
+    return common.resume_settings(cfg, ignore=("mesh", "distributed"))
 
 
 def run_unlearn(
@@ -122,7 +118,9 @@ def run_unlearn(
             apply_fn,
             {
                 "forget": make_batches(forget_ex, cfg.data.batch_size, **kw),
-                "retain": make_batches(retain_ex[: max(len(forget_ex), cfg.data.batch_size)], cfg.data.batch_size, **kw),
+                "retain": make_batches(
+                    retain_ex[: max(len(forget_ex), cfg.data.batch_size)], cfg.data.batch_size, **kw
+                ),
             },
         )
 
