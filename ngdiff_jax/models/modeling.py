@@ -206,8 +206,8 @@ def dense_many(layers, x: Array) -> list[Array]:
     """``[layer(x) for layer in layers]`` for `Dense` layers reading the same ``x``, with one
     shared backward (see `token_einsums`)."""
     dt = layers[0].dtype
-    ys = token_einsums([l.eq for l in layers], x.astype(dt), [l.kernel[...].astype(dt) for l in layers])
-    return [y if l.bias is None else y + l.bias[...].astype(dt) for y, l in zip(ys, layers)]
+    ys = token_einsums([layer.eq for layer in layers], x.astype(dt), [layer.kernel[...].astype(dt) for layer in layers])
+    return [y if layer.bias is None else y + layer.bias[...].astype(dt) for y, layer in zip(ys, layers)]
 
 
 class Norm(nnx.Module):
@@ -402,7 +402,8 @@ class CausalLM(nnx.Module):
     def forward(self, input_ids: Array, positions: Array, kv_valid: Array, cache=None, write_index=None,
                 last_only: bool = False):
         """Core forward. ``kv_valid [B, S]`` marks attendable key slots (S = T without a cache,
-        the cache length with one). ``last_only`` computes logits of the last position only. Returns ``(logits float32 [B, T, V], new_cache or None)``."""
+        the cache length with one). ``last_only`` computes logits of the last position only.
+        Returns ``(logits float32 [B, T, V], new_cache or None)``."""
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
