@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ngdiff_jax.config import ConfigError, _merge, apply_overrides, build, load_yaml, to_dict
+from ngdiff_jax.evaluation.report import TOFU_COLUMNS
 from ngdiff_jax.training.configs import DataConfig, ModelSpec, OptimConfig
 
 __all__ = [
@@ -53,18 +54,8 @@ __all__ = [
 #: The demo's training splits (written next to the benchmark's files): QA rows + general knowledge.
 TRAIN_SPLITS = {"target": "demo_target_train", "retain": "demo_retain_train"}
 
-#: Aggregates kept for every trajectory point (plotted / tabulated by the report).
-TRAJECTORY_KEYS = (
-    "forget_quality",
-    "model_utility",
-    "forget_truth_ratio",
-    "forget_Q_A_Prob",
-    "forget_Q_A_ROUGE",
-    "retain_Q_A_Prob",
-    "retain_Q_A_ROUGE",
-    "privleak",
-    "extraction_strength",
-)
+#: Aggregates kept for every trajectory point: the report's TOFU columns.
+TRAJECTORY_KEYS = TOFU_COLUMNS
 
 
 # ------------------------------------------------------------------------------------ config
