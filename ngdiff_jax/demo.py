@@ -35,9 +35,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ngdiff_jax.config import ConfigError, _merge, apply_overrides, build, load_yaml, to_dict
+from ngdiff_jax.config_loader import ConfigError, _merge, apply_overrides, build, load_yaml, to_dict
 from ngdiff_jax.evaluation.report import TOFU_COLUMNS
-from ngdiff_jax.training.configs import DataConfig, ModelSpec, OptimConfig
+from ngdiff_jax.training.config_schema import DataConfig, ModelSpec, OptimConfig
 
 __all__ = [
     "BenchmarkSpec",
@@ -160,7 +160,7 @@ def load_demo_config(
 ) -> DemoConfig:
     """``configs/demo.yaml`` (or ``path``), with its ``quick:`` section merged on top if ``quick``,
     then ``key=value`` overrides (dotted keys, YAML values)."""
-    from ngdiff_jax.config import resolve_config_path
+    from ngdiff_jax.config_loader import resolve_config_path
 
     p = (
         Path(path)
@@ -180,7 +180,7 @@ def load_demo_config(
 
 def resolve_runs(cfg: DemoConfig) -> DemoConfig:
     """Check ``unlearn.methods`` and turn ``unlearn.runs`` into a ``MethodRun`` for every method."""
-    from ngdiff_jax.config import resolve_config_path
+    from ngdiff_jax.config_loader import resolve_config_path
 
     u = cfg.unlearn
     if len(set(u.methods)) != len(u.methods):
@@ -278,7 +278,7 @@ def _train(
     cfg: DemoConfig, role: str, split: str, tofu_dir: Path, tok_dir: Path, out: Path, progress: bool
 ):
     from ngdiff_jax.training import run_finetune
-    from ngdiff_jax.training.configs import FinetuneConfig, RunConfig
+    from ngdiff_jax.training.config_schema import FinetuneConfig, RunConfig
 
     ft = FinetuneConfig(
         model=cfg.model,
@@ -347,7 +347,7 @@ def _unlearn(
     from ngdiff_jax import models
     from ngdiff_jax.data import RETAIN_FOR_FORGET
     from ngdiff_jax.training import load_method, run_unlearn
-    from ngdiff_jax.training.configs import RunConfig, UnlearnConfig
+    from ngdiff_jax.training.config_schema import RunConfig, UnlearnConfig
 
     u = cfg.unlearn
     method = load_method(run.method or name, **{"name": name, **run.overrides})
@@ -494,9 +494,9 @@ def run_demo(
     from rich.console import Console
 
     from ngdiff_jax import models
-    from ngdiff_jax.data import synthetic
+    from ngdiff_jax.data import jsonio, synthetic
     from ngdiff_jax.evaluation import write_report
-    from ngdiff_jax.training import common
+    from ngdiff_jax.training import model_io
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -523,7 +523,7 @@ def run_demo(
         vocab_size=b.vocab_size,
     )
     tok_dir = out / "data" / "tokenizer"
-    tok = common.load_tokenizer(str(tok_dir))  # as every later phase loads it (pad token set)
+    tok = model_io.load_tokenizer(str(tok_dir))  # as every later phase loads it (pad token set)
     train_splits = _write_training_splits(tofu_dir, b.forget_split, cfg.train.general_repeats)
     ph.end("data", t0, f"vocab {len(tok)}, files in {tofu_dir}")
 
@@ -634,7 +634,7 @@ def run_demo(
         },
         "machine": _machine(),
     }
-    common.write_json(out / "demo_summary.json", summary)
+    jsonio.write_json(out / "demo_summary.json", summary)
     _append_markdown(Path(paths["md"]), summary)
     _print_summary(console, results, checks, summary)
     return summary

@@ -1,9 +1,9 @@
-"""YAML configs, key=value overrides and schema errors (ngdiff_jax.config, training.configs)."""
+"""YAML configs, key=value overrides and schema errors (ngdiff_jax.config_loader, training.config_schema)."""
 
 import pytest
 
-from ngdiff_jax.config import ConfigError, apply_overrides, build, load_config, parse_override
-from ngdiff_jax.training.configs import FinetuneConfig, MethodConfig, UnlearnConfig
+from ngdiff_jax.config_loader import ConfigError, apply_overrides, build, load_config, parse_override
+from ngdiff_jax.training.config_schema import FinetuneConfig, MethodConfig, UnlearnConfig
 from ngdiff_jax.training.methods import available_methods, load_method
 
 

@@ -42,25 +42,25 @@ def _safetensors(model_dir: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Synthetic benchmark + a freshly initialized tiny llama (and tokenizer) saved like a finetune export."""
-    from ngdiff_jax.config import load_config
+    from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.data.synthetic import write_benchmark
-    from ngdiff_jax.training import FinetuneConfig, common
+    from ngdiff_jax.training import FinetuneConfig, data_assembly, model_io
     from ngdiff_jax.training.finetune import build_model
 
     root = tmp_path_factory.mktemp("sharding_cli")
     bench = write_benchmark(root / "bench", n_authors=10, questions_per_author=8, seed=0)
     cfg = load_config(FinetuneConfig, "synthetic_finetune", [f"data.source={bench}", "model.hf.num_hidden_layers=1"],
                       subdir="experiments")  # fmt: skip
-    model, tok = build_model(cfg, common.load_split(cfg.data, cfg.data.split), root)
+    model, tok = build_model(cfg, data_assembly.load_split(cfg.data, cfg.data.split), root)
     from ngdiff_jax import models
 
     _, params = models.functional(model)
-    model_dir = common.save_model(model, params, root / "model", tok)
+    model_dir = model_io.save_model(model, params, root / "model", tok)
     return {"bench": bench, "model": model_dir, "root": root}
 
 
 def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path):
-    from ngdiff_jax.config import load_config
+    from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
 
     sharded_out = tmp_path / "fsdp"
@@ -107,7 +107,7 @@ def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path):
 
 def test_sharding_config_rejects_bad_mesh_and_distributed_values(capsys):
     from ngdiff_jax.cli import main
-    from ngdiff_jax.config import ConfigError, load_config
+    from ngdiff_jax.config_loader import ConfigError, load_config
     from ngdiff_jax.training import UnlearnConfig
 
     def build(*overrides):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ngdiff_jax.cli import main
-from ngdiff_jax.config import load_config
+from ngdiff_jax.config_loader import load_config
 from ngdiff_jax.training import Checkpointer, UnlearnConfig, run_unlearn
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ngdiff_jax.config import load_config
+from ngdiff_jax.config_loader import load_config
 from ngdiff_jax.data import load_tofu, write_jsonl
 from ngdiff_jax.training import FinetuneConfig, UnlearnConfig, run_finetune, run_unlearn
 

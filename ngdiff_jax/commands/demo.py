@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ngdiff_jax.config import ConfigError
+    from ngdiff_jax.config_loader import ConfigError
     from ngdiff_jax.demo import load_demo_config, run_demo
 
     overrides = list(args.overrides)

@@ -12,7 +12,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ngdiff_jax.training.configs import FinetuneConfig
+    from ngdiff_jax.training.config_schema import FinetuneConfig
     from ngdiff_jax.training.finetune import run_finetune
 
     return run_command(args, FinetuneConfig, run_finetune)

@@ -12,7 +12,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from ngdiff_jax.training.configs import UnlearnConfig
+    from ngdiff_jax.training.config_schema import UnlearnConfig
     from ngdiff_jax.training.unlearn import run_unlearn
 
     return run_command(args, UnlearnConfig, run_unlearn)

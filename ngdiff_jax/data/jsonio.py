@@ -44,3 +44,8 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Pretty-printed JSON (non-JSON values via ``str``)."""
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")

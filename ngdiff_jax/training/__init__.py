@@ -7,7 +7,7 @@ The core is functional: :func:`make_unlearn_step` returns a pure, jittable
 """
 
 from ngdiff_jax.training.checkpoint import Checkpointer
-from ngdiff_jax.training.configs import (
+from ngdiff_jax.training.config_schema import (
     DataConfig,
     DistributedSection,
     FinetuneConfig,

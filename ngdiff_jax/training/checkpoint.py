@@ -14,12 +14,15 @@ checkpoint reported as saved is on disk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ngdiff_jax.config_loader import to_dict
 
 __all__ = ["Checkpointer"]
 
@@ -90,3 +93,17 @@ def _abstract(x):
     if isinstance(x, np.ndarray):
         return jax.ShapeDtypeStruct(x.shape, x.dtype)
     return x
+
+
+#: Run settings that may change between a run and its resume (display and bookkeeping only).
+COSMETIC_RUN_KEYS = ("progress", "log_every", "eval_every", "max_checkpoints")
+
+
+def resume_settings(cfg, *, ignore: Sequence[str] = ()) -> dict:
+    """The config as a dict of what must match for a resume: everything but the cosmetic
+    ``run`` keys and the top-level sections named in ``ignore``."""
+    d = to_dict(cfg)
+    for key in ignore:
+        d.pop(key, None)
+    d["run"] = {k: v for k, v in d["run"].items() if k not in COSMETIC_RUN_KEYS}
+    return d

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ngdiff_jax.config import ConfigError, load_config, to_dict
+from ngdiff_jax.config_loader import ConfigError, load_config, to_dict
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:

@@ -15,9 +15,10 @@ from typing import Any
 import jax
 import yaml
 
-from ngdiff_jax.config import to_dict
-from ngdiff_jax.training import common
-from ngdiff_jax.training.configs import FinetuneConfig
+from ngdiff_jax.config_loader import to_dict
+from ngdiff_jax.data import jsonio
+from ngdiff_jax.training import checkpoint, data_assembly, model_io
+from ngdiff_jax.training.config_schema import FinetuneConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_finetune_optimizer
 from ngdiff_jax.training.step import make_finetune_step
@@ -32,18 +33,18 @@ def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path):
     from ngdiff_jax import models
 
     if cfg.model_path is not None:
-        model = common.load_model(cfg.model_path)
-        tok = common.load_tokenizer(cfg.tokenizer or cfg.model_path)
+        model = model_io.load_model(cfg.model_path)
+        tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
         return model, tok
     hf = dict(cfg.model.hf)
     if "model_type" not in hf:
         raise ValueError("model.hf needs a `model_type` (e.g. llama) and the sizes of the model.")
     if cfg.tokenizer is not None:
-        tok = common.load_tokenizer(cfg.tokenizer)
+        tok = model_io.load_tokenizer(cfg.tokenizer)
     else:
         tok_dir = out / "tokenizer"
         if (tok_dir / "tokenizer.json").is_file():  # resuming: reuse the tokenizer trained before
-            tok = common.load_tokenizer(str(tok_dir))
+            tok = model_io.load_tokenizer(str(tok_dir))
         else:
             from ngdiff_jax.data import train_tokenizer
 
@@ -71,10 +72,10 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    rows = common.load_split(cfg.data, cfg.data.split)
+    rows = data_assembly.load_split(cfg.data, cfg.data.split)
     model, tok = build_model(cfg, rows, out)
-    examples = common.encode_split(rows, tok, cfg.data)
-    train = common.make_batcher(examples, tok, cfg.data, seed=cfg.run.seed)
+    examples = data_assembly.encode_split(rows, tok, cfg.data)
+    train = data_assembly.make_batcher(examples, tok, cfg.data, seed=cfg.run.seed)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(train))
 
     apply_fn, params = models.functional(model)
@@ -85,7 +86,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     def step(params, opt_state, batches, rng):
         return ft_step(params, opt_state, batches[0], rng)
 
-    settings = common.resume_settings(cfg)
+    settings = checkpoint.resume_settings(cfg)
     t0 = time.perf_counter()
     result = run_loop(
         step,
@@ -105,7 +106,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         show=("loss", "grad_norm"),
     )
     wall = time.perf_counter() - t0
-    model_dir = common.save_model(model, result.params, out / "model", tok)
+    model_dir = model_io.save_model(model, result.params, out / "model", tok)
     summary = {
         "steps": result.step,
         "resumed_from": result.resumed_from,
@@ -114,5 +115,5 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         "wall_s": wall,
         "model_dir": str(model_dir),
     }
-    common.write_json(out / "summary.json", summary)
+    jsonio.write_json(out / "summary.json", summary)
     return result, summary

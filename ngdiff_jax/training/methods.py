@@ -14,15 +14,13 @@ is the plain mean NLL of the batch, logged alongside.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ngdiff_jax.config import build, load_yaml, resolve_config_path
-from ngdiff_jax.training.configs import MethodConfig, OptimConfig
+from ngdiff_jax.training.config_schema import MethodConfig, OptimConfig, available_methods, load_method
 
 Objective = Callable[[jax.Array, jax.Array, dict[str, Any]], tuple[jax.Array, jax.Array]]
 
@@ -37,20 +35,6 @@ __all__ = [
     "make_optimizer",
     "retain_objective",
 ]
-
-
-def available_methods() -> list[str]:
-    """Names of the methods in ``configs/methods``."""
-    from ngdiff_jax.paths import CONFIG_DIR
-
-    return sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
-
-
-def load_method(name_or_path: str | Path, **overrides: Any) -> MethodConfig:
-    """A method by name (``"ngdiff"``) or YAML path, with optional field overrides."""
-    data = load_yaml(resolve_config_path(name_or_path, "methods"))
-    data.update(overrides)
-    return build(MethodConfig, data, where="method")
 
 
 def _nll(logits, labels):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.models.logprobs import token_logprobs
-from ngdiff_jax.training.configs import MethodConfig
+from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.methods import forget_objective, retain_objective
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import yaml
 
-from ngdiff_jax.config import to_dict
-from ngdiff_jax.training import common
-from ngdiff_jax.training.configs import UnlearnConfig
+from ngdiff_jax.config_loader import to_dict
+from ngdiff_jax.data import jsonio
+from ngdiff_jax.training import checkpoint, data_assembly, eval_hook, model_io
+from ngdiff_jax.training.config_schema import UnlearnConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_optimizer
 from ngdiff_jax.training.step import make_unlearn_step
@@ -26,7 +27,7 @@ EvalFn = Callable[[int, Any], dict]
 def _settings(cfg: UnlearnConfig) -> dict:
     """What must match for a resume; the device layout (``mesh``, ``distributed``) may
     change, since orbax restores onto the current shardings."""
-    return common.resume_settings(cfg, ignore=("mesh", "distributed"))
+    return checkpoint.resume_settings(cfg, ignore=("mesh", "distributed"))
 
 
 def run_unlearn(
@@ -38,7 +39,7 @@ def run_unlearn(
     """Run ``cfg.method`` from ``cfg.model_path`` and export the model to ``<output_dir>/model``.
 
     With ``run.eval_every > 0`` the hook ``eval_fn(step, params)`` is called every that many
-    steps (default: :func:`common.qa_probability_eval` on the forget and retain batches,
+    steps (default: :func:`eval_hook.qa_probability_eval` on the forget and retain batches,
     giving ``forget_prob``/``retain_prob``). Returns the loop result and a summary dict
     (also written to ``<output_dir>/summary.json``).
 
@@ -64,18 +65,18 @@ def run_unlearn(
     from ngdiff_jax import models
 
     if mesh is None:
-        model = common.load_model(cfg.model_path)
+        model = model_io.load_model(cfg.model_path)
         apply_fn, params = models.functional(model)
     else:
-        model, apply_fn, params = par.load_sharded(common.model_dir(cfg.model_path), mesh, mesh_cfg.rules)
-    tok = common.load_tokenizer(cfg.tokenizer or cfg.model_path)
-    forget_rows = common.load_split(cfg.data, cfg.data.forget_split)
-    retain_rows = common.load_split(cfg.data, cfg.data.retain_split)
-    forget_ex = common.encode_split(forget_rows, tok, cfg.data)
-    retain_ex = common.encode_split(retain_rows, tok, cfg.data)
+        model, apply_fn, params = par.load_sharded(model_io.model_dir(cfg.model_path), mesh, mesh_cfg.rules)
+    tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
+    forget_rows = data_assembly.load_split(cfg.data, cfg.data.forget_split)
+    retain_rows = data_assembly.load_split(cfg.data, cfg.data.retain_split)
+    forget_ex = data_assembly.encode_split(forget_rows, tok, cfg.data)
+    retain_ex = data_assembly.encode_split(retain_rows, tok, cfg.data)
     seed = cfg.run.seed
-    forget = common.make_batcher(forget_ex, tok, cfg.data, seed=seed)
-    retain = common.make_batcher(retain_ex, tok, cfg.data, seed=seed + 1)
+    forget = data_assembly.make_batcher(forget_ex, tok, cfg.data, seed=seed)
+    retain = data_assembly.make_batcher(retain_ex, tok, cfg.data, seed=seed + 1)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(forget))
 
     ref_params = None
@@ -111,10 +112,10 @@ def run_unlearn(
     if eval_fn is None and cfg.run.eval_every > 0 and eval_sets:
         from ngdiff_jax.data import make_batches
 
-        pad = common.pad_id(tok)
+        pad = model_io.pad_id(tok)
         kw = {"pad_id": pad, "buckets": list(cfg.data.buckets) if cfg.data.buckets else None,
               "max_length": cfg.data.max_length}  # fmt: skip
-        eval_fn = common.qa_probability_eval(
+        eval_fn = eval_hook.qa_probability_eval(
             apply_fn,
             {
                 "forget": make_batches(forget_ex, cfg.data.batch_size, **kw),
@@ -145,7 +146,7 @@ def run_unlearn(
     )
     wall = time.perf_counter() - t0
     if mesh is None:
-        model_dir = common.save_model(model, result.params, out / "model", tok)
+        model_dir = model_io.save_model(model, result.params, out / "model", tok)
     else:
         model_dir = out / "model"
         par.save_pretrained_gathered(model, result.params, model_dir, tokenizer=tok)
@@ -163,7 +164,7 @@ def run_unlearn(
         summary["mesh"] = dict(mesh.shape)
         summary["memory_estimate"] = sharded.memory.as_dict()
     if main:
-        common.write_json(out / "summary.json", summary)
+        jsonio.write_json(out / "summary.json", summary)
     return result, summary
 
 

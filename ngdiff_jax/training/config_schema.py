@@ -1,4 +1,4 @@
-"""Config schema for training: frozen dataclasses built by :func:`ngdiff_jax.config.build`.
+"""Config schema for training: frozen dataclasses built by :func:`ngdiff_jax.config_loader.build`.
 
 Every YAML key maps to a field here, so a misspelled key is an error that lists
 the valid ones. ``method`` and ``model`` fields accept the name of a file in
@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+from ngdiff_jax.config_loader import build, load_yaml, resolve_config_path
 
 FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "none")
 RETAIN_LOSSES = ("nll", "kl", "none")
@@ -261,14 +264,26 @@ class UnlearnConfig:
                 "(e.g. mesh.preset=fsdp mesh.data=<processes>)."
             )
         if isinstance(self.method, str):  # a method name or YAML path, as in the config files
-            from ngdiff_jax.training.methods import load_method
-
             object.__setattr__(self, "method", load_method(self.method))
         if not self.model_path:
             raise ValueError(
                 "unlearn needs `model_path`: the directory of the model to unlearn from "
                 "(e.g. the output of `ngdiff finetune`), set it in the YAML or with model_path=..."
             )
+
+
+def available_methods() -> list[str]:
+    """Names of the methods in ``configs/methods``."""
+    from ngdiff_jax.paths import CONFIG_DIR
+
+    return sorted(p.stem for p in (CONFIG_DIR / "methods").glob("*.yaml"))
+
+
+def load_method(name_or_path: str | Path, **overrides: Any) -> MethodConfig:
+    """A method by name (``"ngdiff"``) or YAML path, with optional field overrides."""
+    data = load_yaml(resolve_config_path(name_or_path, "methods"))
+    data.update(overrides)
+    return build(MethodConfig, data, where="method")
 
 
 def replace(cfg, **changes):

@@ -1,0 +1,74 @@
+"""Data assembly for the pipelines: ``data.source`` -> rows -> encoded examples -> batcher."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ngdiff_jax.training.config_schema import DataConfig
+from ngdiff_jax.training.model_io import pad_id
+
+
+def resolve_source(source: str | None) -> str | Path:
+    """``data.source`` -> what ``load_tofu`` takes: a directory, or a hub id.
+
+    ``None`` is the shared TOFU files (``ngdiff_jax.paths.shared_data_dir() / "tofu"``).
+    """
+    from ngdiff_jax.paths import shared_data_dir
+
+    if source is None:
+        d = shared_data_dir() / "tofu"
+        if not d.is_dir():
+            raise FileNotFoundError(
+                f"data.source is not set and the shared TOFU files are not at {d}; set data.source to a "
+                "folder of TOFU <split>.json files (e.g. one made by ngdiff_jax.data.synthetic.write_benchmark) "
+                "or to the hub id locuslab/TOFU, or set NGDIFF_SHARED_DATA."
+            )
+        return d
+    p = Path(source).expanduser()
+    if p.is_dir():
+        return p
+    parts = source.split("/")
+    if len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")):
+        return source  # a hub id
+    raise FileNotFoundError(
+        f"data.source {source!r} not found: looked for the directory {p.absolute()}; pass a folder of "
+        "TOFU <split>.json files or a hub id such as locuslab/TOFU."
+    )
+
+
+def load_split(data: DataConfig, split: str) -> list[dict]:
+    """Rows (``question``, ``answer``) of a split, the first ``data.limit`` of them if set."""
+    from ngdiff_jax.data import load_tofu
+
+    rows = load_tofu(split, resolve_source(data.source))
+    if data.limit is not None:
+        rows = rows[: data.limit]
+    if not rows:
+        raise ValueError(f"split {split!r} of {data.source or 'the shared TOFU files'} has no rows.")
+    for i, r in enumerate(rows[:1]):
+        if "question" not in r or "answer" not in r:
+            raise KeyError(f"split {split!r} row {i} lacks 'question'/'answer' fields (has {sorted(r)}).")
+    return rows
+
+
+def encode_split(rows: Sequence[Mapping[str, str]], tokenizer, data: DataConfig):
+    """``(input_ids, labels)`` examples, answers truncated to ``data.max_length`` tokens in all."""
+    from ngdiff_jax.data import QAFormatter
+
+    fmt = QAFormatter(tokenizer, template=data.template, max_length=data.max_length)
+    return fmt.encode_many([r["question"] for r in rows], [r["answer"] for r in rows])
+
+
+def make_batcher(examples, tokenizer, data: DataConfig, *, seed: int, shuffle: bool = True):
+    from ngdiff_jax.data import Batcher
+
+    return Batcher(
+        examples,
+        data.batch_size,
+        pad_id=pad_id(tokenizer),
+        seed=seed,
+        shuffle=shuffle,
+        buckets=list(data.buckets) if data.buckets else None,
+        max_length=data.max_length,
+    )

@@ -1,0 +1,61 @@
+"""Model and tokenizer I/O for the pipelines: local-or-hub checks, loading, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id: the pad token, else EOS."""
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
+    return int(pid)
+
+
+def _check_local_or_hub(path: str, what: str) -> str:
+    p = Path(path).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").is_file() and what == "model_path":
+            raise FileNotFoundError(
+                f"{what} {path!r}: looked for {p.absolute() / 'config.json'} and found none; "
+                "pass the directory written by save_pretrained (e.g. <finetune output_dir>/model)."
+            )
+        return str(p)
+    parts = path.split("/")
+    if len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~")):
+        return path  # hub id
+    raise FileNotFoundError(
+        f"{what} {path!r} not found: looked for {p.absolute()}; pass an existing directory or a hub id."
+    )
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_check_local_or_hub(path, "tokenizer"))
+    if tok.pad_token_id is None and tok.eos_token_id is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def model_dir(path: str) -> str:
+    """``model_path`` checked: an existing model directory (with config.json) or a hub id."""
+    return _check_local_or_hub(path, "model_path")
+
+
+def load_model(path: str):
+    from ngdiff_jax import models
+
+    return models.from_pretrained(model_dir(path))
+
+
+def save_model(model, params, path: Path, tokenizer) -> Path:
+    """Export ``params`` in ``model``'s architecture with ``save_pretrained`` (tokenizer included)."""
+    from ngdiff_jax import models
+
+    path = Path(path)
+    models.save_pretrained(models.with_params(model, params), path, tokenizer=tokenizer)
+    return path
