@@ -114,11 +114,163 @@ def kl_to_reference(
     return (per_position * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
+# ----------------------------------------------------------------------------- preference / refusal
+
+
+def dpo(
+    logits: jax.Array,
+    labels: jax.Array,
+    ref_logp_sum: jax.Array,
+    alt_logits: jax.Array,
+    alt_labels: jax.Array,
+    alt_ref_logp_sum: jax.Array,
+    beta: float = 0.1,
+) -> jax.Array:
+    """DPO with the forget answer as the *rejected* and the alternate answer as the *chosen* one.
+
+    open-unlearning ``compute_dpo_loss(win_inputs=alternate, lose_inputs=forget)``
+    (``src/trainer/utils.py``, used by ``src/trainer/unlearn/dpo.py``; IdkDPO when the
+    alternate answers are refusals): ``-2/beta * mean(logsigmoid(beta * (win - lose)))``
+    where ``win = logp(alt) - ref_logp(alt)`` and ``lose = logp(forget) - ref_logp(forget)``
+    are per-sample sums of answer-token log-probs. Row ``i`` of the two batches is the same
+    question. No gradient flows into the reference sums.
+    """
+    lose = sequence_logprob_sum(logits, labels) - jax.lax.stop_gradient(ref_logp_sum)
+    win = sequence_logprob_sum(alt_logits, alt_labels) - jax.lax.stop_gradient(alt_ref_logp_sum)
+    per_sample = -2.0 / beta * jax.nn.log_sigmoid(beta * (win - lose))
+    return _mean_rows(per_sample, _scored_rows(labels) | _scored_rows(alt_labels))
+
+
+# ----------------------------------------------------------------------------- token-weighted ascent
+
+
+def _token_ce(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token cross entropy ``[B, T-1]`` (0 where not scored) and the scored mask."""
+    logp, mask = token_logprobs(logits, labels)
+    return -logp, mask
+
+
+def wga(logits: jax.Array, labels: jax.Array, beta: float = 1.0) -> jax.Array:
+    """Weighted gradient ascent (open-unlearning ``compute_wga_loss``, ``src/trainer/utils.py``).
+
+    ``-mean_tokens(w * ce)`` over scored tokens with ``ce = -log p(token)`` and the
+    detached weight ``w = p(token) ** beta``: confident (still memorized) tokens are
+    pushed hardest, already forgotten ones hardly at all.
+    """
+    ce, mask = _token_ce(logits, labels)
+    w = jax.lax.stop_gradient(jnp.exp(-ce)) ** beta
+    return -(w * ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def satimp(logits: jax.Array, labels: jax.Array, beta1: float = 5.0, beta2: float = 1.0) -> jax.Array:
+    """SatImp (open-unlearning ``compute_satimp_loss``, ``src/trainer/utils.py``).
+
+    ``-mean_tokens(p**beta1 * (1 - p)**beta2 * ce)`` over scored tokens, weights detached:
+    the saturation weight ``p**beta1`` and the importance weight ``(1-p)**beta2``.
+    """
+    ce, mask = _token_ce(logits, labels)
+    p = jax.lax.stop_gradient(jnp.exp(-ce))
+    w = p**beta1 * (1.0 - p) ** beta2
+    return -(w * ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def ce_u(logits: jax.Array, labels: jax.Array, ignore_first_n_answer_tokens: int = 1) -> jax.Array:
+    """Cross-Entropy Unlearning, CE-U (open-unlearning ``src/trainer/unlearn/ceu.py``).
+
+    At every scored position the target distribution is the model's own (detached)
+    softmax with the true token's logit set to ``-inf``; the loss is the cross entropy
+    of the model against it, averaged over the scored positions. The first
+    ``ignore_first_n_answer_tokens`` labelled tokens of each row are not scored
+    (``compute_batch_ceu``'s trick from arXiv:2503.01224).
+    """
+    valid = labels != IGNORE_INDEX
+    first = valid & (jnp.cumsum(valid.astype(jnp.int32), axis=-1) <= ignore_first_n_answer_tokens)
+    labels = jnp.where(first, IGNORE_INDEX, labels)
+    lg = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    mask = (targets != IGNORE_INDEX).astype(jnp.float32)
+    onehot = jax.nn.one_hot(jnp.where(targets == IGNORE_INDEX, 0, targets), lg.shape[-1], dtype=bool)
+    target_logits = jnp.where(onehot, -jnp.inf, jax.lax.stop_gradient(lg))
+    q = jax.nn.softmax(target_logits, axis=-1)
+    logp = jax.nn.log_softmax(lg, axis=-1)
+    per_position = -(q * jnp.where(onehot, 0.0, logp)).sum(-1)  # q is exactly 0 on the true token
+    return (per_position * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def undial(
+    logits: jax.Array,
+    ref_logits: jax.Array,
+    labels: jax.Array,
+    beta: float = 10.0,
+    attention_mask: jax.Array | None = None,
+) -> jax.Array:
+    """UNDIAL self-distillation on adjusted logits (open-unlearning ``compute_undial_loss``,
+    ``src/trainer/utils.py``).
+
+    The teacher is the frozen reference model with ``beta`` subtracted from the logit of
+    the true next token at every scored position; the loss is the cross entropy of the
+    model against ``softmax(adjusted teacher logits)``, averaged over positions.
+
+    Differences on purpose: open-unlearning averages over all ``B * (T-1)`` positions,
+    padding included, and its advanced indexing with label ``-100`` subtracts ``beta``
+    from token ``V - 100`` at unscored positions. Here only scored positions are
+    adjusted and, with ``attention_mask``, padding positions (next token masked) are left
+    out of the average.
+    """
+    lg = logits[:, :-1].astype(jnp.float32)
+    teacher = jax.lax.stop_gradient(ref_logits[:, :-1]).astype(jnp.float32)
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    onehot = jax.nn.one_hot(jnp.where(scored, targets, 0), lg.shape[-1], dtype=jnp.float32)
+    adjusted = teacher - beta * onehot * scored[..., None]
+    soft = jax.nn.softmax(adjusted, axis=-1)
+    per_position = -(soft * jax.nn.log_softmax(lg, axis=-1)).sum(-1)
+    if attention_mask is None:
+        return per_position.mean()
+    w = attention_mask[:, 1:].astype(jnp.float32)
+    return (per_position * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+
+# ----------------------------------------------------------------------------- representation (RMU)
+
+
+def rmu_control_vector(key: jax.Array, dim: int, steering_coeff: float) -> jax.Array:
+    """RMU's fixed random direction ``u / |u| * steering_coeff``, ``u ~ Uniform[0, 1)^dim``
+    (open-unlearning ``RMU.get_control_vector``, ``src/trainer/unlearn/rmu.py``)."""
+    u = jax.random.uniform(key, (dim,), jnp.float32)
+    return u / jnp.linalg.norm(u) * steering_coeff
+
+
+def activation_mse(hidden: jax.Array, target: jax.Array, labels: jax.Array) -> jax.Array:
+    """RMU's activation loss (``RMU.compute_activation_loss``): per row, the mean over the
+    hidden dimension of the squared difference, summed over the labelled positions
+    (``labels != -100``, unshifted) and divided by their number; then the mean over rows
+    that have any (open-unlearning divides by zero for a row without one).
+    """
+    mask = (labels != IGNORE_INDEX).astype(jnp.float32)
+    sq = jnp.square(hidden.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)).mean(-1)
+    per_row = (sq * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+    return _mean_rows(per_row, mask.sum(-1) > 0)
+
+
+def rmu_forget(hidden: jax.Array, control_vec: jax.Array, labels: jax.Array) -> jax.Array:
+    """RMU forget loss: :func:`activation_mse` of the layer's hidden state to the control vector."""
+    return activation_mse(hidden, jnp.broadcast_to(control_vec.astype(jnp.float32), hidden.shape), labels)
+
+
 __all__ = [
+    "activation_mse",
+    "ce_u",
+    "dpo",
     "gradient_ascent",
     "kl_to_reference",
     "nll",
     "npo",
+    "rmu_control_vector",
+    "rmu_forget",
+    "satimp",
     "sequence_logprob_sum",
     "simnpo",
+    "undial",
+    "wga",
 ]
