@@ -95,3 +95,25 @@ def test_greedy_generate_matches_transformers(fam):
     # a list of eos ids is accepted (same compiled program: same bucket, same eos set)
     ours2 = M.generate(model, ids, mask, max_new_tokens=N, eos_token_id=[eos], pad_token_id=pad)
     np.testing.assert_array_equal(ours2, ref)
+
+
+def test_hidden_state_matches_transformers_hidden_states(fam):
+    # hidden_states[i + 1] of transformers is the output of block i (before the final norm for i < n-1)
+    name, tm, model, _ = fam
+    if name != "llama":
+        pytest.skip("one family is enough: the block loop is shared")
+    ids, mask = _batch()
+    with torch.no_grad():
+        hs = tm(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    n = model.config.num_layers
+    assert n >= 2
+    apply_fn, params = M.functional(model)
+    for layer in range(n - 1):
+        ref = hs.hidden_states[layer + 1].float().numpy()
+        ours = model.hidden_state(jnp.asarray(ids), jnp.asarray(mask), layer=layer)
+        assert _rel(ours, ref, mask) < RTOL, layer
+        np.testing.assert_allclose(
+            apply_fn.hidden_state(params, ids, mask, layer=layer - n), ours, rtol=1e-6, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="out of range"):
+        model.hidden_state(jnp.asarray(ids), jnp.asarray(mask), layer=n)

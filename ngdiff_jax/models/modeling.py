@@ -439,6 +439,29 @@ class CausalLM(nnx.Module):
         graphdef, state = nnx.split(self)
         return _jit_call(graphdef, state, input_ids, jnp.asarray(attention_mask), positions)
 
+    def hidden_state(self, input_ids: Array, attention_mask: Array | None = None, *, layer: int,
+                     positions: Array | None = None) -> Array:
+        """The residual stream after block ``layer`` (0-based; negative counts from the end),
+        ``[B, T, hidden]`` in the compute dtype: what a forward hook on Hugging Face's
+        ``model.layers[layer]`` returns. Runs only blocks ``0..layer`` (no head); the plain
+        forward is unchanged."""
+        n = self.config.num_layers
+        idx = layer + n if layer < 0 else layer
+        if not 0 <= idx < n:
+            raise ValueError(f"layer={layer} is out of range for a model with {n} layers; use 0..{n - 1} "
+                             f"(or -{n}..-1).")
+        input_ids = jnp.asarray(input_ids)
+        B, T = input_ids.shape
+        mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        if self.pos_embed is not None:
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+        for i in range(idx + 1):
+            x, _ = self.layers[i](x, positions, mask)
+        return x
+
     def init_cache(self, batch: int, length: int, dtype=None):
         cfg = self.config
         dt = dtype or self.dtype
@@ -501,7 +524,9 @@ def _normal(key, n):
 # ---------------------------------------------------------------------- functional core
 def functional(model: CausalLM):
     """``(apply_fn, params)``: ``apply_fn(params, input_ids, attention_mask=None) -> logits``
-    is pure, jittable and differentiable in ``params`` (a pure nested dict of arrays)."""
+    is pure, jittable and differentiable in ``params`` (a pure nested dict of arrays).
+    ``apply_fn.hidden_state(params, input_ids, attention_mask=None, *, layer)`` gives the
+    hidden state after one block (:meth:`CausalLM.hidden_state`), equally pure."""
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
 
@@ -509,6 +534,11 @@ def functional(model: CausalLM):
         m = _merge(graphdef, state, params)
         return m(input_ids, attention_mask, positions)
 
+    def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
+        m = _merge(graphdef, state, params)
+        return m.hidden_state(input_ids, attention_mask, layer=layer, positions=positions)
+
+    apply_fn.hidden_state = hidden_state  # per-layer hidden states, for RMU (see CausalLM.hidden_state)
     return apply_fn, params
 
 
