@@ -207,7 +207,12 @@ def dense_many(layers, x: Array) -> list[Array]:
     shared backward (see `token_einsums`)."""
     dt = layers[0].dtype
     ys = token_einsums([layer.eq for layer in layers], x.astype(dt), [layer.kernel[...].astype(dt) for layer in layers])
-    return [y if layer.bias is None else y + layer.bias[...].astype(dt) for y, layer in zip(ys, layers)]
+    ys = [y if layer.bias is None else y + layer.bias[...].astype(dt) for y, layer in zip(ys, layers)]
+    if any(getattr(layer, "lora_a", None) is not None for layer in layers):  # adapters from models.lora.attach
+        from ngdiff_jax.models.lora import add_lora
+
+        ys = add_lora(layers, x.astype(dt), ys)
+    return ys
 
 
 class Norm(nnx.Module):
@@ -344,6 +349,10 @@ class MLP(nnx.Module):
                 dt = self.down_proj.dtype
                 y = _swiglu_down(gate.reshape(B * T, M), up.reshape(B * T, M),
                                  self.down_proj.kernel[...].astype(dt)).reshape(B, T, -1)
+                if getattr(self.down_proj, "lora_a", None) is not None:  # the fused path must not skip it
+                    from ngdiff_jax.models.lora import add_lora
+
+                    y = add_lora([self.down_proj], (jax.nn.silu(gate) * up).astype(dt), [y])[0]
                 return y if self.down_proj.bias is None else y + self.down_proj.bias[...].astype(dt)
             return self.down_proj(f(gate) * up)
         return self.fc2(f(self.fc1(x)))

@@ -1,0 +1,323 @@
+"""LoRA adapters for every model family (llama, mistral, qwen2, phi, gpt2): attach, apply, merge, export.
+
+A targeted projection ``y = x @ W (+ b)`` becomes ``y = x @ W (+ b) + scale * (x @ A) @ B`` with
+``A [in, r]``, ``B [r, out]`` and ``scale = alpha / r`` (PEFT's definition). ``in``/``out`` are the
+projection's flattened HF sizes (q: ``[E] -> [H*D]``, o: ``[H*D] -> [E]``), so ``A``/``B`` are
+PEFT's ``lora_A.weight.T`` / ``lora_B.weight.T``. ``W + scale * A @ B`` is never formed in training.
+
+* :func:`attach` puts the adapters on the model's `Dense` layers as :class:`LoraParam` variables
+  (not ``nnx.Param``): ``nnx.state(model, nnx.Param)`` stays the frozen base, and the modeling
+  code adds the low-rank term in every path that uses the projection (including the fused
+  SwiGLU down-projection).
+* :func:`split` gives ``(apply_fn, base, adapters)``: ``apply_fn({"base": base, "lora": adapters},
+  input_ids, attention_mask)`` is pure; differentiate in ``adapters`` only and the gradients,
+  optimizer state and combiner norms cover just the adapters.
+* :func:`merge_params` / :func:`merged_model` fold the adapters into the kernels (for
+  ``save_pretrained``); :func:`save_peft_adapter` writes ``adapter_config.json`` +
+  ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads onto the HF base.
+
+Targets are named per family (:data:`TARGETS`), with the HF module names accepted as aliases
+(``q_proj``, ``dense``, ``c_attn`` ...) and ``all`` for every projection. An unknown name is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+
+# family -> target -> module path inside ``layers.{i}`` (our names)
+_LLAMA = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
+          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_PHI_GPT2 = {"q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
+             "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+TARGETS: dict[str, dict[str, str]] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+                                      "phi": _PHI_GPT2, "gpt2": _PHI_GPT2}
+_LLAMA_ALIASES = {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",),
+                  "gate_proj": ("gate",), "up_proj": ("up",), "down_proj": ("down",)}
+# HF module names (PEFT's ``target_modules``) accepted as aliases.
+ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "llama": _LLAMA_ALIASES, "mistral": _LLAMA_ALIASES, "qwen2": _LLAMA_ALIASES,
+    "phi": {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "dense": ("o",)},
+    "gpt2": {"c_attn": ("q", "k", "v"), "c_proj": ("o", "fc2"), "attn.c_proj": ("o",),
+             "mlp.c_proj": ("fc2",), "c_fc": ("fc1",)},
+}
+# target -> the HF module (relative to the layer) PEFT puts the adapter on; gpt2's q/k/v share c_attn.
+_HF_MODULE = {
+    "llama": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+              "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    "phi": {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+            "o": "self_attn.dense", "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+    "gpt2": {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
+             "fc1": "mlp.c_fc", "fc2": "mlp.c_proj"},
+}
+_HF_MODULE["mistral"] = _HF_MODULE["qwen2"] = _HF_MODULE["llama"]
+_LAYER_PREFIX = {"llama": "model.layers.{i}.", "mistral": "model.layers.{i}.", "qwen2": "model.layers.{i}.",
+                 "phi": "model.layers.{i}.", "gpt2": "transformer.h.{i}."}
+
+
+def valid_target_names(model_type: str) -> list[str]:
+    """Every name ``lora.targets`` accepts for ``model_type``."""
+    return ["all", *TARGETS[model_type], *ALIASES[model_type]]
+
+
+def all_target_names() -> set[str]:
+    """Names valid for at least one family (for checks before the model is known)."""
+    return {n for mt in TARGETS for n in valid_target_names(mt)}
+
+
+def resolve_targets(model_type: str, names) -> tuple[str, ...]:
+    """Canonical targets (in the family's order) for ``names``; unknown names raise a ``ValueError``
+    that names them and lists the valid ones."""
+    if model_type not in TARGETS:
+        raise ValueError(f"LoRA does not know model type {model_type!r}; supported: {', '.join(TARGETS)}.")
+    names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        raise ValueError("lora.targets is empty; name the projections to adapt (e.g. [q, v]) or use [all].")
+    table, aliases = TARGETS[model_type], ALIASES[model_type]
+    chosen: set[str] = set()
+    bad = []
+    for n in names:
+        if n == "all":
+            chosen.update(table)
+        elif n in table:
+            chosen.add(n)
+        elif n in aliases:
+            chosen.update(aliases[n])
+        else:
+            bad.append(n)
+    if bad:
+        raise ValueError(
+            f"lora.targets: {', '.join(map(repr, bad))} {'is' if len(bad) == 1 else 'are'} not a projection of "
+            f"the {model_type} model; valid targets: {', '.join(valid_target_names(model_type))}."
+        )
+    return tuple(t for t in table if t in chosen)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Rank, alpha and the canonical targets (see :func:`resolve_targets`)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"lora.rank={self.rank!r}: the rank must be a positive integer (e.g. 8).")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"lora.alpha={self.alpha!r}: alpha must be a positive number (e.g. 16).")
+        if not self.targets:
+            raise ValueError("lora.targets is empty; name the projections to adapt (e.g. [q, v]) or use [all].")
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+
+class LoraParam(nnx.Variable):
+    """A LoRA adapter matrix. Not an ``nnx.Param``: filters keep it apart from the frozen base."""
+
+
+def _module(model, path: str):
+    obj = model
+    for part in path.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _io_sizes(dense) -> tuple[int, int]:
+    """``(in, out)`` of a `Dense` flattened to 2-D (contracted axes lead the kernel for every target)."""
+    xs = dense.eq.split("->")[0].split(",")[0]
+    nc = len(xs) - 2
+    shape = dense.kernel.shape
+    return math.prod(shape[:nc]), math.prod(shape[nc:])
+
+
+def target_paths(model, targets) -> list[tuple[int, str, str]]:
+    """``(layer, target, module path)`` for every adapted projection."""
+    table = TARGETS[model.config.model_type]
+    return [(i, t, f"layers.{i}.{table[t]}") for i in range(model.config.num_layers) for t in targets]
+
+
+def attach(model, spec: LoraSpec, *, seed: int = 0, dtype=np.float32) -> None:
+    """Add adapters to ``model`` in place: ``A`` drawn as PEFT's default (kaiming-uniform,
+    ``U(-1/sqrt(in), 1/sqrt(in))``), ``B`` zeros, so the adapted model starts equal to the base."""
+    rng = np.random.default_rng(seed)
+    for _, _, path in target_paths(model, spec.targets):
+        dense = _module(model, path)
+        if getattr(dense, "lora_a", None) is not None:
+            raise ValueError(f"{path} already has a LoRA adapter; attach once per model.")
+        k, o = _io_sizes(dense)
+        bound = 1.0 / math.sqrt(k)
+        dense.lora_a = LoraParam(jax.numpy.asarray(rng.uniform(-bound, bound, (k, spec.rank)).astype(dtype)))
+        dense.lora_b = LoraParam(jax.numpy.zeros((spec.rank, o), dtype))
+        dense.lora_scale = spec.scale
+
+
+def add_lora(layers, x: Array, ys: list[Array]) -> list[Array]:
+    """``ys[j] + scale_j * (x @ A_j) @ B_j`` for the layers that carry adapters (the hook called by
+    ``modeling.dense_many`` and the fused SwiGLU path). ``x`` is the layers' shared input."""
+    from ngdiff_jax.models.modeling import token_einsum, token_einsums
+
+    B, T = x.shape[:2]
+    x2 = x.reshape(B, T, math.prod(x.shape[2:]))
+    idx = [j for j, layer in enumerate(layers) if getattr(layer, "lora_a", None) is not None]
+    hs = token_einsums(["btk,kr->btr"] * len(idx), x2, [layers[j].lora_a[...].astype(x.dtype) for j in idx])
+    ys = list(ys)
+    for j, h in zip(idx, hs):
+        layer = layers[j]
+        d = token_einsum("btr,ro->bto", h * layer.lora_scale, layer.lora_b[...].astype(x.dtype))
+        ys[j] = ys[j] + d.reshape(ys[j].shape).astype(ys[j].dtype)
+    return ys
+
+
+# ---------------------------------------------------------------------- functional core
+def split(model):
+    """``(apply_fn, base, adapters)`` for a model with adapters attached.
+
+    ``apply_fn(params, input_ids, attention_mask=None, positions=None) -> logits`` with
+    ``params = {"base": base, "lora": adapters}`` (pure dicts of arrays) is pure and jittable;
+    differentiate it in ``params["lora"]`` only."""
+    graphdef, base_state, lora_state = nnx.split(model, nnx.Param, LoraParam)
+    base = nnx.to_pure_dict(base_state)
+    adapters = nnx.to_pure_dict(lora_state)
+    if not jax.tree_util.tree_leaves(adapters):
+        raise ValueError("the model has no LoRA adapters; call models.lora.attach first.")
+
+    def apply_fn(params, input_ids, attention_mask=None, positions=None):
+        bs = jax.tree.map(lambda x: x, base_state)
+        ls = jax.tree.map(lambda x: x, lora_state)
+        nnx.replace_by_pure_dict(bs, params["base"])
+        nnx.replace_by_pure_dict(ls, params["lora"])
+        return nnx.merge(graphdef, bs, ls)(input_ids, attention_mask, positions)
+
+    return apply_fn, base, adapters
+
+
+def _get(tree, path: str):
+    for part in path.split("."):
+        tree = tree[int(part)] if part.isdigit() and int(part) in tree else tree[part]
+    return tree
+
+
+def _adapter_pairs(model, adapters, targets) -> list[tuple[int, str, str, np.ndarray, np.ndarray]]:
+    out = []
+    for i, t, path in target_paths(model, targets):
+        node = _get(adapters, path)
+        out.append((i, t, path, np.asarray(jax.device_get(node["lora_a"]), np.float32),
+                    np.asarray(jax.device_get(node["lora_b"]), np.float32)))
+    return out
+
+
+def merge_params(model, base, adapters, spec: LoraSpec):
+    """``base`` with every targeted kernel replaced by ``W + scale * A @ B`` (computed in float32,
+    stored in the kernel's dtype). Other leaves are shared, not copied."""
+    merged = jax.tree.map(lambda x: x, base)  # new containers, same leaves
+    for _, _, path, a, b in _adapter_pairs(model, adapters, spec.targets):
+        parent = _get(merged, path)
+        w = parent["kernel"]
+        delta = (a @ b).reshape(w.shape) * np.float32(spec.scale)
+        parent["kernel"] = jax.numpy.asarray((np.asarray(jax.device_get(w), np.float32) + delta).astype(w.dtype))
+    return merged
+
+
+def merged_model(model, base, adapters, spec: LoraSpec):
+    """A plain `CausalLM` (no adapters) holding the merged weights, for ``save_pretrained``."""
+    from ngdiff_jax.models.modeling import CausalLM
+
+    cfg = model.config
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                               param_dtype=model.param_dtype))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, merge_params(model, base, adapters, spec))
+    return nnx.merge(graphdef, state)
+
+
+# ---------------------------------------------------------------------- PEFT export
+def peft_tensors(model, adapters, spec: LoraSpec) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(tensors, adapter_config)`` in PEFT's format (keys like
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` ``[r, in]``).
+
+    gpt2's q/k/v live in one fused ``c_attn``: their adapters become one adapter of rank
+    ``n*r`` on it (``A`` side by side, ``B`` block-diagonal over the q/k/v output columns, alpha
+    ``n*alpha`` so the scale stays ``alpha/r``), exact for any subset of q, k, v."""
+    mt = model.config.model_type
+    hf_mod, prefix = _HF_MODULE[mt], _LAYER_PREFIX[mt]
+    tensors: dict[str, np.ndarray] = {}
+    fused: dict[int, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for i, t, _, a, b in _adapter_pairs(model, adapters, spec.targets):
+        if mt == "gpt2" and t in ("q", "k", "v"):
+            fused.setdefault(i, []).append((t, a, b))
+            continue
+        key = "base_model.model." + prefix.format(i=i) + hf_mod[t]
+        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b.T)
+    rank_pattern, alpha_pattern = {}, {}
+    for i, parts in fused.items():
+        r, o = spec.rank, parts[0][2].shape[1]
+        a = np.concatenate([p[1] for p in parts], axis=1)
+        b = np.zeros((r * len(parts), 3 * o), np.float32)
+        for s, (t, _, bt) in enumerate(parts):
+            j = "qkv".index(t)
+            b[s * r:(s + 1) * r, j * o:(j + 1) * o] = bt
+        key = "base_model.model." + prefix.format(i=i) + hf_mod["q"]
+        tensors[key + ".lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[key + ".lora_B.weight"] = np.ascontiguousarray(b.T)
+        if len(parts) > 1:
+            rank_pattern["c_attn"] = r * len(parts)
+            alpha_pattern["c_attn"] = _num(spec.alpha * len(parts))
+    modules = sorted({hf_mod[t] for t in spec.targets})
+    if mt != "gpt2":  # leaf names are unique within a llama/phi layer (PEFT matches by suffix)
+        modules = sorted({m.split(".")[-1] for m in modules})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": spec.rank,
+        "lora_alpha": _num(spec.alpha),
+        "lora_dropout": 0.0,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": mt == "gpt2",  # gpt2's Conv1D stores weights [in, out]
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+    return tensors, config
+
+
+def _num(x: float):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def save_peft_adapter(model, adapters, spec: LoraSpec, path, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (float32) to ``path``;
+    ``peft.PeftModel.from_pretrained(hf_base, path)`` reproduces our adapted logits."""
+    from safetensors.numpy import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, config = peft_tensors(model, adapters, spec)
+    config["base_model_name_or_path"] = base_model_name_or_path
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
