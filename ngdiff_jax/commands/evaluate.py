@@ -22,7 +22,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model).")
     parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
     parser.add_argument("--data", default=None, help="benchmark folder (default ../shared/data/tofu or muse_news).")
-    parser.add_argument("--forget-split", default="forget10", help="TOFU forget split (forget01/05/10).")
+    parser.add_argument(
+        "--forget-split", default=None,
+        help="TOFU forget split (forget01/05/10); default: the one the model was unlearned on "
+        "(its ngdiff_format.json), else forget10.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--format", default=None,
+        help="prompt format: a preset in configs/formats (open-unlearning, smollm2-instruct, llama2-chat, ...) "
+        "or a YAML file; default: the format saved beside the model (ngdiff_format.json), else `default`.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-format-change", action="store_true",
+        help="evaluate with --format even though the model was trained with another format.",
+    )  # fmt: skip
     parser.add_argument(
         "--retain-eval", default=None,
         help="result JSON of the retain model (ours or open-unlearning's *_EVAL.json) for forget_quality/privleak.",
@@ -55,7 +68,18 @@ def run(args) -> int:
     except (OSError, ValueError) as e:
         print(f"error: cannot load model/tokenizer from {args.model}: {e}", file=sys.stderr)
         return 2
-    meta = {"model": str(args.model)}
+    from ngdiff_jax.data import QAFormatter, load_format, read_format
+    from ngdiff_jax.training.unlearn import resolve_format
+
+    try:
+        spec = load_format(args.format) if args.format else None
+        spec = resolve_format(spec, str(args.model), allow_change=args.allow_format_change, what="--format")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    saved = read_format(args.model) if Path(str(args.model)).is_dir() else None
+    forget_split = args.forget_split or (saved or {}).get("forget_split") or "forget10"
+    meta = {"model": str(args.model), "format": spec.to_dict(), "forget_split": forget_split}
     if args.role:
         meta["role"] = args.role
     if args.step is not None:
@@ -64,7 +88,7 @@ def run(args) -> int:
         from ngdiff_jax.evaluation.tofu import TOFU_MAX_NEW_TOKENS, evaluate_tofu
 
         result = evaluate_tofu(
-            model, tokenizer, args.data, forget_split=args.forget_split,
+            model, tokenizer, args.data, forget_split=forget_split, formatter=QAFormatter(tokenizer, spec=spec),
             retain_reference=args.retain_eval, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens or TOFU_MAX_NEW_TOKENS, limit=args.limit, name=name, meta=meta,
         )  # fmt: skip

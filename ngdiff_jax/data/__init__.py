@@ -9,14 +9,26 @@ from ngdiff_jax.data.batching import (
     make_batches,
     pad_prompts,
 )
-from ngdiff_jax.data.formatting import DEFAULT_TEMPLATE, IGNORE_INDEX, QAFormatter
+from ngdiff_jax.data.formatting import (
+    DEFAULT_TEMPLATE,
+    FORMAT_FILE,
+    IGNORE_INDEX,
+    FormatSpec,
+    QAFormatter,
+    available_formats,
+    load_format,
+    read_format,
+    save_format,
+)
 from ngdiff_jax.data.jsonio import read_records, write_jsonl
 from ngdiff_jax.data.muse import MUSE_HUB_IDS, MUSE_SUBSETS, chunk_corpus, load_muse
-from ngdiff_jax.data.tofu import RETAIN_FOR_FORGET, TOFU_HUB_ID, TOFU_SPLITS, load_tofu
+from ngdiff_jax.data.tofu import HOLDOUT_FOR_FORGET, RETAIN_FOR_FORGET, TOFU_HUB_ID, TOFU_SPLITS, load_tofu
 from ngdiff_jax.data.tokenizer import train_tokenizer
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "FORMAT_FILE",
+    "HOLDOUT_FOR_FORGET",
     "IGNORE_INDEX",
     "MUSE_HUB_IDS",
     "MUSE_SUBSETS",
@@ -25,7 +37,12 @@ __all__ = [
     "TOFU_SPLITS",
     "BatchPosition",
     "Batcher",
+    "FormatSpec",
     "QAFormatter",
+    "available_formats",
+    "load_format",
+    "read_format",
+    "save_format",
     "bucket_lengths",
     "chunk_corpus",
     "collate",

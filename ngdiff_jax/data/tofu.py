@@ -23,6 +23,9 @@ TOFU_SPLITS = (
 #: The retain split that pairs with each forget split (``forget10`` -> ``retain90``).
 RETAIN_FOR_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
+#: The holdout split (same size as the forget split) used by the MIA metrics.
+HOLDOUT_FOR_FORGET = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
+
 
 def load_tofu(split: str, source: str | Path = TOFU_HUB_ID) -> list[dict]:
     """The rows of one TOFU split, as a list of dicts (fields exactly as in the files).

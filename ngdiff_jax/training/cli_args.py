@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -29,6 +30,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
 def resolve(cls, args):
     """Build the config, printing a one-line error (exit code 2) for config problems."""
     overrides = list(args.overrides)
+    if {"model", "model_path"} <= {f.name for f in dataclasses.fields(cls)}:
+        overrides = _model_source_wins(overrides)
     if args.no_progress:
         overrides.append("run.progress=false")
     try:
@@ -36,6 +39,21 @@ def resolve(cls, args):
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+
+
+def _model_source_wins(overrides: list[str]) -> list[str]:
+    """``model_path=X`` on the command line replaces a config's ``model`` section (and
+    ``model=Y`` a config's ``model_path``): the command line names the model source."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
+    sets_path = any(k == "model_path" for k in keys) and not any(
+        o.replace(" ", "") == "model_path=null" for o in overrides
+    )
+    sets_model = any(k == "model" or k.startswith("model.") for k in keys)
+    if sets_path and not sets_model:
+        return [*overrides, "model=null"]
+    if sets_model and not any(k == "model_path" for k in keys):
+        return [*overrides, "model_path=null"]
+    return overrides
 
 
 def run_command(args, cls, run_fn) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ngdiff_jax.config_loader import build, load_yaml, resolve_config_path
+from ngdiff_jax.data.formatting import FormatSpec, load_format
 
 FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "none")
 RETAIN_LOSSES = ("nll", "kl", "none")
@@ -96,12 +97,14 @@ class DataConfig:
     source: str | None = None
     split: str = "full"  # finetune: the training split
     forget_split: str = "forget10"  # unlearn
-    retain_split: str = "retain90"  # unlearn
+    retain_split: str | None = None  # unlearn; null: the one paired with forget_split (forget01 -> retain99)
     limit: int | None = None  # use only the first N examples of each split (tests, smoke runs)
     batch_size: int = 4
     max_length: int = 128
     buckets: tuple[int, ...] | None = None  # padded lengths; None lets the batcher choose
-    template: str | None = None  # prompt template for QAFormatter (None = its default)
+    # rows longer than max_length: truncate the answer (warning with the count), drop them
+    # (warning), or error
+    overlong: Literal["truncate", "drop", "error"] = "truncate"
 
 
 @dataclass(frozen=True)
@@ -233,10 +236,13 @@ class FinetuneConfig:
     model_path: str | None = None  # pretrained model (local dir or hub id) instead of `model`
     tokenizer: str | None = None  # tokenizer dir/hub id (default: model_path, or trained on the data)
     data: DataConfig = field(default_factory=DataConfig)
+    # prompt format (a preset in configs/formats or inline fields), saved beside the exported model
+    format: FormatSpec = field(default="default", metadata={"config_dir": "formats"})  # type: ignore[assignment]
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01))
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        _resolve_format(self)
         if (self.model is None) == (self.model_path is None):
             raise ValueError(
                 "finetune needs exactly one of `model` (a config in configs/models, e.g. model=tiny_llama) "
@@ -252,12 +258,16 @@ class UnlearnConfig:
     tokenizer: str | None = None  # default: model_path
     method: MethodConfig = field(default="ngdiff", metadata={"config_dir": "methods"})  # type: ignore[assignment]
     data: DataConfig = field(default_factory=DataConfig)
+    # prompt format; null: the one saved beside model_path (ngdiff_format.json), else `default`
+    format: FormatSpec | None = field(default=None, metadata={"config_dir": "formats"})
+    allow_format_change: bool = False  # unlearn in a format other than the one saved with model_path
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     mesh: MeshSection = field(default_factory=MeshSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
 
     def __post_init__(self):
+        _resolve_format(self)
         if self.distributed.is_set and not self.mesh.enabled:
             raise ValueError(
                 "distributed is set but mesh.preset=none: a multi-process run needs a mesh "
@@ -270,6 +280,13 @@ class UnlearnConfig:
                 "unlearn needs `model_path`: the directory of the model to unlearn from "
                 "(e.g. the output of `ngdiff finetune`), set it in the YAML or with model_path=..."
             )
+
+
+def _resolve_format(cfg) -> None:
+    if isinstance(cfg.format, str):  # a preset name or YAML path
+        object.__setattr__(cfg, "format", load_format(cfg.format))
+    elif isinstance(cfg.format, dict):
+        object.__setattr__(cfg, "format", FormatSpec.from_dict(cfg.format))
 
 
 def available_methods() -> list[str]:

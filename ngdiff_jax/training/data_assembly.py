@@ -52,12 +52,13 @@ def load_split(data: DataConfig, split: str) -> list[dict]:
     return rows
 
 
-def encode_split(rows: Sequence[Mapping[str, str]], tokenizer, data: DataConfig):
-    """``(input_ids, labels)`` examples, answers truncated to ``data.max_length`` tokens in all."""
+def encode_split(rows: Sequence[Mapping[str, str]], tokenizer, data: DataConfig, spec=None, *, where="data"):
+    """``(input_ids, labels)`` examples in format ``spec`` (default: the ``default`` preset); rows over
+    ``data.max_length`` tokens are handled as ``data.overlong`` says (warning with their count)."""
     from ngdiff_jax.data import QAFormatter
 
-    fmt = QAFormatter(tokenizer, template=data.template, max_length=data.max_length)
-    return fmt.encode_many([r["question"] for r in rows], [r["answer"] for r in rows])
+    fmt = QAFormatter(tokenizer, max_length=data.max_length, spec=spec)
+    return fmt.encode_rows(rows, overlong=data.overlong, where=where)
 
 
 def make_batcher(examples, tokenizer, data: DataConfig, *, seed: int, shuffle: bool = True):

@@ -17,6 +17,7 @@ import yaml
 
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
+from ngdiff_jax.data.formatting import save_format
 from ngdiff_jax.training import checkpoint, data_assembly, model_io
 from ngdiff_jax.training.config_schema import FinetuneConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
@@ -51,11 +52,12 @@ def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path):
             size = cfg.model.tokenizer_vocab_size or hf.get("vocab_size")
             if size is None:
                 raise ValueError("set model.tokenizer_vocab_size or model.hf.vocab_size to train a tokenizer.")
-            from ngdiff_jax.data import DEFAULT_TEMPLATE
-
-            template = cfg.data.template or DEFAULT_TEMPLATE
+            f = cfg.format
             texts = [t for r in rows for t in (r["question"], r["answer"])]
-            texts += [template.format(question=r["question"], answer=r["answer"]) for r in rows]
+            texts += [
+                f.user_start_tag + r["question"] + f.user_end_tag + f.asst_start_tag + f.answer_prefix + r["answer"]
+                for r in rows
+            ]
             tok = train_tokenizer(texts, tok_dir, vocab_size=int(size))
     hf["vocab_size"] = len(tok)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -74,7 +76,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     rows = data_assembly.load_split(cfg.data, cfg.data.split)
     model, tok = build_model(cfg, rows, out)
-    examples = data_assembly.encode_split(rows, tok, cfg.data)
+    examples = data_assembly.encode_split(rows, tok, cfg.data, cfg.format, where=f"data.split={cfg.data.split}")
     train = data_assembly.make_batcher(examples, tok, cfg.data, seed=cfg.run.seed)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(train))
 
@@ -107,6 +109,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     )
     wall = time.perf_counter() - t0
     model_dir = model_io.save_model(model, result.params, out / "model", tok)
+    save_format(cfg.format, model_dir, stage="finetune", split=cfg.data.split)
     summary = {
         "steps": result.step,
         "resumed_from": result.resumed_from,

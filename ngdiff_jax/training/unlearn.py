@@ -13,6 +13,7 @@ import yaml
 
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
+from ngdiff_jax.data.formatting import save_format
 from ngdiff_jax.training import checkpoint, data_assembly, eval_hook, model_io
 from ngdiff_jax.training.config_schema import UnlearnConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
@@ -70,10 +71,14 @@ def run_unlearn(
     else:
         model, apply_fn, params = par.load_sharded(model_io.model_dir(cfg.model_path), mesh, mesh_cfg.rules)
     tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
+    spec = resolve_format(cfg.format, cfg.model_path, allow_change=cfg.allow_format_change)
+    retain_split = resolve_retain_split(cfg.data)
     forget_rows = data_assembly.load_split(cfg.data, cfg.data.forget_split)
-    retain_rows = data_assembly.load_split(cfg.data, cfg.data.retain_split)
-    forget_ex = data_assembly.encode_split(forget_rows, tok, cfg.data)
-    retain_ex = data_assembly.encode_split(retain_rows, tok, cfg.data)
+    retain_rows = data_assembly.load_split(cfg.data, retain_split)
+    forget_ex = data_assembly.encode_split(
+        forget_rows, tok, cfg.data, spec, where=f"data.forget_split={cfg.data.forget_split}"
+    )
+    retain_ex = data_assembly.encode_split(retain_rows, tok, cfg.data, spec, where=f"data.retain_split={retain_split}")
     seed = cfg.run.seed
     forget = data_assembly.make_batcher(forget_ex, tok, cfg.data, seed=seed)
     retain = data_assembly.make_batcher(retain_ex, tok, cfg.data, seed=seed + 1)
@@ -150,6 +155,11 @@ def run_unlearn(
     else:
         model_dir = out / "model"
         par.save_pretrained_gathered(model, result.params, model_dir, tokenizer=tok)
+    if main:
+        save_format(
+            spec, model_dir, stage="unlearn", method=cfg.method.name,
+            forget_split=cfg.data.forget_split, retain_split=retain_split,
+        )  # fmt: skip
     summary = {
         "method": cfg.method.name,
         "steps": result.step,
@@ -166,6 +176,43 @@ def run_unlearn(
     if main:
         jsonio.write_json(out / "summary.json", summary)
     return result, summary
+
+
+def resolve_retain_split(data) -> str:
+    """``data.retain_split``, or the TOFU retain split paired with ``data.forget_split``."""
+    from ngdiff_jax.data import RETAIN_FOR_FORGET
+
+    if data.retain_split is not None:
+        return data.retain_split
+    if data.forget_split not in RETAIN_FOR_FORGET:
+        raise ValueError(
+            f"data.retain_split is not set and data.forget_split={data.forget_split!r} has no paired TOFU "
+            f"retain split (known: {RETAIN_FOR_FORGET}); set data.retain_split."
+        )
+    return RETAIN_FOR_FORGET[data.forget_split]
+
+
+def resolve_format(spec, model_path: str, *, allow_change: bool = False, what: str = "format"):
+    """The format to use with the model at ``model_path``: the one saved beside it
+    (``ngdiff_format.json``) when ``spec`` is None (the ``default`` preset if none is saved);
+    a ``spec`` that differs from the saved one is an error unless ``allow_change``."""
+    from pathlib import Path
+
+    from ngdiff_jax.data.formatting import load_format, read_format
+
+    saved = read_format(model_path) if Path(model_path).is_dir() else None
+    if spec is None:
+        return saved["format"] if saved else load_format("default")
+    if saved is not None and not allow_change:
+        diff = spec.differences(saved["format"])
+        if diff:
+            shown = ", ".join(f"{k}: saved {a!r} vs given {b!r}" for k, (b, a) in diff.items())
+            raise ValueError(
+                f"{what} {spec.name!r} differs from the format the model at {model_path} was trained with "
+                f"({saved['format'].name!r}; {shown}); drop the {what} setting to use the saved one, or "
+                "allow the change explicitly (allow_format_change=true / --allow-format-change)."
+            )
+    return spec
 
 
 def _check_batch_size(cfg: UnlearnConfig, sharded) -> None:
