@@ -124,6 +124,13 @@ class _CharTokenizer:
     def encode(self, text, add_special_tokens=True):
         return ([1] if (self.bos and add_special_tokens) else []) + [ord(c) for c in text]
 
+    def __call__(self, text, add_special_tokens=True, max_length=None, truncation=False):
+        ids = self.encode(text, add_special_tokens)
+        return {"input_ids": ids[:max_length] if truncation and max_length is not None else ids}
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        return "".join(chr(t) for t in ids if not (skip_special_tokens and t in (1, 2)))
+
 
 def test_knowmem_prompt_is_open_unlearnings_template():
     from ngdiff_jax.evaluation.muse import knowmem_prompt
@@ -147,6 +154,51 @@ def test_privleak_example_truncates_like_completion_dataset():
     ids, labels = privleak_example(_CharTokenizer(bos=False), "abcdef", max_tokens=4)
     assert ids == [97, 98, 99, 100]
     assert labels == [-100, 98, 99, 100]
+
+
+def test_completion_example_verbmem_like_open_unlearning():
+    from ngdiff_jax.evaluation.muse import completion_example, verbmem_example
+
+    # prefix "ab" -> BOS a b (3 tokens, not scored); insert_space: "ab" + " " + "cd"
+    ids, labels = verbmem_example(_CharTokenizer(), {"prompt": "ab", "gt": "cd"})
+    assert ids == [1, 97, 98, 32, 99, 100]
+    assert labels == [-100, -100, -100, 32, 99, 100]
+    # at most max_tokens tokens after the prefix
+    ids, labels = completion_example(_CharTokenizer(), "ab", "cd", 2, insert_space=True)
+    assert ids == [1, 97, 98, 32, 99] and labels == [-100, -100, -100, 32, 99]
+
+
+def test_knowmem_prompt_keeps_its_first_tokens_like_qa_dataset():
+    from ngdiff_jax.evaluation.muse import knowmem_inputs, knowmem_prompt
+
+    icl = [{"question": "Q1?", "answer": "A1"}]
+    full = knowmem_prompt("Q2?", icl)  # 48 characters -> BOS + 48 tokens
+    assert len(full) == 48
+    ids, gt, cut = knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=64)
+    assert (ids, gt, cut) == ([1] + [ord(c) for c in full], "A2", False)
+    ids, gt, cut = knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=10)
+    # QADataset: tokenizer(prompt, max_length=10, truncation=True) -> the FIRST 10 tokens
+    assert cut and ids == [1] + [ord(c) for c in "Question:"]
+    # eval_text_similarity's ground truth: decode(cut prompt+answer + EOS) minus decode(cut prompt)
+    assert gt == ""
+    # exactly at the limit: not cut; one token over: cut, and nothing of the answer survives
+    ids, gt, cut = knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=49)
+    assert not cut and gt == "A2" and len(ids) == 49
+    ids, gt, cut = knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=48)
+    assert cut and len(ids) == 48 and gt == ""
+
+
+def test_knowmem_first_tokens_with_a_real_tokenizer(tofu_dir):
+    from ngdiff_jax.data import load_tofu, train_tokenizer
+    from ngdiff_jax.evaluation.muse import knowmem_inputs, knowmem_prompt
+
+    rows = load_tofu("forget01_perturbed", tofu_dir)
+    tok = train_tokenizer([r["question"] + " " + r["answer"] for r in rows], vocab_size=300)
+    icl = [{"question": r["question"], "answer": r["answer"]} for r in rows[:6]]
+    full = tok.encode(knowmem_prompt("Who?", icl), add_special_tokens=True)
+    assert len(full) > 100
+    ids, _, cut = knowmem_inputs(tok, "Who?", "Nobody.", icl, max_length=100)
+    assert cut and ids == full[:100]  # the start is kept, the question at the end is lost
 
 
 def test_evaluate_muse_reads_through_load_muse_and_truncates(tmp_path, monkeypatch):
@@ -192,7 +244,10 @@ def test_evaluate_muse_reads_through_load_muse_and_truncates(tmp_path, monkeypat
                 np.full(sum(1 for y in lab if y != -100), -0.1 if n < 2 else -1.0)
                 for n, (_, lab) in enumerate(examples)
             ]
-            return Scores(nll=np.zeros(len(examples)), token_logprobs=lps, correct=[lp > 0 for lp in lps])
+            correct = [lp > 0 for lp in lps]
+            # the VerbMem row (last): " the cat sat" = 12 scored tokens
+            correct[-1] = np.array([0, 1, 0] + [1] * 9, bool)
+            return Scores(nll=np.zeros(len(examples)), token_logprobs=lps, correct=correct)
 
     monkeypatch.setattr(muse_mod, "generate_texts", fake_generate)
     monkeypatch.setattr(muse_mod, "Scorer", FakeScorer)
@@ -207,3 +262,10 @@ def test_evaluate_muse_reads_through_load_muse_and_truncates(tmp_path, monkeypat
     # forget scores 0.1 < holdout 1.0 everywhere -> AUC 1; privleak ((0) - .5) / .5 * 100
     assert a["mia_min_k"] == pytest.approx(1.0)
     assert a["privleak"] == pytest.approx(-100.0)
+    # extraction strength on "p" + " " + "the cat sat": prefix BOS p unscored, 12 scored tokens
+    assert seen[-1][0] == [1] + [ord(c) for c in "p the cat sat"]
+    assert seen[-1][1][:2] == [-100, -100] and len(seen[-1][1]) == 14
+    # flags without the last: F T F T*8 -> first all-true suffix at k=3 of n=11
+    assert a["extraction_strength"] == pytest.approx(1 - 3 / 11)
+    assert a["exact_memorization"] == pytest.approx(9 / 11)
+    assert r.meta["knowmem_prompts_cut"] == 0 and r.meta["truncated_prompts"] == {}

@@ -120,6 +120,23 @@ def test_muse_pipeline(tok, cfg, muse_news_dir):
     assert 0 <= r.aggregates["mia_min_k"] <= 1
     assert len(r.per_sample["mia_min_k"]["forget"]) == 2
     assert r.meta["truncated_examples"] >= 1  # the articles are longer than 256 tokens
+    # generation prompts cut to fit 256 - 8 tokens are counted per phase, like scoring cuts
+    from ngdiff_jax.data import load_muse
+    from ngdiff_jax.evaluation.muse import knowmem_inputs
+
+    verb = [len(tok.encode(v["prompt"])) for v in load_muse(muse_news_dir, "verbmem", "forget")[:2]]
+    know = [
+        knowmem_inputs(tok, q["question"], q["answer"], load_muse(muse_news_dir, "knowmem", f"{s}_qa_icl"))
+        for s in ("forget", "retain")
+        for q in load_muse(muse_news_dir, "knowmem", f"{s}_qa")[:2]
+    ]
+    assert r.meta["truncated_prompts"] == {
+        "verbmem_generate": sum(n > 248 for n in verb),
+        "knowmem_generate": sum(len(ids) > 248 for ids, _, _ in know),
+    }
+    assert r.meta["truncated_prompts"]["verbmem_generate"] == 2  # ~900-token prompts
+    assert r.meta["knowmem_prompts_cut"] == sum(c for _, _, c in know)
+    assert 0 <= r.aggregates["extraction_strength"] <= 1 and len(r.per_sample["extraction_strength"]) == 2
     assert r.aggregates["privleak"] == pytest.approx(metrics.privleak(r.aggregates["mia_min_k"], 0.5))
 
 

@@ -106,4 +106,9 @@ def run(args) -> int:
     summary["run_s"] = result.timings.get("total_run_s")
     print(json.dumps(summary, indent=2))
     print(f"wrote {path}")
+    cuts = {k: result.meta[k] for k in ("truncated_examples", "truncated_prompts", "knowmem_prompts_cut")
+            if result.meta.get(k)}  # fmt: skip
+    if cuts:
+        print(f"warning: inputs cut to fit the context / open-unlearning's limits: {cuts} (meta of {path})",
+              file=sys.stderr)  # fmt: skip
     return 0

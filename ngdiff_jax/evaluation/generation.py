@@ -42,6 +42,7 @@ def generate_texts(
     max_length: int | None = None,
     timings: Timings | None = None,
     phase: str = "generate",
+    cut_counts: dict | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id ``prompts``, as cleaned strings in input order.
 
@@ -53,6 +54,8 @@ def generate_texts(
       max_length: context size (default the model's ``max_position_embeddings``); a prompt
         longer than ``max_length - max_new_tokens`` keeps only its last tokens.
       timings: first call per new shape is counted as compile time, the rest as run time.
+      cut_counts: if given, ``cut_counts[phase]`` is increased by the number of prompts cut
+        to fit the context (reported in the result's ``meta``, like scoring cuts).
     """
     from ngdiff_jax.models import generate
 
@@ -67,6 +70,9 @@ def generate_texts(
             f"context of {max_length} tokens; lower max_new_tokens."
         )
     rows = [list(p)[-room:] if room is not None else list(p) for p in prompts]
+    if cut_counts is not None:
+        n_cut = sum(1 for p in prompts if room is not None and len(p) > room)
+        cut_counts[phase] = cut_counts.get(phase, 0) + n_cut
     if any(len(r) == 0 for r in rows):
         raise ValueError("Every prompt needs at least one token.")
     timings = timings if timings is not None else Timings()

@@ -1,4 +1,4 @@
-"""MUSE evaluation (VerbMem, KnowMem, PrivLeak) with open-unlearning's metric names.
+"""MUSE evaluation (VerbMem, KnowMem, PrivLeak, extraction strength) with open-unlearning's metric names.
 
 Data are read with :func:`ngdiff_jax.data.load_muse` (a local folder such as
 ``../shared/data/muse_news``, or a hub id): ``verbmem/forget`` ({prompt, gt}),
@@ -7,12 +7,25 @@ Data are read with :func:`ngdiff_jax.data.load_muse` (a local folder such as
 
 * ``forget_verbmem_ROUGE``: greedy 128 new tokens from the prompt, ROUGE-L F1 against ``gt``.
 * ``forget_knowmem_ROUGE`` / ``retain_knowmem_ROUGE``: the in-context examples as
-  ``"Question: {q}\\nAnswer: {a}\\n\\n"`` followed by ``"Question: {q}\\nAnswer: "``;
-  greedy 32 new tokens cut at ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``; ROUGE-L F1.
+  ``"Question: {q}\\nAnswer: {a}\\n\\n"`` followed by ``"Question: {q}\\nAnswer: "``,
+  tokenized with ``max_length=512, truncation=True`` as open-unlearning's ``QADataset``
+  (so a longer prompt keeps its *first* 512 tokens); greedy 32 new tokens cut at
+  ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``; ROUGE-L F1.
+* ``extraction_strength`` (open-unlearning's MUSE suite, ``MUSE_forget_verbmem`` as a
+  ``CompletionDataset``: ``prompt + " " + gt``, the prompt's tokens not scored, at most 2048
+  scored tokens): per text ``1 - k / n`` over the greedy-match flags of its scored tokens
+  without the last; ``exact_memorization`` (in their suite but commented out) from the same
+  flags.
 * ``mia_min_k``: Min-40% AUC of the forget vs holdout texts (BOS + at most 2048 text
   tokens each, as open-unlearning's ``CompletionDataset``; forget labelled 0, so 1 =
   forget much more likely); ``privleak`` relative to the retain model's ``mia_min_k``
   (0.5 without one): ``((1-auc) - (1-auc_ref)) / ((1-auc_ref) + 1e-10) * 100``.
+
+Cuts are counted in ``meta``: ``truncated_examples`` (scored texts longer than the
+context, their start kept), ``truncated_prompts`` (generation prompts longer than the
+context minus the new tokens, their end kept; per phase) and ``knowmem_prompts_cut``
+(KnowMem prompts over 512 tokens; open-unlearning's ground truth for such a row is what is
+left of the cut conversation after the cut prompt, usually empty, and so is ours).
 """
 
 from __future__ import annotations
@@ -36,6 +49,10 @@ MIN_K = 0.4
 #: open-unlearning's ``CompletionDataset(max_length=2048)`` for the privleak texts: at most
 #: 2048 tokens after the (empty-prefix, i.e. BOS) prefix are kept.
 PRIVLEAK_MAX_TOKENS = 2048
+#: ``MUSE_forget_verbmem`` (``CompletionDataset``, ``max_length: 2048``, ``insert_space: True``).
+VERBMEM_MAX_TOKENS = 2048
+#: ``MUSE_{forget,retain}_knowmem`` (``QADataset``, ``max_length: 512``).
+KNOWMEM_MAX_LENGTH = 512
 
 
 def knowmem_prompt(question: str, icl: Sequence[dict]) -> str:
@@ -48,6 +65,21 @@ def _encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=True))
 
 
+def completion_example(
+    tokenizer, prefix: str, text: str, max_tokens: int, *, insert_space: bool = False
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` as open-unlearning's ``preprocess_pretraining_instance``.
+
+    ``prefix + (" " if insert_space) + text`` is tokenized with special tokens; the prefix's
+    own tokens (``tokenizer(prefix)``) are not scored, and never position 0; at most
+    ``max_tokens`` tokens follow them (``full_ids[: prefix_len + max_length]``).
+    """
+    prefix_len = len(_encode_text(tokenizer, prefix))
+    ids = _encode_text(tokenizer, prefix + (" " if insert_space else "") + text)[: prefix_len + max_tokens]
+    n_ignored = max(prefix_len, 1)
+    return ids, [IGNORE_INDEX] * min(n_ignored, len(ids)) + ids[n_ignored:]
+
+
 def privleak_example(tokenizer, text: str, max_tokens: int = PRIVLEAK_MAX_TOKENS) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of one privleak text, as open-unlearning's ``CompletionDataset``.
 
@@ -55,10 +87,34 @@ def privleak_example(tokenizer, text: str, max_tokens: int = PRIVLEAK_MAX_TOKENS
     they are not scored (at least position 0 never is) and at most ``max_tokens`` tokens
     follow them (``preprocess_pretraining_instance``: ``full_ids[: prefix_len + max_length]``).
     """
-    prefix_len = len(_encode_text(tokenizer, ""))
-    ids = _encode_text(tokenizer, text)[: prefix_len + max_tokens]
-    n_ignored = max(prefix_len, 1)
-    return ids, [IGNORE_INDEX] * min(n_ignored, len(ids)) + ids[n_ignored:]
+    return completion_example(tokenizer, "", text, max_tokens)
+
+
+def verbmem_example(tokenizer, row: dict, max_tokens: int = VERBMEM_MAX_TOKENS) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one VerbMem row for ``extraction_strength``: ``prompt + " " + gt``."""
+    return completion_example(tokenizer, row["prompt"], row["gt"], max_tokens, insert_space=True)
+
+
+def knowmem_inputs(
+    tokenizer, question: str, answer: str, icl: Sequence[dict], max_length: int = KNOWMEM_MAX_LENGTH
+) -> tuple[list[int], str, bool]:
+    """``(prompt_ids, ground_truth, cut)`` of one KnowMem row, as open-unlearning's ``QADataset``.
+
+    The prompt is tokenized with ``max_length=max_length, truncation=True`` (a longer prompt
+    keeps its first ``max_length`` tokens with a right-truncating tokenizer). The ground truth
+    is the answer; for a cut row it is what open-unlearning's ``eval_text_similarity`` gets:
+    the decoded (cut, EOS-ended) conversation with the decoded cut prompt removed.
+    """
+    prompt = knowmem_prompt(question, icl)
+    kw = dict(add_special_tokens=True, max_length=max_length, truncation=True)
+    ids = list(tokenizer(prompt, **kw)["input_ids"])
+    if len(_encode_text(tokenizer, prompt)) <= max_length:
+        return ids, answer, False
+    chat = list(tokenizer(prompt + answer, **kw)["input_ids"])
+    if chat[-1] != tokenizer.eos_token_id:
+        chat.append(tokenizer.eos_token_id)
+    dec = dict(skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return ids, tokenizer.decode(chat, **dec).replace(tokenizer.decode(ids, **dec), "").strip(), True
 
 
 def evaluate_muse(
@@ -70,6 +126,7 @@ def evaluate_muse(
     batch_size: int = 8,
     verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
     knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS,
+    knowmem_max_length: int = KNOWMEM_MAX_LENGTH,
     max_length: int | None = None,
     limit: int | None = None,
     name: str = "model",
@@ -84,6 +141,7 @@ def evaluate_muse(
         anything ``ngdiff_jax.data.load_muse`` accepts (e.g. ``"muse-bench/MUSE-News"``).
       retain_reference: the retain model's evaluation (result, or path to a saved one /
         open-unlearning ``MUSE_EVAL.json``) for ``privleak``.
+      knowmem_max_length: KnowMem prompts keep their first this many tokens (open-unlearning: 512).
       max_length: context used for scoring and prompts (default the model's
         ``max_position_embeddings``); longer texts are cut (scoring: keep the start;
         generation prompts: keep the end) and counted in ``meta``.
@@ -111,12 +169,13 @@ def evaluate_muse(
     agg: dict = {}
     per: dict = {}
     generations: dict = {}
+    prompt_cuts: dict = {}
 
     # ---- VerbMem ----------------------------------------------------------------------------
     prompts = [_encode_text(tokenizer, r["prompt"]) for r in verbmem]
     texts = generate_texts(
         model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=batch_size,
-        buckets=buckets, max_length=max_length, timings=timings, phase="verbmem_generate",
+        buckets=buckets, max_length=max_length, timings=timings, phase="verbmem_generate", cut_counts=prompt_cuts,
     )  # fmt: skip
     rouge = M.rouge_scores(texts, [r["gt"] for r in verbmem])
     per["forget_verbmem_ROUGE"] = [s["rougeL_f1"] for s in rouge]
@@ -124,30 +183,43 @@ def evaluate_muse(
     generations["forget_verbmem_ROUGE"] = texts
 
     # ---- KnowMem ----------------------------------------------------------------------------
+    knowmem_cut = 0
     for split, (rows, icl) in know.items():
-        prompts = [_encode_text(tokenizer, knowmem_prompt(r["question"], icl)) for r in rows]
+        inputs = [knowmem_inputs(tokenizer, r["question"], r["answer"], icl, knowmem_max_length) for r in rows]
+        knowmem_cut += sum(c for _, _, c in inputs)
         texts = generate_texts(
-            model, tokenizer, prompts, max_new_tokens=knowmem_max_new_tokens, batch_size=batch_size,
-            stop_strings=KNOWMEM_STOP, buckets=buckets, max_length=max_length, timings=timings,
-            phase="knowmem_generate",
+            model, tokenizer, [p for p, _, _ in inputs], max_new_tokens=knowmem_max_new_tokens,
+            batch_size=batch_size, stop_strings=KNOWMEM_STOP, buckets=buckets, max_length=max_length,
+            timings=timings, phase="knowmem_generate", cut_counts=prompt_cuts,
         )  # fmt: skip
-        rouge = M.rouge_scores(texts, [r["answer"] for r in rows])
+        rouge = M.rouge_scores(texts, [gt for _, gt, _ in inputs])
         key = f"{split}_knowmem_ROUGE"
         per[key] = [s["rougeL_f1"] for s in rouge]
         agg[key] = float(np.mean(per[key]))
         generations[key] = texts
 
-    # ---- PrivLeak (Min-K% on whole texts) ----------------------------------------------------
+    # ---- PrivLeak (Min-K% on whole texts) and extraction strength (VerbMem), one scoring pass --
     examples, owner = [], []
     for split in ("forget", "holdout"):
         for text in priv[split]:  # load_muse returns the texts as strings
             examples.append(privleak_example(tokenizer, text))
             owner.append(split)
+    for r in verbmem:
+        examples.append(verbmem_example(tokenizer, r))
+        owner.append("verbmem")
     scorer = Scorer(model, batch_size=batch_size, max_length=max_length, buckets=buckets, timings=timings)
     scores = scorer.score(examples, phase="privleak_score")
     mink = {"forget": [], "holdout": []}
-    for s, lp in zip(owner, scores.token_logprobs):
-        mink[s].append(M.min_k_score(lp[:-1], k))  # last scored token left out, as open-unlearning
+    es, em = [], []
+    for s, lp, c in zip(owner, scores.token_logprobs, scores.correct):
+        if s == "verbmem":  # open-unlearning's tokenwise_vocab_logprobs drops the last scored token
+            es.append(M.extraction_strength(c[:-1]))
+            em.append(M.exact_memorization(c[:-1]))
+        else:
+            mink[s].append(M.min_k_score(lp[:-1], k))  # last scored token left out, as open-unlearning
+    per["extraction_strength"], per["exact_memorization"] = es, em
+    agg["extraction_strength"] = float(np.mean(es))
+    agg["exact_memorization"] = float(np.nanmean(em)) if np.isfinite(em).any() else None
     per["mia_min_k"] = mink
     agg["mia_min_k"] = M.mia_auc(mink["forget"], mink["holdout"])
     ref = None if retain_reference is None else reference_stats(retain_reference)
@@ -169,6 +241,9 @@ def evaluate_muse(
             "batch_size": batch_size,
             "min_k": k,
             "truncated_examples": scorer.truncated,
+            "truncated_prompts": prompt_cuts,
+            "knowmem_prompts_cut": knowmem_cut,
+            "knowmem_max_length": knowmem_max_length,
         }
     )
     t = timings.as_dict()

@@ -168,6 +168,7 @@ def evaluate_tofu(
         for i, r in enumerate(data[prefix]):
             prompts.append(fmt.encode_prompt(r["question"]))
             gkeys.append((prefix, i))
+    prompt_cuts: dict = {}
     texts = generate_texts(
         model,
         tokenizer,
@@ -177,6 +178,7 @@ def evaluate_tofu(
         buckets=buckets,
         timings=timings,
         phase="generate",
+        cut_counts=prompt_cuts,
     )
     gen = {p: [None] * len(data[p]) for p in ("forget", "retain", "ra", "wf")}
     for (prefix, i), t in zip(gkeys, texts):
@@ -255,6 +257,7 @@ def evaluate_tofu(
             "batch_size": batch_size,
             "min_k": k,
             "truncated_examples": scorer.truncated,
+            "truncated_prompts": prompt_cuts,
         }
     )
     t = timings.as_dict()
