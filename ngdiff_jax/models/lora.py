@@ -193,13 +193,20 @@ def split(model):
     if not jax.tree_util.tree_leaves(adapters):
         raise ValueError("the model has no LoRA adapters; call models.lora.attach first.")
 
-    def apply_fn(params, input_ids, attention_mask=None, positions=None):
+    def _model(params):
         bs = jax.tree.map(lambda x: x, base_state)
         ls = jax.tree.map(lambda x: x, lora_state)
         nnx.replace_by_pure_dict(bs, params["base"])
         nnx.replace_by_pure_dict(ls, params["lora"])
-        return nnx.merge(graphdef, bs, ls)(input_ids, attention_mask, positions)
+        return nnx.merge(graphdef, bs, ls)
 
+    def apply_fn(params, input_ids, attention_mask=None, positions=None):
+        return _model(params)(input_ids, attention_mask, positions)
+
+    def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
+        return _model(params).hidden_state(input_ids, attention_mask, layer=layer, positions=positions)
+
+    apply_fn.hidden_state = hidden_state  # as models.functional's
     return apply_fn, base, adapters
 
 

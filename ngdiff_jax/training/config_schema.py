@@ -229,6 +229,58 @@ class DistributedSection:
 
 
 @dataclass(frozen=True)
+class LoraSection:
+    """``lora:`` train low-rank adapters (LoRA) on the frozen model instead of all of its weights.
+
+    Off unless ``rank`` is set. ``rank``: a positive integer; ``alpha`` > 0 (default: ``rank``,
+    i.e. scale 1; the update is ``alpha/rank * x @ A @ B``, PEFT's convention); ``targets``: the
+    projections to adapt, by short name (``q k v o gate up down`` for llama/mistral/qwen2,
+    ``q k v o fc1 fc2`` for phi/gpt2), by Hugging Face module name (``q_proj``, ``dense``,
+    ``c_attn``, ``c_proj``, ``c_fc`` ...), or ``all`` (every projection, the default). Names are
+    checked against the model's family when it is loaded (``ngdiff_jax.models.lora``). Only the
+    adapters are trained and live in the optimizer state; the export writes the merged model to
+    ``<output_dir>/model`` and the PEFT adapter to ``<output_dir>/adapter``.
+    """
+
+    rank: int | None = None
+    alpha: float | None = None
+    targets: tuple[str, ...] | str = ("all",)
+
+    def __post_init__(self):
+        targets = self.targets
+        if isinstance(targets, str):  # lora.targets=q,v on the command line
+            targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+            object.__setattr__(self, "targets", targets)
+        if self.rank is None:
+            if self.alpha is not None or targets != ("all",):
+                raise ValueError(
+                    "lora.alpha / lora.targets are set but lora.rank is not; set lora.rank (e.g. lora.rank=8) "
+                    "to train adapters, or drop the lora keys."
+                )
+            return
+        from ngdiff_jax.models import lora
+
+        lora.LoraSpec(self.rank, self.alpha if self.alpha is not None else self.rank, targets)  # checks values
+        unknown = [t for t in targets if t not in lora.all_target_names()]
+        if unknown:
+            raise ValueError(
+                f"lora.targets: {', '.join(map(repr, unknown))} is not a projection name of any supported family; "
+                f"valid names: {', '.join(sorted(lora.all_target_names()))}."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank is not None
+
+    def spec(self, model_type: str):
+        """The ``models.lora.LoraSpec`` for a model family (unknown targets for it are an error)."""
+        from ngdiff_jax.models import lora
+
+        alpha = self.alpha if self.alpha is not None else self.rank
+        return lora.LoraSpec(self.rank, alpha, lora.resolve_targets(model_type, self.targets))
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """``ngdiff finetune``: train a causal LM on a QA split (TOFU target or retain model)."""
 
@@ -240,8 +292,14 @@ class FinetuneConfig:
     format: FormatSpec = field(default="default", metadata={"config_dir": "formats"})  # type: ignore[assignment]
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01))
     run: RunConfig = field(default_factory=RunConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self):
+        if self.lora.enabled and self.model_path is None:
+            raise ValueError(
+                "lora.rank is set but the model is built from scratch (`model`); LoRA adapts a pretrained "
+                "model: set model_path, or drop the lora keys to train all weights."
+            )
         _resolve_format(self)
         if (self.model is None) == (self.model_path is None):
             raise ValueError(
@@ -265,8 +323,14 @@ class UnlearnConfig:
     run: RunConfig = field(default_factory=RunConfig)
     mesh: MeshSection = field(default_factory=MeshSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self):
+        if self.lora.enabled and self.mesh.enabled:
+            raise ValueError(
+                f"lora.rank is set with mesh.preset={self.mesh.preset}: LoRA runs on one device for now; "
+                "set mesh.preset=none (the adapters and their optimizer state are small)."
+            )
         _resolve_format(self)
         if self.distributed.is_set and not self.mesh.enabled:
             raise ValueError(

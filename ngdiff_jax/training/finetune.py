@@ -80,13 +80,25 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     train = data_assembly.make_batcher(examples, tok, cfg.data, seed=cfg.run.seed)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(train))
 
-    apply_fn, params = models.functional(model)
+    lora_run = None
+    if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
+        from ngdiff_jax.training.lora_run import LoraRun
+
+        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
+        params = lora_run.adapters
+    else:
+        apply_fn, params = models.functional(model)
     tx = make_finetune_optimizer(cfg.optim, num_steps)
     opt_state = tx.init(params)
-    ft_step = make_finetune_step(apply_fn, tx)
+    if lora_run is None:
+        ft_step = make_finetune_step(apply_fn, tx)
+    else:
+        ft_step = lora_run.bind(lambda fn: make_finetune_step(fn, tx))
+        if eval_fn is not None:  # a caller's hook gets the merged full params
+            eval_fn = lambda step, adapters, fn=eval_fn: fn(step, lora_run.merged_params(adapters))  # noqa: E731
 
-    def step(params, opt_state, batches, rng):
-        return ft_step(params, opt_state, batches[0], rng)
+    def step(params, opt_state, batches, rng, *frozen):
+        return ft_step(params, opt_state, batches[0], rng, *frozen)
 
     settings = checkpoint.resume_settings(cfg)
     t0 = time.perf_counter()
@@ -98,6 +110,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         num_steps=num_steps,
         rng=jax.random.PRNGKey(cfg.run.seed),
         out_dir=out,
+        extra_args=() if lora_run is None else lora_run.frozen,
         checkpoint_every=cfg.run.checkpoint_every,
         max_checkpoints=cfg.run.max_checkpoints,
         log_every=cfg.run.log_every,
@@ -108,7 +121,10 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         show=("loss", "grad_norm"),
     )
     wall = time.perf_counter() - t0
-    model_dir = model_io.save_model(model, result.params, out / "model", tok)
+    if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
+        model_dir, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path)
+    else:
+        model_dir = model_io.save_model(model, result.params, out / "model", tok)
     save_format(cfg.format, model_dir, stage="finetune", split=cfg.data.split)
     summary = {
         "steps": result.step,
@@ -118,5 +134,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         "wall_s": wall,
         "model_dir": str(model_dir),
     }
+    if lora_run is not None:
+        summary["lora"] = {**lora_run.summary(), "adapter_dir": str(adapter_dir)}
     jsonio.write_json(out / "summary.json", summary)
     return result, summary

@@ -65,9 +65,16 @@ def run_unlearn(
 
     from ngdiff_jax import models
 
+    lora_run = None
     if mesh is None:
         model = model_io.load_model(cfg.model_path)
-        apply_fn, params = models.functional(model)
+        if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
+            from ngdiff_jax.training.lora_run import LoraRun
+
+            lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
+            apply_fn, params = lora_run.apply_fn, lora_run.adapters
+        else:
+            apply_fn, params = models.functional(model)
     else:
         model, apply_fn, params = par.load_sharded(model_io.model_dir(cfg.model_path), mesh, mesh_cfg.rules)
     tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
@@ -89,13 +96,17 @@ def run_unlearn(
         # A separate copy: the step donates `params`, the reference must stay intact.
         ref_params = jax.tree_util.tree_map(jnp.copy, params)
     tx = make_optimizer(cfg.method, cfg.optim, num_steps)
-    unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx)
+    if lora_run is None:
+        unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx)
+    else:
+        unlearn_step = lora_run.bind(lambda fn: make_unlearn_step(fn, cfg.method, tx))
+    frozen = () if lora_run is None else lora_run.frozen
     rng = jax.random.PRNGKey(seed)
     if mesh is None:
         opt_state = tx.init(params)
 
-        def step(params, opt_state, batches, rng, ref_params):
-            return unlearn_step(params, opt_state, batches[0], batches[1], rng, ref_params)
+        def step(params, opt_state, batches, rng, ref_params, *frozen):
+            return unlearn_step(params, opt_state, batches[0], batches[1], rng, ref_params, *frozen)
 
     else:
         sharded = par.shard_unlearn_step(
@@ -114,7 +125,8 @@ def run_unlearn(
             # the ShardedStep places the (global, host) batches on the batch sharding
             return sharded(params, opt_state, batches[0], batches[1], rng, ref_params)
 
-    if eval_fn is None and cfg.run.eval_every > 0 and eval_sets:
+    default_eval = eval_fn is None and cfg.run.eval_every > 0 and eval_sets
+    if default_eval:
         from ngdiff_jax.data import make_batches
 
         pad = model_io.pad_id(tok)
@@ -130,6 +142,10 @@ def run_unlearn(
             },
         )
 
+    if lora_run is not None and eval_fn is not None:
+        # the default hook takes {"base", "lora"}; a caller's hook gets the merged full params
+        eval_fn = lora_run.wrap_eval(eval_fn) if default_eval else (
+            lambda step, adapters, fn=eval_fn: fn(step, lora_run.merged_params(adapters)))
     t0 = time.perf_counter()
     result = run_loop(
         step,
@@ -139,7 +155,7 @@ def run_unlearn(
         num_steps=num_steps,
         rng=rng,
         out_dir=out,
-        extra_args=(ref_params,),
+        extra_args=(ref_params, *frozen),
         checkpoint_every=cfg.run.checkpoint_every,
         max_checkpoints=cfg.run.max_checkpoints,
         log_every=cfg.run.log_every,
@@ -150,7 +166,9 @@ def run_unlearn(
         jit=mesh is None,
     )
     wall = time.perf_counter() - t0
-    if mesh is None:
+    if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
+        model_dir, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path)
+    elif mesh is None:
         model_dir = model_io.save_model(model, result.params, out / "model", tok)
     else:
         model_dir = out / "model"
@@ -170,6 +188,8 @@ def run_unlearn(
         "model_dir": str(model_dir),
         "evals": result.evals,
     }
+    if lora_run is not None:
+        summary["lora"] = {**lora_run.summary(), "adapter_dir": str(adapter_dir)}
     if mesh is not None:
         summary["mesh"] = dict(mesh.shape)
         summary["memory_estimate"] = sharded.memory.as_dict()

@@ -1,0 +1,89 @@
+"""LoRA in the finetune/unlearn pipelines (``lora.*`` keys, see ``config_schema.LoraSection``).
+
+The pipelines build their step from an ``apply_fn(params, input_ids, attention_mask)`` as
+usual; :meth:`LoraRun.bind` turns that step factory into a step over the *adapters* with the
+frozen base as one more (not donated, not differentiated) argument::
+
+    step(adapters, opt_state, *args, base)  ==  make_step(apply_with(base))(adapters, opt_state, *args)
+
+so gradients, the optimizer state and the NGDiff/MGDA/PCGrad norms cover only the adapters,
+and the base arrays are never written (they stay bit-identical, in whatever dtype they were
+loaded). The reference model of NPO/KL is the base with a copy of the initial adapters
+(which are zero in ``B``: the model before unlearning).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ngdiff_jax.models import lora
+
+
+class LoraRun:
+    """A loaded model with adapters attached for one run."""
+
+    def __init__(self, model, section, *, seed: int = 0):
+        self.spec = section.spec(model.config.model_type)  # unknown targets for this family: error
+        lora.attach(model, self.spec, seed=seed)
+        self.model = model
+        # apply_fn takes {"base": ..., "lora": ...}
+        self.apply_fn, self.base, self.adapters = lora.split(model)
+
+    @property
+    def frozen(self) -> tuple:
+        """Extra step arguments after the pipeline's own: ``(base,)``."""
+        return (self.base,)
+
+    def bind(self, make_step):
+        """``make_step(apply_fn) -> step(params, opt_state, *args)`` to
+        ``step(adapters, opt_state, *args, base)`` (see the module doc)."""
+        pair_apply = self.apply_fn
+
+        def step(adapters, opt_state, *args):
+            *args, base = args
+
+            def apply(params, *a, **kw):
+                return pair_apply({"base": base, "lora": params}, *a, **kw)
+
+            apply.hidden_state = lambda params, *a, **kw: pair_apply.hidden_state(
+                {"base": base, "lora": params}, *a, **kw)
+            return make_step(apply)(adapters, opt_state, *args)
+
+        return step
+
+    def eval_params(self, adapters) -> dict[str, Any]:
+        """What ``self.apply_fn`` takes for the adapters ``adapters``."""
+        return {"base": self.base, "lora": adapters}
+
+    def wrap_eval(self, eval_fn):
+        """An ``eval_fn(step, params)`` built on ``self.apply_fn`` made to take the loop's adapters."""
+        if eval_fn is None:
+            return None
+        return lambda step, adapters: eval_fn(step, self.eval_params(adapters))
+
+    def merged_params(self, adapters):
+        """Full model params (base with the adapters merged), for hooks written for the plain model."""
+        return lora.merge_params(self.model, self.base, adapters, self.spec)
+
+    def export(self, adapters, out: Path, tokenizer, *, base_model: str | None) -> tuple[Path, Path]:
+        """Merged model to ``out/model`` (``save_pretrained``), PEFT adapter to ``out/adapter``."""
+        from ngdiff_jax import models
+
+        model_dir, adapter_dir = Path(out) / "model", Path(out) / "adapter"
+        merged = lora.merged_model(self.model, self.base, adapters, self.spec)
+        models.save_pretrained(merged, model_dir, tokenizer=tokenizer)
+        del merged
+        lora.save_peft_adapter(self.model, adapters, self.spec, adapter_dir, base_model_name_or_path=base_model)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(adapter_dir))
+        return model_dir, adapter_dir
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rank": self.spec.rank,
+            "alpha": self.spec.alpha,
+            "targets": list(self.spec.targets),
+            "trainable_params": lora.count_params(self.adapters),
+            "base_params": lora.count_params(self.base),
+        }
