@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 # name -> module under ngdiff_jax.commands
 COMMANDS = {
@@ -32,6 +34,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ngdiff",
         description="Machine unlearning for causal LMs in JAX: NGDiff + GeN, TOFU and MUSE.",
+        epilog="--debug (anywhere): print the traceback of an error.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -56,7 +59,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. The error boundary: every expected failure (``ngdiff_jax.errors.describe``)
+    is one ``error:`` line and exit code 1 or 2; other exceptions are bugs, shown with a traceback
+    only with ``--debug`` (anywhere on the command line) or ``NGDIFF_DEBUG=1``."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("NGDIFF_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
@@ -64,6 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the error boundary
+        from ngdiff_jax.errors import describe
+
+        if debug:
+            traceback.print_exc()
+        known = describe(e)
+        if known is not None:
+            code, msg = known
+            print(f"error: {msg}", file=sys.stderr)
+            return code
+        if not debug:
+            print(f"internal error (a bug in ngdiff): {type(e).__name__}: {e}".splitlines()[0][:800], file=sys.stderr)
+            print("rerun with --debug for the traceback, and please report it.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -55,7 +55,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; pass an existing YAML file.")
     with open(path) as f:
-        data = yaml.safe_load(f)
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e)
+            raise ConfigError(f"config file {where} is not valid YAML ({' '.join(str(problem).split())}); "
+                              "fix the syntax there (indentation, a missing ':' or quote).") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

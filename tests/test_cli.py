@@ -52,17 +52,18 @@ def test_missing_model_path_and_split_are_named(tmp_path, capsys):
     missing = tmp_path / "no_model_here"
     rc = main(["unlearn", "--config", "synthetic_ngdiff", f"model_path={missing}", f"data.source={bench}",
                f"run.output_dir={tmp_path / 'out'}"])  # fmt: skip
-    assert rc == 1
+    assert rc == 2  # found by the validation before any work, which writes nothing
     err = capsys.readouterr().err
     assert "model_path" in err and str(missing) in err
+    assert not (tmp_path / "out").exists()
 
     rc = main(["finetune", "--config", "synthetic_finetune", f"data.source={bench}", "data.split=forget42",
                f"run.output_dir={tmp_path / 'out2'}"])  # fmt: skip
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err
     assert "forget42" in err and "looked for" in err
 
     rc = main(["finetune", "--config", "synthetic_finetune", f"data.source={tmp_path / 'nodata'}",
                f"run.output_dir={tmp_path / 'out3'}"])  # fmt: skip
-    assert rc == 1
+    assert rc == 2
     assert "nodata" in capsys.readouterr().err

@@ -10,11 +10,20 @@ the directory when complete, so a killed process leaves either a finished
 checkpoint or a temporary directory that ``latest_step`` ignores (and that is
 cleaned up on the next start). Saves are synchronous here so that a
 checkpoint reported as saved is on disk.
+
+Fallback: :meth:`Checkpointer.restore_newest_valid` tries the checkpoints newest
+first; one that cannot be restored (a truncated or deleted file, garbage metadata)
+is reported with the reason, moved to ``<dir>.damaged/<step>-<time>`` (never
+deleted) and the next older one is tried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import datetime
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +85,62 @@ class Checkpointer:
         )
         return out["state"], dict(out["meta"])
 
+    def restore_newest_valid(
+        self, target: Any, *, check_meta: Callable[[dict], None] | None = None
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, meta)`` of the newest checkpoint that restores, or None when there is none.
+
+        ``check_meta(meta)`` is called before the state is restored; what it raises (e.g. a
+        settings mismatch) propagates: that checkpoint is fine, the run is not. A checkpoint
+        whose meta or state cannot be read is reported on stderr, moved aside to
+        ``<dir>.damaged/`` and the next older one is tried. If every checkpoint is damaged
+        the run stops (run it again to start from step 0).
+        """
+        from ngdiff_jax.errors import NgdiffError
+
+        steps = sorted(self.all_steps(), reverse=True)
+        moved = []
+        for step in steps:
+            try:
+                args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+                meta = dict(self._manager.restore(int(step), args=args)["meta"])
+                if not isinstance(meta.get("step"), int):
+                    raise ValueError(f"its meta has no integer 'step' (keys: {sorted(meta)})")
+            except Exception as e:
+                moved.append(self._set_aside(step, e))
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            try:
+                state, meta = self.restore(step, target)
+            except Exception as e:
+                moved.append(self._set_aside(step, e))
+                continue
+            if moved:
+                print(f"note: resuming from checkpoint step {step} of {self.directory} instead.", file=sys.stderr)
+            return int(step), state, meta
+        if moved:
+            raise NgdiffError(
+                f"none of the checkpoints in {self.directory} can be restored (moved to {', '.join(moved)}); "
+                "run the same command again to start over from step 0."
+            )
+        return None
+
+    def _set_aside(self, step: int, error: BaseException) -> str:
+        from ngdiff_jax.errors import one_line
+
+        src = self.directory / str(step)
+        aside = self.directory.with_name(self.directory.name + ".damaged")
+        dst = aside / f"{step}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        if jax.process_index() == 0 and src.exists():
+            aside.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dst))
+        self._manager.reload()
+        why = one_line(f"{type(error).__name__}: {error}", 300)
+        print(f"warning: checkpoint step {step} in {self.directory} cannot be restored ({why}); moved it to {dst}.",
+              file=sys.stderr)  # fmt: skip
+        return str(dst)
+
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
@@ -96,14 +161,28 @@ def _abstract(x):
 
 
 #: Run settings that may change between a run and its resume (display and bookkeeping only).
-COSMETIC_RUN_KEYS = ("progress", "log_every", "eval_every", "max_checkpoints")
+COSMETIC_RUN_KEYS = ("progress", "log_every", "eval_every", "max_checkpoints", "max_skipped_fraction")
 
 
 def resume_settings(cfg, *, ignore: Sequence[str] = ()) -> dict:
     """The config as a dict of what must match for a resume: everything but the cosmetic
-    ``run`` keys and the top-level sections named in ``ignore``."""
+    ``run`` keys and the top-level sections named in ``ignore``. Local paths (``*_path``,
+    ``tokenizer``, ``data.source``, ``run.output_dir``) are resolved, so ``./x`` and ``x`` match."""
     d = to_dict(cfg)
     for key in ignore:
         d.pop(key, None)
     d["run"] = {k: v for k, v in d["run"].items() if k not in COSMETIC_RUN_KEYS}
-    return d
+    return _resolve_paths(d)
+
+
+def _resolve_paths(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _resolve_paths(v)
+        elif isinstance(v, str) and (k.endswith("_path") or k in ("tokenizer", "source", "output_dir")):
+            p = Path(os.path.expanduser(v))
+            if k == "output_dir" or p.exists():
+                v = str(Path(os.path.abspath(p)).resolve())
+        out[k] = v
+    return out

@@ -59,8 +59,9 @@ def _model_source_wins(overrides: list[str]) -> list[str]:
 def run_command(args, cls, run_fn) -> int:
     """Resolve the config ``cls`` from ``args``, then ``run_fn(cfg) -> (result, summary)``.
 
-    Exit codes: 0 done, 1 missing model/data/split (the message names what was looked
-    for), 2 config error.
+    Exit codes: 0 done, 2 config or input error (found before any work), 1 failed run
+    (missing model/data/split, I/O error, divergence); the CLI's error boundary
+    (``ngdiff_jax.errors.describe``) turns the exceptions into one-line messages.
     """
     cfg = resolve(cls, args)
     if cfg is None:
@@ -68,11 +69,7 @@ def run_command(args, cls, run_fn) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
-    try:
-        _, summary = run_fn(cfg)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    _, summary = run_fn(cfg)
     print_summary(summary)
     return 0
 

@@ -128,6 +128,8 @@ class RunConfig:
     log_every: int = 1
     eval_every: int = 0  # 0 disables the evaluation hook
     progress: bool = True
+    # a run with more than this fraction of skipped (non-finite) steps has diverged: exit 1, no export
+    max_skipped_fraction: float = 0.1
 
 
 MESH_PRESETS = ("none", "dp", "fsdp", "fsdp_tensor")

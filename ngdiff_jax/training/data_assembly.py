@@ -25,16 +25,14 @@ def resolve_source(source: str | None) -> str | Path:
                 "or to the hub id locuslab/TOFU, or set NGDIFF_SHARED_DATA."
             )
         return d
+    from ngdiff_jax.training.validation import hub_cached, looks_like_hub_id, not_local_message
+
     p = Path(source).expanduser()
     if p.is_dir():
         return p
-    parts = source.split("/")
-    if len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")):
-        return source  # a hub id
-    raise FileNotFoundError(
-        f"data.source {source!r} not found: looked for the directory {p.absolute()}; pass a folder of "
-        "TOFU <split>.json files or a hub id such as locuslab/TOFU."
-    )
+    if looks_like_hub_id(source) and hub_cached(source, "dataset"):
+        return source  # a hub id in the local cache (nothing is downloaded at run time)
+    raise FileNotFoundError(not_local_message("data.source", source, p, "folder of TOFU <split>.json files", "dataset"))
 
 
 def load_split(data: DataConfig, split: str) -> list[dict]:
@@ -46,9 +44,12 @@ def load_split(data: DataConfig, split: str) -> list[dict]:
         rows = rows[: data.limit]
     if not rows:
         raise ValueError(f"split {split!r} of {data.source or 'the shared TOFU files'} has no rows.")
-    for i, r in enumerate(rows[:1]):
-        if "question" not in r or "answer" not in r:
-            raise KeyError(f"split {split!r} row {i} lacks 'question'/'answer' fields (has {sorted(r)}).")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise ValueError(
+                f"split {split!r} of {data.source or 'the shared TOFU files'}: row {i} lacks a string "
+                f"'question'/'answer' (has {sorted(r) if isinstance(r, dict) else type(r).__name__}); fix that row."
+            )
     return rows
 
 

@@ -18,7 +18,7 @@ import yaml
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
 from ngdiff_jax.data.formatting import save_format
-from ngdiff_jax.training import checkpoint, data_assembly, model_io
+from ngdiff_jax.training import checkpoint, data_assembly, divergence, model_io, ownership
 from ngdiff_jax.training.config_schema import FinetuneConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_finetune_optimizer
@@ -67,6 +67,7 @@ def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path):
     return model, tok
 
 
+@ownership.guarded("finetune")  # validation, lock, output ownership
 def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict[str, Any]]:
     """Train on ``cfg.data.split`` and export to ``<output_dir>/model`` (tokenizer included)."""
     from ngdiff_jax import models
@@ -121,11 +122,17 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         show=("loss", "grad_norm"),
     )
     wall = time.perf_counter() - t0
-    if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
-        model_dir, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path)
-    else:
-        model_dir = model_io.save_model(model, result.params, out / "model", tok)
-    save_format(cfg.format, model_dir, stage="finetune", split=cfg.data.split)
+    divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
+    model_dir = out / "model"
+    with ownership.atomic_dir(model_dir) as tmp:  # written aside, swapped in whole
+        if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
+            with ownership.atomic_dir(out / "adapter") as tmp_adapter:
+                _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
+                                                 model_dir=tmp, adapter_dir=tmp_adapter)  # fmt: skip
+            adapter_dir = out / "adapter"
+        else:
+            model_io.save_model(model, result.params, tmp, tok)
+        save_format(cfg.format, tmp, stage="finetune", split=cfg.data.split)
     summary = {
         "steps": result.step,
         "resumed_from": result.resumed_from,

@@ -55,12 +55,16 @@ def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _check_meta(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path) -> None:
+    from ngdiff_jax.errors import InputError
+    from ngdiff_jax.training.ownership import _flat
+
+    saved, current = _flat(dict(saved)), _flat(dict(current))
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:5])
-        raise ValueError(
+        raise InputError(
             f"the checkpoints in {directory} were written by a run with different settings ({detail}). "
-            "Use a new output directory, or delete the old checkpoints to start over."
+            f"Use a new output directory, or set {diff[0]}={saved.get(diff[0])!r} to resume that run."
         )
 
 
@@ -141,10 +145,15 @@ def run_loop(
     ckpt = Checkpointer(out_dir / "checkpoints", max_to_keep=max_checkpoints) if checkpoint_every > 0 else None
     start = 0
     resumed_from = None
+    restored = None
     if ckpt is not None and ckpt.latest_step() is not None:
         target = {"params": params, "opt_state": opt_state, "rng": rng}
-        state, saved = ckpt.restore(None, target)
-        _check_meta(saved.get("settings", {}), json.loads(json.dumps(meta)), ckpt.directory)
+        current = json.loads(json.dumps(meta))
+        restored = ckpt.restore_newest_valid(  # falls back past damaged checkpoints (moved aside)
+            target, check_meta=lambda s: _check_meta(s.get("settings", {}), current, ckpt.directory)
+        )
+    if restored is not None:
+        _, state, saved = restored
         params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
         start = resumed_from = int(saved["step"])
         for name in names:

@@ -66,11 +66,15 @@ class LoraRun:
         """Full model params (base with the adapters merged), for hooks written for the plain model."""
         return lora.merge_params(self.model, self.base, adapters, self.spec)
 
-    def export(self, adapters, out: Path, tokenizer, *, base_model: str | None) -> tuple[Path, Path]:
-        """Merged model to ``out/model`` (``save_pretrained``), PEFT adapter to ``out/adapter``."""
+    def export(
+        self, adapters, out: Path, tokenizer, *, base_model: str | None, model_dir=None, adapter_dir=None
+    ) -> tuple[Path, Path]:
+        """Merged model to ``out/model`` (``save_pretrained``), PEFT adapter to ``out/adapter``
+        (or to ``model_dir``/``adapter_dir``: the pipelines pass temporary dirs swapped in atomically)."""
         from ngdiff_jax import models
 
-        model_dir, adapter_dir = Path(out) / "model", Path(out) / "adapter"
+        model_dir = Path(model_dir) if model_dir is not None else Path(out) / "model"
+        adapter_dir = Path(adapter_dir) if adapter_dir is not None else Path(out) / "adapter"
         merged = lora.merged_model(self.model, self.base, adapters, self.spec)
         models.save_pretrained(merged, model_dir, tokenizer=tokenizer)
         del merged

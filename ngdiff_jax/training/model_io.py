@@ -24,12 +24,11 @@ def _check_local_or_hub(path: str, what: str) -> str:
                 "pass the directory written by save_pretrained (e.g. <finetune output_dir>/model)."
             )
         return str(p)
-    parts = path.split("/")
-    if len(parts) == 2 and all(parts) and not path.startswith((".", "/", "~")):
-        return path  # hub id
-    raise FileNotFoundError(
-        f"{what} {path!r} not found: looked for {p.absolute()}; pass an existing directory or a hub id."
-    )
+    from ngdiff_jax.training.validation import hub_cached, looks_like_hub_id, not_local_message
+
+    if looks_like_hub_id(path) and hub_cached(path):
+        return path  # a hub id in the local cache (nothing is downloaded at run time)
+    raise FileNotFoundError(not_local_message(what, path, p, "directory"))
 
 
 def load_tokenizer(path: str):

@@ -14,7 +14,7 @@ import yaml
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
 from ngdiff_jax.data.formatting import save_format
-from ngdiff_jax.training import checkpoint, data_assembly, eval_hook, model_io
+from ngdiff_jax.training import checkpoint, data_assembly, divergence, eval_hook, model_io, ownership
 from ngdiff_jax.training.config_schema import UnlearnConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_optimizer
@@ -31,6 +31,7 @@ def _settings(cfg: UnlearnConfig) -> dict:
     return checkpoint.resume_settings(cfg, ignore=("mesh", "distributed"))
 
 
+@ownership.guarded("unlearn", ignore=("mesh", "distributed"))  # validation, lock, output ownership
 def run_unlearn(
     cfg: UnlearnConfig,
     *,
@@ -42,7 +43,9 @@ def run_unlearn(
     With ``run.eval_every > 0`` the hook ``eval_fn(step, params)`` is called every that many
     steps (default: :func:`eval_hook.qa_probability_eval` on the forget and retain batches,
     giving ``forget_prob``/``retain_prob``). Returns the loop result and a summary dict
-    (also written to ``<output_dir>/summary.json``).
+    (also written to ``<output_dir>/summary.json``). Before any work the config and inputs are
+    validated and the output dir is locked (``ownership.guarded``); a diverged run raises
+    ``DivergedError`` instead of exporting (``divergence.check_run``).
 
     With ``mesh.preset`` other than ``none`` the run is sharded (``ngdiff_jax.parallel``):
     ``jax.distributed`` is initialized from ``cfg.distributed`` (default: the environment),
@@ -166,18 +169,23 @@ def run_unlearn(
         jit=mesh is None,
     )
     wall = time.perf_counter() - t0
-    if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
-        model_dir, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path)
-    elif mesh is None:
-        model_dir = model_io.save_model(model, result.params, out / "model", tok)
-    else:
-        model_dir = out / "model"
-        par.save_pretrained_gathered(model, result.params, model_dir, tokenizer=tok)
-    if main:
-        save_format(
-            spec, model_dir, stage="unlearn", method=cfg.method.name,
-            forget_split=cfg.data.forget_split, retain_split=retain_split,
-        )  # fmt: skip
+    divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
+    model_dir = out / "model"
+    with ownership.atomic_dir(model_dir, write=main) as tmp:  # written aside, swapped in whole
+        if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
+            with ownership.atomic_dir(out / "adapter") as tmp_adapter:
+                _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
+                                                 model_dir=tmp, adapter_dir=tmp_adapter)  # fmt: skip
+            adapter_dir = out / "adapter"
+        elif mesh is None:
+            model_io.save_model(model, result.params, tmp, tok)
+        else:
+            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok)
+        if main:
+            save_format(
+                spec, tmp, stage="unlearn", method=cfg.method.name,
+                forget_split=cfg.data.forget_split, retain_split=retain_split,
+            )  # fmt: skip
     summary = {
         "method": cfg.method.name,
         "steps": result.step,

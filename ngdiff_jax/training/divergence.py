@@ -1,0 +1,87 @@
+"""Divergence is a failure: a run whose updates were mostly skipped, whose final losses are not
+finite, or whose weights are not finite exits non-zero and its export is refused.
+
+:func:`check_run` is called after the loop and before the export. The optimizer counts
+skipped steps (non-finite gradients: ``skip_if_nonfinite`` / the combiners' ``skipped``
+counter, restored with the optimizer state on resume); more than
+``run.max_skipped_fraction`` of the steps skipped is a divergence. The first step that
+went wrong is found in ``<out>/log.jsonl``. A diverged run writes ``<out>/diverged.json``
+(the verdict, the step, the counts) and raises :class:`~ngdiff_jax.errors.DivergedError`
+(exit code 1); its checkpoints are kept, ``<out>/model`` is not written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ngdiff_jax.errors import DivergedError
+
+__all__ = ["check_run", "first_bad_step", "params_finite"]
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+def params_finite(params: Any) -> bool:
+    """Whether every floating-point leaf of ``params`` is finite (one fused reduction)."""
+    return bool(_all_finite(params))
+
+
+def _finite(v) -> bool:
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def first_bad_step(log_path: str | Path) -> int | None:
+    """The first logged step with a skipped update or a non-finite loss, or None."""
+    p = Path(log_path)
+    if not p.is_file():
+        return None
+    for line in p.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("skipped", 0) > 0 or any("loss" in k and not _finite(v) for k, v in rec.items()):
+            return int(rec.get("step", 0))
+    return None
+
+
+def check_run(result, out_dir: str | Path, cfg, *, params: Any | None = None) -> None:
+    """Raise :class:`DivergedError` (after writing ``<out>/diverged.json``) if the run diverged."""
+    out = Path(out_dir)
+    steps = max(int(result.step), 1)
+    metrics = dict(result.last_metrics or {})
+    limit = float(getattr(cfg.run, "max_skipped_fraction", 0.1))
+    reasons = []
+    skipped = int(metrics.get("skipped", 0) or 0)
+    if skipped / steps > limit:
+        reasons.append(f"{skipped} of {steps} steps were skipped for non-finite gradients "
+                       f"(more than run.max_skipped_fraction={limit:g})")  # fmt: skip
+    bad_losses = {k: v for k, v in metrics.items() if "loss" in k and not _finite(v)}
+    if bad_losses:
+        reasons.append("the final " + ", ".join(f"{k}={v}" for k, v in sorted(bad_losses.items())))
+    if params is not None and not params_finite(params):
+        reasons.append("the weights hold NaN/Inf")
+    if not reasons:
+        return
+    first = first_bad_step(out / "log.jsonl")
+    lr = cfg.optim.lr
+    verdict = {"diverged": True, "reasons": reasons, "first_bad_step": first, "steps": steps,
+               "skipped": skipped, "optim.lr": lr}  # fmt: skip
+    if jax.process_index() == 0:
+        (out / "diverged.json").write_text(json.dumps(verdict, indent=2, default=str))
+    at = f", first at step {first}" if first is not None else ""
+    raise DivergedError(
+        f"the run diverged{at}: {'; '.join(reasons)}. The export to {out / 'model'} was refused "
+        f"(details in {out / 'diverged.json'}, checkpoints kept); lower the rate (optim.lr={lr:g}, "
+        f"try optim.lr={lr / 10:g}) and use a new run.output_dir."
+    )

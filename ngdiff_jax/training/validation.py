@@ -1,0 +1,327 @@
+"""One validation pass over a training config and its inputs, before any weights are loaded.
+
+:func:`validate_run` checks, and reports every problem it finds as one line naming the
+key or file, the bad value and the fix (raised together as one
+:class:`~ngdiff_jax.errors.InputError`, exit code 2), without writing anything:
+
+* the range and finiteness of every numeric key (a table below; a float key not listed
+  must still be finite);
+* that ``run.output_dir`` neither contains nor lies inside an input (model, tokenizer,
+  data) directory (:func:`ngdiff_jax.training.ownership.check_output_dir`);
+* the model: ``config.json`` readable by transformers and of a supported type, its
+  weights finite (a streaming safetensors scan), a hub id only if it is in the local
+  Hugging Face cache (nothing is downloaded at run time);
+* the tokenizer loads and has no more tokens than the model's ``vocab_size``;
+* ``data.max_length`` (and every bucket) fits the model's positions;
+* every row of every split used has string ``question`` and ``answer`` fields.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ngdiff_jax.config_loader import to_dict
+from ngdiff_jax.errors import InputError
+
+__all__ = ["check_config_values", "hub_cached", "validate_run"]
+
+
+def _pos(v):
+    return v > 0
+
+
+def _nonneg(v):
+    return v >= 0
+
+
+def _ge(n):
+    return lambda v: v >= n
+
+
+#: dotted key -> (test, what it must be, example of a good value). ``None`` values pass
+#: (the key's "off"/"auto" setting) unless the key is in ``_NOT_NONE``.
+RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "optim.lr": (_pos, "> 0 (a negative rate climbs the loss, 0 never moves)", "1e-4"),
+    "optim.weight_decay": (_nonneg, ">= 0", "0.01"),
+    "optim.warmup_steps": (_nonneg, ">= 0", "0"),
+    "optim.max_grad_norm": (_pos, "> 0, or null for no clipping", "1.0"),
+    "optim.gen_every": (_ge(1), ">= 1", "4"),
+    "optim.gen_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)", "0.9"),
+    "optim.gen_clip_factor": (_ge(1), ">= 1", "2.0"),
+    "optim.eps": (_pos, "> 0", "1e-12"),
+    "data.batch_size": (_ge(1), ">= 1", "8"),
+    "data.max_length": (_ge(2), ">= 2 (prompt + EOS)", "128"),
+    "data.limit": (_ge(1), ">= 1, or null for all rows", "100"),
+    "run.steps": (_ge(1), ">= 1, or null to use run.epochs", "50"),
+    "run.epochs": (_pos, "> 0", "1"),
+    "run.checkpoint_every": (_nonneg, ">= 0 (0 disables checkpoints)", "50"),
+    "run.max_checkpoints": (_ge(1), ">= 1 (0 would delete every checkpoint, so resume would silently restart)",
+                            "2"),  # fmt: skip
+    "run.log_every": (_ge(1), ">= 1", "1"),
+    "run.eval_every": (_nonneg, ">= 0 (0 disables the evaluation hook)", "10"),
+    "run.max_skipped_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]", "0.1"),
+    "method.beta": (_pos, "> 0", "0.1"),
+    "method.retain_weight": (_nonneg, ">= 0", "1.0"),
+    "method.forget_weight": (_nonneg, ">= 0", "1.0"),
+    "method.simnpo_delta": (_nonneg, ">= 0", "0.0"),
+    "model.tokenizer_vocab_size": (_ge(2), ">= 2", "384"),
+}
+_NOT_NONE = {"run.max_checkpoints"}
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def check_config_values(cfg) -> list[str]:
+    """One line per numeric key out of range (or not finite), naming key, value and a fix."""
+    flat = _flatten(to_dict(cfg))
+    errors = []
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{key}={value}: must be a finite number; set e.g. {key}={RULES.get(key, (0, 0, '1'))[2]}.")
+            continue
+        rule = RULES.get(key)
+        if rule is None:
+            continue
+        test, must, example = rule
+        if value is None:
+            if key in _NOT_NONE:
+                errors.append(f"{key}=null: must be {must}; set e.g. {key}={example}.")
+            continue
+        if isinstance(value, (list, tuple)):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{key}={value!r}: must be a number {must}; set e.g. {key}={example}.")
+        elif not test(value):
+            errors.append(f"{key}={value}: must be {must}; set e.g. {key}={example}.")
+    for i, b in enumerate(flat.get("data.buckets") or []):
+        if not isinstance(b, int) or b < 2:
+            errors.append(f"data.buckets[{i}]={b!r}: every bucket must be an integer >= 2; "
+                          "e.g. data.buckets=[64, 128].")  # fmt: skip
+    if flat.get("method.combiner") == "gdiff" and flat.get("method.retain_weight") == 0 == flat.get(
+        "method.forget_weight"
+    ):
+        errors.append("method.retain_weight=0 and method.forget_weight=0: the update is always zero; set one > 0.")
+    return errors
+
+
+# -- local-or-hub --------------------------------------------------------------------------
+
+
+def hub_cached(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether a hub repo is in the local Hugging Face cache (no network access)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    folder = f"{repo_type}s--{repo_id.replace('/', '--')}"
+    return (Path(constants.HF_HUB_CACHE) / folder / "snapshots").is_dir()
+
+
+def looks_like_hub_id(text: str) -> bool:
+    parts = str(text).split("/")
+    return len(parts) == 2 and all(parts) and not str(text).startswith((".", "/", "~"))
+
+
+def not_local_message(key: str, value: str, looked: Path, what: str, repo_type: str = "model") -> str:
+    if looks_like_hub_id(value):
+        flag = " --repo-type dataset" if repo_type == "dataset" else ""
+        return (f"{key}={value!r} is not a local directory (looked for {looked.absolute()}) and not in the local "
+                f"Hugging Face cache; ngdiff does not download at run time: fix the path, or fetch it first "
+                f"(huggingface-cli download{flag} {value}).")  # fmt: skip
+    return f"{key}={value!r} not found: looked for {looked.absolute()}; pass an existing {what}."
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def _model_config(key: str, path: str, errors: list[str]):
+    """The ``ModelConfig`` of a model dir (or cached hub id), or None with an error added."""
+    from ngdiff_jax.models.config import ModelConfig
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        if not (looks_like_hub_id(path) and hub_cached(path)):
+            errors.append(not_local_message(key, path, p, "model directory (with config.json)"))
+            return None, None
+        from huggingface_hub import snapshot_download
+
+        p = Path(snapshot_download(path, local_files_only=True))
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        errors.append(f"{key}={path!r}: no config.json in {p.absolute()}; pass the directory written by "
+                      "save_pretrained (e.g. <finetune output_dir>/model).")  # fmt: skip
+        return None, None
+    try:
+        with open(cfg_file) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        errors.append(f"{cfg_file}: not readable as JSON ({' '.join(str(e).split())}); "
+                      "restore the model's config.json.")  # fmt: skip
+        return None, None
+    try:
+        return ModelConfig.from_hf(raw), p
+    except Exception as e:  # transformers config errors: ValueError, KeyError, TypeError, AttributeError
+        errors.append(f"{cfg_file}: transformers cannot use this config ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}); fix or replace config.json.")  # fmt: skip
+        return None, None
+
+
+def check_weights_finite(model_dir: Path) -> list[str]:
+    """Scan every ``*.safetensors`` tensor of a model dir for NaN/Inf (memory-mapped, one tensor at a time)."""
+    import numpy as np
+    from safetensors import safe_open
+
+    errors = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for name in st.keys():
+                    a = st.get_tensor(name)
+                    if a.dtype.kind in "fc" and not np.isfinite(a).all():
+                        bad = int(a.size - np.isfinite(a).sum())
+                        errors.append(f"{f}: tensor {name} has {bad} non-finite values (NaN/Inf); these input "
+                                      "weights are broken, use an intact model (e.g. an earlier export).")  # fmt: skip
+                        break
+        except Exception as e:  # safetensors raises its own error types on damaged files
+            if isinstance(e, MemoryError):
+                raise
+            if "bfloat16" in str(e) or "dtype" in str(e).lower():
+                continue  # numpy cannot hold this dtype: skipped (the load checks it)
+            errors.append(f"{f}: cannot be read as safetensors ({' '.join(str(e).split())[:200]}); "
+                          "the file is damaged, re-export the model.")  # fmt: skip
+    return errors
+
+
+def _tokenizer(key: str, path: str, errors: list[str]):
+    p = Path(path).expanduser()
+    if not p.exists() and not (looks_like_hub_id(path) and hub_cached(path)):
+        errors.append(not_local_message(key, path, p, "tokenizer directory"))
+        return None
+    from ngdiff_jax.training import model_io
+
+    try:
+        return model_io.load_tokenizer(path)
+    except Exception as e:
+        errors.append(f"{key}={path!r}: the tokenizer does not load ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:300]}); pass a directory with tokenizer.json/"
+                      "tokenizer_config.json.")  # fmt: skip
+        return None
+
+
+def _split_files(data, splits: list[str], errors: list[str]) -> None:
+    """Every row of every split has string ``question``/``answer`` (the file and row are named)."""
+    from ngdiff_jax.paths import shared_data_dir
+
+    source = data.source
+    if source is None:
+        d = shared_data_dir() / "tofu"
+        if not d.is_dir():
+            errors.append(f"data.source is not set and the shared TOFU files are not at {d}; set data.source to a "
+                          "folder of TOFU <split>.json files or set NGDIFF_SHARED_DATA.")  # fmt: skip
+            return
+    else:
+        d = Path(source).expanduser()
+        if not d.is_dir():
+            if looks_like_hub_id(source) and hub_cached(source, "dataset"):
+                return  # read through `datasets` from the local cache
+            errors.append(not_local_message("data.source", source, d, "folder of TOFU <split>.json files", "dataset"))
+            return
+    from ngdiff_jax.data.jsonio import read_records
+
+    for split in splits:
+        f = next((d / n for n in (f"{split}.json", f"{split}.jsonl") if (d / n).is_file()), None)
+        if f is None:
+            have = ", ".join(sorted(p.stem for p in d.glob("*.json"))) or "none"
+            errors.append(f"data split {split!r}: looked for {d / (split + '.json')} and found no file; "
+                          f"splits there: {have}.")  # fmt: skip
+            continue
+        try:
+            rows = read_records(f)
+        except Exception as e:
+            errors.append(f"{f}: cannot be read as JSON records ({' '.join(str(e).split())[:200]}); fix the file.")
+            continue
+        if data.limit is not None:
+            rows = rows[: data.limit]
+        if not rows:
+            errors.append(f"{f}: split {split!r} has no rows; choose another split or fix the file.")
+        for i, r in enumerate(rows):
+            for field in ("question", "answer"):
+                if not isinstance(r, dict) or not isinstance(r.get(field), str):
+                    has = sorted(r) if isinstance(r, dict) else type(r).__name__
+                    errors.append(f"{f}: row {i} has no string {field!r} (it has {has}); fix that row or "
+                                  "choose another split.")  # fmt: skip
+                    break
+            else:
+                continue
+            break  # one bad row per file is enough to act on
+
+
+def _positions(mc) -> int:
+    return int(mc.max_position_embeddings)
+
+
+def validate_run(cfg, command: str) -> None:
+    """Validate a ``FinetuneConfig`` / ``UnlearnConfig`` and its inputs; raise one :class:`InputError`
+    listing every problem (one line each). Reads, never writes."""
+    from ngdiff_jax.training import ownership
+
+    errors = check_config_values(cfg)
+    errors += ownership.check_output_dir(cfg)
+    model_path = getattr(cfg, "model_path", None)
+    mc = model_dir = None
+    if model_path:
+        mc, model_dir = _model_config("model_path", model_path, errors)
+        if model_dir is not None:
+            errors += check_weights_finite(model_dir)
+    positions = vocab = None
+    if mc is not None:
+        positions, vocab = _positions(mc), int(mc.vocab_size)
+    elif getattr(cfg, "model", None) is not None:
+        hf = dict(cfg.model.hf)
+        positions = hf.get("max_position_embeddings", hf.get("n_positions"))
+    tok_path = getattr(cfg, "tokenizer", None) or (model_path if mc is not None else None)
+    if tok_path:
+        tok = _tokenizer("tokenizer" if getattr(cfg, "tokenizer", None) else "model_path", tok_path, errors)
+        if tok is not None and vocab is not None and len(tok) > vocab:
+            errors.append(
+                f"tokenizer {tok_path!r} has {len(tok)} tokens but the model's vocab_size is {vocab} "
+                f"({model_dir / 'config.json'}): ids >= {vocab} have no embedding; use the tokenizer the model "
+                "was trained with (tokenizer=null uses model_path's)."
+            )
+    if positions is not None:
+        max_length = cfg.data.max_length
+        if max_length > positions:
+            errors.append(
+                f"data.max_length={max_length} exceeds the model's {positions} positions "
+                f"(max_position_embeddings); longer rows would run past them (NaN or garbage): "
+                f"set data.max_length<={positions}."
+            )
+        for b in cfg.data.buckets or ():
+            if b > positions:
+                errors.append(f"data.buckets has {b} > the model's {positions} positions; use buckets <= {positions}.")
+                break
+    if command == "finetune":
+        splits = [cfg.data.split]
+    else:
+        from ngdiff_jax.training.unlearn import resolve_retain_split
+
+        splits = [cfg.data.forget_split]
+        try:
+            splits.append(resolve_retain_split(cfg.data))
+        except (ValueError, KeyError) as e:
+            errors.append(str(e))
+    _split_files(cfg.data, splits, errors)
+    if errors:
+        raise InputError("\n".join(f"error: {e}" if i else e for i, e in enumerate(errors)))
