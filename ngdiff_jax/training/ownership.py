@@ -46,7 +46,8 @@ EXPORT_MARKER = ".ngdiff-export.json"
 #: marker file existed may hold exactly these.
 _EXPORT_NAMES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
-                 "merges.txt", "added_tokens.json", "tokenizer.model", "README.md", EXPORT_MARKER)  # fmt: skip
+                 "merges.txt", "added_tokens.json", "tokenizer.model", "README.md", "ngdiff_format.json",
+                 EXPORT_MARKER)  # fmt: skip
 #: What ngdiff itself writes at the top of an output dir.
 _RUN_NAMES = {"config.yaml", "summary.json", "log.jsonl", "eval.jsonl", "checkpoints", "checkpoints.damaged",
               "model", "tokenizer", "diverged.json", LOCK_NAME, RUN_MANIFEST}  # fmt: skip
