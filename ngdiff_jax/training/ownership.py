@@ -47,10 +47,11 @@ EXPORT_MARKER = ".ngdiff-export.json"
 _EXPORT_NAMES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
                  "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
                  "merges.txt", "added_tokens.json", "tokenizer.model", "README.md", "ngdiff_format.json",
+                 "adapter_config.json", "adapter_model.safetensors",
                  EXPORT_MARKER)  # fmt: skip
 #: What ngdiff itself writes at the top of an output dir.
 _RUN_NAMES = {"config.yaml", "summary.json", "log.jsonl", "eval.jsonl", "checkpoints", "checkpoints.damaged",
-              "model", "tokenizer", "diverged.json", LOCK_NAME, RUN_MANIFEST}  # fmt: skip
+              "model", "adapter", "tokenizer", "diverged.json", LOCK_NAME, RUN_MANIFEST}  # fmt: skip
 
 
 def _resolve(p: str | Path) -> Path:
@@ -205,7 +206,9 @@ def _check_same_run(out: Path, command: str, settings: dict) -> None:
                     f"run.output_dir, or set {diff[0]}={a.get(diff[0])!r} to resume that run."
                 )
             return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_NAMES and not p.name.startswith(".model."))
+    foreign = sorted(
+        p.name for p in out.iterdir() if p.name not in _RUN_NAMES and not p.name.startswith((".model.", ".adapter."))
+    )
     if foreign:
         raise InputError(
             f"run.output_dir {out} already holds files ngdiff did not write ({', '.join(foreign[:5])}"
@@ -328,11 +331,12 @@ def claim(cfg, command: str, *, ignore: Sequence[str] = ()) -> Iterator[OutputLo
     try:
         settings = resume_settings(cfg, ignore=ignore)
         _check_same_run(out, command, settings)
-        foreign = _foreign_export_files(out / "model")
-        if foreign:
-            raise InputError(f"{out / 'model'} holds files ngdiff did not write ({', '.join(foreign[:5])}); "
-                             "move them away or choose another run.output_dir.")  # fmt: skip
-        repair_exports(out)
+        for name in ("model", "adapter"):
+            foreign = _foreign_export_files(out / name)
+            if foreign:
+                raise InputError(f"{out / name} holds files ngdiff did not write ({', '.join(foreign[:5])}); "
+                                 "move them away or choose another run.output_dir.")  # fmt: skip
+            repair_exports(out, name)
         (out / RUN_MANIFEST).write_text(json.dumps({"command": command, "settings": settings}, indent=1))
         yield lock
     finally:
