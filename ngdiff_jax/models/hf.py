@@ -27,6 +27,7 @@ from flax import nnx
 
 from ngdiff_jax.models import sharding as shd
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, _unsupported_type_error
+from ngdiff_jax.models.kernels import resolve_kernels
 from ngdiff_jax.models.modeling import CausalLM
 from ngdiff_jax.models.safetensors_io import SafetensorsFile, aligned_empty, write_safetensors
 
@@ -348,15 +349,18 @@ def _set_leaves(tree, flat: dict[str, Any]):
 
 
 def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                    rules=None) -> CausalLM:
-    """Load a HF checkpoint directory (or hub id) into a `CausalLM`.
+                    rules=None, kernels: str | None = None) -> CausalLM:
+    """Load a HF checkpoint directory (or hub id) into a `CausalLM` (``kernels``: see
+    `ngdiff_jax.models.kernels`; default by backend).
 
     With ``mesh``, every tensor is streamed into its `NamedSharding` (from ``rules``; default
     the FSDP preset), reading only each device's block.
     """
     d = _resolve_dir(path_or_repo_id)
     cfg = _read_config(d)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    kernels = resolve_kernels(kernels)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                               kernels=kernels))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     flat_abs = _flat_params(pure)

@@ -10,7 +10,8 @@ The math follows transformers 5.24's PyTorch modeling code exactly:
 * phi's parallel block ``x + attn(ln(x)) + mlp(ln(x))``; gpt2's learned positions.
 
 Weights use einsum layouts (``q: [embed, heads, head_dim]``, ``o: [heads, head_dim, embed]``,
-``mlp: [embed, mlp]``); ``hf.py`` converts to and from HF's tensors. Every parameter is an
+``mlp: [embed, mlp]``); ``hf.py`` converts to and from HF's tensors. The projections are einsums
+through `ngdiff_jax.models.kernels` (plain XLA, or XLA:CPU workarounds: ``kernels=``). Every parameter is an
 ``nnx.Param``; there are no other variables, so ``nnx.state(model)`` is exactly the parameters.
 """
 
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngdiff_jax.models import kernels as kernels_lib
 from ngdiff_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -43,150 +45,6 @@ def _act(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
-def _dot_nt(a: Array, b: Array, preferred_element_type=None) -> Array:
-    """``a @ b.T`` for 2-D ``a [N, K]``, ``b [M, K]``."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type)
-
-
-def _weight_grad(x: Array, g: Array, dtype, preferred_element_type=None) -> Array:
-    """``x.T @ g`` for ``x [N, K]``, ``g [N, M]`` (the weight gradient of ``x @ w``); see
-    `_token_matmuls_bwd` for the layout."""
-    dt = preferred_element_type
-    if jax.default_backend() != "cpu":
-        return jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=dt).astype(dtype)
-    if x.shape[1] > g.shape[1]:
-        # More inputs than outputs (down/o projections): transposing the smaller ``g`` and then
-        # the ``[M, K]`` result moves less memory than ``x.T`` (the second barrier keeps the
-        # result's transpose from being folded into the dot).
-        gt, x_ = jax.lax.optimization_barrier((g.T, x))
-        return jax.lax.optimization_barrier(jnp.dot(gt, x_, preferred_element_type=dt)).T.astype(dtype)
-    xt, g_ = jax.lax.optimization_barrier((x.T, g))
-    return jnp.dot(xt, g_, preferred_element_type=dt).astype(dtype)
-
-
-@jax.custom_vjp
-def _swiglu_down(a: Array, b: Array, w: Array) -> Array:
-    """``(silu(a) * b) @ w`` for ``a, b [N, M]``, ``w [M, E]``: the gated MLP after its input
-    projections, with a hand-written backward that keeps only ``a`` and ``b`` (and ``w``) as
-    residuals and recomputes ``silu(a) * b`` there. Under autodiff the ``[N, M]`` product is a
-    residual of the down projection, which makes XLA:CPU materialize ``sigmoid(a)``,
-    ``silu(a)`` and the product in three separate passes in the forward; here the product
-    feeds only the matmul and fuses into it, as in a plain forward."""
-    return jnp.dot(jax.nn.silu(a) * b, w)
-
-
-def _swiglu_down_fwd(a, b, w):
-    return _swiglu_down(a, b, w), (a, b, w)
-
-
-def _swiglu_down_bwd(res, g):
-    # The barrier (which also takes ``g``) keeps XLA from merging this recomputation with the
-    # forward's (common-subexpression elimination), which would bring the three passes back.
-    a, b, g = jax.lax.optimization_barrier((*res[:2], g))
-    w = res[2]
-    s = jax.nn.sigmoid(a)
-    h = a * s * b
-    dh = _dot_nt(g, w)
-    da = (dh * b * (s * (1 + a * (1 - s)))).astype(a.dtype)
-    db = (dh * (a * s)).astype(b.dtype)
-    return da, db, _weight_grad(h, g, w.dtype)
-
-
-_swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
-
-
-def _mm(x: Array, w: Array, w_transposed: bool, preferred_element_type) -> Array:
-    if w_transposed:
-        return _dot_nt(x, w, preferred_element_type)
-    return jnp.dot(x, w, preferred_element_type=preferred_element_type)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _token_matmuls(x: Array, ws: tuple, w_transposed: bool, preferred_element_type) -> tuple:
-    """``tuple(x [N, K] @ w [K, M] for w in ws)`` (``@ w.T`` for ``w [M, K]`` when ``w_transposed``)."""
-    return tuple(_mm(x, w, w_transposed, preferred_element_type) for w in ws)
-
-
-def _token_matmuls_fwd(x, ws, w_transposed, preferred_element_type):
-    return _token_matmuls(x, ws, w_transposed, preferred_element_type), (x, ws)
-
-
-def _token_matmuls_bwd(w_transposed, preferred_element_type, res, gs):
-    # The weight gradient contracts the token axis, the *major* axis of both ``x [N, K]`` and
-    # ``g [N, M]``. Autodiff's ``dot_general(x, g, contracting=(0, 0))`` is not taken by XLA:CPU's
-    # fast (YNNPACK) matmul but by a multi-threaded Eigen contraction (see docs/PERFORMANCE.md).
-    # So on CPU the weight gradient is a plain row-major matmul on an explicitly transposed
-    # operand: ``x.T @ g``, with one ``x.T`` shared by every weight that reads ``x`` (q/k/v,
-    # gate/up). The optimization barrier keeps XLA from folding the transpose back into the dot
-    # and, since it also takes the cotangents, from hoisting it into the forward pass (where it
-    # would stay live until the backward). Other backends take the transposed dot natively.
-    x, ws = res
-    dt = preferred_element_type
-    cpu = jax.default_backend() == "cpu"
-    dx = None
-    for g, w in zip(gs, ws):
-        d = jnp.dot(g, w, preferred_element_type=dt) if w_transposed else _dot_nt(g, w, dt)
-        dx = d if dx is None else dx + d
-    if w_transposed:  # y = x @ w.T: dw = g.T @ x
-        if cpu:
-            gts, x_ = jax.lax.optimization_barrier(([g.T for g in gs], x))
-            dws = [jnp.dot(gt, x_, preferred_element_type=dt) for gt in gts]
-        else:
-            dws = [jax.lax.dot_general(g, x, (((0,), (0,)), ((), ())), preferred_element_type=dt) for g in gs]
-    elif len(ws) == 1:
-        dws = [_weight_grad(x, gs[0], ws[0].dtype, dt)]
-    elif cpu:
-        xt, gs_ = jax.lax.optimization_barrier((x.T, list(gs)))
-        dws = [jnp.dot(xt, g, preferred_element_type=dt) for g in gs_]
-    else:
-        dws = [jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=dt) for g in gs]
-    return dx.astype(x.dtype), tuple(dw.astype(w.dtype) for dw, w in zip(dws, ws))
-
-
-_token_matmuls.defvjp(_token_matmuls_fwd, _token_matmuls_bwd)
-
-
-def _token_plan(eq: str, x_shape, w_shape):
-    """``(K, w2_shape, w_transposed, out_free_shape)`` for `token_einsum`'s 2-D form of ``eq``."""
-    lhs, out = eq.split("->")
-    xs, ws = lhs.split(",")
-    contracted = "".join(c for c in xs[2:] if c not in out)
-    ok = xs[:2] == "bt" and out[:2] == "bt" and xs[2:] == contracted
-    K = math.prod(x_shape[2:])
-    if ok and ws.startswith(contracted) and out[2:] == ws[len(contracted):]:
-        free = tuple(w_shape[len(contracted):])
-        return K, (K, math.prod(free)), False, free
-    if ok and ws.endswith(contracted) and out[2:] == ws[: len(ws) - len(contracted)]:
-        free = tuple(w_shape[: len(ws) - len(contracted)])
-        return K, (math.prod(free), K), True, free
-    raise ValueError(f"token_einsum: unsupported equation {eq!r}")
-
-
-def token_einsums(eqs, x: Array, ws, preferred_element_type=None) -> list[Array]:
-    """``[jnp.einsum(eq, x, w) for eq, w in zip(eqs, ws)]`` for equations whose input and output
-    start with ``bt`` (batch, time) and whose contracted axes are the trailing axes of ``x`` and
-    the leading (or, as for a tied ``[vocab, embed]`` head, the trailing) axes of ``w``.
-
-    Computed as 2-D matmuls ``[B*T, K] @ [K, M]`` with a custom backward: same results, but on
-    XLA:CPU the backward of the 3-D einsum transposes the cotangent and misses the fast matmul
-    path (2.7x slower LM-head gradient), and the weight gradients need the layout chosen in
-    `_token_matmuls_bwd`. Weights that share ``x`` (q/k/v, gate/up) share one backward.
-    """
-    B, T = x.shape[:2]
-    plans = [_token_plan(eq, x.shape, w.shape) for eq, w in zip(eqs, ws)]
-    K, _, w_transposed, _ = plans[0]
-    if any(p[2] != w_transposed for p in plans):
-        raise ValueError("token_einsums: mixed weight layouts")
-    ys = _token_matmuls(x.reshape(B * T, K), tuple(w.reshape(p[1]) for w, p in zip(ws, plans)),
-                        w_transposed, preferred_element_type)
-    return [y.reshape((B, T) + p[3]) for y, p in zip(ys, plans)]
-
-
-def token_einsum(eq: str, x: Array, w: Array, preferred_element_type=None) -> Array:
-    """`token_einsums` for one equation."""
-    return token_einsums([eq], x, [w], preferred_element_type)[0]
-
-
 class Dense(nnx.Module):
     """``y = einsum(eq, x, kernel) + bias`` with an arbitrary kernel shape."""
 
@@ -203,10 +61,11 @@ class Dense(nnx.Module):
 
 
 def dense_many(layers, x: Array) -> list[Array]:
-    """``[layer(x) for layer in layers]`` for `Dense` layers reading the same ``x``, with one
-    shared backward (see `token_einsums`)."""
+    """``[layer(x) for layer in layers]`` for `Dense` layers reading the same ``x`` (one kernel
+    call, so ``cpu_fast`` can share their backward)."""
     dt = layers[0].dtype
-    ys = token_einsums([layer.eq for layer in layers], x.astype(dt), [layer.kernel[...].astype(dt) for layer in layers])
+    ws = [layer.kernel[...].astype(dt) for layer in layers]
+    ys = kernels_lib.einsums([layer.eq for layer in layers], x.astype(dt), ws)
     ys = [y if layer.bias is None else y + layer.bias[...].astype(dt) for y, layer in zip(ys, layers)]
     if any(getattr(layer, "lora_a", None) is not None for layer in layers):  # adapters from models.lora.attach
         from ngdiff_jax.models.lora import add_lora
@@ -344,17 +203,14 @@ class MLP(nnx.Module):
         f = _act(self.act)
         if self.gated:
             gate, up = dense_many([self.gate_proj, self.up_proj], x)
-            if self.act in ("silu", "swish"):
-                B, T, M = gate.shape
-                dt = self.down_proj.dtype
-                y = _swiglu_down(gate.reshape(B * T, M), up.reshape(B * T, M),
-                                 self.down_proj.kernel[...].astype(dt)).reshape(B, T, -1)
-                if getattr(self.down_proj, "lora_a", None) is not None:  # the fused path must not skip it
-                    from ngdiff_jax.models.lora import add_lora
+            down = self.down_proj
+            dt = down.dtype
+            y = kernels_lib.gated_down(f, gate, up, down.kernel[...].astype(dt))
+            if getattr(down, "lora_a", None) is not None:  # the fused path must not skip it
+                from ngdiff_jax.models.lora import add_lora
 
-                    y = add_lora([self.down_proj], (jax.nn.silu(gate) * up).astype(dt), [y])[0]
-                return y if self.down_proj.bias is None else y + self.down_proj.bias[...].astype(dt)
-            return self.down_proj(f(gate) * up)
+                y = add_lora([down], (f(gate) * up).astype(dt), [y])[0]
+            return y if down.bias is None else y + down.bias[...].astype(dt)
         return self.fc2(f(self.fc1(x)))
 
 
@@ -381,12 +237,15 @@ class CausalLM(nnx.Module):
 
     ``model.config`` is the `ModelConfig`. ``dtype`` is the compute dtype, ``param_dtype``
     the storage dtype of the parameters (e.g. bf16 compute with float32 parameters).
+    ``kernels`` (``"xla"``, ``"cpu_fast"`` or ``None`` for the backend default) picks the matmul
+    kernels, see `ngdiff_jax.models.kernels`; it is ``model.kernels``, a static attribute.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32):
+                 param_dtype: Any = jnp.float32, kernels: str | None = None):
         cfg = config
         self.config = cfg
+        self.kernels = kernels_lib.resolve_kernels(kernels)
         self.dtype = dtype
         self.param_dtype = param_dtype
         init = jax.nn.initializers.normal(cfg.initializer_range)
@@ -413,6 +272,10 @@ class CausalLM(nnx.Module):
         """Core forward. ``kv_valid [B, S]`` marks attendable key slots (S = T without a cache,
         the cache length with one). ``last_only`` computes logits of the last position only.
         Returns ``(logits float32 [B, T, V], new_cache or None)``."""
+        with kernels_lib.use(self.kernels):
+            return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only)
+
+    def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
@@ -425,13 +288,12 @@ class CausalLM(nnx.Module):
             x = x[:, -1:]
         x = self.final_norm(x)
         if self.lm_head is None:
-            logits = token_einsum("bte,ve->btv", x, self.embed[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
+            eq, head = "bte,ve->btv", self.embed[...]
         else:
-            logits = token_einsum("bte,ev->btv", x, self.lm_head.kernel[...].astype(self.dtype),
-                                preferred_element_type=jnp.float32)
-            if self.lm_head.bias is not None:
-                logits = logits + self.lm_head.bias[...].astype(jnp.float32)
+            eq, head = "bte,ev->btv", self.lm_head.kernel[...]
+        logits = kernels_lib.einsums([eq], x, [head.astype(self.dtype)], preferred_element_type=jnp.float32)[0]
+        if self.lm_head is not None and self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return logits.astype(jnp.float32), new_cache
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -467,8 +329,9 @@ class CausalLM(nnx.Module):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
-        for i in range(idx + 1):
-            x, _ = self.layers[i](x, positions, mask)
+        with kernels_lib.use(self.kernels):
+            for i in range(idx + 1):
+                x, _ = self.layers[i](x, positions, mask)
         return x
 
     def init_cache(self, batch: int, length: int, dtype=None):
@@ -488,8 +351,9 @@ def _jit_call(graphdef, state, input_ids, attention_mask, positions):
 
 
 def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
-                param_dtype=jnp.float32) -> CausalLM:
-    """A randomly initialized `CausalLM` for a HF config (or `ModelConfig`).
+                param_dtype=jnp.float32, kernels: str | None = None) -> CausalLM:
+    """A randomly initialized `CausalLM` for a HF config (or `ModelConfig`); ``kernels`` as for
+    `CausalLM`.
 
     Same distributions as the module's initializers (weights N(0, initializer_range), biases
     0, norm scales 1), drawn as one normal vector from ``rngs.params()``: one small compile
@@ -497,7 +361,9 @@ def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
     """
     cfg = ModelConfig.from_hf(hf_config)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    kernels = kernels_lib.resolve_kernels(kernels)
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                               kernels=kernels))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     flat, treedef = jax.tree_util.tree_flatten_with_path(pure)
