@@ -16,8 +16,11 @@ from typing import Any, Literal
 from ngdiff_jax.config_loader import build, load_yaml, resolve_config_path
 from ngdiff_jax.data.formatting import FormatSpec, load_format
 
-FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "none")
-RETAIN_LOSSES = ("nll", "kl", "none")
+FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "idk_nll", "dpo", "wga", "satimp", "ceu", "undial", "rmu", "none")
+RETAIN_LOSSES = ("nll", "kl", "embed_diff", "none")
+# forget objectives that need the alternate ("I don't know") answers / a hidden state / the reference model
+ALTERNATE_LOSSES = ("idk_nll", "dpo")
+REFERENCE_LOSSES = ("npo", "dpo", "undial", "kl", "embed_diff")
 COMBINERS = ("ngdiff", "gdiff", "mgda", "pcgrad")
 LR_RULES = ("gen", "constant", "linear", "cosine")
 PROBES = ("retain", "forget", "sum")
@@ -32,11 +35,18 @@ class MethodConfig:
     preference losses, ``nll`` on the retain side keeps the model's answers,
     ``kl`` keeps its distribution close to the reference model's. ``none``
     drops that task (its gradient is zero and no backward pass is done).
+    ``idk_nll`` / ``dpo`` train toward refusal answers (``idk_path``), ``wga`` /
+    ``satimp`` are token-weighted ascent, ``ceu`` is CE-U, ``undial`` self-distils
+    from adjusted reference logits, ``rmu`` steers the hidden state after block
+    ``rmu_layer`` toward a random direction; ``embed_diff`` (retain) keeps that hidden
+    state at the reference model's. Definitions and sources: docs/METRICS.md.
     """
 
     name: str = "custom"
-    forget_loss: Literal["ga", "npo", "simnpo", "nll", "none"] = "ga"
-    retain_loss: Literal["nll", "kl", "none"] = "nll"
+    forget_loss: Literal[
+        "ga", "npo", "simnpo", "nll", "idk_nll", "dpo", "wga", "satimp", "ceu", "undial", "rmu", "none"
+    ] = "ga"
+    retain_loss: Literal["nll", "kl", "embed_diff", "none"] = "nll"
     combiner: Literal["ngdiff", "gdiff", "mgda", "pcgrad"] = "ngdiff"
     lr_rule: Literal["gen", "constant", "linear", "cosine"] = "gen"
     # Which loss GeN probes along the update direction to set the learning rate.
@@ -45,9 +55,20 @@ class MethodConfig:
     # gdiff weights: direction = retain_weight * g_r + forget_weight * g_f
     retain_weight: float = 1.0
     forget_weight: float = 1.0
-    # NPO / SimNPO
+    # NPO / SimNPO / DPO / WGA / UNDIAL (each method's YAML sets open-unlearning's default)
     beta: float = 0.1
     simnpo_delta: float = 0.0
+    # SatImp (open-unlearning configs/trainer/SatImp.yaml)
+    satimp_beta1: float = 5.0
+    satimp_beta2: float = 1.0
+    # CE-U (configs/trainer/CEU.yaml)
+    ceu_ignore_first_n: int = 1
+    # RMU (configs/trainer/RMU.yaml: module model.layers.7, steering_coeff 2); negative layers count from the end
+    rmu_layer: int = 7
+    rmu_steering_coeff: float = 2.0
+    rmu_seed: int = 0  # seed of the fixed random control vector
+    # refusal answers for idk_nll / dpo: a JSON-lines file of strings (null: configs/data/idk.jsonl)
+    idk_path: str | None = None
 
     def __post_init__(self):
         if self.forget_loss == "none" and self.retain_loss == "none":
@@ -63,10 +84,26 @@ class MethodConfig:
                 "forget_loss=none; set probe=retain or a forget loss."
             )
 
+        if self.ceu_ignore_first_n < 0:
+            raise ValueError(f"method {self.name!r}: ceu_ignore_first_n={self.ceu_ignore_first_n} must be >= 0.")
+        if self.beta <= 0 and self.forget_loss in ("npo", "simnpo", "dpo"):
+            raise ValueError(f"method {self.name!r}: beta={self.beta} must be > 0 for {self.forget_loss}.")
+
     @property
     def needs_reference(self) -> bool:
-        """NPO and KL compare against a frozen reference model (the model before unlearning)."""
-        return self.forget_loss == "npo" or self.retain_loss == "kl"
+        """NPO, DPO, UNDIAL, KL and RMU's embed_diff compare against a frozen reference model
+        (the model before unlearning)."""
+        return self.forget_loss in REFERENCE_LOSSES or self.retain_loss in REFERENCE_LOSSES
+
+    @property
+    def needs_alternate(self) -> bool:
+        """``idk_nll`` / ``dpo``: forget batches carry the refusal answers as ``alt_*`` arrays."""
+        return self.forget_loss in ALTERNATE_LOSSES
+
+    @property
+    def needs_hidden(self) -> bool:
+        """``rmu`` / ``embed_diff`` read the hidden state after block ``rmu_layer``."""
+        return self.forget_loss == "rmu" or self.retain_loss == "embed_diff"
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,68 @@ def make_batcher(examples, tokenizer, data: DataConfig, *, seed: int, shuffle: b
         buckets=list(data.buckets) if data.buckets else None,
         max_length=data.max_length,
     )
+
+
+def alternate_rows(rows: Sequence[Mapping[str, str]], responses: Sequence[str], *, seed: int) -> list[dict]:
+    """Each row's question with a refusal answer drawn from ``responses``.
+
+    open-unlearning's ``QAwithIdkDataset`` draws a fresh random refusal every time an item is
+    read; here row ``i`` gets ``responses[rng([seed, i]).integers(len)]`` once, so batches stay a
+    pure function of the seed (resume gives the same batches).
+    """
+    import numpy as np
+
+    if not responses:
+        raise ValueError("alternate_rows needs at least one refusal answer.")
+    out = []
+    for i, r in enumerate(rows):
+        j = int(np.random.default_rng([int(seed), i]).integers(len(responses)))
+        out.append({"question": r["question"], "answer": responses[j]})
+    return out
+
+
+class PairedBatcher:
+    """Forget batches with each row's alternate answer: ``next()`` gives the batch of ``main``
+    plus ``alt_input_ids``/``alt_attention_mask``/``alt_labels`` from ``alternate``.
+
+    Both batchers hold the same number of examples with the same seed and batch size, so
+    their row orders agree; the position (``state``/``restore``) is shared.
+    """
+
+    def __init__(self, main, alternate):
+        if len(main.examples) != len(alternate.examples) or main.batch_size != alternate.batch_size:
+            raise ValueError("PairedBatcher needs two batchers over the same rows with the same batch size.")
+        if main.seed != alternate.seed or main.shuffle != alternate.shuffle:
+            raise ValueError("PairedBatcher needs two batchers with the same seed and shuffle setting.")
+        self.main, self.alternate = main, alternate
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self.main))
+        alt = next(self.alternate)
+        batch.update({f"alt_{k}": v for k, v in alt.items()})
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return self.main.state()
+
+    def restore(self, position) -> None:
+        self.main.restore(position)
+        self.alternate.restore(position)
+
+
+def forget_stream(rows, examples, tokenizer, data: DataConfig, method, *, seed: int):
+    """The forget batch stream of ``method``: a plain batcher, or a :class:`PairedBatcher` with the
+    refusal answers (``method.idk_path``) when the method needs them (``idk_nll``, ``dpo``)."""
+    main = make_batcher(examples, tokenizer, data, seed=seed)
+    if not getattr(method, "needs_alternate", False):
+        return main
+    from ngdiff_jax.training.methods import load_idk_responses
+
+    alt = alternate_rows(rows, load_idk_responses(method.idk_path), seed=seed)
+    return PairedBatcher(main, make_batcher(encode_split(alt, tokenizer, data), tokenizer, data, seed=seed))

@@ -5,16 +5,21 @@ learning-rate rule; ``configs/methods/<name>.yaml`` holds the named ones
 (``ga``, ``gdiff``, ``npo``, ``simnpo``, ``ngdiff``, ``ngdiff_npo``, ``mgda``,
 ``pcgrad``). A new method is a new YAML file, not new code.
 
-Objectives are functions ``objective(logits, labels, ref) -> (loss, nll)`` of
-the model's logits on a batch, where ``ref`` holds what the reference model
-contributes (``ref_logp_sum [B]`` for NPO, ``ref_logits`` for KL) and ``nll``
-is the plain mean NLL of the batch, logged alongside.
+An objective is an :class:`Objective`: ``loss(model, params, batch, ref) -> (loss, nll)``
+runs the model itself (``model.logits(params, ids, mask)``, or
+``model.hidden(params, ids, mask, layer=...)`` for RMU), so it can read a second
+answer of each question (``alt_*`` arrays: DPO/IdkNLL) or a hidden state. ``ref``
+holds what the frozen reference model contributes, made by ``reference(model,
+ref_params, batch)`` (``ref_logp_sum [B]`` for NPO, ``ref_logits`` for KL and
+UNDIAL, ...) or read from precomputed batch entries. ``nll`` is the plain mean NLL
+of the batch, logged alongside. Definitions and sources are listed in docs/METRICS.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +27,42 @@ import optax
 
 from ngdiff_jax.training.config_schema import MethodConfig, OptimConfig, available_methods, load_method
 
-Objective = Callable[[jax.Array, jax.Array, dict[str, Any]], tuple[jax.Array, jax.Array]]
+ApplyFn = Callable[..., jax.Array]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels")
+ALT_KEYS = ("alt_input_ids", "alt_attention_mask", "alt_labels")
+
+
+class ModelFns(NamedTuple):
+    """What an objective may call: ``logits(params, ids, mask)`` and, for RMU,
+    ``hidden(params, ids, mask, *, layer)`` (``apply_fn.hidden_state`` of ``models.functional``)."""
+
+    logits: ApplyFn
+    hidden: Callable[..., jax.Array] | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A task loss. ``loss(model, params, batch, ref) -> (loss, nll)``; ``reference(model,
+    ref_params, batch) -> ref`` (None: needs no reference); ``precomputed``: batch keys that
+    may stand in for ``reference`` (e.g. ``ref_logp_sum``); ``batch_keys``: the batch
+    entries the loss reads."""
+
+    loss: Callable[[ModelFns, Any, dict, dict], tuple[jax.Array, jax.Array]]
+    reference: Callable[[ModelFns, Any, dict], dict] | None = None
+    precomputed: tuple[str, ...] = ()
+    batch_keys: tuple[str, ...] = BATCH_KEYS
+
 
 __all__ = [
     "MethodConfig",
+    "ModelFns",
     "Objective",
     "available_methods",
     "forget_objective",
     "learning_rate_schedule",
     "load_method",
+    "load_idk_responses",
     "make_finetune_optimizer",
     "make_optimizer",
     "retain_objective",
@@ -43,51 +75,167 @@ def _nll(logits, labels):
     return losses.nll(logits, labels)
 
 
+def _logits(model: ModelFns, params, batch, prefix: str = ""):
+    return model.logits(params, batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
+
+
+def _hidden(model: ModelFns, params, batch, layer: int):
+    return model.hidden(params, batch["input_ids"], batch["attention_mask"], layer=layer)
+
+
+def _ref_logp_sum(prefix: str = ""):
+    def reference(model, ref_params, batch):
+        from ngdiff_jax import losses
+
+        lg = _logits(model, ref_params, batch, prefix)
+        return {f"{prefix}ref_logp_sum": losses.sequence_logprob_sum(lg, batch[prefix + "labels"])}
+
+    return reference
+
+
+def _ref_logits(model, ref_params, batch):
+    return {"ref_logits": _logits(model, ref_params, batch)}
+
+
+def _logit_objective(fn, **kw) -> Objective:
+    """An objective of the batch's logits only: ``fn(logits, labels, ref) -> loss``."""
+
+    def loss(model, params, batch, ref):
+        logits = _logits(model, params, batch)
+        return fn(logits, batch, ref), _nll(logits, batch["labels"])
+
+    return Objective(loss, **kw)
+
+
 def forget_objective(method: MethodConfig) -> Objective | None:
-    """The forget-task loss to minimize, or None for ``forget_loss: none``."""
+    """The forget-task :class:`Objective` (a loss to minimize), or None for ``forget_loss: none``."""
     from ngdiff_jax import losses
 
     kind = method.forget_loss
     if kind == "none":
         return None
     if kind == "ga":
-        def obj(logits, labels, ref):
-            nll = _nll(logits, labels)
+        def ga(model, params, batch, ref):
+            nll = _nll(_logits(model, params, batch), batch["labels"])
             return -nll, nll  # == losses.gradient_ascent, with the NLL reused for logging
-    elif kind == "nll":
-        def obj(logits, labels, ref):
-            nll = _nll(logits, labels)
+
+        return Objective(ga)
+    if kind == "nll":
+        def nll_loss(model, params, batch, ref):
+            nll = _nll(_logits(model, params, batch), batch["labels"])
             return nll, nll
-    elif kind == "npo":
-        def obj(logits, labels, ref):
-            return losses.npo(logits, labels, ref["ref_logp_sum"], method.beta), _nll(logits, labels)
-    elif kind == "simnpo":
-        def obj(logits, labels, ref):
-            return losses.simnpo(logits, labels, beta=method.beta, delta=method.simnpo_delta), _nll(
-                logits, labels
-            )
-    else:  # guarded by MethodConfig's Literal type
-        raise ValueError(f"unknown forget_loss {kind!r}")
-    return obj
+
+        return Objective(nll_loss)
+    if kind == "npo":
+        return _logit_objective(
+            lambda lg, b, ref: losses.npo(lg, b["labels"], ref["ref_logp_sum"], method.beta),
+            reference=_ref_logp_sum(), precomputed=("ref_logp_sum",),
+        )  # fmt: skip
+    if kind == "simnpo":
+        return _logit_objective(
+            lambda lg, b, ref: losses.simnpo(lg, b["labels"], beta=method.beta, delta=method.simnpo_delta)
+        )
+    if kind == "wga":
+        return _logit_objective(lambda lg, b, ref: losses.wga(lg, b["labels"], method.beta))
+    if kind == "satimp":
+        return _logit_objective(
+            lambda lg, b, ref: losses.satimp(lg, b["labels"], method.satimp_beta1, method.satimp_beta2)
+        )
+    if kind == "ceu":
+        return _logit_objective(lambda lg, b, ref: losses.ce_u(lg, b["labels"], method.ceu_ignore_first_n))
+    if kind == "undial":
+        return _logit_objective(
+            lambda lg, b, ref: losses.undial(lg, ref["ref_logits"], b["labels"], method.beta, b["attention_mask"]),
+            reference=_ref_logits,
+        )  # fmt: skip
+    if kind == "idk_nll":
+        def idk_nll(model, params, batch, ref):
+            alt = _nll(_logits(model, params, batch, "alt_"), batch["alt_labels"])
+            nll = jax.lax.stop_gradient(_nll(_logits(model, params, batch), batch["labels"]))
+            return alt, nll
+
+        return Objective(idk_nll, batch_keys=BATCH_KEYS + ALT_KEYS)
+    if kind == "dpo":
+        def ref_both(model, ref_params, batch):
+            return {**_ref_logp_sum()(model, ref_params, batch), **_ref_logp_sum("alt_")(model, ref_params, batch)}
+
+        def dpo(model, params, batch, ref):
+            logits = _logits(model, params, batch)
+            alt = _logits(model, params, batch, "alt_")
+            loss = losses.dpo(logits, batch["labels"], ref["ref_logp_sum"], alt, batch["alt_labels"],
+                              ref["alt_ref_logp_sum"], method.beta)  # fmt: skip
+            return loss, _nll(logits, batch["labels"])
+
+        return Objective(dpo, reference=ref_both, precomputed=("ref_logp_sum", "alt_ref_logp_sum"),
+                         batch_keys=BATCH_KEYS + ALT_KEYS)  # fmt: skip
+    if kind == "rmu":
+        def rmu(model, params, batch, ref):
+            h = _hidden(model, params, batch, method.rmu_layer)
+            u = losses.rmu_control_vector(jax.random.PRNGKey(method.rmu_seed), h.shape[-1], method.rmu_steering_coeff)
+            nll = jax.lax.stop_gradient(_nll(_logits(model, params, batch), batch["labels"]))
+            return losses.rmu_forget(h, u, batch["labels"]), nll
+
+        return Objective(rmu)
+    raise ValueError(f"unknown forget_loss {kind!r}")  # guarded by MethodConfig's Literal type
 
 
 def retain_objective(method: MethodConfig) -> Objective | None:
-    """The retain-task loss to minimize, or None for ``retain_loss: none``."""
+    """The retain-task :class:`Objective` (a loss to minimize), or None for ``retain_loss: none``."""
     from ngdiff_jax import losses
 
     kind = method.retain_loss
     if kind == "none":
         return None
     if kind == "nll":
-        def obj(logits, labels, ref):
-            nll = _nll(logits, labels)
+        def nll_loss(model, params, batch, ref):
+            nll = _nll(_logits(model, params, batch), batch["labels"])
             return nll, nll
-    elif kind == "kl":
-        def obj(logits, labels, ref):
-            return losses.kl_to_reference(logits, ref["ref_logits"], labels), _nll(logits, labels)
-    else:
-        raise ValueError(f"unknown retain_loss {kind!r}")
-    return obj
+
+        return Objective(nll_loss)
+    if kind == "kl":
+        return _logit_objective(
+            lambda lg, b, ref: losses.kl_to_reference(lg, ref["ref_logits"], b["labels"]), reference=_ref_logits
+        )
+    if kind == "embed_diff":
+        def ref_hidden(model, ref_params, batch):
+            return {"ref_hidden": _hidden(model, ref_params, batch, method.rmu_layer)}
+
+        def embed_diff(model, params, batch, ref):
+            h = _hidden(model, params, batch, method.rmu_layer)
+            nll = jax.lax.stop_gradient(_nll(_logits(model, params, batch), batch["labels"]))
+            return losses.activation_mse(h, ref["ref_hidden"], batch["labels"]), nll
+
+        return Objective(embed_diff, reference=ref_hidden)
+    raise ValueError(f"unknown retain_loss {kind!r}")
+
+
+def load_idk_responses(path=None) -> list[str]:
+    """The refusal answers for ``idk_nll`` / ``dpo``: a JSON-lines file of strings, one per line
+    (default ``configs/data/idk.jsonl``, our own list in the style of open-unlearning's ``idk.jsonl``)."""
+    import json
+    from pathlib import Path
+
+    from ngdiff_jax.paths import CONFIG_DIR
+
+    p = Path(path).expanduser() if path else CONFIG_DIR / "data" / "idk.jsonl"
+    if not p.is_file():
+        raise FileNotFoundError(f"method.idk_path: {p} not found; give a JSON-lines file of refusal strings.")
+    out = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            v = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{p}:{n}: not JSON ({e.msg}); each line must be a JSON string such as \"I don't know.\""
+            ) from None
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"{p}:{n}: expected a non-empty JSON string, got {v!r}.")
+        out.append(v)
+    if not out:
+        raise ValueError(f"{p} holds no refusal answers; add one JSON string per line.")
+    return out
 
 
 def learning_rate_schedule(rule: str, optim: OptimConfig, total_steps: int) -> optax.Schedule | float:

@@ -10,7 +10,9 @@ At most two gradient trees are alive at once.
 Batches are dicts with ``input_ids``, ``attention_mask``, ``labels`` (see
 docs/ARCHITECTURE.md). A forget batch may carry ``ref_logp_sum`` ``[B]``
 (precomputed reference log-probs of the answers) instead of passing
-``ref_params``; KL on the retain side needs ``ref_params``.
+``ref_params``; KL on the retain side needs ``ref_params``. The forget batch of
+``idk_nll``/``dpo`` also carries ``alt_input_ids``/``alt_attention_mask``/``alt_labels``
+(the refusal answer of each row's question).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import optax
 
 from ngdiff_jax.models.logprobs import token_logprobs
 from ngdiff_jax.training.config_schema import MethodConfig
-from ngdiff_jax.training.methods import forget_objective, retain_objective
+from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -44,47 +46,64 @@ def _stats(opt_state) -> dict[str, jax.Array]:
     return inject_stats(opt_state)
 
 
-def make_unlearn_step(apply_fn: ApplyFn, method: MethodConfig, tx: optax.GradientTransformationExtraArgs):
+def make_unlearn_step(
+    apply_fn: ApplyFn, method: MethodConfig, tx: optax.GradientTransformationExtraArgs, *, hidden_fn=None
+):
     """The two-task unlearning step for ``method`` with the optax chain ``tx`` (see module doc).
 
-    Metrics: ``forget_loss``, ``retain_loss`` (the objectives), ``forget_nll``,
-    ``retain_nll``, ``forget_grad_norm``, ``retain_grad_norm``,
+    ``hidden_fn(params, ids, mask, *, layer)`` (default ``apply_fn.hidden_state``) serves
+    the methods that read a hidden state (RMU). Metrics: ``forget_loss``, ``retain_loss``
+    (the objectives), ``forget_nll``, ``retain_nll``, ``forget_grad_norm``, ``retain_grad_norm``,
     ``learning_rate``, ``skipped`` (cumulative count of skipped non-finite steps).
     """
     f_obj = forget_objective(method)
     r_obj = retain_objective(method)
     probe = method.probe
-    needs_ref_logits = method.retain_loss == "kl"
+    hidden_fn = hidden_fn if hidden_fn is not None else getattr(apply_fn, "hidden_state", None)
+    if method.needs_hidden and hidden_fn is None:
+        raise ValueError(
+            f"method {method.name!r} reads a hidden state (forget_loss={method.forget_loss}, "
+            f"retain_loss={method.retain_loss}) but apply_fn has no `hidden_state`; build it with "
+            "ngdiff_jax.models.functional or pass hidden_fn=."
+        )
+    model_fns = ModelFns(apply_fn, hidden_fn)
 
     def task_loss(obj, batch, ref):
         def loss_fn(params):
-            logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
-            return obj(logits, batch["labels"], ref)
+            return obj.loss(model_fns, params, batch, ref)
 
         return loss_fn
 
+    def reference(obj, task, batch, ref_params):
+        if obj is None or obj.reference is None:
+            return {}
+        if obj.precomputed and all(k in batch for k in obj.precomputed):
+            return {k: batch[k] for k in obj.precomputed}
+        if ref_params is None:
+            loss = method.forget_loss if task == "forget" else method.retain_loss
+            extra = f" or put precomputed {list(obj.precomputed)} in the {task} batch" if obj.precomputed else ""
+            raise ValueError(
+                f"method {method.name!r} uses {task}_loss={loss}, which needs the reference model: pass "
+                f"ref_params to the step{extra}."
+            )
+        return jax.tree_util.tree_map(jax.lax.stop_gradient, obj.reference(model_fns, ref_params, batch))
+
+    def view(obj, batch):
+        keys = obj.batch_keys if obj is not None else ("input_ids", "attention_mask", "labels")
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ValueError(
+                f"method {method.name!r} needs batch entries {missing} (the alternate answers of "
+                "idk_nll/dpo come from the forget stream built by the unlearn pipeline)."
+            )
+        return {k: batch[k] for k in keys}
+
     def step(params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
         del rng  # the methods here are deterministic; the key is threaded for stochastic ones
-        f_ref: dict[str, jax.Array] = {}
-        r_ref: dict[str, jax.Array] = {}
-        if method.forget_loss == "npo":
-            if "ref_logp_sum" in forget_batch:
-                f_ref["ref_logp_sum"] = forget_batch["ref_logp_sum"]
-            elif ref_params is not None:
-                f_ref["ref_logp_sum"] = reference_logp_sum(apply_fn, ref_params, forget_batch)
-            else:
-                raise ValueError(
-                    f"method {method.name!r} uses NPO, which needs the reference model: pass ref_params "
-                    "to the step or put precomputed `ref_logp_sum` in the forget batch."
-                )
-        if needs_ref_logits:
-            if ref_params is None:
-                raise ValueError(f"method {method.name!r} uses a KL retain loss: pass ref_params to the step.")
-            r_ref["ref_logits"] = jax.lax.stop_gradient(
-                apply_fn(ref_params, retain_batch["input_ids"], retain_batch["attention_mask"])
-            )
-        fb = {k: forget_batch[k] for k in ("input_ids", "attention_mask", "labels")}
-        rb = {k: retain_batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        f_ref = reference(f_obj, "forget", forget_batch, ref_params)
+        r_ref = reference(r_obj, "retain", retain_batch, ref_params)
+        fb = view(f_obj, forget_batch)
+        rb = view(r_obj, retain_batch)
 
         zero = jnp.zeros((), jnp.float32)
         if f_obj is not None:

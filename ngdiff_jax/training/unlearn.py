@@ -90,7 +90,7 @@ def run_unlearn(
     )
     retain_ex = data_assembly.encode_split(retain_rows, tok, cfg.data, spec, where=f"data.retain_split={retain_split}")
     seed = cfg.run.seed
-    forget = data_assembly.make_batcher(forget_ex, tok, cfg.data, seed=seed)
+    forget = data_assembly.forget_stream(forget_rows, forget_ex, tok, cfg.data, cfg.method, seed=seed)
     retain = data_assembly.make_batcher(retain_ex, tok, cfg.data, seed=seed + 1)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(forget))
 

@@ -1,0 +1,186 @@
+"""The added methods (IdkNLL, IdkDPO, WGA, SatImp, CE-U, UNDIAL, RMU, GDR/KLR variants):
+the jitted-step wiring with references, alternate answers and hidden states, composition with
+every combiner, and a two-step `ngdiff unlearn` run of each on a tiny model."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from ngdiff_jax import losses, models
+from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
+from ngdiff_jax.training.data_assembly import PairedBatcher, alternate_rows, make_batcher
+from ngdiff_jax.training.methods import load_idk_responses
+
+NEW = ("idk_nll", "idk_dpo", "wga", "satimp", "ceu", "undial", "rmu", "ga_gdr", "ga_klr", "npo_gdr", "npo_klr")
+V, T, B = 96, 96, 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A synthetic TOFU folder and a tiny 2-block Llama saved with its tokenizer."""
+    from ngdiff_jax.data import synthetic, train_tokenizer
+
+    d = tmp_path_factory.mktemp("methods_run")
+    data = synthetic.write_benchmark(d / "tofu", n_authors=4, questions_per_author=4, seed=0)
+    rows = [r for s in ("full",) for r in __import__("ngdiff_jax.data", fromlist=["load_tofu"]).load_tofu(s, data)]
+    tok = train_tokenizer([r["question"] + " " + r["answer"] for r in rows] + load_idk_responses(), d / "tok",
+                          vocab_size=300)  # fmt: skip
+    hf = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "max_position_embeddings": 128}  # fmt: skip
+    model = models.from_config(hf, rngs=nnx.Rngs(0))
+    models.save_pretrained(model, d / "model", tokenizer=tok)
+    return d, data
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_run):
+    """The saved tiny model of `tiny_run`, functional; batches below have the runs' shapes
+    (2 x 96 tokens), so eager op compiles are shared between the tests."""
+    model = models.from_pretrained(tiny_run[0] / "model")
+    assert model.config.vocab_size >= V
+    return models.functional(model)
+
+
+def _batch(seed, t=T):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, V, (B, t)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[-1, t // 2 :] = 0
+    labels = np.where(mask == 1, ids, -100).astype(np.int32)
+    labels[:, :40] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _forget(seed):
+    fb = _batch(seed)
+    alt = _batch(seed + 100)
+    fb.update({f"alt_{k}": v for k, v in alt.items()})
+    return fb
+
+
+def _method(name, **kw):
+    m = load_method(name, **kw)
+    return m if not m.needs_hidden else load_method(name, rmu_layer=0, **kw)
+
+
+def test_reference_methods_refuse_to_run_without_it(tiny):
+    apply_fn, params = tiny
+    needing = [n for n in NEW if _method(n).needs_reference]
+    assert set(needing) == {"idk_dpo", "undial", "rmu", "ga_klr", "npo_gdr", "npo_klr"}
+    for name in needing:
+        method = _method(name)
+        tx = make_optimizer(method, OptimConfig(lr=1e-3), total_steps=10)
+        with pytest.raises(ValueError, match="needs the reference model"):
+            make_unlearn_step(apply_fn, method, tx)(params, None, _forget(0), _batch(1), jax.random.PRNGKey(0))
+
+
+def test_losses_at_the_reference_match_hand_values(tiny):
+    """At params == reference: DPO = 2/beta log 2, embed_diff = 0, KLR = 0; RMU = its MSE to the control vector."""
+    apply_fn, params = tiny
+    fb, rb = _forget(2), _batch(3)
+    with jax.disable_jit():
+        for name, check in [
+            ("idk_dpo", lambda m, meth: float(m["forget_loss"]) == pytest.approx(2 / meth.beta * np.log(2), rel=1e-5)),
+            ("ga_klr", lambda m, meth: abs(float(m["retain_loss"])) < 1e-6),
+            ("rmu", lambda m, meth: abs(float(m["retain_loss"])) < 1e-10),
+        ]:
+            meth = _method(name)
+            tx = make_optimizer(meth, OptimConfig(lr=1e-3), total_steps=3)
+            _, _, m = make_unlearn_step(apply_fn, meth, tx)(params, tx.init(params), fb, rb, jax.random.PRNGKey(0),
+                                                            params)  # fmt: skip
+            assert check(m, meth), (name, m)
+        meth = _method("rmu")
+        h = apply_fn.hidden_state(params, fb["input_ids"], fb["attention_mask"], layer=0)
+        u = losses.rmu_control_vector(jax.random.PRNGKey(meth.rmu_seed), h.shape[-1], meth.rmu_steering_coeff)
+        lab = np.asarray(fb["labels"])
+        rows = [np.mean(np.square(np.asarray(h[b]) - np.asarray(u)).mean(-1)[lab[b] != -100]) for b in range(B)]
+        tx = make_optimizer(meth, OptimConfig(lr=1e-3), total_steps=3)
+        _, _, m = make_unlearn_step(apply_fn, meth, tx)(params, tx.init(params), fb, rb, jax.random.PRNGKey(0), params)
+        assert float(m["forget_loss"]) == pytest.approx(np.mean(rows), rel=1e-5)
+
+
+def test_missing_alternate_answers_and_hidden_state_are_errors(tiny):
+    apply_fn, params = tiny
+    meth = _method("idk_nll")
+    tx = make_optimizer(meth, OptimConfig(lr=1e-3), total_steps=3)
+    with jax.disable_jit(), pytest.raises(ValueError, match="alt_input_ids"):
+        make_unlearn_step(apply_fn, meth, tx)(params, tx.init(params), _batch(0), _batch(1), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="hidden_state"):
+        make_unlearn_step(lambda p, i, m: None, _method("rmu"), tx)
+    with jax.disable_jit(), pytest.raises(ValueError, match="out of range"):
+        meth = load_method("rmu")  # layer 7 of a 2-block model
+        tx = make_optimizer(meth, OptimConfig(lr=1e-3), total_steps=3)
+        make_unlearn_step(apply_fn, meth, tx)(params, tx.init(params), _batch(0), _batch(1), jax.random.PRNGKey(0),
+                                              params)  # fmt: skip
+
+
+class _Tok:
+    pad_token_id = 0
+
+
+def test_paired_batcher_keeps_rows_aligned_and_resumes():
+    from ngdiff_jax.training.config_schema import DataConfig
+
+    rows = [{"question": f"q{i}", "answer": "a" * (i % 3 + 1)} for i in range(10)]
+    refusals = ["I don't know.", "No idea."]
+    alt = alternate_rows(rows, refusals, seed=3)
+    assert [r["question"] for r in alt] == [r["question"] for r in rows]
+    assert alt == alternate_rows(rows, refusals, seed=3) and {r["answer"] for r in alt} <= set(refusals)
+    # examples whose first token identifies the row: main and alternate batches must agree row by row
+    main_ex = [([i + 3, 50, 51], [-100, 50, 51]) for i in range(10)]
+    alt_ex = [([i + 3, 60], [-100, 60]) for i in range(10)]
+    data = DataConfig(batch_size=4, max_length=8)
+    pb = PairedBatcher(make_batcher(main_ex, _Tok(), data, seed=5), make_batcher(alt_ex, _Tok(), data, seed=5))
+    seen = []
+    for _ in range(5):
+        b = next(pb)
+        real = b["attention_mask"].sum(-1) > 0
+        np.testing.assert_array_equal(b["input_ids"][real, 0], b["alt_input_ids"][real, 0])
+        seen.append(b)
+    pb2 = PairedBatcher(make_batcher(main_ex, _Tok(), data, seed=5), make_batcher(alt_ex, _Tok(), data, seed=5))
+    pb2.restore({"epoch": 1, "index": 1})  # = after 4 batches (3 per epoch)
+    b = next(pb2)
+    for k in seen[4]:
+        np.testing.assert_array_equal(b[k], seen[4][k])
+    with pytest.raises(ValueError, match="same seed"):
+        PairedBatcher(make_batcher(main_ex, _Tok(), data, seed=5), make_batcher(alt_ex, _Tok(), data, seed=6))
+
+
+def test_idk_responses_file(tmp_path):
+    r = load_idk_responses()
+    assert len(r) >= 20 and all(isinstance(x, str) and x for x in r)
+    bad = tmp_path / "idk.jsonl"
+    bad.write_text('"I don\'t know."\nnot json\n')
+    with pytest.raises(ValueError, match=r"idk.jsonl:2: not JSON"):
+        load_idk_responses(bad)
+    with pytest.raises(FileNotFoundError, match="method.idk_path"):
+        load_idk_responses(tmp_path / "missing.jsonl")
+
+
+def test_every_new_method_runs_in_ngdiff_unlearn(tiny_run):
+    from ngdiff_jax.config_loader import load_config
+    from ngdiff_jax.training import UnlearnConfig, run_unlearn
+
+    d, data = tiny_run
+    gen = ["method.combiner=ngdiff", "method.lr_rule=gen", "method.retain_loss=nll", "method.probe=retain"]
+    runs = [(n, []) for n in NEW]
+    # any forget objective under every combiner: ngdiff with GeN, mgda, pcgrad
+    runs += [("idk_dpo", gen), ("rmu", gen), ("undial", ["method.combiner=mgda", "method.retain_loss=nll"]),
+             ("satimp", ["method.combiner=pcgrad"])]  # fmt: skip
+    with jax.disable_jit():  # two steps each: eager is cheaper than one compile per method
+        for i, (name, extra) in enumerate(runs):
+            extra = extra + (["method.rmu_layer=-1"] if name == "rmu" else [])
+            cfg = load_config(UnlearnConfig, None, [
+                f"model_path={d / 'model'}", f"method={name}", f"data.source={data}", "data.forget_split=forget10",
+                "data.retain_split=retain90", "data.batch_size=2", "data.max_length=96", "data.buckets=[96]",
+                "run.steps=2", "run.checkpoint_every=0", "run.progress=false", "optim.lr=1e-3",
+                f"run.output_dir={d / f'{name}_{i}'}", *extra])  # fmt: skip
+            _, summary = run_unlearn(cfg)
+            last = summary["last_metrics"]
+            assert summary["steps"] == 2 and last["skipped"] == 0, (name, summary)
+            assert np.isfinite(last["forget_loss"]) and np.isfinite(last["retain_loss"]), (name, last)
+            assert last["forget_grad_norm"] > 0 and last["learning_rate"] > 0, (name, last)
+            assert (last["retain_grad_norm"] > 0) == (cfg.method.retain_loss != "none"), (name, last)
+            assert (d / f"{name}_{i}" / "model" / "config.json").exists()
