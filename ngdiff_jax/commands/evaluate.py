@@ -58,10 +58,15 @@ def run(args) -> int:
 
     name = args.name or Path(str(args.model).rstrip("/")).name
     out = Path(args.out) if args.out else Path("eval_results") / f"{name}.json"
-    if args.retain_eval is not None and not Path(args.retain_eval).is_file():
-        msg = f"error: --retain-eval {args.retain_eval} does not exist; evaluate the retain model first."
-        print(msg, file=sys.stderr)
-        return 2
+    from ngdiff_jax.data import read_format as _read_format
+    from ngdiff_jax.training.validation import validate_eval
+
+    try:
+        _saved = _read_format(args.model) if Path(str(args.model)).is_dir() else None
+    except (OSError, ValueError):
+        _saved = None  # reported by resolve_format below
+    # every input checked before the model is loaded or anything is evaluated (exit code 2)
+    validate_eval(args, args.forget_split or (_saved or {}).get("forget_split") or "forget10")
     try:
         model = from_pretrained(args.model)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)

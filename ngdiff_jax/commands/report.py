@@ -62,6 +62,9 @@ def run(args) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from ngdiff_jax.training.validation import validate_report
+
+    validate_report(results, trajectories, args.out)  # before anything is written (exit code 2)
     paths = write_report(Path(args.out), results, trajectories or None,
                          target=args.target, retain=args.retain, title=args.title)  # fmt: skip
     for p in paths.values():

@@ -220,8 +220,9 @@ def _tokenizer(key: str, path: str, errors: list[str]):
         return None
 
 
-def _split_files(data, splits: list[str], errors: list[str]) -> None:
-    """Every row of every split has string ``question``/``answer`` (the file and row are named)."""
+def _split_files(data, splits: list[str], errors: list[str]) -> dict[str, list]:
+    """Every row of every split has string ``question``/``answer`` (the file and row are named);
+    returns the rows of the splits that passed."""
     from ngdiff_jax.paths import shared_data_dir
 
     source = data.source
@@ -230,16 +231,17 @@ def _split_files(data, splits: list[str], errors: list[str]) -> None:
         if not d.is_dir():
             errors.append(f"data.source is not set and the shared TOFU files are not at {d}; set data.source to a "
                           "folder of TOFU <split>.json files or set NGDIFF_SHARED_DATA.")  # fmt: skip
-            return
+            return {}
     else:
         d = Path(source).expanduser()
         if not d.is_dir():
             if looks_like_hub_id(source) and hub_cached(source, "dataset"):
-                return  # read through `datasets` from the local cache
+                return {}  # read through `datasets` from the local cache
             errors.append(not_local_message("data.source", source, d, "folder of TOFU <split>.json files", "dataset"))
-            return
+            return {}
     from ngdiff_jax.data.jsonio import read_records
 
+    good = {}
     for split in splits:
         f = next((d / n for n in (f"{split}.json", f"{split}.jsonl") if (d / n).is_file()), None)
         if f is None:
@@ -256,6 +258,7 @@ def _split_files(data, splits: list[str], errors: list[str]) -> None:
             rows = rows[: data.limit]
         if not rows:
             errors.append(f"{f}: split {split!r} has no rows; choose another split or fix the file.")
+        good[split] = rows
         for i, r in enumerate(rows):
             for field in ("question", "answer"):
                 if not isinstance(r, dict) or not isinstance(r.get(field), str):
@@ -265,7 +268,9 @@ def _split_files(data, splits: list[str], errors: list[str]) -> None:
                     break
             else:
                 continue
+            del good[split]
             break  # one bad row per file is enough to act on
+    return good
 
 
 def _positions(mc) -> int:
@@ -292,6 +297,7 @@ def validate_run(cfg, command: str) -> None:
         hf = dict(cfg.model.hf)
         positions = hf.get("max_position_embeddings", hf.get("n_positions"))
     tok_path = getattr(cfg, "tokenizer", None) or (model_path if mc is not None else None)
+    tok = None
     if tok_path:
         tok = _tokenizer("tokenizer" if getattr(cfg, "tokenizer", None) else "model_path", tok_path, errors)
         if tok is not None and vocab is not None and len(tok) > vocab:
@@ -312,16 +318,131 @@ def validate_run(cfg, command: str) -> None:
             if b > positions:
                 errors.append(f"data.buckets has {b} > the model's {positions} positions; use buckets <= {positions}.")
                 break
+    spec = getattr(cfg, "format", None)
     if command == "finetune":
-        splits = [cfg.data.split]
+        splits = {"data.split": cfg.data.split}
     else:
-        from ngdiff_jax.training.unlearn import resolve_retain_split
+        from ngdiff_jax.training.unlearn import resolve_format, resolve_retain_split
 
-        splits = [cfg.data.forget_split]
+        splits = {"data.forget_split": cfg.data.forget_split}
         try:
-            splits.append(resolve_retain_split(cfg.data))
+            splits["data.retain_split"] = resolve_retain_split(cfg.data)
         except (ValueError, KeyError) as e:
             errors.append(str(e))
-    _split_files(cfg.data, splits, errors)
+        if mc is not None:
+            try:
+                spec = resolve_format(spec, model_path, allow_change=getattr(cfg, "allow_format_change", False))
+            except (ValueError, KeyError, OSError) as e:
+                errors.append(" ".join(str(e).split()))
+                tok = None
+    rows = _split_files(cfg.data, list(splits.values()), errors)
+    if tok is not None and getattr(cfg.data, "overlong", "truncate") == "error" and not errors:
+        from ngdiff_jax.training import data_assembly
+
+        for key, split in splits.items():  # rows too long for data.max_length, found before loading weights
+            if split in rows:
+                try:
+                    data_assembly.encode_split(rows[split], tok, cfg.data, spec, where=f"{key}={split}")
+                except ValueError as e:
+                    errors.append(" ".join(str(e).split()))
+    if errors:
+        raise InputError("\n".join(f"error: {e}" if i else e for i, e in enumerate(errors)))
+
+
+# -- ngdiff eval / ngdiff report -------------------------------------------------------------------
+
+
+def validate_eval(args, forget_split: str) -> None:
+    """``ngdiff eval``'s inputs before anything is loaded or evaluated: the model directory, the
+    benchmark data (every split the evaluation reads), a readable ``--retain-eval`` and an ``--out``
+    that is not a directory. One :class:`InputError` listing every problem (exit code 2)."""
+    from ngdiff_jax.paths import shared_data_dir
+
+    errors = []
+    model = str(args.model)
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            errors.append(f"--model {model}: no config.json in {p.absolute()}; pass a saved model directory.")
+    elif not (looks_like_hub_id(model) and hub_cached(model)):
+        errors.append(not_local_message("--model", model, p, "model directory"))
+    if args.tokenizer is not None:
+        t = Path(args.tokenizer).expanduser()
+        if not t.exists() and not (looks_like_hub_id(args.tokenizer) and hub_cached(args.tokenizer)):
+            errors.append(not_local_message("--tokenizer", args.tokenizer, t, "tokenizer directory"))
+    data = args.data
+    if args.benchmark == "tofu":
+        d = Path(data).expanduser() if data else shared_data_dir() / "tofu"
+        if d.is_dir():
+            from ngdiff_jax.evaluation.tofu import _UTILITY_SPLITS, holdout_split_for
+
+            try:
+                needed = [f"{forget_split}_perturbed", holdout_split_for(forget_split)]
+            except ValueError as e:
+                errors.append(f"--forget-split {forget_split}: {e}")
+                needed = []
+            needed += [s for s, _, _ in _UTILITY_SPLITS.values()]
+            missing = [s for s in needed if not any((d / f"{s}{ext}").is_file() for ext in (".json", ".jsonl"))]
+            if missing:
+                errors.append(f"--data {d}: missing TOFU split file(s) {', '.join(s + '.json' for s in missing)}; "
+                              "pass the folder that holds all TOFU splits (e.g. ../shared/data/tofu).")  # fmt: skip
+        elif not (data and looks_like_hub_id(data) and hub_cached(data, "dataset")):
+            errors.append(not_local_message("--data", str(data or d), d, "folder of TOFU <split>.json files",
+                                            "dataset"))  # fmt: skip
+    else:
+        d = Path(data).expanduser() if data else shared_data_dir() / "muse_news"
+        if d.is_dir():
+            missing = [s for s in ("knowmem", "verbmem", "privleak") if not (d / s).is_dir()]
+            if missing:
+                errors.append(f"--data {d}: no {', '.join(missing)} folder(s); pass the MUSE-News folder "
+                              "(e.g. ../shared/data/muse_news).")  # fmt: skip
+        elif not (data and (str(data).lower() in ("news", "books") or hub_cached(str(data), "dataset"))):
+            errors.append(not_local_message("--data", str(data or d), d, "MUSE folder", "dataset"))
+    if args.retain_eval is not None:
+        errors += _retain_eval_errors(args.retain_eval)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        errors.append(f"--out {out} is a directory; pass the result file to write (e.g. {out / 'result.json'}).")
+    if errors:
+        raise InputError("\n".join(f"error: {e}" if i else e for i, e in enumerate(errors)))
+
+
+def _retain_eval_errors(path: str) -> list[str]:
+    from ngdiff_jax.evaluation.results import reference_stats
+
+    p = Path(path)
+    if not p.is_file():
+        return [f"--retain-eval {path} does not exist; evaluate the retain model first "
+                "(ngdiff eval --model <retain model> --out <file>) and pass that file."]  # fmt: skip
+    try:
+        reference_stats(p)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        return [f"--retain-eval {path} is not a usable retain-model evaluation ({type(e).__name__}: "  # fmt: skip
+                f"{' '.join(str(e).split())[:200]}); pass the JSON that ngdiff eval wrote for the retain model."]
+    return []
+
+
+def validate_report(results: dict, trajectories: dict, out: str | Path) -> None:
+    """``ngdiff report``'s inputs before anything is written: every result's aggregates a mapping of
+    names to numbers (or null), and ``--out`` not an existing file."""
+    errors = []
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        errors.append(f"--out {out} is a file; pass a folder for report.json/report.md/tradeoff.png.")
+    items = [(name, r) for name, r in results.items()]
+    items += [(f"{m}@{step}", r) for m, rs in trajectories.items() for step, r in rs]
+    for name, r in items:
+        src = getattr(r, "path", None) or name
+        agg = r.aggregates
+        if not isinstance(agg, dict):
+            errors.append(f"{src}: 'aggregates' is a {type(agg).__name__}, not a mapping; re-run ngdiff eval for it.")
+            continue
+        for k, v in agg.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                errors.append(f"{src}: aggregates[{k!r}]={v!r} is not a number; fix or re-create that result "
+                              "with ngdiff eval.")  # fmt: skip
+                break
+        if not isinstance(r.meta, dict):
+            errors.append(f"{src}: 'meta' is a {type(r.meta).__name__}, not a mapping; re-run ngdiff eval for it.")
     if errors:
         raise InputError("\n".join(f"error: {e}" if i else e for i, e in enumerate(errors)))
