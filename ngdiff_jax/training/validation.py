@@ -68,6 +68,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "method.retain_weight": (_nonneg, ">= 0", "1.0"),
     "method.forget_weight": (_nonneg, ">= 0", "1.0"),
     "method.simnpo_delta": (_nonneg, ">= 0", "0.0"),
+    "method.satimp_beta1": (_nonneg, ">= 0", "5.0"),
+    "method.satimp_beta2": (_nonneg, ">= 0", "1.0"),
+    "method.ceu_ignore_first_n": (_nonneg, ">= 0", "1"),
+    "method.rmu_steering_coeff": (_pos, "> 0", "2.0"),
     "model.tokenizer_vocab_size": (_ge(2), ">= 2", "384"),
 }
 _NOT_NONE = {"run.max_checkpoints"}
@@ -284,6 +288,11 @@ def validate_run(cfg, command: str) -> None:
 
     errors = check_config_values(cfg)
     errors += ownership.check_output_dir(cfg)
+    for key, value in _flatten(to_dict(cfg)).items():  # other input files (e.g. method.idk_path)
+        if key.endswith("_path") and key != "model_path" and isinstance(value, str) and value:
+            if not Path(value).expanduser().exists():
+                errors.append(f"{key}={value!r} not found: looked for {Path(value).expanduser().absolute()}; "
+                              "pass an existing file or null for the default.")  # fmt: skip
     model_path = getattr(cfg, "model_path", None)
     mc = model_dir = None
     if model_path:
