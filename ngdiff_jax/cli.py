@@ -17,6 +17,8 @@ import traceback
 # name -> module under ngdiff_jax.commands
 COMMANDS = {
     "demo": "demo",
+    "study": "study",
+    "convert": "convert",
     "finetune": "finetune",
     "unlearn": "unlearn",
     "eval": "evaluate",

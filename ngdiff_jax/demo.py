@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ngdiff_jax.config_loader import ConfigError, _merge, apply_overrides, build, load_yaml, to_dict
+from ngdiff_jax.data.formatting import FormatSpec, load_format
 from ngdiff_jax.evaluation.report import TOFU_COLUMNS
 from ngdiff_jax.training.config_schema import DataConfig, ModelSpec, OptimConfig
 
@@ -63,13 +64,19 @@ TRAJECTORY_KEYS = TOFU_COLUMNS
 
 @dataclass(frozen=True)
 class BenchmarkSpec:
-    """The synthetic benchmark (see :mod:`ngdiff_jax.data.synthetic`) and its tokenizer."""
+    """The benchmark: ``synthetic`` (:mod:`ngdiff_jax.data.synthetic`, with a trained tokenizer)
+    or ``tofu`` (a subset of the real TOFU files: the authors of ``forget_split`` plus the first
+    ``retain_authors`` retain authors; ``eval_rows`` rows per evaluation split)."""
 
-    n_authors: int = 20
-    questions_per_author: int = 10
+    kind: Literal["synthetic", "tofu"] = "synthetic"
+    n_authors: int = 20  # synthetic
+    questions_per_author: int = 10  # synthetic
     seed: int = 0
-    vocab_size: int = 1024
+    vocab_size: int = 1024  # synthetic: the trained tokenizer's size
     forget_split: str = "forget10"
+    source: str | None = None  # tofu: folder of TOFU files (null: the shared copy)
+    retain_authors: int = 8  # tofu: retain authors trained on (20 questions each)
+    eval_rows: int | None = None  # tofu: rows per evaluation split (null: all of the subset's)
 
 
 @dataclass(frozen=True)
@@ -129,16 +136,32 @@ class EvalSpec:
 @dataclass(frozen=True)
 class DemoConfig:
     benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)  # a model from scratch (synthetic demo)
+    model_path: str | None = None  # or a pretrained model directory to fine-tune (real study)
+    # prompt format for training, unlearning and evaluation (a preset in configs/formats)
+    format: FormatSpec = field(default="default", metadata={"config_dir": "formats"})  # type: ignore[assignment]
     train: TrainSpec = field(default_factory=TrainSpec)
     unlearn: UnlearnSpec = field(default_factory=UnlearnSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
 
     def __post_init__(self):
-        if not self.model.hf.get("model_type"):
+        if isinstance(self.format, str):
+            object.__setattr__(self, "format", load_format(self.format))
+        if self.model_path is not None and self.model.hf:
             raise ConfigError(
-                "demo config: model.hf needs a model_type (e.g. llama) and the model's sizes."
+                "study config: both model.hf (a model from scratch) and model_path (a pretrained model) "
+                "are set; keep one."
+            )
+        if self.model_path is None and not self.model.hf.get("model_type"):
+            raise ConfigError(
+                "study config: set model_path (a pretrained model directory) or model.hf with a "
+                "model_type (e.g. llama) and the model's sizes."
+            )
+        if self.benchmark.kind == "synthetic" and self.model_path is not None:
+            raise ConfigError(
+                "study config: benchmark.kind=synthetic trains its own tokenizer and model from scratch; "
+                "use benchmark.kind=tofu with model_path."
             )
         if not self.unlearn.methods:
             raise ConfigError(
@@ -268,6 +291,59 @@ def _write_training_splits(
     return splits
 
 
+def _write_tofu_subset(cfg: DemoConfig, dest: Path) -> dict[str, str]:
+    """The real-TOFU study's files in ``dest``: training splits (forget authors + the first
+    ``retain_authors`` retain authors; retain authors alone), the forget split, and the
+    evaluation splits cut to ``eval_rows`` rows (``retain_perturbed`` keeps only questions of
+    trained retain authors, spread evenly over them)."""
+    from ngdiff_jax.data import HOLDOUT_FOR_FORGET, RETAIN_FOR_FORGET, load_tofu, write_jsonl
+    from ngdiff_jax.training.data_assembly import resolve_source
+
+    b = cfg.benchmark
+    if b.forget_split not in RETAIN_FOR_FORGET:
+        raise ValueError(
+            f"benchmark.forget_split must be one of {sorted(RETAIN_FOR_FORGET)}, got {b.forget_split!r}."
+        )
+    src = resolve_source(b.source)
+    full = load_tofu("full", src)
+    forget = load_tofu(b.forget_split, src)
+    forget_q = {r["question"] for r in forget}
+    retain_pool = [r for r in full if r["question"] not in forget_q]
+    n_retain = 20 * b.retain_authors
+    if b.retain_authors < 1 or n_retain > len(retain_pool):
+        raise ValueError(
+            f"benchmark.retain_authors={b.retain_authors}: choose 1..{len(retain_pool) // 20} (20 questions each)."
+        )
+    retain = retain_pool[:n_retain]
+    qa = lambda rows: [{"question": r["question"], "answer": r["answer"]} for r in rows]  # noqa: E731
+    dest.mkdir(parents=True, exist_ok=True)
+    write_jsonl(dest / f"{TRAIN_SPLITS['target']}.json", qa(retain + forget))
+    write_jsonl(dest / f"{TRAIN_SPLITS['retain']}.json", qa(retain))
+    write_jsonl(dest / f"{b.forget_split}.json", forget)
+
+    def cut(rows):
+        if b.eval_rows is None or len(rows) <= b.eval_rows:
+            return rows
+        step = len(rows) / b.eval_rows
+        return [rows[int(i * step)] for i in range(b.eval_rows)]
+
+    trained = {r["question"] for r in retain}
+    retain_eval = [r for r in load_tofu("retain_perturbed", src) if r["question"] in trained]
+    if not retain_eval:
+        raise ValueError(
+            "none of TOFU's retain_perturbed questions (its first 20 authors) is among the trained retain "
+            "authors; benchmark.retain_authors must be >= 1."
+        )
+    write_jsonl(dest / "retain_perturbed.json", cut(retain_eval))
+    first = lambda rows: rows if b.eval_rows is None else rows[: b.eval_rows]  # noqa: E731
+    write_jsonl(dest / f"{b.forget_split}_perturbed.json", first(load_tofu(f"{b.forget_split}_perturbed", src)))
+    holdout = HOLDOUT_FOR_FORGET[b.forget_split]
+    write_jsonl(dest / f"{holdout}.json", first(load_tofu(holdout, src)))
+    for split in ("real_authors_perturbed", "world_facts_perturbed"):
+        write_jsonl(dest / f"{split}.json", first(load_tofu(split, src)))
+    return dict(TRAIN_SPLITS)
+
+
 def _data_config(spec, **fields) -> DataConfig:
     return DataConfig(
         batch_size=spec.batch_size, max_length=spec.max_length, buckets=spec.buckets, **fields
@@ -275,15 +351,17 @@ def _data_config(spec, **fields) -> DataConfig:
 
 
 def _train(
-    cfg: DemoConfig, role: str, split: str, tofu_dir: Path, tok_dir: Path, out: Path, progress: bool
+    cfg: DemoConfig, role: str, split: str, tofu_dir: Path, tok_dir: Path | None, out: Path, progress: bool
 ):
     from ngdiff_jax.training import run_finetune
     from ngdiff_jax.training.config_schema import FinetuneConfig, RunConfig
 
     ft = FinetuneConfig(
-        model=cfg.model,
-        tokenizer=str(tok_dir),
+        model=None if cfg.model_path else cfg.model,
+        model_path=cfg.model_path,
+        tokenizer=None if tok_dir is None else str(tok_dir),
         data=_data_config(cfg.train, source=str(tofu_dir), split=split),
+        format=cfg.format,
         optim=cfg.train.optim,
         run=RunConfig(
             output_dir=str(out / "runs" / role),
@@ -308,6 +386,7 @@ class _Evaluator:
         self.seconds = 0.0
 
     def __call__(self, model, name: str, *, reference=None, limit=None, meta=None):
+        from ngdiff_jax.data import QAFormatter
         from ngdiff_jax.evaluation import evaluate_tofu
 
         e = self.cfg.evaluation
@@ -324,6 +403,7 @@ class _Evaluator:
             limit=limit,
             name=name,
             meta=meta,
+            formatter=QAFormatter(self.tok, spec=self.cfg.format),
         )
         self.seconds += time.perf_counter() - t0
         return r
@@ -356,6 +436,7 @@ def _unlearn(
     ucfg = UnlearnConfig(
         model_path=str(target_dir),
         method=method,
+        format=cfg.format,
         data=_data_config(
             u,
             source=str(tofu_dir),
@@ -489,53 +570,96 @@ def run_demo(
     *,
     progress: bool = True,
     console=None,
+    resume: bool = False,
 ) -> dict:
-    """Run the whole demo into ``out_dir``; returns the summary (also ``demo_summary.json``)."""
+    """Run the whole study into ``out_dir``; returns the summary (also ``demo_summary.json``).
+
+    With ``resume`` an interrupted run in ``out_dir`` (same config) continues: finished
+    phases (data, each trained model, each evaluation, each unlearning method) are loaded
+    from disk, an unfinished one is run again from its start.
+    """
     from rich.console import Console
 
     from ngdiff_jax import models
     from ngdiff_jax.data import jsonio, synthetic
-    from ngdiff_jax.evaluation import write_report
+    from ngdiff_jax.evaluation import EvalResult, write_report
     from ngdiff_jax.training import model_io
 
     out = Path(out_dir)
+    cfg_text = _yaml(to_dict(cfg))
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(
-            f"output directory {out} is not empty; pass a new --out directory (the demo does not "
-            "overwrite or resume earlier runs)."
-        )
+        if not resume:
+            raise FileExistsError(
+                f"output directory {out} is not empty; pass a new --out directory, or --resume to "
+                "continue the run in it."
+            )
+        saved = out / "demo_config.yaml"
+        if not saved.is_file() or saved.read_text() != cfg_text:
+            raise ValueError(
+                f"--resume: {saved} is missing or holds another config than this run's; resume with the "
+                "same --config and overrides, or use a new --out directory."
+            )
     out.mkdir(parents=True, exist_ok=True)
     console = console or Console()
     methods = list(cfg.unlearn.methods)
     ph = Phases(console, total_phases=4 + len(methods) + 1)
-    (out / "demo_config.yaml").write_text(_yaml(to_dict(cfg)))
+    (out / "demo_config.yaml").write_text(cfg_text)
+    done_results = out / "results"
+
+    def cached(name):
+        p = done_results / f"{name}.json"
+        return EvalResult.load(p) if resume and p.is_file() else None
 
     # 1. data ------------------------------------------------------------------------------
     b = cfg.benchmark
-    t0 = ph.start(
-        f"synthetic benchmark ({b.n_authors} authors x {b.questions_per_author} questions) + tokenizer",
-    )
-    tofu_dir, _ = synthetic.prepare(
-        out / "data",
-        n_authors=b.n_authors,
-        questions_per_author=b.questions_per_author,
-        seed=b.seed,
-        vocab_size=b.vocab_size,
-    )
-    tok_dir = out / "data" / "tokenizer"
-    tok = model_io.load_tokenizer(str(tok_dir))  # as every later phase loads it (pad token set)
-    train_splits = _write_training_splits(tofu_dir, b.forget_split, cfg.train.general_repeats)
-    ph.end("data", t0, f"vocab {len(tok)}, files in {tofu_dir}")
+    if b.kind == "synthetic":
+        t0 = ph.start(
+            f"synthetic benchmark ({b.n_authors} authors x {b.questions_per_author} questions) + tokenizer",
+        )
+        tok_dir = out / "data" / "tokenizer"
+        if resume and (tok_dir / "tokenizer.json").is_file() and (out / "data" / ".done").is_file():
+            tofu_dir = out / "data" / "tofu"
+        else:
+            tofu_dir, _ = synthetic.prepare(
+                out / "data",
+                n_authors=b.n_authors,
+                questions_per_author=b.questions_per_author,
+                seed=b.seed,
+                vocab_size=b.vocab_size,
+            )
+        tok = model_io.load_tokenizer(str(tok_dir))  # as every later phase loads it (pad token set)
+        train_splits = _write_training_splits(tofu_dir, b.forget_split, cfg.train.general_repeats)
+        (out / "data" / ".done").write_text("")
+        ph.end("data", t0, f"vocab {len(tok)}, files in {tofu_dir}")
+    else:
+        t0 = ph.start(
+            f"TOFU subset ({b.forget_split} authors + {b.retain_authors} retain authors; "
+            f"{b.eval_rows or 'all'} rows per evaluation split)"
+        )
+        tofu_dir = out / "data" / "tofu"
+        train_splits = _write_tofu_subset(cfg, tofu_dir)
+        tok_dir = None
+        tok = model_io.load_tokenizer(cfg.model_path)
+        ph.end("data", t0, f"files in {tofu_dir}")
 
     # 2. target and retain models ----------------------------------------------------------
     hf = cfg.model.hf
-    size = f"{hf.get('num_hidden_layers')} layers x {hf.get('hidden_size')}"
+    if cfg.model_path:
+        mcfg = models.ModelConfig.from_hf(_hf_config(cfg.model_path))
+        size = f"{Path(cfg.model_path).name}, {mcfg.num_layers} layers x {mcfg.hidden_size}"
+        arch = mcfg.model_type
+    else:
+        size = f"{hf.get('num_hidden_layers')} layers x {hf.get('hidden_size')}"
+        arch = hf["model_type"]
     summaries = {}
     for role in ("target", "retain"):
         what = "all authors" if role == "target" else "retain authors only"
-        t0 = ph.start(
-            f"train the {role} model ({hf['model_type']}, {size}; {what}, {cfg.train.steps} steps)",
-        )
+        t0 = ph.start(f"train the {role} model ({arch}, {size}; {what}, {cfg.train.steps} steps)")
+        done = out / "runs" / role / "summary.json"
+        if resume and done.is_file() and (out / "runs" / role / "model" / "config.json").is_file():
+            summaries[role] = _read_json(done)
+            ph.end(f"train {role}", t0, "done before (resumed)")
+            continue
         summaries[role] = _train(cfg, role, train_splits[role], tofu_dir, tok_dir, out, progress)
         loss = summaries[role]["last_metrics"].get("loss")
         ph.end(f"train {role}", t0, f"final loss {loss:.3f}" if loss is not None else "")
@@ -544,22 +668,28 @@ def run_demo(
     evaluator = _Evaluator(cfg, tok, tofu_dir)
     t0 = ph.start("evaluate the retain and target models (TOFU metrics)")
     results: dict[str, Any] = {}
-    with console.status("evaluating retain model", spinner="dots") if progress else nullcontext():
-        model_dirs = {r: Path(summaries[r]["model_dir"]) for r in ("target", "retain")}
-        results["retain"] = evaluator(
-            models.from_pretrained(model_dirs["retain"]),
-            "retain",
-            meta={"role": "retain", "model_dir": str(model_dirs["retain"])},
-        )
-        template = models.from_pretrained(model_dirs["target"])
-    with console.status("evaluating target model", spinner="dots") if progress else nullcontext():
-        results["target"] = evaluator(
-            template,
-            "target",
-            reference=results["retain"],
-            meta={"role": "target", "model_dir": str(model_dirs["target"])},
-        )
-    _self_reference(results["retain"])
+    model_dirs = {r: Path(summaries[r]["model_dir"]) for r in ("target", "retain")}
+    results["retain"] = cached("retain")
+    if results["retain"] is None:
+        with console.status("evaluating retain model", spinner="dots") if progress else nullcontext():
+            results["retain"] = evaluator(
+                models.from_pretrained(model_dirs["retain"]),
+                "retain",
+                meta={"role": "retain", "model_dir": str(model_dirs["retain"])},
+            )
+        _self_reference(results["retain"])
+        results["retain"].save(done_results / "retain.json")
+    template = models.from_pretrained(model_dirs["target"])
+    results["target"] = cached("target")
+    if results["target"] is None:
+        with console.status("evaluating target model", spinner="dots") if progress else nullcontext():
+            results["target"] = evaluator(
+                template,
+                "target",
+                reference=results["retain"],
+                meta={"role": "target", "model_dir": str(model_dirs["target"])},
+            )
+        results["target"].save(done_results / "target.json")
     ta = results["target"].aggregates
     ph.end(
         "evaluate target+retain",
@@ -577,6 +707,17 @@ def run_demo(
         t0 = ph.start(
             f"unlearn with {name} ({steps} steps, evaluated every {cfg.unlearn.eval_every})",
         )
+        state = out / "runs" / name / "study_state.json"
+        final = cached(name)
+        if final is not None and state.is_file():
+            st = _read_json(state)
+            results[name], trajectories[name], unlearn_info[name] = final, st["trajectory"], st["info"]
+            ph.end(f"unlearn {name}", t0, "done before (resumed)")
+            continue
+        if (out / "runs" / name).exists():
+            import shutil
+
+            shutil.rmtree(out / "runs" / name)  # an interrupted run of this phase: start it again
         final, traj, summary, eval_s = _unlearn(
             cfg,
             name,
@@ -599,6 +740,8 @@ def run_demo(
             "eval_s": eval_s,
             "model_dir": summary["model_dir"],
         }
+        final.save(done_results / f"{name}.json")
+        jsonio.write_json(state, {"trajectory": [list(p) for p in traj], "info": unlearn_info[name]})
         a = final.aggregates
         ph.end(
             f"unlearn {name}",
@@ -609,10 +752,15 @@ def run_demo(
 
     # 5. report ----------------------------------------------------------------------------
     t0 = ph.start("write report.json, report.md, tradeoff.png")
-    title = (
-        f"Synthetic TOFU ({b.n_authors} authors, {b.forget_split}), tiny {hf['model_type']} "
-        f"({size})"
-    )
+    if b.kind == "synthetic":
+        title = (
+            f"Synthetic TOFU ({b.n_authors} authors, {b.forget_split}), tiny {arch} ({size})"
+        )
+    else:
+        title = (
+            f"TOFU subset ({b.forget_split} + {b.retain_authors} retain authors), {size}, "
+            f"format {cfg.format.name}"
+        )
     paths = write_report(out, results, trajectories, title=title)
     aggregates = {n: r.aggregates for n, r in results.items()}
     checks = acceptance_checks(aggregates)
@@ -638,6 +786,18 @@ def run_demo(
     _append_markdown(Path(paths["md"]), summary)
     _print_summary(console, results, checks, summary)
     return summary
+
+
+def _read_json(path: Path):
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def _hf_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(Path(path).expanduser()))
 
 
 def _self_reference(retain_result) -> None:

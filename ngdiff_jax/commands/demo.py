@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 3 if an acceptance check fails."
     )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted run in --out (same config): finished phases are loaded, not redone.",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars / spinners.")
     parser.add_argument(
         "overrides",
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()  # tokenizer-loading notices would break up the progress display
     try:
-        summary = run_demo(cfg, args.out, progress=not args.no_progress)
+        summary = run_demo(cfg, args.out, progress=not args.no_progress, resume=args.resume)
     except (FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
