@@ -4,10 +4,14 @@ All combiners share one calling convention,
 ``update(retain_grads, state, params=None, *, forget_grads, **extra_args)``,
 where both inputs are gradients of losses being *minimized* (for gradient
 ascent the forget objective is ``-NLL``). :func:`unlearning_optimizer` chains a
-combiner, Adam and GeN into the optimizer of Bu, Jin et al. (2024).
+combiner, Adam and GeN into the optimizer of Bu, Jin et al. (2024);
+:func:`two_task` checks the calling convention of a hand-built chain.
+docs/optim.md gives the composition rules (what goes before and after a
+combiner, accumulation, masking, sharding, meta-gradients).
 """
 
 from ngdiff_jax.optim._base import CombinerState, TwoTaskWeights, two_task_combiner
+from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
 from ngdiff_jax.optim.gen import GeNState, gen_rate_estimate, scale_by_gen
 from ngdiff_jax.optim.mgda import mgda
@@ -39,6 +43,7 @@ __all__ = [
     "scale_by_gen",
     "scale_by_rate",
     "skip_if_nonfinite",
+    "two_task",
     "two_task_combiner",
     "unlearning_optimizer",
 ]

@@ -19,7 +19,17 @@ inner products over all leaves). This module holds what they share:
 * :func:`two_task_combiner`, which turns a weight rule into an
   :class:`optax.GradientTransformationExtraArgs` with the common calling
   convention, input validation and the non-finite guard (any NaN/Inf in either
-  input gives an all-zero direction and increments ``state.skipped``).
+  input gives an all-zero direction and increments ``state.skipped``), plus
+  the options every combiner shares: ``clip_norm`` (per-task clipping) and
+  ``axis_name`` (global reductions over sharded gradients).
+
+Sharding: under ``jax.shard_map`` (or ``pmap``) with gradients split over a
+mesh axis, every norm and inner product must be summed over the shards. Pass
+that axis as ``axis_name=`` (as optax.contrib's SAM takes ``batch_axis_name``):
+max-abs scales are ``pmax``-ed and sums ``psum``-ed over it, so every shard
+computes the same weights as the unsharded combiner. Leave it ``None`` for
+replicated gradients and under ``jit`` with sharded arrays (GSPMD reduces
+globally by itself).
 """
 
 from __future__ import annotations
@@ -31,12 +41,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ngdiff_jax.optim import _guard
+
+AxisName = Any  # a mesh axis name (str) or tuple of names, as jax.lax.psum takes
+
 __all__ = [
     "CombinerState",
     "TwoTaskWeights",
     "tree_max_abs",
     "tree_scaled_norm",
     "tree_scaled_vdot",
+    "psum",
     "two_task_combiner",
 ]
 
@@ -73,8 +88,9 @@ def _acc_dtype(x: jax.Array) -> jnp.dtype:
     return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
 
 
-def tree_max_abs(tree: Any) -> jax.Array:
+def tree_max_abs(tree: Any, axis_name: AxisName = None) -> jax.Array:
     """``max_i |x_i|`` over all leaves as float32; NaN if any leaf holds a NaN.
+    With ``axis_name``, over all shards of that mapped axis too.
 
     Because NaN propagates through ``max`` and ``|Inf| = Inf``, the result is
     finite exactly when every entry of every leaf is finite, so one reduction
@@ -82,12 +98,18 @@ def tree_max_abs(tree: Any) -> jax.Array:
     """
     leaves = jax.tree.leaves(tree)
     if not leaves:
-        return jnp.zeros((), jnp.float32)
-    maxes = [
-        jnp.max(jnp.abs(x)).astype(jnp.float32) if jnp.size(x) else jnp.zeros((), jnp.float32)
-        for x in leaves
-    ]
-    return jnp.max(jnp.stack(maxes))
+        m = jnp.zeros((), jnp.float32)
+    else:
+        maxes = [
+            jnp.max(jnp.abs(x)).astype(jnp.float32) if jnp.size(x) else jnp.zeros((), jnp.float32)
+            for x in leaves
+        ]
+        m = jnp.max(jnp.stack(maxes))
+    if axis_name is not None:
+        # "some shard is not finite" is reduced separately, so the result is NaN exactly then.
+        bad = jax.lax.pmax(jnp.where(jnp.isfinite(m), 0.0, 1.0), axis_name)
+        m = jnp.where(bad > 0, jnp.nan, jax.lax.pmax(jnp.where(jnp.isfinite(m), m, 0.0), axis_name))
+    return m
 
 
 def _safe_scale(max_abs: jax.Array) -> jax.Array:
@@ -96,8 +118,10 @@ def _safe_scale(max_abs: jax.Array) -> jax.Array:
     return jnp.where(ok, max_abs, jnp.ones_like(max_abs))
 
 
-def tree_scaled_vdot(a: Any, b: Any, a_scale: jax.Array, b_scale: jax.Array) -> jax.Array:
-    """``sum_i (a_i / a_scale) * (b_i / b_scale)`` over all leaves, in >= float32."""
+def tree_scaled_vdot(a: Any, b: Any, a_scale: jax.Array, b_scale: jax.Array,
+                     axis_name: AxisName = None) -> jax.Array:
+    """``sum_i (a_i / a_scale) * (b_i / b_scale)`` over all leaves, in >= float32 (and over
+    the shards of ``axis_name``)."""
 
     def leaf(x, y):
         dt = jnp.promote_types(_acc_dtype(x), _acc_dtype(y))
@@ -106,10 +130,15 @@ def tree_scaled_vdot(a: Any, b: Any, a_scale: jax.Array, b_scale: jax.Array) -> 
         return jnp.sum(xs * ys).astype(jnp.float32)
 
     parts = jax.tree.leaves(jax.tree.map(leaf, a, b))
-    return sum(parts, jnp.zeros((), jnp.float32))
+    return psum(sum(parts, jnp.zeros((), jnp.float32)), axis_name)
 
 
-def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None) -> jax.Array:
+def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
+    """``jax.lax.psum(x, axis_name)``, or ``x`` for ``axis_name=None``."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
     """Global L2 norm, computed as ``s * ||x / s||`` with ``s = max|x|``.
 
     Plain ``sqrt(sum x^2)`` overflows float32 once the norm passes ~1.8e19 and
@@ -117,9 +146,9 @@ def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None) -> jax.Array:
     whole float32 range. Non-finite input gives a non-finite norm.
     """
     if max_abs is None:
-        max_abs = tree_max_abs(tree)
+        max_abs = tree_max_abs(tree, axis_name)
     s = _safe_scale(max_abs)
-    sq = tree_scaled_vdot(tree, tree, s, s)
+    sq = tree_scaled_vdot(tree, tree, s, s, axis_name)
     norm = s * jnp.sqrt(sq)
     return jnp.where(jnp.isfinite(max_abs), norm, max_abs)
 
@@ -135,7 +164,8 @@ def _check_pair(retain_grads: Any, forget_grads: Any, name: str) -> None:
         raise ValueError(
             f"{name}: retain_grads and forget_grads must have the same tree "
             f"structure (both are gradients with respect to the same params); got "
-            f"{rs} and {fs}."
+            f"{rs} and {fs}. Under optax.masked or optax.multi_transform pass "
+            f"mask_compatible_extra_args=True so that forget_grads is masked like retain_grads."
         )
     for r, f in zip(jax.tree.leaves(retain_grads), jax.tree.leaves(forget_grads)):
         if jnp.shape(r) != jnp.shape(f):
@@ -146,25 +176,45 @@ def _check_pair(retain_grads: Any, forget_grads: Any, name: str) -> None:
             )
 
 
+def _clip(tree: Any, max_abs: jax.Array, clip_norm: float, axis_name: AxisName):
+    """``tree * min(1, clip_norm / ||tree||)`` (as ``optax.clip_by_global_norm``) and its new max-abs."""
+    norm = tree_scaled_norm(tree, max_abs, axis_name)
+    factor = jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
+    clipped = jax.tree.map(lambda x: (x * factor.astype(_acc_dtype(x))).astype(jnp.result_type(x)), tree)
+    return clipped, max_abs * factor
+
+
 def two_task_combiner(
-    weight_fn: Callable[[Any, Any, jax.Array, jax.Array], TwoTaskWeights],
+    weight_fn: Callable[..., TwoTaskWeights],
     name: str,
+    *,
+    clip_norm: float | None = None,
+    axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a combiner from a weight rule.
 
     Args:
       weight_fn: ``weight_fn(retain_grads, forget_grads, retain_max_abs,
-        forget_max_abs) -> TwoTaskWeights``; the max-abs values are the global
-        ``max |g|`` of each input (finite when it is called for real; on a skipped
-        step its result is discarded).
+        forget_max_abs, axis_name) -> TwoTaskWeights``; the max-abs values are the
+        global ``max |g|`` of each input (finite when it is called for real; on a
+        skipped step its result is discarded). Its reductions must pass
+        ``axis_name`` on (`tree_scaled_norm`, `tree_scaled_vdot`, `psum`).
       name: used in error messages.
+      clip_norm: if set, each task's gradient is first clipped to this global
+        L2 norm, separately (``optax.clip_by_global_norm`` per task); the state's
+        norms are those before clipping.
+      axis_name: mapped axis over which the gradients are sharded (see the
+        module doc); ``None`` for whole gradients.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with
       ``update(retain_grads, state, params=None, *, forget_grads, **extra_args)``
       returning ``d = w_r g_r + w_f g_f`` (each leaf in its input's dtype), or
-      zeros, counted in ``state.skipped``, when an input is not finite.
+      zeros, counted in ``state.skipped``, when an input is not finite. It must
+      be the first member of its chain (checked, see `ngdiff_jax.optim.two_task`).
     """
+    if clip_norm is not None and not float(clip_norm) > 0:
+        raise ValueError(f"{name}: clip_norm must be > 0 or None, got {clip_norm!r}.")
 
     def init_fn(params):
         del params
@@ -181,10 +231,18 @@ def two_task_combiner(
     def update_fn(retain_grads, state, params=None, *, forget_grads=None, **extra_args):
         del params, extra_args
         _check_pair(retain_grads, forget_grads, name)
-        m_r = tree_max_abs(retain_grads)
-        m_f = tree_max_abs(forget_grads)
+        _guard.combiner_called(name, retain_grads)
+        m_r = tree_max_abs(retain_grads, axis_name)
+        m_f = tree_max_abs(forget_grads, axis_name)
         finite = jnp.isfinite(m_r) & jnp.isfinite(m_f)
-        w = weight_fn(retain_grads, forget_grads, m_r, m_f)
+        if clip_norm is not None:
+            n_r0 = tree_scaled_norm(retain_grads, m_r, axis_name)
+            n_f0 = tree_scaled_norm(forget_grads, m_f, axis_name)
+            retain_grads, m_r = _clip(retain_grads, m_r, clip_norm, axis_name)
+            forget_grads, m_f = _clip(forget_grads, m_f, clip_norm, axis_name)
+        w = weight_fn(retain_grads, forget_grads, m_r, m_f, axis_name)
+        if clip_norm is not None:
+            w = w._replace(retain_norm=n_r0, forget_norm=n_f0)
         w_r = jnp.where(finite, w.retain, 0.0).astype(jnp.float32)
         w_f = jnp.where(finite, w.forget, 0.0).astype(jnp.float32)
 
@@ -204,4 +262,4 @@ def two_task_combiner(
         )
         return direction, new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _guard.mark(optax.GradientTransformationExtraArgs(init_fn, update_fn), "combiner")

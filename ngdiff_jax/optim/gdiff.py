@@ -35,7 +35,7 @@ __all__ = ["gdiff"]
 
 
 def gdiff(
-    retain_weight: float = 1.0, forget_weight: float = 1.0
+    retain_weight: float = 1.0, forget_weight: float = 1.0, *, clip_norm: float | None = None, axis_name=None
 ) -> optax.GradientTransformationExtraArgs:
     """Gradient difference ``d = retain_weight * g_r + forget_weight * g_f``.
 
@@ -43,6 +43,10 @@ def gdiff(
       retain_weight: weight of the retain gradient.
       forget_weight: weight of the forget gradient (of the forget objective as
         minimized; do not negate it here).
+      clip_norm: clip each task's gradient to this global L2 norm first
+        (separately; see :func:`~ngdiff_jax.optim.two_task_combiner`).
+      axis_name: the mapped axis the gradients are sharded over under
+        ``shard_map``/``pmap``; norms and inner products are summed over it.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with the combiners'
@@ -51,7 +55,7 @@ def gdiff(
     w_r = jnp.asarray(retain_weight, jnp.float32)
     w_f = jnp.asarray(forget_weight, jnp.float32)
 
-    def weights(g_r, g_f, m_r, m_f):
-        return TwoTaskWeights(w_r, w_f, tree_scaled_norm(g_r, m_r), tree_scaled_norm(g_f, m_f))
+    def weights(g_r, g_f, m_r, m_f, axis_name):
+        return TwoTaskWeights(w_r, w_f, tree_scaled_norm(g_r, m_r, axis_name), tree_scaled_norm(g_f, m_f, axis_name))
 
-    return two_task_combiner(weights, "gdiff")
+    return two_task_combiner(weights, "gdiff", clip_norm=clip_norm, axis_name=axis_name)

@@ -32,6 +32,16 @@ every earlier member of the chain advances its state exactly once per step.
 Non-probing steps do not run the probes (``lax.cond``; note that under
 ``vmap`` a ``cond`` becomes a ``select`` and both branches run).
 
+Composition: the adapted rate lives in the state (``GeNState.learning_rate``,
+an array), so ``scale_by_gen`` works under ``jit``, ``vmap`` (e.g. over initial
+rates: ``jax.vmap(lambda lr: scale_by_gen(lr).init(params))``) and
+``optax.inject_hyperparams``; ``optax.tree.set(state, learning_rate=x)`` sets
+the live rate. A schedule may *multiply* the adapted rate, as the learning rate
+of ``optax.contrib.prodigy``/``dog`` multiplies theirs: ``rate_multiplier=``
+(a number or ``count -> factor``); the probes use the adapted rate itself. With
+data sharded over a mapped axis (``shard_map``/``pmap``) pass ``axis_name=``:
+the probe losses are averaged over it, so every shard adapts the same rate.
+
 Example:
 
   >>> import jax, jax.numpy as jnp, optax
@@ -118,24 +128,35 @@ def gen_rate_estimate(
     return jnp.where(ok & jnp.isfinite(new_lr), new_lr, lr)
 
 
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
 def scale_by_gen(
     learning_rate: float,
     *,
     every: int = 4,
     smoothing: float = 0.9,
     clip_factor: float = 2.0,
+    rate_multiplier: optax.ScalarOrSchedule = 1.0,
+    axis_name=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scales updates by the GeN adaptive learning rate.
 
     Args:
-      learning_rate: initial rate (a positive float, not a schedule: GeN is the
-        schedule).
+      learning_rate: initial rate (a positive number or scalar array, not a
+        schedule: GeN is the schedule; see ``rate_multiplier``).
       every: probe (3 forward passes, 2 with ``value=``) every ``every`` steps.
       smoothing: moving-average weight of the old rate, in ``[0, 1)``; 0 jumps
         straight to the (clipped) estimate.
       clip_factor: the estimate is clipped to ``[lr / clip_factor,
         lr * clip_factor]`` (>= 1), so one probe changes the rate by at most that
         factor.
+      rate_multiplier: a number or schedule ``count -> factor`` multiplying the
+        adapted rate in the update (warm-up, decay); the probes and the state
+        use the adapted rate alone.
+      axis_name: mapped axis over which ``value_fn``'s batch is sharded; the
+        probe losses are ``pmean``-ed over it.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with
@@ -151,21 +172,30 @@ def scale_by_gen(
             "rate); GeN adapts it itself, so schedules are not accepted. Use "
             "unlearning_optimizer(..., gen=False) for a scheduled rate."
         )
-    if not float(learning_rate) > 0:
+    # Checked when concrete; traced values (inject_hyperparams under jit, vmap over rates) pass.
+    if _concrete(learning_rate) and not float(learning_rate) > 0:
         raise ValueError(f"scale_by_gen: learning_rate must be > 0, got {learning_rate!r}.")
-    if int(every) != every or every < 1:
+    if _concrete(every) and (int(every) != every or every < 1):
         raise ValueError(f"scale_by_gen: every must be an integer >= 1, got {every!r}.")
-    if not 0.0 <= smoothing < 1.0:
+    if _concrete(smoothing) and not 0.0 <= float(smoothing) < 1.0:
         raise ValueError(f"scale_by_gen: smoothing must be in [0, 1), got {smoothing!r}.")
-    if not clip_factor >= 1.0:
+    if _concrete(clip_factor) and not float(clip_factor) >= 1.0:
         raise ValueError(f"scale_by_gen: clip_factor must be >= 1, got {clip_factor!r}.")
-    every = int(every)
+    if isinstance(every, (int, float)):
+        every = int(every)
+
+    def multiplier(count):
+        m = rate_multiplier(count) if callable(rate_multiplier) else rate_multiplier
+        return jnp.asarray(m, jnp.float32)
+
+    def reduce(loss):
+        return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
 
     def init_fn(params):
         del params
         return GeNState(
             count=jnp.zeros((), jnp.int32),
-            learning_rate=jnp.asarray(learning_rate, jnp.float32),
+            learning_rate=jnp.asarray(learning_rate, jnp.float32) + jnp.zeros((), jnp.float32),
         )
 
     def update_fn(
@@ -195,12 +225,12 @@ def scale_by_gen(
         lr = state.learning_rate
 
         def probe():
-            loss_minus = _scalar(value_fn(_shifted(params, updates, -lr)), "value_fn(params)")
-            loss_plus = _scalar(value_fn(_shifted(params, updates, lr)), "value_fn(params)")
+            loss_minus = reduce(_scalar(value_fn(_shifted(params, updates, -lr)), "value_fn(params)"))
+            loss_plus = reduce(_scalar(value_fn(_shifted(params, updates, lr)), "value_fn(params)"))
             if value is None:
-                loss_zero = _scalar(value_fn(params), "value_fn(params)")
+                loss_zero = reduce(_scalar(value_fn(params), "value_fn(params)"))
             else:
-                loss_zero = _scalar(value, "value")
+                loss_zero = reduce(_scalar(value, "value"))
             return gen_rate_estimate(
                 loss_minus,
                 loss_zero,
@@ -211,7 +241,8 @@ def scale_by_gen(
             )
 
         new_lr = jax.lax.cond(state.count % every == 0, probe, lambda: lr)
-        new_updates = jax.tree.map(lambda u: new_lr.astype(jnp.result_type(u)) * u, updates)
+        step = new_lr * multiplier(state.count)
+        new_updates = jax.tree.map(lambda u: step.astype(jnp.result_type(u)) * u, updates)
         new_state = GeNState(count=optax.safe_increment(state.count), learning_rate=new_lr)
         return new_updates, new_state
 

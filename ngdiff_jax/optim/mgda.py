@@ -40,6 +40,7 @@ from ngdiff_jax.optim._base import (
     TwoTaskWeights,
     _acc_dtype,
     _safe_scale,
+    psum,
     tree_scaled_norm,
     two_task_combiner,
 )
@@ -47,7 +48,7 @@ from ngdiff_jax.optim._base import (
 __all__ = ["mgda"]
 
 
-def _numerators(g_r, g_f, s):
+def _numerators(g_r, g_f, s, axis_name):
     """``(g_r.(g_r-g_f), g_f.(g_f-g_r)) / s^2`` in one pass over the leaves."""
 
     def leaf(r, f):
@@ -58,12 +59,18 @@ def _numerators(g_r, g_f, s):
         return jnp.stack([jnp.sum(r * diff), -jnp.sum(f * diff)]).astype(jnp.float32)
 
     parts = jax.tree.leaves(jax.tree.map(leaf, g_r, g_f))
-    total = sum(parts, jnp.zeros((2,), jnp.float32))
+    total = psum(sum(parts, jnp.zeros((2,), jnp.float32)), axis_name)
     return total[0], total[1]
 
 
-def mgda() -> optax.GradientTransformationExtraArgs:
+def mgda(*, clip_norm: float | None = None, axis_name=None) -> optax.GradientTransformationExtraArgs:
     """Two-task MGDA: the min-norm convex combination of ``g_r`` and ``g_f``.
+
+    Args:
+      clip_norm: clip each task's gradient to this global L2 norm first
+        (separately; see :func:`~ngdiff_jax.optim.two_task_combiner`).
+      axis_name: the mapped axis the gradients are sharded over under
+        ``shard_map``/``pmap``; norms and inner products are summed over it.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with the combiners'
@@ -71,9 +78,9 @@ def mgda() -> optax.GradientTransformationExtraArgs:
       ``retain_weight``/``forget_weight`` hold the convex weights.
     """
 
-    def weights(g_r, g_f, m_r, m_f):
+    def weights(g_r, g_f, m_r, m_f, axis_name):
         s = _safe_scale(jnp.maximum(m_r, m_f))
-        num_f, num_r = _numerators(g_r, g_f, s)
+        num_f, num_r = _numerators(g_r, g_f, s, axis_name)
         den = num_r + num_f
         interior = (num_r > 0) & (num_f > 0)
         safe_den = jnp.where(interior, den, 1.0)
@@ -83,6 +90,6 @@ def mgda() -> optax.GradientTransformationExtraArgs:
         w_f = jnp.where(
             interior, num_f / safe_den, jnp.where(num_f > 0, 1.0, jnp.where(num_r > 0, 0.0, 0.5))
         )
-        return TwoTaskWeights(w_r, w_f, tree_scaled_norm(g_r, m_r), tree_scaled_norm(g_f, m_f))
+        return TwoTaskWeights(w_r, w_f, tree_scaled_norm(g_r, m_r, axis_name), tree_scaled_norm(g_f, m_f, axis_name))
 
-    return two_task_combiner(weights, "mgda")
+    return two_task_combiner(weights, "mgda", clip_norm=clip_norm, axis_name=axis_name)

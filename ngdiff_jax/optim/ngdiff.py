@@ -41,12 +41,17 @@ from ngdiff_jax.optim._base import TwoTaskWeights, tree_scaled_norm, two_task_co
 __all__ = ["ngdiff"]
 
 
-def ngdiff(eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
+def ngdiff(eps: float = 1e-12, *, clip_norm: float | None = None,
+           axis_name=None) -> optax.GradientTransformationExtraArgs:
     """Normalized gradient difference: ``d = g_r/(|g_r|+eps) + g_f/(|g_f|+eps)``.
 
     Args:
       eps: added to each global norm before dividing (>= 0). A gradient whose
         norm is exactly zero always contributes zero.
+      clip_norm: clip each task's gradient to this global L2 norm first
+        (separately; see :func:`~ngdiff_jax.optim.two_task_combiner`).
+      axis_name: the mapped axis the gradients are sharded over under
+        ``shard_map``/``pmap``; norms and inner products are summed over it.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`;
@@ -58,11 +63,11 @@ def ngdiff(eps: float = 1e-12) -> optax.GradientTransformationExtraArgs:
     if not eps >= 0:
         raise ValueError(f"ngdiff: eps must be >= 0, got {eps!r}.")
 
-    def weights(g_r, g_f, m_r, m_f):
-        n_r = tree_scaled_norm(g_r, m_r)
-        n_f = tree_scaled_norm(g_f, m_f)
+    def weights(g_r, g_f, m_r, m_f, axis_name):
+        n_r = tree_scaled_norm(g_r, m_r, axis_name)
+        n_f = tree_scaled_norm(g_f, m_f, axis_name)
         w_r = jnp.where(n_r > 0, 1.0 / (n_r + eps), 0.0)
         w_f = jnp.where(n_f > 0, 1.0 / (n_f + eps), 0.0)
         return TwoTaskWeights(w_r, w_f, n_r, n_f)
 
-    return two_task_combiner(weights, "ngdiff")
+    return two_task_combiner(weights, "ngdiff", clip_norm=clip_norm, axis_name=axis_name)

@@ -40,19 +40,25 @@ from ngdiff_jax.optim._base import TwoTaskWeights, _safe_scale, tree_scaled_vdot
 __all__ = ["pcgrad"]
 
 
-def pcgrad() -> optax.GradientTransformationExtraArgs:
+def pcgrad(*, clip_norm: float | None = None, axis_name=None) -> optax.GradientTransformationExtraArgs:
     """Two-task PCGrad (projecting conflicting gradients).
+
+    Args:
+      clip_norm: clip each task's gradient to this global L2 norm first
+        (separately; see :func:`~ngdiff_jax.optim.two_task_combiner`).
+      axis_name: the mapped axis the gradients are sharded over under
+        ``shard_map``/``pmap``; norms and inner products are summed over it.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with the combiners'
       calling convention (see :func:`ngdiff_jax.optim.ngdiff`).
     """
 
-    def weights(g_r, g_f, m_r, m_f):
+    def weights(g_r, g_f, m_r, m_f, axis_name):
         s_r, s_f = _safe_scale(m_r), _safe_scale(m_f)
-        rr = tree_scaled_vdot(g_r, g_r, s_r, s_r)
-        ff = tree_scaled_vdot(g_f, g_f, s_f, s_f)
-        rf = tree_scaled_vdot(g_r, g_f, s_r, s_f)
+        rr = tree_scaled_vdot(g_r, g_r, s_r, s_r, axis_name)
+        ff = tree_scaled_vdot(g_f, g_f, s_f, s_f, axis_name)
+        rf = tree_scaled_vdot(g_r, g_f, s_r, s_f, axis_name)
         conflict = (rf < 0) & (rr > 0) & (ff > 0)
         # c / |g_r|^2 = (s_f / s_r) rf / rr  and  c / |g_f|^2 = (s_r / s_f) rf / ff.
         c_over_rr = (s_f / s_r) * rf / jnp.where(rr > 0, rr, 1.0)
@@ -61,4 +67,4 @@ def pcgrad() -> optax.GradientTransformationExtraArgs:
         w_f = jnp.where(conflict, 1.0 - c_over_ff, 1.0)
         return TwoTaskWeights(w_r, w_f, s_r * jnp.sqrt(rr), s_f * jnp.sqrt(ff))
 
-    return two_task_combiner(weights, "pcgrad")
+    return two_task_combiner(weights, "pcgrad", clip_norm=clip_norm, axis_name=axis_name)

@@ -44,7 +44,9 @@ def inject_stats(opt_state: Any) -> dict[str, jax.Array]:
 
     Works on any nesting of optax states (``chain`` tuples, ``inject_hyperparams``
     dicts, :func:`~ngdiff_jax.optim.skip_if_nonfinite`, ``nnx.Optimizer.opt_state``
-    with its Variable wrappers) and inside ``jit`` (values are scalar arrays).
+    with its Variable wrappers), inside ``jit`` (values are scalar arrays) and on
+    batched states (from ``vmap``-ed ``init``/``update``: the values then carry
+    the batch axes).
 
     Args:
       opt_state: an optimizer state.
@@ -52,14 +54,15 @@ def inject_stats(opt_state: Any) -> dict[str, jax.Array]:
     Returns:
       A dict with those of ``learning_rate``, ``skipped``, ``retain_norm``,
       ``forget_norm``, ``retain_weight``, ``forget_weight`` that were found
-      (scalar arrays). Keys whose state is absent are left out.
+      (arrays: scalars, or of the batch shape for a batched state). Keys whose
+      state is absent are left out.
     """
     out: dict[str, jax.Array] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
         names = [_name(k) for k in path]
         if len(names) > 1 and names[-1] == "value":  # nnx Variable wrapper
             names = names[:-1]
-        if not names or names[-1] not in STAT_NAMES or jnp.ndim(leaf) != 0:
+        if not names or names[-1] not in STAT_NAMES:
             continue
         name = names[-1]
         if name == "skipped" and name in out:

@@ -4,16 +4,26 @@
 
 1. a two-task combiner (NGDiff by default) turning ``(g_r, g_f)`` into a
    gradient-like direction ``d``;
-2. optionally Adam preconditioning (``optax.scale_by_adam``) of ``d``;
-3. the negation ``u = -(...)`` (optax's sign convention: ``params + lr * u``);
-4. the rate: GeN (:func:`~ngdiff_jax.optim.scale_by_gen`) or a fixed or
+2. the inner optimizer's preconditioning of ``d``: Adam
+   (``optax.scale_by_adam``) by default, or any single-task optax transform
+   given as ``optimizer=`` (``optax.scale_by_lion()``, ``optax.identity()``);
+3. optionally decoupled weight decay (``optax.add_decayed_weights``), so that
+   the rate scales it as in AdamW;
+4. the negation ``u = -(...)`` (optax's sign convention: ``params + lr * u``);
+5. the rate: GeN (:func:`~ngdiff_jax.optim.scale_by_gen`) or a fixed or
    scheduled rate (:func:`scale_by_rate`, which records the rate in its state
    for logging);
 
 all wrapped in :func:`skip_if_nonfinite`, which skips the *whole* step
 (zero update, every inner state unchanged, Adam moments included) when either
-gradient holds a NaN/Inf, and counts it. ``optax.apply_updates(params,
-updates)`` then decreases both losses to first order.
+gradient holds a NaN/Inf, and counts it, and in :func:`~ngdiff_jax.optim.two_task`,
+which checks the two-task calling convention (see docs/optim.md).
+``optax.apply_updates(params, updates)`` then decreases both losses to first
+order.
+
+Meta-gradients (``jax.grad`` through unlearning steps) need ``eps_root > 0``:
+Adam's ``sqrt(nu)`` has an infinite derivative at ``nu = 0``, which exactly-zero
+gradient entries (e.g. embedding rows of tokens absent from the batch) reach.
 
 Calling convention of the chain::
 
@@ -56,7 +66,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ngdiff_jax.optim import _guard
 from ngdiff_jax.optim._base import tree_max_abs
+from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
 from ngdiff_jax.optim.gen import scale_by_gen
 from ngdiff_jax.optim.mgda import mgda
@@ -136,6 +148,7 @@ def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTran
     Adam's moments and count do not move), incrementing ``state.skipped``.
     Unlike ``optax.apply_if_finite`` it also checks ``forget_grads``.
     """
+    marked = _guard.kind_of(inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -154,13 +167,45 @@ def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTran
         skipped = state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
         return updates, SkipNonFiniteState(skipped=skipped, inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _guard.mark(tx, "wrapper") if marked == "wrapper" else tx
+
+
+def _combiner(combiner, clip_norm, axis_name):
+    if isinstance(combiner, str):
+        if combiner not in COMBINERS:
+            raise ValueError(
+                f"unlearning_optimizer: unknown combiner {combiner!r}; use one of "
+                f"{sorted(COMBINERS)} or pass a two-task combiner such as ngdiff(eps=1e-8)."
+            )
+        if combiner == "none":
+            return gdiff(1.0, 1.0, clip_norm=clip_norm, axis_name=axis_name)
+        return COMBINERS[combiner](clip_norm=clip_norm, axis_name=axis_name)
+    if not isinstance(combiner, optax.GradientTransformation):
+        raise TypeError(
+            f"unlearning_optimizer: combiner must be a name or a two-task combiner, got "
+            f"{type(combiner).__name__}."
+        )
+    if _guard.kind_of(combiner) is None:
+        raise TypeError(
+            "unlearning_optimizer: combiner must be a two-task combiner (ngdiff, gdiff, mgda, pcgrad, "
+            "a two_task_combiner, or a chain wrapped in ngdiff_jax.optim.two_task); a single-task "
+            "transformation such as optax.sgd would ignore forget_grads. Pass the inner optimizer as "
+            "optimizer= instead."
+        )
+    if clip_norm is not None or axis_name is not None:
+        raise ValueError(
+            "unlearning_optimizer: clip_norm= and axis_name= configure a combiner given by name; "
+            "pass them to the combiner itself, e.g. ngdiff(clip_norm=1.0, axis_name='data')."
+        )
+    return combiner
 
 
 def unlearning_optimizer(
     combiner: str | optax.GradientTransformation = "ngdiff",
     learning_rate: optax.ScalarOrSchedule = 1e-5,
     *,
+    optimizer: optax.GradientTransformation | None = None,
     adam: bool = True,
     gen: bool = True,
     gen_every: int = 4,
@@ -169,22 +214,42 @@ def unlearning_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     adam_eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: float = 0.0,
+    weight_decay_mask: Any = None,
+    clip_norm: float | None = None,
+    axis_name: Any = None,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-    """The paper's unlearning optimizer: combiner -> (Adam) -> -(GeN | rate).
+    """The paper's unlearning optimizer: combiner -> optimizer (Adam) -> weight decay -> -(GeN | rate).
 
     Args:
       combiner: ``"ngdiff"``, ``"gdiff"``, ``"mgda"``, ``"pcgrad"``, ``"none"``
-        (plain sum ``g_r + g_f``, same as ``gdiff(1, 1)``), or any
-        ``GradientTransformation`` taking ``forget_grads=`` (e.g. ``ngdiff(eps=...)``
-        or ``gdiff(1.0, 0.2)``).
+        (plain sum ``g_r + g_f``, same as ``gdiff(1, 1)``), or a two-task
+        combiner object (e.g. ``ngdiff(eps=...)`` or ``gdiff(1.0, 0.2)``). A
+        single-task transformation (``optax.sgd(1.0)``) is refused: it would
+        ignore ``forget_grads``.
       learning_rate: with ``gen=True`` the initial GeN rate (a float); otherwise
         a float or an optax schedule.
-      adam: precondition the combined direction with ``optax.scale_by_adam``.
+      optimizer: the single-task transformation applied to the combined
+        direction before the rate, e.g. ``optax.scale_by_adam(b1=0.9,
+        eps_root=1e-16)`` or ``optax.scale_by_lion()``; default Adam built from
+        ``b1, b2, adam_eps, eps_root, mu_dtype``.
+      adam: with ``optimizer=None``, ``False`` leaves the direction
+        unpreconditioned (``optax.identity()``).
       gen: adapt the rate with GeN (then ``update`` needs ``value_fn=``).
       gen_every, gen_smoothing, gen_clip_factor: GeN's ``every``, ``smoothing``
         and ``clip_factor`` (see :func:`~ngdiff_jax.optim.scale_by_gen`).
-      b1, b2, adam_eps: Adam's parameters.
+      b1, b2, adam_eps, eps_root, mu_dtype: the default Adam's parameters
+        (``optax.scale_by_adam``); ``eps_root > 0`` makes meta-gradients finite.
+      weight_decay: decoupled weight decay ``optax.add_decayed_weights(
+        weight_decay, weight_decay_mask)`` after the optimizer, scaled by the
+        (GeN or fixed) rate as in AdamW.
+      clip_norm: per-task clipping of a combiner given by name (see
+        :func:`~ngdiff_jax.optim.two_task_combiner`).
+      axis_name: mapped axis of sharded gradients for a combiner given by name
+        and for GeN's probe losses (see docs/optim.md, "Sharding").
       skip_nonfinite: wrap the chain in :func:`skip_if_nonfinite`.
 
     Returns:
@@ -192,36 +257,38 @@ def unlearning_optimizer(
       state, params, *, forget_grads, value_fn=None, value=None)`` returns
       updates for ``optax.apply_updates``.
     """
-    if isinstance(combiner, str):
-        if combiner not in COMBINERS:
-            raise ValueError(
-                f"unlearning_optimizer: unknown combiner {combiner!r}; use one of "
-                f"{sorted(COMBINERS)} or pass a GradientTransformation."
-            )
-        combine = COMBINERS[combiner]()
-    elif isinstance(combiner, optax.GradientTransformation):
-        combine = combiner
-    else:
-        raise TypeError(
-            f"unlearning_optimizer: combiner must be a name or an optax "
-            f"GradientTransformation, got {type(combiner).__name__}."
-        )
+    combine = _combiner(combiner, clip_norm, axis_name)
     if gen and callable(learning_rate):
         raise TypeError(
             "unlearning_optimizer: with gen=True the learning rate is GeN's initial "
             "rate and must be a number; pass gen=False to use a schedule."
         )
+    if optimizer is not None and not adam:
+        raise ValueError("unlearning_optimizer: optimizer= replaces Adam; do not also pass adam=False.")
+    if optimizer is not None and _guard.kind_of(optimizer) is not None:
+        raise ValueError("unlearning_optimizer: optimizer= is the single-task part after the combiner; "
+                         "pass the two-task combiner as combiner=.")
+    if not weight_decay >= 0:
+        raise ValueError(f"unlearning_optimizer: weight_decay must be >= 0, got {weight_decay!r}.")
+    if optimizer is None:
+        optimizer = (optax.scale_by_adam(b1=b1, b2=b2, eps=adam_eps, eps_root=eps_root, mu_dtype=mu_dtype)
+                     if adam else None)
     parts = [combine]
-    if adam:
-        parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=adam_eps))
+    if optimizer is not None:
+        parts.append(optimizer)
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale(-1.0))
     if gen:
         parts.append(
             scale_by_gen(
-                learning_rate, every=gen_every, smoothing=gen_smoothing, clip_factor=gen_clip_factor
+                learning_rate, every=gen_every, smoothing=gen_smoothing, clip_factor=gen_clip_factor,
+                axis_name=axis_name,
             )
         )
     else:
         parts.append(scale_by_rate(learning_rate))
     tx = optax.chain(*parts)
-    return skip_if_nonfinite(tx) if skip_nonfinite else tx
+    if skip_nonfinite:
+        tx = skip_if_nonfinite(tx)
+    return two_task(tx, "unlearning_optimizer")

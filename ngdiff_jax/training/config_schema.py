@@ -120,6 +120,13 @@ class OptimConfig:
     gen_smoothing: float = 0.9
     gen_clip_factor: float = 2.0
     eps: float = 1e-12  # ngdiff normalization epsilon
+    # unlearning's Adam (optax.scale_by_adam); eps_root > 0 keeps meta-gradients finite
+    b1: float = 0.9
+    b2: float = 0.999
+    adam_eps: float = 1e-8
+    eps_root: float = 0.0
+    mu_dtype: Literal["float32", "bfloat16"] | None = None  # null: the gradients' dtype
+    clip_norm: float | None = None  # unlearning: per-task clipping inside the combiner (null: off)
 
 
 @dataclass(frozen=True)

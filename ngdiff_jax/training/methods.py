@@ -258,25 +258,26 @@ def learning_rate_schedule(rule: str, optim: OptimConfig, total_steps: int) -> o
 def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int):
     """The method's optax chain, from :func:`ngdiff_jax.optim.unlearning_optimizer`.
 
-    ``combiner -> (Adam) -> -(GeN | fixed/scheduled rate)``; with ``optim.weight_decay``
-    decoupled weight decay (scaled by the fixed rate) is added to the update.
-    Call it as ``tx.update(retain_grads, opt_state, params, forget_grads=..., value_fn=..., value=...)``.
+    ``combiner -> (Adam) -> weight decay -> -(GeN | fixed/scheduled rate)``: the combiner
+    clips each task's gradient to ``optim.clip_norm`` when set; Adam takes ``optim.b1, b2,
+    adam_eps, eps_root, mu_dtype``; ``optim.weight_decay`` adds decoupled weight decay
+    (``optax.add_decayed_weights``) scaled by the rate, GeN's or the fixed/scheduled one, as in
+    AdamW. Call it as ``tx.update(retain_grads, opt_state, params, forget_grads=..., value_fn=...,
+    value=...)``.
     """
     from ngdiff_jax import optim as O
 
     gen = method.lr_rule == "gen"
     lr = optim.lr if gen else learning_rate_schedule(method.lr_rule, optim, total_steps)
+    clip = optim.clip_norm
     if method.combiner == "gdiff":
-        combiner = O.gdiff(retain_weight=method.retain_weight, forget_weight=method.forget_weight)
+        combiner = O.gdiff(retain_weight=method.retain_weight, forget_weight=method.forget_weight, clip_norm=clip)
     elif method.combiner == "ngdiff":
-        combiner = O.ngdiff(eps=optim.eps)
+        combiner = O.ngdiff(eps=optim.eps, clip_norm=clip)
+    elif method.combiner == "none":
+        combiner = O.gdiff(1.0, 1.0, clip_norm=clip)
     else:
-        combiner = method.combiner
-    if optim.weight_decay:
-        raise ValueError(
-            "optim.weight_decay is not supported for unlearning (the optimizer core's chain has no "
-            "weight decay); set optim.weight_decay=0."
-        )
+        combiner = O.COMBINERS[method.combiner](clip_norm=clip)
     return O.unlearning_optimizer(
         combiner,
         learning_rate=lr,
@@ -285,6 +286,12 @@ def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int):
         gen_every=optim.gen_every,
         gen_smoothing=optim.gen_smoothing,
         gen_clip_factor=optim.gen_clip_factor,
+        b1=optim.b1,
+        b2=optim.b2,
+        adam_eps=optim.adam_eps,
+        eps_root=optim.eps_root,
+        mu_dtype=None if optim.mu_dtype is None else jnp.dtype(optim.mu_dtype),
+        weight_decay=optim.weight_decay,
     )
 
 

@@ -55,7 +55,11 @@ def make_unlearn_step(
     the methods that read a hidden state (RMU). Metrics: ``forget_loss``, ``retain_loss``
     (the objectives), ``forget_nll``, ``retain_nll``, ``forget_grad_norm``, ``retain_grad_norm``,
     ``learning_rate``, ``skipped`` (cumulative count of skipped non-finite steps).
+    ``tx`` must start with a two-task combiner (checked: `ngdiff_jax.optim.two_task`).
     """
+    from ngdiff_jax.optim import two_task
+
+    tx = two_task(tx, "make_unlearn_step")
     f_obj = forget_objective(method)
     r_obj = retain_objective(method)
     probe = method.probe
