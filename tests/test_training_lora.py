@@ -180,3 +180,25 @@ def test_target_unknown_for_the_family_fails_before_training(tiny, tmp_path, cap
     assert rc != 0
     assert "'fc1' is not a projection of the llama model; valid targets: all, q, k, v, o, gate, up, down" in err
     assert not (out / "log.jsonl").exists()
+
+
+def test_lora_run_resumes_to_the_same_adapters(tiny, tmp_path):
+    import shutil
+
+    from ngdiff_jax.training import run_unlearn
+
+    out = tmp_path / "resume"
+    cfg = load_config(UnlearnConfig, "synthetic_ngdiff", [
+        f"data.source={tiny['bench']}", f"model_path={tiny['model']}", f"run.output_dir={out}",
+        "run.progress=false", "run.steps=4", "run.checkpoint_every=2", "run.eval_every=0",
+        "lora.rank=2", "lora.targets=[q,down]"], subdir="experiments")  # fmt: skip
+    _, first = run_unlearn(cfg)
+    want = _safetensors(out / "adapter")
+    shutil.rmtree(out / "checkpoints" / "4")
+    _, again = run_unlearn(cfg)
+    assert first["resumed_from"] is None and again["resumed_from"] == 2
+    got = _safetensors(out / "adapter")
+    assert want.keys() == got.keys()
+    assert any(np.abs(v).max() > 0 for k, v in want.items() if "lora_B" in k)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
