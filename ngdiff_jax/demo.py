@@ -84,6 +84,7 @@ class TrainSpec:
     """Training of the target and retain models (the same settings for both)."""
 
     steps: int = 300
+    retain_steps: int | None = None  # the retain model's steps (default: steps)
     # The world-facts / real-authors rows appear this many times in both training splits: the
     # general knowledge a pretrained model would have learned well (a handful of rows among
     # hundreds is otherwise barely learned, and model_utility is their harmonic mean).
@@ -344,6 +345,11 @@ def _write_tofu_subset(cfg: DemoConfig, dest: Path) -> dict[str, str]:
     return dict(TRAIN_SPLITS)
 
 
+def _train_steps(cfg: DemoConfig, role: str) -> int:
+    t = cfg.train
+    return t.retain_steps if role == "retain" and t.retain_steps is not None else t.steps
+
+
 def _data_config(spec, **fields) -> DataConfig:
     return DataConfig(
         batch_size=spec.batch_size, max_length=spec.max_length, buckets=spec.buckets, **fields
@@ -365,7 +371,7 @@ def _train(
         optim=cfg.train.optim,
         run=RunConfig(
             output_dir=str(out / "runs" / role),
-            steps=cfg.train.steps,
+            steps=_train_steps(cfg, role),
             seed=cfg.seed,
             checkpoint_every=0,
             log_every=10,
@@ -654,7 +660,7 @@ def run_demo(
     summaries = {}
     for role in ("target", "retain"):
         what = "all authors" if role == "target" else "retain authors only"
-        t0 = ph.start(f"train the {role} model ({arch}, {size}; {what}, {cfg.train.steps} steps)")
+        t0 = ph.start(f"train the {role} model ({arch}, {size}; {what}, {_train_steps(cfg, role)} steps)")
         done = out / "runs" / role / "summary.json"
         if resume and done.is_file() and (out / "runs" / role / "model" / "config.json").is_file():
             summaries[role] = _read_json(done)
@@ -742,6 +748,7 @@ def run_demo(
         }
         final.save(done_results / f"{name}.json")
         jsonio.write_json(state, {"trajectory": [list(p) for p in traj], "info": unlearn_info[name]})
+        write_report(out / "partial_report", results, trajectories, title="(partial: methods done so far)")
         a = final.aggregates
         ph.end(
             f"unlearn {name}",

@@ -1,0 +1,107 @@
+"""Recipes (configs/experiments/tofu_*), split pairing, model_path on the command line, and the
+study runner on real TOFU files with a tiny random model that uses SmolLM2's tokenizer."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ngdiff_jax.cli import main
+
+SMOL = Path("~/.cache/ngdiff-jax/SmolLM2-135M-Instruct-hf-ref").expanduser()
+
+
+@pytest.mark.parametrize(
+    "config,fmt",
+    [
+        ("tofu_smollm2_finetune", "open-unlearning"),
+        ("tofu_llama3.2-1b_finetune", "llama3-instruct"),
+        ("tofu_phi-1_5_finetune", "question-answer"),
+        ("tofu_llama2-7b-chat_finetune", "llama2-chat"),
+    ],
+)
+def test_finetune_recipes_resolve(config, fmt, capsys):
+    import yaml
+
+    assert main(["finetune", "--config", config, "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"] is None and cfg["model_path"]
+    assert cfg["format"]["name"] == fmt
+    # open-unlearning's finetune hyper-parameters
+    assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["run"]["epochs"]) == (1e-5, 0.01, 5)
+    assert cfg["data"]["batch_size"] == 32 and cfg["data"]["max_length"] == 512
+
+
+def test_model_path_on_the_command_line_replaces_the_configs_model(capsys, tmp_path):
+    import yaml
+
+    # tofu_finetune_target builds a model from scratch (model: small_llama)
+    assert main(["finetune", "--config", "tofu_finetune_target", f"model_path={tmp_path}", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"] is None and cfg["model_path"] == str(tmp_path)
+    assert main(["finetune", "--config", "tofu_smollm2_finetune", "model=tiny_llama", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model_path"] is None and cfg["model"]["hf"]["model_type"] == "llama"
+
+
+def test_retain_split_follows_forget_split():
+    from ngdiff_jax.training.config_schema import DataConfig
+    from ngdiff_jax.training.unlearn import resolve_retain_split
+
+    for f, r in (("forget01", "retain99"), ("forget05", "retain95"), ("forget10", "retain90")):
+        assert resolve_retain_split(DataConfig(forget_split=f)) == r
+    assert resolve_retain_split(DataConfig(forget_split="forget01", retain_split="mine")) == "mine"
+    with pytest.raises(ValueError, match="data.retain_split"):
+        resolve_retain_split(DataConfig(forget_split="my_forget"))
+
+
+@pytest.fixture(scope="module")
+def tiny_smol(tmp_path_factory):
+    if not (SMOL / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 tokenizer not cached at {SMOL} (see tests/test_models_gguf.py)")
+    from flax import nnx
+    from transformers import AutoTokenizer
+
+    from ngdiff_jax import models
+
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    hf = dict(model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, tie_word_embeddings=True,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    d = tmp_path_factory.mktemp("tiny_smol") / "model"
+    models.save_pretrained(models.from_config(hf, rngs=nnx.Rngs(0)), d, tokenizer=tok)
+    return d
+
+
+@pytest.mark.slow  # about 1.5 min on 2 idle cores (compiles for a 49k-token vocabulary, 4 runs of the CLI)
+def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_path, tofu_dir):
+    out = tmp_path / "study"
+    args = [
+        sys.executable, "-m", "ngdiff_jax.cli", "study", "--config", "tofu_smollm2", "--out", str(out), "--no-progress",
+        f"model_path={tiny_smol}", f"benchmark.source={tofu_dir}", "benchmark.retain_authors=1",
+        "benchmark.eval_rows=2", "train.steps=1", "train.retain_steps=1", "unlearn.steps=1", "unlearn.eval_every=1",
+        "evaluation.max_new_tokens=2", "unlearn.methods=[ngdiff]",
+    ]  # fmt: skip
+    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"retain", "target", "ngdiff"}
+    assert [pt["step"] for pt in report["trajectories"]["ngdiff"]] == [0, 1]
+    (out / "tradeoff.png").stat()
+    data = out / "data" / "tofu"
+    assert sum(1 for _ in open(data / "demo_target_train.json")) == 60  # forget01 (40) + 1 retain author
+    assert sum(1 for _ in open(data / "forget01_perturbed.json")) == 2
+    saved = json.loads((out / "runs" / "ngdiff" / "model" / "ngdiff_format.json").read_text())
+    assert saved["format"]["name"] == "open-unlearning" and saved["forget_split"] == "forget01"
+    assert saved["retain_split"] == "demo_retain_train"
+    # resume: every phase is loaded, not redone; another config is refused
+    (out / "report.json").unlink()
+    p = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("done before (resumed)") == 3 and (out / "report.json").is_file()
+    p = subprocess.run([*args[:-1], "unlearn.methods=[ga]", "--resume"], capture_output=True, text=True, timeout=900)
+    assert p.returncode != 0 and "another config" in p.stderr
+    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert p.returncode != 0 and "--resume" in p.stderr
