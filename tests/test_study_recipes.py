@@ -105,3 +105,37 @@ def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_p
     assert p.returncode != 0 and "another config" in p.stderr
     p = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert p.returncode != 0 and "--resume" in p.stderr
+
+
+def test_eval_reads_the_saved_format_and_split(tmp_path, monkeypatch, tofu_dir):
+    """`ngdiff eval` scores with the format and forget split saved beside the model; another --format
+    is an error unless --allow-format-change."""
+    from flax import nnx
+
+    from ngdiff_jax import models
+    from ngdiff_jax.data import load_format, save_format, train_tokenizer
+    from ngdiff_jax.evaluation import EvalResult
+    from ngdiff_jax.evaluation import tofu as tofu_eval
+
+    tok = train_tokenizer(["Question: who?\nAnswer: me"] * 5, tmp_path / "tok", vocab_size=300)
+    hf = dict(model_type="llama", vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    model_dir = tmp_path / "model"
+    models.save_pretrained(models.from_config(hf, rngs=nnx.Rngs(0)), model_dir, tokenizer=tok)
+    spec = load_format("question-answer")
+    save_format(spec, model_dir, stage="unlearn", forget_split="forget05", retain_split="retain95")
+    seen = {}
+
+    def fake_evaluate_tofu(model, tokenizer, data_dir=None, **kw):
+        seen.update(kw)
+        return EvalResult(name=kw["name"], benchmark="tofu", aggregates={"model_utility": 0.5})
+
+    monkeypatch.setattr(tofu_eval, "evaluate_tofu", fake_evaluate_tofu)
+    args = ["eval", "--model", str(model_dir), "--data", str(tofu_dir), "--out", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    assert seen["forget_split"] == "forget05" and seen["formatter"].spec == spec
+    assert not seen["formatter"].uses_chat_template
+    assert main([*args, "--forget-split", "forget01"]) == 0 and seen["forget_split"] == "forget01"
+    assert main([*args, "--format", "llama2-chat"]) == 2
+    assert main([*args, "--format", "llama2-chat", "--allow-format-change"]) == 0
+    assert seen["formatter"].spec == load_format("llama2-chat")
