@@ -131,6 +131,14 @@ def test_dir_of_another_config_or_command_is_refused_naming_the_key(base, tmp_pa
     assert (out / "summary.json").read_text() == summary and _digest(out / "model") == weights
     # the same run again (cosmetic keys may change) is a resume, not a conflict
     assert _unlearn(base, out, "run.log_every=2") == 0
+    # a run that stopped before writing anything worth keeping does not block a corrected one
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    (out2 / ".ngdiff-run.json").write_text(json.dumps({"command": "unlearn", "settings": {"optim": {"lr": 5.0}}}))
+    (out2 / "log.jsonl").write_text("")
+    assert _unlearn(base, out2) == 0
+    out2 = tmp_path / "out2"
+
 
 
 def test_foreign_files_are_refused_not_deleted(base, tmp_path, capsys):

@@ -183,8 +183,18 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _has_results(out: Path) -> bool:
+    """Whether a run dir holds anything worth keeping: an export, a summary, a checkpoint, a tokenizer."""
+    if any((out / n).exists() for n in ("model", "adapter", "summary.json", "tokenizer", "diverged.json")):
+        return True
+    ck = out / "checkpoints"
+    return ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
+
+
 def _check_same_run(out: Path, command: str, settings: dict) -> None:
     manifest = out / RUN_MANIFEST
+    if manifest.is_file() and not _has_results(out):
+        return  # a run that stopped before its first checkpoint: nothing to lose, the new run takes it
     if manifest.is_file():
         try:
             saved = json.loads(manifest.read_text())
