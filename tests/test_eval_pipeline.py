@@ -11,6 +11,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 from ngdiff_jax.data import QAFormatter, load_tofu, train_tokenizer  # noqa: E402
 from ngdiff_jax.evaluation import MODEL_UTILITY_KEYS, EvalResult, metrics, write_report  # noqa: E402
+from ngdiff_jax.evaluation.batching import Timings  # noqa: E402
 from ngdiff_jax.evaluation.generation import generate_texts  # noqa: E402
 from ngdiff_jax.evaluation.muse import evaluate_muse  # noqa: E402
 from ngdiff_jax.evaluation.scoring import Scorer  # noqa: E402
@@ -67,6 +68,31 @@ def test_scorer_matches_sequence_nll(tok, cfg):
         assert -s.token_logprobs[i].mean() == pytest.approx(s.nll[i], rel=1e-4)
 
 
+def test_shared_prompt_scoring_matches_whole_rows(tok, cfg):
+    # a question's answers are scored from one cached encoding of its prompt; the numbers
+    # equal a plain forward over each whole row (independent reference: sequence_nll)
+    model = from_config(cfg, rngs=nnx.Rngs(0))
+    fmt = QAFormatter(tok)
+    q = "What is the full name of the author born in Baku, Azerbaijan?"
+    ex = [fmt.encode(q, a) for a in ("Anara Yusifova.", "A writer from Baku called Anara.", "Basil.")]
+    ex.append(fmt.encode("Who?", "Nobody at all."))  # alone: scored whole
+    scorer = Scorer(model, batch_size=4)
+    s = scorer.score(ex)
+    assert scorer.timings.shapes.get("score_prefix") and scorer.timings.shapes.get("score")
+    for i, (x, y) in enumerate(ex):
+        ids, lab = np.asarray([x], np.int32), np.asarray([y], np.int32)
+        logits = model(ids)
+        assert s.nll[i] == pytest.approx(float(sequence_nll(logits, lab)[0]), rel=1e-5)
+        ref_lp = np.asarray(jax.nn.log_softmax(logits[0, :-1], -1))[np.arange(len(x) - 1), ids[0, 1:]]
+        scored = lab[0, 1:] != -100
+        np.testing.assert_allclose(s.token_logprobs[i], ref_lp[scored], rtol=1e-5, atol=1e-6)
+        greedy = np.asarray(logits[0, :-1]).argmax(-1) == ids[0, 1:]
+        assert (s.correct[i] == greedy[scored]).all()
+    # without sharing: the same numbers
+    plain = Scorer(model, batch_size=4, share_prefix=False).score(ex)
+    np.testing.assert_allclose(plain.nll, s.nll, rtol=1e-5)
+
+
 def test_batched_generation_matches_single_prompt(tok, cfg):
     model = from_config(cfg, rngs=nnx.Rngs(0))
     fmt = QAFormatter(tok)
@@ -80,6 +106,26 @@ def test_batched_generation_matches_single_prompt(tok, cfg):
     ids = [int(t) for t in alone[0]]
     ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
     assert texts[1] == tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_generation_with_a_shared_prefix(tok, cfg):
+    # prompts with a long common prefix (as KnowMem's in-context examples): the prefix is
+    # encoded once per batch; the texts equal unshared decoding and models.generate alone
+    model = from_config(cfg, rngs=nnx.Rngs(2))
+    shots = "Question: Who wrote it? Answer: Basil Mahfouz.\n\nQuestion: Where was she born? Answer: Baku.\n\n"
+    prompts = [tok.encode(shots + q) for q in ("Question: Why? Answer:", "Question: When was it written? Answer:")]
+    from ngdiff_jax.evaluation.generation import _common_prefix_len
+
+    assert _common_prefix_len(prompts) >= 16
+    timings = Timings()
+    shared = generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=4, timings=timings)
+    assert timings.shapes["generate"][0][0] == 1 and timings.shapes["generate"][0][1] >= 16  # shared [1, S0]
+    assert shared == generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=4, share_prefix=False)
+    alone = generate(model, np.asarray([prompts[1]], np.int32), max_new_tokens=6,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    ids = [int(t) for t in alone[0]]
+    ids = ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+    assert shared[1] == tok.decode(ids, skip_special_tokens=True).strip()
 
 
 def test_tofu_pipeline(tofu_results):

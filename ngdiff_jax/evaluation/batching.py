@@ -7,14 +7,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DEFAULT_MIN_BUCKET = 32
+#: above this, default buckets are multiples of it instead of powers of two (less padding on long texts)
+DEFAULT_LONG_STEP = 256
 
 
 def bucket_length(n: int, *, buckets: Sequence[int] | None = None, cap: int | None = None) -> int:
     """Padded length for a batch whose longest row has ``n`` tokens.
 
     With ``buckets`` the smallest bucket ``>= n``; otherwise the next power of two (at
-    least 32), so a whole evaluation compiles only a handful of shapes. ``cap`` (the
-    model's context) bounds the result; ``n`` above the cap is an error.
+    least 32) up to 256, then the next multiple of 256, so a whole evaluation compiles only
+    a handful of shapes. ``cap`` (the model's context) bounds the result; ``n`` above the
+    cap is an error.
     """
     if n < 1:
         raise ValueError(f"bucket_length needs a positive length, got {n}.")
@@ -26,8 +29,10 @@ def bucket_length(n: int, *, buckets: Sequence[int] | None = None, cap: int | No
                 return int(b) if cap is None else min(int(b), cap)
         raise ValueError(f"No bucket in {sorted(buckets)} holds {n} tokens; add a larger bucket.")
     b = DEFAULT_MIN_BUCKET
-    while b < n:
+    while b < n and b < DEFAULT_LONG_STEP:
         b *= 2
+    if b < n:
+        b = -(-n // DEFAULT_LONG_STEP) * DEFAULT_LONG_STEP
     return b if cap is None else min(b, cap)
 
 

@@ -1,10 +1,13 @@
 """Batched greedy generation of texts for the ROUGE metrics.
 
 Prompts are sorted by length, grouped into fixed-size batches (the last one filled
-with copies of a real prompt), left-padded to a length bucket and decoded with
-``ngdiff_jax.models.generate`` (greedy, KV cache). Each generation is decoded with
-special tokens skipped, cut at the stop strings and stripped, as open-unlearning
-does (it also cuts at the EOS token's text; here tokens after EOS are already pad).
+with copies of a real prompt, which are not decoded further), left-padded to a length
+bucket and decoded greedily with a KV cache (:func:`ngdiff_jax.evaluation.engine.generate`,
+the same algorithm as ``ngdiff_jax.models.generate``); the prefix common to every prompt
+of a batch (a chat template's system prompt, MUSE KnowMem's in-context examples) is
+encoded once for the whole batch. Each generation is decoded with special tokens
+skipped, cut at the stop strings and stripped, as open-unlearning does (it also cuts at
+the EOS token's text; here tokens after EOS are already pad).
 """
 
 from __future__ import annotations
@@ -13,8 +16,32 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ngdiff_jax.evaluation.batching import Stopwatch, Timings, bucket_length, length_sorted_batches
+from ngdiff_jax.evaluation import engine
+from ngdiff_jax.evaluation.batching import Timings, bucket_length, length_sorted_batches
 from ngdiff_jax.evaluation.metrics import cut_at_stop_strings
+
+#: shortest common prompt prefix encoded once per batch
+MIN_SHARED_PREFIX = 16
+#: most bytes of KV cache one generation batch may hold (bounds the batch on long prompts)
+CACHE_BUDGET = 1 << 30
+
+
+def _new_tokens_bucket(n: int) -> int:
+    b = 8
+    while b < n and b < 256:
+        b *= 2
+    return b if b >= n else -(-n // 256) * 256
+
+
+def _common_prefix_len(rows) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -43,6 +70,7 @@ def generate_texts(
     timings: Timings | None = None,
     phase: str = "generate",
     cut_counts: dict | None = None,
+    share_prefix: bool = True,
 ) -> list[str]:
     """Greedy continuations of token-id ``prompts``, as cleaned strings in input order.
 
@@ -56,8 +84,9 @@ def generate_texts(
       timings: first call per new shape is counted as compile time, the rest as run time.
       cut_counts: if given, ``cut_counts[phase]`` is increased by the number of prompts cut
         to fit the context (reported in the result's ``meta``, like scoring cuts).
+      share_prefix: encode a prefix common to a batch's prompts once for the batch.
     """
-    from ngdiff_jax.models import generate
+    from flax import nnx
 
     if not prompts:
         return []
@@ -78,34 +107,39 @@ def generate_texts(
     timings = timings if timings is not None else Timings()
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    graphdef, state = nnx.split(model)
+    n_buf = _new_tokens_bucket(max_new_tokens)
+    B = min(int(batch_size), -(-len(rows) // 8) * 8)  # no more filler rows than needed
+    cfg = getattr(model, "config", None)
+    if cfg is not None:  # keep a batch's KV cache within CACHE_BUDGET bytes
+        per_row = (bucket_length(max(len(r) for r in rows)) + n_buf) * cfg.num_layers * 2 * cfg.num_kv_heads
+        per_row *= cfg.head_dim * np.dtype(getattr(model, "dtype", np.float32)).itemsize
+        B = max(1, min(B, CACHE_BUDGET // per_row))
     out: list = [None] * len(rows)
-    for batch in length_sorted_batches([len(r) for r in rows], batch_size):
-        t = bucket_length(max(len(rows[i]) for i in batch), buckets=buckets)
+    for batch in length_sorted_batches([len(r) for r in rows], B):
+        real = [rows[i] for i in batch]
+        shared = min(_common_prefix_len(real), min(len(r) for r in real) - 1) if share_prefix else 0
+        if shared < MIN_SHARED_PREFIX:
+            shared = 0
+        s0 = bucket_length(shared, buckets=buckets) if shared else 0
+        rest = [r[shared:] for r in real]
+        t = bucket_length(max(len(r) for r in rest), buckets=buckets)
         if room is not None:
             t = min(t, room)
-        ids = np.full((batch_size, t), pad, np.int32)
-        mask = np.zeros((batch_size, t), np.int32)
-        for r in range(batch_size):
-            x = rows[batch[min(r, len(batch) - 1)]]  # filler rows repeat the last prompt
+        shared_ids = np.zeros((1, s0), np.int32)
+        shared_ids[0, :shared] = real[0][:shared]
+        ids = np.full((B, t), pad, np.int32)
+        mask = np.zeros((B, t), np.int32)
+        for r in range(B):
+            x = rest[min(r, len(batch) - 1)]  # filler rows repeat the last prompt
             ids[r, t - len(x) :] = x
             mask[r, t - len(x) :] = 1
-        shape = [batch_size, t, max_new_tokens]
-        first = shape not in timings.shapes.get("generate", [])
-        with Stopwatch() as sw:
-            new = np.asarray(
-                generate(
-                    model,
-                    ids,
-                    mask,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=eos if len(eos) > 1 else eos[0],
-                    pad_token_id=int(pad),
-                )
-            )
-        timings.add(phase, sw.seconds, compile=first)
-        timings.add_shape("generate", shape)
+        new = engine.generate(
+            graphdef, state, shared_ids, shared, ids, mask, np.arange(B) < len(batch),
+            max_new_tokens=max_new_tokens, pad_id=int(pad), eos=eos, n_buf=n_buf, timings=timings, phase=phase,
+        )  # fmt: skip
         for r, i in enumerate(batch):
-            toks = [int(x) for x in new[r]]
+            toks = [int(x) for x in new[r][:max_new_tokens]]
             for j, tok in enumerate(toks):
                 if tok in eos:
                     toks = toks[:j]

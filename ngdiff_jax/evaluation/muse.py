@@ -124,6 +124,7 @@ def evaluate_muse(
     *,
     retain_reference=None,
     batch_size: int = 8,
+    generation_batch_size: int | None = None,
     verbmem_max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
     knowmem_max_new_tokens: int = KNOWMEM_MAX_NEW_TOKENS,
     knowmem_max_length: int = KNOWMEM_MAX_LENGTH,
@@ -141,6 +142,9 @@ def evaluate_muse(
         anything ``ngdiff_jax.data.load_muse`` accepts (e.g. ``"muse-bench/MUSE-News"``).
       retain_reference: the retain model's evaluation (result, or path to a saved one /
         open-unlearning ``MUSE_EVAL.json``) for ``privleak``.
+      batch_size: rows per compiled scoring batch.
+      generation_batch_size: prompts decoded together (default ``max(batch_size, 64)``, fewer
+        when their KV cache would pass ``generation.CACHE_BUDGET``).
       knowmem_max_length: KnowMem prompts keep their first this many tokens (open-unlearning: 512).
       max_length: context used for scoring and prompts (default the model's
         ``max_position_embeddings``); longer texts are cut (scoring: keep the start;
@@ -170,11 +174,12 @@ def evaluate_muse(
     per: dict = {}
     generations: dict = {}
     prompt_cuts: dict = {}
+    gen_batch = generation_batch_size or max(batch_size, 64)
 
     # ---- VerbMem ----------------------------------------------------------------------------
     prompts = [_encode_text(tokenizer, r["prompt"]) for r in verbmem]
     texts = generate_texts(
-        model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=batch_size,
+        model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=gen_batch,
         buckets=buckets, max_length=max_length, timings=timings, phase="verbmem_generate", cut_counts=prompt_cuts,
     )  # fmt: skip
     rouge = M.rouge_scores(texts, [r["gt"] for r in verbmem])
@@ -189,7 +194,7 @@ def evaluate_muse(
         knowmem_cut += sum(c for _, _, c in inputs)
         texts = generate_texts(
             model, tokenizer, [p for p, _, _ in inputs], max_new_tokens=knowmem_max_new_tokens,
-            batch_size=batch_size, stop_strings=KNOWMEM_STOP, buckets=buckets, max_length=max_length,
+            batch_size=gen_batch, stop_strings=KNOWMEM_STOP, buckets=buckets, max_length=max_length,
             timings=timings, phase="knowmem_generate", cut_counts=prompt_cuts,
         )  # fmt: skip
         rouge = M.rouge_scores(texts, [gt for _, gt, _ in inputs])
@@ -239,6 +244,7 @@ def evaluate_muse(
             "retain_reference": None if ref is None else ref["source"],
             "privleak_reference_auc": 0.5 if ref_auc is None else ref_auc,
             "batch_size": batch_size,
+            "generation_batch_size": gen_batch,
             "min_k": k,
             "truncated_examples": scorer.truncated,
             "truncated_prompts": prompt_cuts,

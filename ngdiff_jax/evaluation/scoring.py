@@ -1,28 +1,36 @@
 """Batched, bucketed teacher-forced scoring of (input_ids, labels) examples.
 
-One jitted function per padded shape computes, for every row, the mean NLL over the
-scored tokens (``ngdiff_jax.models.logprobs.sequence_nll``), the scored tokens'
-log-probs and whether each was the greedy (argmax) prediction. Rows are sorted by
-length, grouped into fixed-size batches (the last one filled with dummy rows) and
-right-padded to a length bucket, so an evaluation compiles only a few shapes; each
-shape is compiled ahead of time so compile and run time are measured separately.
+For every row: the mean NLL over the scored tokens (as
+``ngdiff_jax.models.logprobs.sequence_nll``), the scored tokens' log-probs and whether each
+was the greedy (argmax) prediction.
+
+With a model, rows whose unscored prompt is shared by other rows (TOFU: a question's answer,
+paraphrased and perturbed answers) are scored from one encoding of that prompt
+(:func:`ngdiff_jax.evaluation.engine.score_with_prefix`: the prompt's KV cache is reused by
+each answer); other rows are scored whole. Rows are sorted by length, grouped into
+fixed-size batches (the last one filled with dummy rows) and right-padded to a length
+bucket, so an evaluation compiles only a few shapes, each once per model architecture
+(:mod:`ngdiff_jax.evaluation.engine` keeps them); compile and run time are measured apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngdiff_jax.evaluation import engine
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings, bucket_length, length_sorted_batches
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, token_logprobs
 
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels), labels -100 where not scored
+
+#: shortest shared prompt worth its own encoding
+MIN_SHARED_PREFIX = 4
 
 
 @dataclass
@@ -48,12 +56,6 @@ def _outputs(logits, labels):
     return nll, logp, mask, correct
 
 
-@partial(jax.jit, static_argnums=0)
-def _score_module(graphdef, state, input_ids, attention_mask, labels):
-    model = nnx.merge(graphdef, state)
-    return _outputs(model(input_ids, attention_mask), labels)
-
-
 def _score_apply(apply_fn):
     def f(params, input_ids, attention_mask, labels):
         return _outputs(apply_fn(params, input_ids, attention_mask), labels)
@@ -61,22 +63,30 @@ def _score_apply(apply_fn):
     return jax.jit(f)
 
 
-# Compiled executables, shared by every Scorer: (graphdef or apply_fn, shape) -> executable.
-# Models of the same architecture (e.g. checkpoints of one run) reuse them.
+# apply_fn-mode executables: (apply_fn, shape) -> executable
 _COMPILED: dict = {}
 
 
+def _first_scored(labels) -> int:
+    for t, y in enumerate(labels):
+        if y != IGNORE_INDEX:
+            return t
+    return len(labels)
+
+
 class Scorer:
-    """Scores examples with a model's functional form ``apply_fn(params, ids, mask) -> logits``.
+    """Scores examples with a model.
 
     Args:
-      model: a ``CausalLM`` (split with ``nnx.split``; compiled code is shared by every
-        model of the same architecture); or pass ``apply_fn(params, ids, mask) -> logits``
-        and ``params`` directly (e.g. during training, as from ``ngdiff_jax.models.functional``).
-      batch_size: rows per compiled batch.
+      model: a ``CausalLM`` (compiled code is shared by every model of the same
+        architecture); or pass ``apply_fn(params, ids, mask) -> logits`` and ``params``
+        directly (e.g. during training, as from ``ngdiff_jax.models.functional``; rows are
+        then always scored whole).
+      batch_size: rows per compiled batch (answer rows, with a shared prompt).
       max_length: longest row kept (defaults to the model's ``max_position_embeddings``);
         longer rows are cut at the right and counted in ``self.truncated``.
-      buckets: explicit padded lengths; default powers of two from 32.
+      buckets: explicit padded lengths; default powers of two from 32, multiples of 256 above.
+      share_prefix: score rows that share their prompt from one encoding of it.
     """
 
     def __init__(
@@ -89,34 +99,29 @@ class Scorer:
         max_length: int | None = None,
         buckets: Sequence[int] | None = None,
         timings: Timings | None = None,
+        share_prefix: bool = True,
     ):
         if model is not None:
-            graphdef, self.params = nnx.split(model)
-            self._key, self._jit = graphdef, partial(_score_module, graphdef)
-            self._lower = lambda *a: _score_module.lower(graphdef, *a)
+            self.graphdef, self.params = nnx.split(model)
+            self._apply = None
             if max_length is None:
                 max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         elif apply_fn is not None and params is not None:
             self.params = params
-            jitted = _score_apply(apply_fn)
-            self._key, self._lower = apply_fn, jitted.lower
+            self._apply = apply_fn
+            self._lower = _score_apply(apply_fn).lower
         else:
             raise ValueError("Scorer needs a model, or both apply_fn and params.")
         self.batch_size = int(batch_size)
         self.max_length = max_length
         self.buckets = buckets
         self.timings = timings if timings is not None else Timings()
+        self.share_prefix = bool(share_prefix) and self._apply is None
         self.truncated = 0
 
-    def _compiled_for(self, shape, phase):
-        key = (self._key, shape)
-        if key not in _COMPILED:
-            spec = jax.ShapeDtypeStruct(shape, jnp.int32)
-            with Stopwatch() as sw:
-                _COMPILED[key] = self._lower(self.params, spec, spec, spec).compile()
-            self.timings.add(phase, sw.seconds, compile=True)
-        self.timings.add_shape("score", shape)
-        return _COMPILED[key]
+    def _bucket(self, n: int) -> int:
+        t = bucket_length(n, buckets=self.buckets)
+        return t if self.max_length is None else min(t, self.max_length)
 
     def score(self, examples: Sequence[Example], *, phase: str = "score") -> Scores:
         """Score ``examples`` (pairs of equal-length ``input_ids`` and ``labels`` lists)."""
@@ -131,31 +136,104 @@ class Scorer:
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
                 self.truncated += 1
             rows.append((list(ids), list(labels)))
-        nll = np.zeros(n, dtype=np.float64)
-        lps: list = [None] * n
-        cors: list = [None] * n
-        for batch in length_sorted_batches([len(r[0]) for r in rows], self.batch_size):
-            t = bucket_length(max(len(rows[i][0]) for i in batch), buckets=self.buckets)
-            if self.max_length is not None:
-                t = min(t, self.max_length)
-            shape = (self.batch_size, t)
-            ids = np.zeros(shape, np.int32)
-            mask = np.zeros(shape, np.int32)
-            labels = np.full(shape, IGNORE_INDEX, np.int32)
-            mask[:, 0] = 1  # dummy rows attend to one token (no all-masked softmax)
+        self._nll = np.zeros(n, dtype=np.float64)
+        self._lps: list = [None] * n
+        self._cors: list = [None] * n
+        whole = list(range(n))
+        if self.share_prefix:
+            groups: dict = {}
+            for i, (ids, labels) in enumerate(rows):
+                p = _first_scored(labels) - 1  # the last prompt token predicts the first answer token
+                if p >= MIN_SHARED_PREFIX and p < len(ids) - 1:
+                    groups.setdefault(tuple(ids[:p]), []).append(i)
+            shared = {k: v for k, v in groups.items() if len(v) > 1}
+            in_shared = {i for v in shared.values() for i in v}
+            whole = [i for i in whole if i not in in_shared]
+            if shared:
+                self._score_shared(rows, shared, phase)
+        if whole:
+            self._score_whole(rows, whole, phase)
+        return Scores(nll=self._nll, token_logprobs=self._lps, correct=self._cors)
+
+    def _store(self, i, nll, logp, mask, cor):
+        m = mask > 0
+        self._nll[i] = float(nll)
+        self._lps[i] = np.asarray(logp[m], dtype=np.float64)
+        self._cors[i] = np.asarray(cor[m], dtype=bool)
+
+    def _score_whole(self, rows, idx, phase):
+        B = self.batch_size
+        for b in length_sorted_batches([len(rows[i][0]) for i in idx], B):
+            batch = [idx[j] for j in b]
+            t = self._bucket(max(len(rows[i][0]) for i in batch))
+            ids = np.zeros((B, t), np.int32)
+            lengths = np.ones(B, np.int32)  # dummy rows attend to one token (no all-masked softmax)
+            labels = np.full((B, t), IGNORE_INDEX, np.int32)
             for r, i in enumerate(batch):
                 x, y = rows[i]
-                ids[r, : len(x)] = x
-                mask[r, : len(x)] = 1
-                labels[r, : len(y)] = y
-            fn = self._compiled_for(shape, phase)
-            with Stopwatch() as sw:
-                out = jax.device_get(fn(self.params, ids, mask, labels))
-            self.timings.add(phase, sw.seconds, compile=False)
-            b_nll, b_logp, b_mask, b_cor = out
+                ids[r, : len(x)], labels[r, : len(y)], lengths[r] = x, y, len(x)
+            if self._apply is None:
+                out = engine.score_plain(self.graphdef, self.params, ids, lengths, labels,
+                                         timings=self.timings, phase=phase)  # fmt: skip
+            else:
+                out = self._score_apply(ids, lengths, labels, phase)
             for r, i in enumerate(batch):
-                m = b_mask[r] > 0
-                nll[i] = float(b_nll[r])
-                lps[i] = np.asarray(b_logp[r][m], dtype=np.float64)
-                cors[i] = np.asarray(b_cor[r][m], dtype=bool)
-        return Scores(nll=nll, token_logprobs=lps, correct=cors)
+                self._store(i, *(o[r] for o in out))
+
+    def _score_apply(self, ids, lengths, labels, phase):
+        shape = ids.shape
+        key = (self._apply, shape)
+        if key not in _COMPILED:
+            spec = jax.ShapeDtypeStruct(shape, jnp.int32)
+            with Stopwatch() as sw:
+                _COMPILED[key] = self._lower(self.params, spec, spec, spec).compile()
+            self.timings.add(phase, sw.seconds, compile=True)
+        self.timings.add_shape("score", shape)
+        mask = (np.arange(shape[1])[None, :] < lengths[:, None]).astype(np.int32)
+        with Stopwatch() as sw:
+            out = jax.device_get(_COMPILED[key](self.params, ids, mask, labels))
+        self.timings.add(phase, sw.seconds, compile=False)
+        return out
+
+    def _score_shared(self, rows, groups: dict, phase):
+        B = self.batch_size
+        Bp = max(1, B // 4)
+        items = []  # (prefix, [row indices]) with at most B rows each
+        for prefix, idx in groups.items():
+            for a in range(0, len(idx), B):
+                items.append((prefix, idx[a : a + B]))
+        p_len = len  # noqa: E731
+        suffix_len = {i: len(rows[i][0]) - len(prefix) for prefix, idx in items for i in idx}
+        items.sort(key=lambda it: (-p_len(it[0]), -max(suffix_len[i] for i in it[1])))
+        batches, cur, n_rows = [], [], 0
+        for it in items:
+            if cur and (len(cur) == Bp or n_rows + len(it[1]) > B):
+                batches.append(cur)
+                cur, n_rows = [], 0
+            cur.append(it)
+            n_rows += len(it[1])
+        if cur:
+            batches.append(cur)
+        for batch in batches:
+            P = self._bucket(max(len(pre) for pre, _ in batch))
+            T = self._bucket(max(suffix_len[i] for _, idx in batch for i in idx))
+            pre_ids = np.zeros((Bp, P), np.int32)
+            pre_len = np.ones(Bp, np.int32)
+            ids = np.zeros((B, T), np.int32)
+            lengths = np.ones(B, np.int32)
+            labels = np.full((B, T), IGNORE_INDEX, np.int32)
+            owner = np.zeros(B, np.int32)
+            order = []
+            for g, (pre, idx) in enumerate(batch):
+                pre_ids[g, : len(pre)], pre_len[g] = pre, len(pre)
+                for i in idx:
+                    r = len(order)
+                    x, y = rows[i]
+                    ids[r, : len(x) - len(pre)] = x[len(pre) :]
+                    labels[r, : len(y) - len(pre)] = y[len(pre) :]
+                    lengths[r], owner[r] = len(x) - len(pre), g
+                    order.append(i)
+            out = engine.score_with_prefix(self.graphdef, self.params, pre_ids, pre_len, ids, lengths, labels, owner,
+                                           timings=self.timings, phase=phase)  # fmt: skip
+            for r, i in enumerate(order):
+                self._store(i, *(o[r] for o in out))

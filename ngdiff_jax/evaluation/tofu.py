@@ -79,6 +79,7 @@ def evaluate_tofu(
     holdout_split: str | None = None,
     retain_reference=None,
     batch_size: int = 16,
+    generation_batch_size: int | None = None,
     max_new_tokens: int = TOFU_MAX_NEW_TOKENS,
     formatter=None,
     limit: int | None = None,
@@ -99,7 +100,9 @@ def evaluate_tofu(
       retain_reference: the retain-only model's evaluation (an :class:`EvalResult` or the
         path of a saved one / an open-unlearning ``TOFU_EVAL.json``) for ``forget_quality``
         and ``privleak``; ``None`` leaves forget_quality ``None`` and uses AUC 0.5 for privleak.
-      batch_size: rows per compiled batch (scoring and generation).
+      batch_size: rows per compiled scoring batch.
+      generation_batch_size: prompts decoded together (default ``max(batch_size, 64)``, fewer
+        when their KV cache would pass ``generation.CACHE_BUDGET``).
       max_new_tokens: greedy tokens per answer (TOFU: 200).
       formatter: object with ``encode(q, a)`` / ``encode_prompt(q)``; default
         ``ngdiff_jax.data.QAFormatter(tokenizer)`` (same prompts as training).
@@ -169,12 +172,13 @@ def evaluate_tofu(
             prompts.append(fmt.encode_prompt(r["question"]))
             gkeys.append((prefix, i))
     prompt_cuts: dict = {}
+    gen_batch = generation_batch_size or max(batch_size, 64)
     texts = generate_texts(
         model,
         tokenizer,
         prompts,
         max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        batch_size=gen_batch,
         buckets=buckets,
         timings=timings,
         phase="generate",
@@ -255,6 +259,7 @@ def evaluate_tofu(
             "privleak_reference_auc": 0.5 if ref_auc is None else ref_auc,
             "max_new_tokens": max_new_tokens,
             "batch_size": batch_size,
+            "generation_batch_size": gen_batch,
             "min_k": k,
             "truncated_examples": scorer.truncated,
             "truncated_prompts": prompt_cuts,

@@ -268,14 +268,16 @@ class CausalLM(nnx.Module):
 
     # ------------------------------------------------------------------
     def forward(self, input_ids: Array, positions: Array, kv_valid: Array, cache=None, write_index=None,
-                last_only: bool = False):
+                last_only: bool = False, return_hidden: bool = False):
         """Core forward. ``kv_valid [B, S]`` marks attendable key slots (S = T without a cache,
         the cache length with one). ``last_only`` computes logits of the last position only.
-        Returns ``(logits float32 [B, T, V], new_cache or None)``."""
+        Returns ``(logits float32 [B, T, V], new_cache or None)``; with ``return_hidden`` the
+        last block's output ``[B, T, hidden]`` instead of the logits (apply :meth:`head` to it,
+        e.g. on a few positions or in chunks)."""
         with kernels_lib.use(self.kernels):
-            return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only)
+            return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden)
 
-    def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only):
+    def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden=False):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
@@ -286,6 +288,16 @@ class CausalLM(nnx.Module):
                 new_cache.append(c)
         if last_only:
             x = x[:, -1:]
+        if return_hidden:
+            return x, new_cache
+        return self._head(x), new_cache
+
+    def head(self, x: Array) -> Array:
+        """Final norm + LM head on hidden states from ``forward(..., return_hidden=True)``: float32 logits."""
+        with kernels_lib.use(self.kernels):
+            return self._head(x)
+
+    def _head(self, x):
         x = self.final_norm(x)
         if self.lm_head is None:
             eq, head = "bte,ve->btv", self.embed[...]
@@ -294,7 +306,7 @@ class CausalLM(nnx.Module):
         logits = kernels_lib.einsums([eq], x, [head.astype(self.dtype)], preferred_element_type=jnp.float32)[0]
         if self.lm_head is not None and self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
-        return logits.astype(jnp.float32), new_cache
+        return logits.astype(jnp.float32)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  positions: Array | None = None) -> Array:

@@ -1,0 +1,201 @@
+"""The compiled programs behind the evaluation runners, and their cache.
+
+* :func:`score_plain`: teacher-forced scoring of right-padded rows (MUSE PrivLeak texts,
+  single answers): per row the mean NLL over the scored tokens, every scored token's
+  log-prob and whether it was the greedy (argmax) prediction.
+* :func:`score_with_prefix`: the same for several answers that share one prompt (TOFU: the
+  answer, the paraphrased and the perturbed answers of a question). The prompt is encoded
+  once into a KV cache; every answer is then run against the cached prompt, so the prompt's
+  tokens are computed once per question instead of once per answer, and the LM head runs
+  only on answer positions.
+* :func:`generate`: batched greedy decoding (KV cache, stops when every row has emitted EOS)
+  from left-padded prompts; a prefix common to every prompt of the batch (a chat template's
+  system prompt, MUSE KnowMem's in-context examples) is encoded once and shared by all rows.
+
+The LM head runs in chunks of positions (at most :data:`HEAD_TOKENS` rows x positions at a
+time), so a batch of 2048-token texts never holds its full ``[B, T, vocab]`` logits.
+
+Every program is compiled ahead of time once per (model structure, padded shapes) and kept
+in a module-level cache shared by every split, phase and model of the same architecture
+(checkpoints of one run, the target and the retain model); the first use of a shape is
+counted as compile time in :class:`~ngdiff_jax.evaluation.batching.Timings`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ngdiff_jax.evaluation.batching import Stopwatch, Timings
+from ngdiff_jax.models.logprobs import IGNORE_INDEX
+
+#: rows x positions of logits materialized at once by the chunked LM head (~800 MB at a 49k vocabulary).
+HEAD_TOKENS = 4096
+
+# (program name, graphdef, shapes/statics) -> compiled executable
+_COMPILED: dict = {}
+
+
+def clear_cache() -> None:
+    """Forget every compiled program (tests, or to free memory)."""
+    _COMPILED.clear()
+
+
+def _token_stats(model, hidden, labels):
+    """``(nll [B], logp [B, T-1], mask [B, T-1], correct [B, T-1])`` from last-block hidden states."""
+    B, T, _ = hidden.shape
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    safe = jnp.where(mask, targets, 0)
+    h = hidden[:, :-1]
+    chunk = max(1, HEAD_TOKENS // B)
+    logps, cors = [], []
+    for a in range(0, T - 1, chunk):
+        b = min(T - 1, a + chunk)
+        logits = model.head(h[:, a:b])
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, safe[:, a:b, None], axis=-1)[..., 0]
+        logps.append(picked - logz)
+        cors.append(jnp.argmax(logits, axis=-1) == targets[:, a:b])
+    logp = jnp.where(mask, jnp.concatenate(logps, axis=1), 0.0)
+    correct = jnp.concatenate(cors, axis=1)
+    maskf = mask.astype(jnp.float32)
+    nll = -logp.sum(-1) / jnp.maximum(maskf.sum(-1), 1.0)
+    return nll, logp, maskf, correct
+
+
+def _lengths_mask(lengths, T):
+    return (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=0)
+def _score_plain(graphdef, state, ids, lengths, labels):
+    model = nnx.merge(graphdef, state)
+    B, T = ids.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    hidden, _ = model.forward(ids, positions, _lengths_mask(lengths, T), return_hidden=True)
+    return _token_stats(model, hidden, labels)
+
+
+@partial(jax.jit, static_argnums=0)
+def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner):
+    model = nnx.merge(graphdef, state)
+    Bp, P = pre_ids.shape
+    B, T = ids.shape
+    pre_mask = _lengths_mask(pre_len, P)
+    pre_pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (Bp, P))
+    _, cache = model.forward(pre_ids, pre_pos, pre_mask, model.init_cache(Bp, P), 0,
+                             last_only=True, return_hidden=True)  # fmt: skip
+    k0 = cache[0][0]
+    pad = jnp.zeros((B, T) + k0.shape[2:], k0.dtype)
+    rows = [(jnp.concatenate([k[owner], pad], 1), jnp.concatenate([v[owner], pad], 1)) for k, v in cache]
+    kv_valid = jnp.concatenate([pre_mask[owner], _lengths_mask(lengths, T)], axis=1)
+    positions = pre_len[owner][:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    # padding past the end may run beyond a learned position table (real tokens never do)
+    positions = jnp.minimum(positions, model.config.max_position_embeddings - 1)
+    hidden, _ = model.forward(ids, positions, kv_valid, rows, P, return_hidden=True)
+    return _token_stats(model, hidden, labels)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "eos", "n_buf"))
+def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max_new, pad_id, *, eos, n_buf):
+    model = nnx.merge(graphdef, state)
+    B, R = ids.shape
+    S0 = shared_ids.shape[1]
+    S = S0 + R + n_buf
+    mask = mask.astype(jnp.int32)
+    if S0:
+        smask = _lengths_mask(shared_len[None], S0)  # [1, S0]
+        kv1 = jnp.concatenate([smask, jnp.zeros((1, R + n_buf), jnp.int32)], axis=1)
+        spos = jnp.arange(S0, dtype=jnp.int32)[None]
+        _, cache = model.forward(shared_ids, spos, kv1, model.init_cache(1, S), 0, last_only=True, return_hidden=True)
+        cache = [(jnp.broadcast_to(k, (B,) + k.shape[1:]), jnp.broadcast_to(v, (B,) + v.shape[1:])) for k, v in cache]
+        base_valid = jnp.broadcast_to(smask, (B, S0))
+        base_pos = shared_len
+    else:
+        cache = model.init_cache(B, S)
+        base_valid = jnp.zeros((B, 0), jnp.int32)
+        base_pos = jnp.int32(0)
+    positions = (base_pos + jnp.where(mask == 1, jnp.cumsum(mask, axis=-1) - 1, 0)).astype(jnp.int32)
+    kv_valid = jnp.concatenate([base_valid, mask, jnp.zeros((B, n_buf), jnp.int32)], axis=1)
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    logits, cache = model.forward(ids, positions, kv_valid, cache, S0, last_only=True)
+    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    done = jnp.isin(tok, eos_arr) | ~row_valid
+    out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
+    last_pos = positions[:, -1]
+
+    def cond(carry):
+        i, _, done, _, _, _ = carry
+        return (i + 1 < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, done, cache, kv_valid, out = carry
+        slot = S0 + R + i
+        kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((B, 1), jnp.int32), (0, slot))
+        pos = (last_pos + 1 + i)[:, None]
+        logits, cache = model.forward(tok[:, None], pos, kv_valid, cache, slot, last_only=True)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad_id, nxt)
+        done = done | jnp.isin(nxt, eos_arr)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
+        return i + 1, nxt, done, cache, kv_valid, out
+
+    carry = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, done, cache, kv_valid, out))
+    return carry[-1]
+
+
+def _compiled(name, jitted, graphdef, args, statics, timings: Timings, phase: str):
+    key = (name, graphdef, tuple(getattr(a, "shape", None) for a in args[1:]), tuple(sorted(statics.items())))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        with Stopwatch() as sw:
+            fn = jitted.lower(graphdef, *args, **statics).compile()
+        _COMPILED[key] = fn
+        timings.add(phase, sw.seconds, compile=True)
+    dims = [int(d) for a in args[1:] for d in np.shape(a)]
+    timings.add_shape(name, dims + ([statics["n_buf"]] if "n_buf" in statics else []))
+    return fn
+
+
+def _run(fn, args, timings: Timings, phase: str):
+    with Stopwatch() as sw:
+        out = jax.device_get(fn(*args))
+    timings.add(phase, sw.seconds, compile=False)
+    return out
+
+
+def score_plain(graphdef, state, ids, lengths, labels, *, timings: Timings, phase: str):
+    """Stats of right-padded rows ``ids [B, T]`` (``lengths`` real tokens each; ``labels`` -100 = not scored)."""
+    args = (state, jnp.asarray(ids, jnp.int32), jnp.asarray(lengths, jnp.int32), jnp.asarray(labels, jnp.int32))
+    fn = _compiled("score", _score_plain, graphdef, args, {}, timings, phase)
+    return _run(fn, args, timings, phase)
+
+
+def score_with_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, timings: Timings, phase: str):
+    """Stats of answer rows ``ids [B, T]`` continuing the right-padded prompts ``pre_ids [Bp, P]``
+    (row ``i`` continues prompt ``owner[i]``; ``pre_len`` real prompt tokens each)."""
+    args = (state, *(jnp.asarray(a, jnp.int32) for a in (pre_ids, pre_len, ids, lengths, labels, owner)))
+    fn = _compiled("score_prefix", _score_prefix, graphdef, args, {}, timings, phase)
+    return _run(fn, args, timings, phase)
+
+
+def generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, *, max_new_tokens, pad_id, eos,
+             n_buf, timings: Timings, phase: str) -> np.ndarray:
+    """Greedy tokens ``[B, n_buf]`` (first ``max_new_tokens`` meaningful) after ``shared + ids[b]``.
+
+    ``shared_ids [1, S0]`` (``shared_len`` real tokens, right-padded; ``S0 = 0`` for none) is the
+    prefix common to every row; ``ids``/``mask [B, R]`` the rest of each prompt, left-padded.
+    """
+    args = (
+        state, jnp.asarray(shared_ids, jnp.int32), jnp.int32(shared_len), jnp.asarray(ids, jnp.int32),
+        jnp.asarray(mask, jnp.int32), jnp.asarray(row_valid, bool), jnp.int32(max_new_tokens), jnp.int32(pad_id),
+    )  # fmt: skip
+    statics = {"eos": tuple(eos), "n_buf": int(n_buf)}
+    fn = _compiled("generate", _generate, graphdef, args, statics, timings, phase)
+    return _run(fn, args, timings, phase)
