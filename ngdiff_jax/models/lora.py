@@ -227,13 +227,14 @@ def _adapter_pairs(model, adapters, targets) -> list[tuple[int, str, str, np.nda
 
 def merge_params(model, base, adapters, spec: LoraSpec):
     """``base`` with every targeted kernel replaced by ``W + scale * A @ B`` (computed in float32,
-    stored in the kernel's dtype). Other leaves are shared, not copied."""
+    stored in the kernel's dtype as a host numpy array, so exporting needs no second copy of the
+    model on the device). Other leaves are shared, not copied."""
     merged = jax.tree.map(lambda x: x, base)  # new containers, same leaves
     for _, _, path, a, b in _adapter_pairs(model, adapters, spec.targets):
         parent = _get(merged, path)
         w = parent["kernel"]
         delta = (a @ b).reshape(w.shape) * np.float32(spec.scale)
-        parent["kernel"] = jax.numpy.asarray((np.asarray(jax.device_get(w), np.float32) + delta).astype(w.dtype))
+        parent["kernel"] = (np.asarray(jax.device_get(w), np.float32) + delta).astype(w.dtype)
     return merged
 
 
