@@ -48,7 +48,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
     ids = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
-    cfg_eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    cfg = getattr(model, "config", None)
+    cfg_eos = getattr(cfg, "eos_ids", None) or getattr(cfg, "eos_token_id", None)  # with generation_config.json
     if cfg_eos is not None:
         ids.extend(int(e) for e in (cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]))
     ids = sorted(set(ids))

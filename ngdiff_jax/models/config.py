@@ -75,6 +75,7 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     hf_json: str = "{}"  # the HF config (to_dict) this was built from
+    generation_json: str = "{}"  # the checkpoint's generation_config.json ("{}": none)
 
     # ------------------------------------------------------------------ HF
     @classmethod
@@ -205,12 +206,26 @@ class ModelConfig:
         return cfg
 
     @property
+    def generation_config(self) -> dict[str, Any]:
+        """The checkpoint's ``generation_config.json`` as a dict (empty when it had none)."""
+        return json.loads(self.generation_json)
+
+    @property
     def eos_ids(self) -> tuple[int, ...]:
-        if self.eos_token_id is None:
+        """Stop tokens: ``generation_config.json``'s ``eos_token_id`` (int or list) when set, as
+        transformers' ``generate`` takes them, else the model config's."""
+        eos = self.generation_config.get("eos_token_id", self.eos_token_id)
+        if eos is None:
             return ()
-        if isinstance(self.eos_token_id, int):
-            return (self.eos_token_id,)
-        return tuple(self.eos_token_id)
+        if isinstance(eos, int):
+            return (eos,)
+        return tuple(int(e) for e in eos)
+
+    @property
+    def pad_id(self) -> int | None:
+        """``generation_config.json``'s ``pad_token_id`` when set, else the model config's."""
+        pad = self.generation_config.get("pad_token_id", self.pad_token_id)
+        return None if pad is None else int(pad)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

@@ -98,7 +98,7 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
     else:
         eos = tuple(int(e) for e in eos_token_id)
     if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos[0] if eos else 0)
+        pad_token_id = cfg.pad_id if cfg.pad_id is not None else (eos[0] if eos else 0)
     B, T = ids.shape
     Bb, Tb, Nb = _bucket(B, 1) if B <= 8 else -(-B // 8) * 8, _bucket(T), _bucket(max_new_tokens)
     pos_limit = cfg.max_position_embeddings if cfg.position_embedding == "learned" else None

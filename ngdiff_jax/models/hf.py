@@ -14,6 +14,7 @@ A key map entry says how one of our parameters is stored in the HF checkpoint:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -255,7 +256,77 @@ def _read_config(d: Path) -> ModelConfig:
         raise _unsupported_type_error(raw.get("model_type"))
     import transformers
 
-    return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(d)))
+    cfg = ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(d)))
+    g = d / "generation_config.json"
+    if g.exists():
+        try:
+            gen = json.loads(g.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {g}: {e}; fix or delete the file") from e
+        if not isinstance(gen, dict):
+            raise ValueError(f"{g} must hold a JSON object, got {type(gen).__name__}; fix or delete the file")
+        cfg = dataclasses.replace(cfg, generation_json=json.dumps(gen, sort_keys=True))
+    return cfg
+
+
+def generation_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """What `save_pretrained` writes as ``generation_config.json``: the loaded checkpoint's file
+    when it had one, else the token ids of the model config (as transformers'
+    ``GenerationConfig.from_model_config``); empty when there is nothing to say."""
+    gen = cfg.generation_config
+    if gen:
+        return gen
+    ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    ids = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ids.items() if v is not None}
+    return {"_from_model_config": True, **ids} if ids else {}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def model_card(cfg: ModelConfig, card: dict[str, Any] | None = None) -> str:
+    """A short model card (``README.md``): YAML front matter for the hub, then base model,
+    method, data and metrics where ``card`` gives them (keys ``base_model``, ``method``,
+    ``data``, ``metrics``, ``notes``; data and metrics may be dicts).
+
+    >>> from ngdiff_jax.models.config import ModelConfig
+    >>> from ngdiff_jax.models.testing import tiny_hf_config
+    >>> cfg = ModelConfig.from_hf(tiny_hf_config("llama"))
+    >>> text = model_card(cfg, {"method": "ngdiff", "metrics": {"loss": 1.23456}})
+    >>> "- **Method:** ngdiff" in text and "| loss | 1.235 |" in text
+    True
+    """
+    card = dict(card or {})
+    base = card.get("base_model")
+    lines = ["---", "library_name: transformers", "tags:", "- ngdiff-jax", "- machine-unlearning"]
+    if base and not str(base).startswith(("/", ".", "~")):
+        lines.append(f"base_model: {base}")
+    lines += ["---", "", f"# {card.get('title', 'Model exported by ngdiff-jax')}", ""]
+    lines.append(f"A `{cfg.model_type}` causal LM ({cfg.num_layers} layers, hidden size {cfg.hidden_size}, "
+                 f"vocabulary {cfg.vocab_size}) written by ngdiff-jax's `save_pretrained`; "
+                 "`transformers.AutoModelForCausalLM.from_pretrained` loads it.")
+    lines.append("")
+    if base:
+        lines.append(f"- **Base model:** {base}")
+    if card.get("method"):
+        lines.append(f"- **Method:** {card['method']}")
+    data = card.get("data")
+    if isinstance(data, dict):
+        data = ", ".join(f"{k}={v}" for k, v in data.items() if v is not None)
+    if data:
+        lines.append(f"- **Data:** {data}")
+    if cfg.eos_ids:
+        lines.append(f"- **Stop tokens:** {list(cfg.eos_ids)}")
+    metrics = card.get("metrics")
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if isinstance(v, (int, float, str))]
+    if card.get("notes"):
+        lines += ["", str(card["notes"])]
+    return "\n".join(lines) + "\n"
 
 
 def _open_files(d: Path) -> dict[str, SafetensorsFile]:
@@ -379,9 +450,13 @@ def _parse_size(s: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
-def save_pretrained(model: CausalLM, path, *, tokenizer=None, max_shard_size: int | str = "5GB") -> None:
+def save_pretrained(model: CausalLM, path, *, tokenizer=None, max_shard_size: int | str = "5GB",
+                    card: dict[str, Any] | None = None) -> None:
     """Write ``config.json`` and safetensors (sharded above ``max_shard_size``) that
-    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads with the same logits."""
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads with the same logits,
+    ``generation_config.json`` (the loaded one, so multi-EOS models keep their stop tokens, or
+    one from the config's token ids) and a short model card ``README.md`` (`model_card`, with
+    what ``card`` gives: base model, method, data, metrics)."""
     cfg: ModelConfig = model.config
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -392,6 +467,10 @@ def save_pretrained(model: CausalLM, path, *, tokenizer=None, max_shard_size: in
     hf_cfg.dtype = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16",
                     np.dtype(np.float16): "float16"}.get(pdt, "float32")
     hf_cfg.save_pretrained(str(out))
+    gen = generation_config_dict(cfg)
+    if gen:
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    (out / "README.md").write_text(model_card(cfg, card))
     specs = specs_for(cfg, {k: tuple(v.shape) for k, v in flat.items()})
     # Group pieces of fused tensors (gpt2 c_attn) under their HF name, in file order.
     by_name: dict[str, list[_Spec]] = {}

@@ -131,7 +131,10 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
                                                  model_dir=tmp, adapter_dir=tmp_adapter)  # fmt: skip
             adapter_dir = out / "adapter"
         else:
-            model_io.save_model(model, result.params, tmp, tok)
+            card = {"base_model": cfg.model_path, "method": "fine-tuning (ngdiff-jax)",
+                    "data": {"source": cfg.data.source or "TOFU", "split": cfg.data.split},
+                    "metrics": {"steps": result.step, **(result.last_metrics or {})}}
+            model_io.save_model(model, result.params, tmp, tok, card=card)
         save_format(cfg.format, tmp, stage="finetune", split=cfg.data.split)
     summary = {
         "steps": result.step,

@@ -51,10 +51,11 @@ def load_model(path: str):
     return models.from_pretrained(model_dir(path))
 
 
-def save_model(model, params, path: Path, tokenizer) -> Path:
-    """Export ``params`` in ``model``'s architecture with ``save_pretrained`` (tokenizer included)."""
+def save_model(model, params, path: Path, tokenizer, card: dict | None = None) -> Path:
+    """Export ``params`` in ``model``'s architecture with ``save_pretrained`` (tokenizer included;
+    ``card``: the model card's base model, method, data, metrics)."""
     from ngdiff_jax import models
 
     path = Path(path)
-    models.save_pretrained(models.with_params(model, params), path, tokenizer=tokenizer)
+    models.save_pretrained(models.with_params(model, params), path, tokenizer=tokenizer, card=card)
     return path

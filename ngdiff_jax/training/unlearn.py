@@ -171,6 +171,9 @@ def run_unlearn(
     wall = time.perf_counter() - t0
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
     model_dir = out / "model"
+    card = {"base_model": cfg.model_path, "method": f"{cfg.method.name} (ngdiff-jax unlearning)",
+            "data": {"source": cfg.data.source or "TOFU", "forget": cfg.data.forget_split, "retain": retain_split},
+            "metrics": {"steps": result.step, **(result.evals[-1] if result.evals else result.last_metrics or {})}}
     with ownership.atomic_dir(model_dir, write=main) as tmp:  # written aside, swapped in whole
         if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
             with ownership.atomic_dir(out / "adapter") as tmp_adapter:
@@ -178,9 +181,9 @@ def run_unlearn(
                                                  model_dir=tmp, adapter_dir=tmp_adapter)  # fmt: skip
             adapter_dir = out / "adapter"
         elif mesh is None:
-            model_io.save_model(model, result.params, tmp, tok)
+            model_io.save_model(model, result.params, tmp, tok, card=card)
         else:
-            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok)
+            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok, card=card)
         if main:
             save_format(
                 spec, tmp, stage="unlearn", method=cfg.method.name,
