@@ -391,6 +391,8 @@ class _Evaluator:
         self.tofu_dir = tofu_dir
         self.seconds = 0.0
 
+    reference_model = None  # the retain model, for the mia_reference attack (set once it is trained)
+
     def __call__(self, model, name: str, *, reference=None, limit=None, meta=None):
         from ngdiff_jax.data import QAFormatter
         from ngdiff_jax.evaluation import evaluate_tofu
@@ -410,6 +412,7 @@ class _Evaluator:
             name=name,
             meta=meta,
             formatter=QAFormatter(self.tok, spec=self.cfg.format),
+            reference_model=self.reference_model,
         )
         self.seconds += time.perf_counter() - t0
         return r
@@ -676,6 +679,7 @@ def run_demo(
     results: dict[str, Any] = {}
     model_dirs = {r: Path(summaries[r]["model_dir"]) for r in ("target", "retain")}
     results["retain"] = cached("retain")
+    evaluator.reference_model = models.from_pretrained(model_dirs["retain"])  # mia_reference's reference
     if results["retain"] is None:
         with console.status("evaluating retain model", spinner="dots") if progress else nullcontext():
             results["retain"] = evaluator(
@@ -815,6 +819,10 @@ def _self_reference(retain_result) -> None:
     retain_result.aggregates["forget_quality"] = M.forget_quality(tr, tr)
     auc = retain_result.aggregates["mia_min_k"]
     retain_result.aggregates["privleak"] = M.privleak(auc, auc)
+    for key in list(retain_result.aggregates):
+        if key.startswith("privleak_") and retain_result.aggregates.get("mia_" + key[9:]) is not None:
+            a = retain_result.aggregates["mia_" + key[9:]]
+            retain_result.aggregates[key] = M.privleak(a, a)
     retain_result.meta["retain_reference"] = "itself"
 
 

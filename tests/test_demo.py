@@ -8,7 +8,7 @@ import pytest
 
 from ngdiff_jax.demo import TRAJECTORY_KEYS, acceptance_checks, load_demo_config
 
-MODELS = ("target", "retain", "ga", "gdiff", "npo", "ngdiff")
+MODELS = ("target", "retain", "ga", "gdiff", "npo", "ngdiff", "rmu", "idk_dpo")  # two opt-in methods too
 # open-unlearning metric names every model's aggregates must carry
 METRICS = (
     "forget_Q_A_Prob",
@@ -25,6 +25,13 @@ METRICS = (
     "privleak",
     "mia_min_k",
     "extraction_strength",
+    "mia_loss",
+    "mia_zlib",
+    "mia_min_k_plus_plus",
+    "mia_gradnorm",
+    "mia_reference",
+    "privleak_loss",
+    "privleak_reference",
 )
 
 
@@ -41,6 +48,8 @@ def quick_demo(tmp_path_factory):
             "--no-progress",
             "--out",
             str(out),
+            "--methods",
+            "ga,gdiff,npo,ngdiff,rmu,idk_dpo",
         ],
         capture_output=True,
         text=True,
@@ -90,7 +99,7 @@ def test_quick_demo_report_structure(quick_demo):
     # trajectories: step 0 (the target) and every eval_every steps up to the last
     cfg = load_demo_config(quick=True)
     want_steps = list(range(0, cfg.unlearn.steps + 1, cfg.unlearn.eval_every))
-    assert set(rep["trajectories"]) == {"ga", "gdiff", "npo", "ngdiff"}
+    assert set(rep["trajectories"]) == set(MODELS) - {"target", "retain"}
     for m, pts in rep["trajectories"].items():
         assert [p["step"] for p in pts] == want_steps, m
         assert pts[0]["forget_quality"] == rep["models"]["target"]["aggregates"]["forget_quality"]

@@ -269,3 +269,23 @@ def test_evaluate_muse_reads_through_load_muse_and_truncates(tmp_path, monkeypat
     assert a["extraction_strength"] == pytest.approx(1 - 3 / 11)
     assert a["exact_memorization"] == pytest.approx(9 / 11)
     assert r.meta["knowmem_prompts_cut"] == 0 and r.meta["truncated_prompts"] == {}
+
+
+def test_truth_ratio_aggregators_by_hand():
+    # p_correct = exp(-c), p_wrong = exp(-mean of the perturbed NLLs)
+    c = np.array([0.5, 2.0])
+    w = np.array([[1.0, 2.0], [0.5, 0.5]])
+    pc, pw = np.exp(-c), np.exp(-w.mean(1))
+    tr = pw / (pc + 1e-10)
+    agg, per = M.truth_ratio(c, w, "closer_to_1_better")
+    assert agg == pytest.approx(np.mean(np.minimum(tr, 1 / (tr + 1e-10))))
+    np.testing.assert_allclose(per, tr)
+    agg, _ = M.truth_ratio(c, w, "true_better")
+    assert agg == pytest.approx(np.mean(np.maximum(0.0, 1 - tr)))
+    agg, per = M.truth_ratio(c, w, "prob_mean")
+    np.testing.assert_allclose(per, pc / (pc + pw + 1e-10))
+    assert agg == pytest.approx(np.mean(pc / (pc + pw)))
+    # first row: p_correct = e^-0.5 > p_wrong = e^-1.5 -> prob_mean row value 1/(1+e^-1)
+    assert per[0] == pytest.approx(1 / (1 + np.exp(-1.0)))
+    with pytest.raises(ValueError, match="prob_mean"):
+        M.truth_ratio(c, w, "mean")

@@ -40,6 +40,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retain-eval", default=None,
         help="result JSON of the retain model (ours or open-unlearning's *_EVAL.json) for forget_quality/privleak.",
     )  # fmt: skip
+    parser.add_argument(
+        "--reference-model", default=None,
+        help="TOFU: model dir of the mia_reference attack (open-unlearning: the retain model); without it that "
+        "attack is left out.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mia-attacks", default=None,
+        help="TOFU: comma-separated MIA attacks (loss,zlib,reference,min_k,min_k_plus_plus,gradnorm; default all; "
+        "min_k always runs: privleak is built on it).",
+    )  # fmt: skip
+    for which, default in (("forget", "closer_to_1_better"), ("utility", "true_better")):
+        parser.add_argument(
+            f"--{which}-truth-ratio", default=default, choices=("closer_to_1_better", "true_better", "prob_mean"),
+            help=f"TOFU: aggregator of the {which} truth ratio (default {default}; docs/METRICS.md).",
+        )  # fmt: skip
     parser.add_argument("--out", default=None, help="result JSON to write (default eval_results/<name>.json).")
     parser.add_argument("--name", default=None, help="model name in the result/report (default: model dir name).")
     parser.add_argument("--role", choices=("method", "target", "retain"), default=None,
@@ -67,11 +82,21 @@ def run(args) -> int:
         _saved = None  # reported by resolve_format below
     # every input checked before the model is loaded or anything is evaluated (exit code 2)
     validate_eval(args, args.forget_split or (_saved or {}).get("forget_split") or "forget10")
+    from ngdiff_jax.evaluation.tofu import MIA_ATTACKS
+
+    attacks = MIA_ATTACKS
+    if args.mia_attacks is not None:
+        attacks = tuple(a.strip() for a in args.mia_attacks.split(",") if a.strip())
+        bad = [a for a in attacks if a not in MIA_ATTACKS]
+        if bad:
+            print(f"error: --mia-attacks: unknown {bad}; choose from {','.join(MIA_ATTACKS)}.", file=sys.stderr)
+            return 2
     try:
         model = from_pretrained(args.model)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        reference_model = from_pretrained(args.reference_model) if args.reference_model else None
     except (OSError, ValueError) as e:
-        print(f"error: cannot load model/tokenizer from {args.model}: {e}", file=sys.stderr)
+        print(f"error: cannot load model/tokenizer from {args.model} (or --reference-model): {e}", file=sys.stderr)
         return 2
     from ngdiff_jax.data import QAFormatter, load_format, read_format
     from ngdiff_jax.training.unlearn import resolve_format
@@ -96,6 +121,8 @@ def run(args) -> int:
             model, tokenizer, args.data, forget_split=forget_split, formatter=QAFormatter(tokenizer, spec=spec),
             retain_reference=args.retain_eval, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens or TOFU_MAX_NEW_TOKENS, limit=args.limit, name=name, meta=meta,
+            reference_model=reference_model, mia_attacks=attacks,
+            forget_truth_ratio=args.forget_truth_ratio, utility_truth_ratio=args.utility_truth_ratio,
         )  # fmt: skip
     else:
         from ngdiff_jax.evaluation.muse import VERBMEM_MAX_NEW_TOKENS, evaluate_muse

@@ -145,6 +145,43 @@ def truth_ratio_true_better(tr) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - tr)))
 
 
+def truth_ratios_prob(correct_nll, wrong_nll) -> np.ndarray:
+    """Per-sample ``p_correct / (p_correct + p_wrong + 1e-10)``: open-unlearning's newer truth
+    ratio for the ``prob_mean`` aggregator (its "extent of knowledge"; 1 = true answer preferred)."""
+    c = _as_1d(correct_nll, "correct_nll")
+    w = np.asarray(wrong_nll, dtype=np.float64)
+    if w.shape[0] != c.shape[0]:
+        raise ValueError(
+            f"correct_nll has {c.shape[0]} samples but wrong_nll has {w.shape[0]}; they must match."
+        )
+    pc, pw = np.exp(-c), np.exp(-w.reshape(w.shape[0], -1).mean(axis=1))
+    return pc / (pc + pw + EPS)
+
+
+def truth_ratio_prob_mean(values) -> float:
+    """``prob_mean`` aggregate: the mean of :func:`truth_ratios_prob`."""
+    return float(np.mean(_as_1d(values, "truth ratios")))
+
+
+TRUTH_RATIO_AGGREGATORS = ("closer_to_1_better", "true_better", "prob_mean")
+
+
+def truth_ratio(correct_nll, wrong_nll, aggregator: str) -> tuple[float, np.ndarray]:
+    """open-unlearning's ``truth_ratio`` metric (``src/evals/metrics/memorization.py``) with one of
+    its aggregators: ``(aggregate, per-sample ratios)``. ``closer_to_1_better`` and
+    ``true_better`` use TOFU's ``p_wrong / p_correct``, ``prob_mean`` uses
+    ``p_correct / (p_correct + p_wrong)`` (docs/METRICS.md)."""
+    if aggregator == "prob_mean":
+        per = truth_ratios_prob(correct_nll, wrong_nll)
+        return truth_ratio_prob_mean(per), per
+    per = truth_ratios(correct_nll, wrong_nll)
+    if aggregator == "closer_to_1_better":
+        return truth_ratio_closer_to_1(per), per
+    if aggregator == "true_better":
+        return truth_ratio_true_better(per), per
+    raise ValueError(f"truth ratio aggregator must be one of {TRUTH_RATIO_AGGREGATORS}, got {aggregator!r}.")
+
+
 # ----------------------------------------------------------------------------- ROUGE
 
 _SCORER = None

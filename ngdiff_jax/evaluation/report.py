@@ -42,6 +42,8 @@ MUSE_COLUMNS = (
     "privleak",
     "mia_min_k",
 )
+# membership-inference attacks (evaluation/mia.py): a table of AUC and privleak per attack
+MIA_ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "gradnorm", "reference")
 FQ_FLOOR = 1e-30  # p-values below this are drawn at the floor of the log axis
 
 
@@ -151,6 +153,20 @@ def _markdown(entries: dict, traj: dict, title: str | None) -> str:
                 f"| {n} | {e['role']} | " + " | ".join(_fmt(e["aggregates"].get(c)) for c in cols) + " |"
             )
         lines.append("")
+    attacks = [a for a in MIA_ATTACKS if any(e["aggregates"].get(f"mia_{a}") is not None for e in entries.values())]
+    if len(attacks) > 1:
+        lines += ["## Membership inference (forget vs holdout): AUC / privleak", ""]
+        lines.append("| model | " + " | ".join(f"mia_{a}" for a in attacks) + " |")
+        lines.append("|---|" + "---|" * len(attacks))
+        for n, e in entries.items():
+            agg = e["aggregates"]
+            cells = [
+                f"{_fmt(agg.get(f'mia_{a}'))} / {_fmt(agg.get('privleak' if a == 'min_k' else f'privleak_{a}'))}"
+                for a in attacks
+            ]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", "AUC: forget labelled 0, holdout 1 (1 = forget set recognisably member-like, 0.5 = "
+                  "indistinguishable); privleak: relative AUC gap to the retain model's (0 is ideal).", ""]
     if traj:
         lines += ["## Trajectories", ""]
         for m, pts in traj.items():

@@ -106,13 +106,15 @@ def reference_stats(ref) -> dict:
     ``ref`` is an :class:`EvalResult`, the path of a saved one, or the path of an
     open-unlearning ``*_EVAL.json`` (``{"forget_truth_ratio": {"value_by_index":
     {i: {"score": tr}}}, "mia_min_k": {"agg_value": auc}}``). Returns
-    ``{"forget_truth_ratio": np.ndarray | None, "mia_min_k": float | None, "source": str}``.
+    ``{"forget_truth_ratio": np.ndarray | None, "mia_min_k": float | None, "mia": {name: auc},
+    "source": str}`` (``mia``: every ``mia_<attack>`` AUC, for ``privleak_<attack>``).
     """
     if isinstance(ref, EvalResult):
         tr = ref.per_sample.get("forget_truth_ratio")
         return {
             "forget_truth_ratio": None if tr is None else np.asarray(tr, dtype=np.float64),
             "mia_min_k": ref.aggregates.get("mia_min_k"),
+            "mia": {k: v for k, v in ref.aggregates.items() if k.startswith("mia_") and v is not None},
             "source": ref.path or ref.name,
         }
     path = Path(ref)
@@ -132,6 +134,8 @@ def reference_stats(ref) -> dict:
     mia = d.get("mia_min_k")
     if isinstance(mia, dict) and mia.get("agg_value") is not None:
         out["mia_min_k"] = float(mia["agg_value"])
+    out["mia"] = {k: float(v["agg_value"]) for k, v in d.items()
+                  if k.startswith("mia_") and isinstance(v, dict) and v.get("agg_value") is not None}  # fmt: skip
     if out["forget_truth_ratio"] is None and out["mia_min_k"] is None:
         raise ValueError(
             f"{path} has neither forget_truth_ratio per-sample scores nor a mia_min_k AUC; "

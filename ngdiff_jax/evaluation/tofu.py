@@ -17,7 +17,9 @@ Aggregates (see :mod:`ngdiff_jax.evaluation.metrics` for the formulas):
   ``Q_A_ROUGE``, ``Truth_Ratio`` (answer vs perturbed);
 * ``model_utility`` (harmonic mean of the nine utility numbers);
 * ``mia_min_k`` (Min-40% AUC, forget vs holdout), ``privleak`` (relative to the retain
-  model's ``mia_min_k``, or to 0.5 without one, as open-unlearning);
+  model's ``mia_min_k``, or to 0.5 without one, as open-unlearning); ``mia_loss``,
+  ``mia_zlib``, ``mia_min_k_plus_plus``, ``mia_gradnorm``, ``mia_reference`` and their
+  ``privleak_<attack>`` (:mod:`ngdiff_jax.evaluation.mia`);
 * ``extraction_strength``, ``exact_memorization`` on the forget answers.
 """
 
@@ -36,6 +38,8 @@ from ngdiff_jax.evaluation.scoring import Scorer
 
 TOFU_MAX_NEW_TOKENS = 200
 MIN_K = 0.4
+# open-unlearning's MIA suite; ``reference`` runs only with a reference model (the retain model)
+MIA_ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "gradnorm", "reference")
 
 # prefix -> (split, correct-answer field for the truth ratio, truth-ratio aggregate key)
 _UTILITY_SPLITS = {
@@ -87,6 +91,10 @@ def evaluate_tofu(
     k: float = MIN_K,
     buckets: Sequence[int] | None = None,
     meta: dict | None = None,
+    reference_model=None,
+    mia_attacks: Sequence[str] = MIA_ATTACKS,
+    forget_truth_ratio: str = "closer_to_1_better",
+    utility_truth_ratio: str = "true_better",
 ) -> EvalResult:
     """Evaluate ``model`` on TOFU and return every aggregate and per-sample value.
 
@@ -108,7 +116,14 @@ def evaluate_tofu(
         ``ngdiff_jax.data.QAFormatter(tokenizer)`` (same prompts as training).
       limit: evaluate only the first ``limit`` rows of every split (quick checks).
       name: the model's name in the result and report.
-      k: Min-K% fraction (0.4).
+      k: Min-K% fraction (0.4), also for Min-K%++.
+      reference_model: the model of the ``mia_reference`` attack (open-unlearning: the retain
+        model); without one that attack is left out (``meta["mia_skipped"]``).
+      forget_truth_ratio / utility_truth_ratio: the truth-ratio aggregator of ``forget_truth_ratio``
+        and of ``retain_/ra_/wf_Truth_Ratio`` (``closer_to_1_better``, ``true_better``, ``prob_mean``;
+        defaults as open-unlearning's TOFU configs; see docs/METRICS.md).
+      mia_attacks: the membership-inference attacks on forget vs holdout (``mia_<attack>`` AUC and
+        ``privleak_<attack>``; ``mia_min_k``/``privleak`` always), see :mod:`ngdiff_jax.evaluation.mia`.
     """
     from ngdiff_jax.data import QAFormatter, load_tofu
 
@@ -118,6 +133,9 @@ def evaluate_tofu(
         data_dir = shared_data_dir() / "tofu"
     fmt = formatter if formatter is not None else QAFormatter(tokenizer)
     holdout_split = holdout_split or holdout_split_for(forget_split)
+    for what, v in (("forget_truth_ratio", forget_truth_ratio), ("utility_truth_ratio", utility_truth_ratio)):
+        if v not in M.TRUTH_RATIO_AGGREGATORS:
+            raise ValueError(f"{what}={v!r}: choose one of {', '.join(M.TRUTH_RATIO_AGGREGATORS)}.")
     timings = Timings()
 
     def load(split):
@@ -207,14 +225,15 @@ def evaluate_tofu(
             correct = nll(prefix, "para")
             per[f"{prefix}_Q_A_PARA_Prob"] = M.answer_prob(correct)
             agg[f"{prefix}_Q_A_PARA_Prob"] = M.q_a_prob(correct)
+        # per-sample scores stay TOFU's p_wrong / p_correct (forget_quality's KS input); the aggregate
+        # follows the chosen aggregator (prob_mean: p_correct / (p_correct + p_wrong), docs/METRICS.md)
         tr = M.truth_ratios(correct, wrong)
-        if prefix == "forget":
-            per["forget_truth_ratio"] = tr
-            agg["forget_truth_ratio"] = M.truth_ratio_closer_to_1(tr)
-        else:
-            key = _UTILITY_SPLITS[prefix][2]
-            per[key] = tr
-            agg[key] = M.truth_ratio_true_better(tr)
+        key = "forget_truth_ratio" if prefix == "forget" else _UTILITY_SPLITS[prefix][2]
+        per[key] = tr
+        aggregator = forget_truth_ratio if prefix == "forget" else utility_truth_ratio
+        agg[key], tr_per = M.truth_ratio(correct, wrong, aggregator)
+        if aggregator == "prob_mean":
+            per[key + "_prob"] = tr_per
         rouge = M.rouge_scores(gen[prefix], [r["answer"] for r in data[prefix]])
         per[f"{prefix}_Q_A_ROUGE"] = [s["rougeL_recall"] for s in rouge]
         agg[f"{prefix}_Q_A_ROUGE"] = float(np.mean(per[f"{prefix}_Q_A_ROUGE"]))
@@ -248,6 +267,18 @@ def evaluate_tofu(
         agg["forget_quality"] = None
     ref_auc = None if ref is None else ref["mia_min_k"]
     agg["privleak"] = M.privleak(agg["mia_min_k"], ref_auc)
+    mia_skipped = {}
+    if mia_attacks:  # the other attacks of open-unlearning's MIA suite (evaluation/mia.py)
+        from ngdiff_jax.evaluation import mia
+
+        others = [a for a in mia_attacks if a != "min_k"]
+        mia_ex = {s: [examples[index[(s, "answer", i, 0)]] for i in range(len(data[s]))] for s in ("forget", "holdout")}
+        m_agg, m_per, mia_skipped = mia.run_attacks(
+            model, tokenizer, mia_ex, attacks=others, reference_model=reference_model,
+            reference_aucs=None if ref is None else ref.get("mia"), k=k, batch_size=batch_size, buckets=buckets,
+        )  # fmt: skip
+        agg.update(m_agg)
+        per.update({f"mia_{a}": v for a, v in m_per.items()})
 
     info = dict(meta or {})
     info.update(
@@ -261,6 +292,9 @@ def evaluate_tofu(
             "batch_size": batch_size,
             "generation_batch_size": gen_batch,
             "min_k": k,
+            "mia_attacks": list(mia_attacks),
+            "truth_ratio_aggregators": {"forget": forget_truth_ratio, "utility": utility_truth_ratio},
+            "mia_skipped": mia_skipped,
             "truncated_examples": scorer.truncated,
             "truncated_prompts": prompt_cuts,
         }
