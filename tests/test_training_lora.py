@@ -202,3 +202,20 @@ def test_lora_run_resumes_to_the_same_adapters(tiny, tmp_path):
     assert any(np.abs(v).max() > 0 for k, v in want.items() if "lora_B" in k)
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("method", ["rmu", "pcgrad"])
+def test_lora_with_hidden_state_and_projection_methods(tiny, tmp_path, method, capsys):
+    """RMU reads hidden states (``apply_fn.hidden_state`` through the adapters); PCGrad projects
+    the adapters' gradients. Both train the adapters and leave the base weights alone."""
+    out = tmp_path / method
+    rc = main(["unlearn", "--config", "synthetic_ngdiff", f"data.source={tiny['bench']}", f"model_path={tiny['model']}",
+               f"run.output_dir={out}", "run.progress=false", "run.steps=2", "run.checkpoint_every=0",
+               "run.eval_every=0", f"method={method}", "lora.rank=2", "lora.targets=[v,up]",
+               *(["method.rmu_layer=0"] if method == "rmu" else [])])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    adapter = _safetensors(out / "adapter")
+    assert all(np.abs(v).max() > 0 for k, v in adapter.items() if "lora_B" in k), method
+    base_t, merged_t = _safetensors(tiny["model"]), _safetensors(out / "model")
+    for k in base_t:
+        assert np.array_equal(base_t[k], merged_t[k]) == (not any(t in k for t in ("v_proj", "up_proj"))), k
