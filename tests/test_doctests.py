@@ -49,3 +49,13 @@ def test_py_typed_is_shipped():
     from importlib.resources import files
 
     assert files("ngdiff_jax").joinpath("py.typed").is_file()
+
+
+def test_docs_optim_examples():
+    """docs/optim.md's examples (the composition rules) run as written."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "optim.md"
+    res = doctest.testfile(str(path), module_relative=False,
+                           optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0 and res.attempted > 20, res
