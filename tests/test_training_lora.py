@@ -155,6 +155,7 @@ def test_finetune_cli_with_lora(tiny, tmp_path, capsys):
     assert summary["lora"]["targets"] == ["q", "k", "v", "o", "gate", "up", "down"]
     assert summary["lora"]["alpha"] == 2  # default alpha = rank
     assert (out / "model" / "config.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "LoRA rank 2, alpha 2 on q, k, v, o, gate, up, down, merged" in (out / "model" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -124,16 +124,16 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     wall = time.perf_counter() - t0
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
     model_dir = out / "model"
+    card = {"base_model": cfg.model_path, "method": "fine-tuning (ngdiff-jax)",
+            "data": {"source": cfg.data.source or "TOFU", "split": cfg.data.split},
+            "metrics": {"steps": result.step, **(result.last_metrics or {})}}
     with ownership.atomic_dir(model_dir) as tmp:  # written aside, swapped in whole
         if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
             with ownership.atomic_dir(out / "adapter") as tmp_adapter:
                 _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
-                                                 model_dir=tmp, adapter_dir=tmp_adapter)  # fmt: skip
+                                                 model_dir=tmp, adapter_dir=tmp_adapter, card=card)  # fmt: skip
             adapter_dir = out / "adapter"
         else:
-            card = {"base_model": cfg.model_path, "method": "fine-tuning (ngdiff-jax)",
-                    "data": {"source": cfg.data.source or "TOFU", "split": cfg.data.split},
-                    "metrics": {"steps": result.step, **(result.last_metrics or {})}}
             model_io.save_model(model, result.params, tmp, tok, card=card)
         save_format(cfg.format, tmp, stage="finetune", split=cfg.data.split)
     summary = {

@@ -67,7 +67,8 @@ class LoraRun:
         return lora.merge_params(self.model, self.base, adapters, self.spec)
 
     def export(
-        self, adapters, out: Path, tokenizer, *, base_model: str | None, model_dir=None, adapter_dir=None
+        self, adapters, out: Path, tokenizer, *, base_model: str | None, model_dir=None, adapter_dir=None,
+        card: dict | None = None,
     ) -> tuple[Path, Path]:
         """Merged model to ``out/model`` (``save_pretrained``), PEFT adapter to ``out/adapter``
         (or to ``model_dir``/``adapter_dir``: the pipelines pass temporary dirs swapped in atomically)."""
@@ -76,7 +77,11 @@ class LoraRun:
         model_dir = Path(model_dir) if model_dir is not None else Path(out) / "model"
         adapter_dir = Path(adapter_dir) if adapter_dir is not None else Path(out) / "adapter"
         merged = lora.merged_model(self.model, self.base, adapters, self.spec)
-        models.save_pretrained(merged, model_dir, tokenizer=tokenizer)
+        if card is not None:
+            lora_txt = (f"LoRA rank {self.spec.rank}, alpha {self.spec.alpha:g} on "
+                        f"{', '.join(self.spec.targets)}, merged into the weights")
+            card = {**card, "method": "; ".join(x for x in (card.get("method"), lora_txt) if x)}
+        models.save_pretrained(merged, model_dir, tokenizer=tokenizer, card=card)
         del merged
         lora.save_peft_adapter(self.model, adapters, self.spec, adapter_dir, base_model_name_or_path=base_model)
         if tokenizer is not None:

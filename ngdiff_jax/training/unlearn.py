@@ -178,7 +178,7 @@ def run_unlearn(
         if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
             with ownership.atomic_dir(out / "adapter") as tmp_adapter:
                 _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
-                                                 model_dir=tmp, adapter_dir=tmp_adapter)  # fmt: skip
+                                                 model_dir=tmp, adapter_dir=tmp_adapter, card=card)  # fmt: skip
             adapter_dir = out / "adapter"
         elif mesh is None:
             model_io.save_model(model, result.params, tmp, tok, card=card)
