@@ -184,3 +184,49 @@ def test_every_new_method_runs_in_ngdiff_unlearn(tiny_run):
             assert last["forget_grad_norm"] > 0 and last["learning_rate"] > 0, (name, last)
             assert (last["retain_grad_norm"] > 0) == (cfg.method.retain_loss != "none"), (name, last)
             assert (d / f"{name}_{i}" / "model" / "config.json").exists()
+
+
+def test_unlearn_with_model_selection_exports_best_and_last(tiny_run):
+    from ngdiff_jax.config_loader import load_config
+    from ngdiff_jax.training import UnlearnConfig, run_unlearn
+
+    d, data = tiny_run
+    common = [f"model_path={d / 'model'}", f"data.source={data}", "data.forget_split=forget10",
+              "data.retain_split=retain90", "data.batch_size=2", "data.max_length=96", "data.buckets=[96]",
+              "run.checkpoint_every=0", "run.progress=false", "optim.lr=1e-2", "method=ga"]  # fmt: skip
+    # GA lowers the forget probability every step: maximizing retain_prob subject to forget_prob below
+    # its start picks the first step past the start, and patience 1 stops right after it
+    with jax.disable_jit():
+        cfg = load_config(UnlearnConfig, None, [
+            *common, f"run.output_dir={d / 'sel'}", "run.steps=6", "selection.every=1",
+            "selection.maximize=retain_prob",
+            "selection.constraints=['forget_prob<1.0']", "selection.patience=1"])  # fmt: skip
+        _, summary = run_unlearn(cfg)
+    s = summary["selection"]
+    evals = {e["step"]: e for e in summary["evals"]}
+    assert s["best_step"] == max((st for st, e in evals.items() if e["forget_prob"] < 1.0),
+                                 key=lambda st: (evals[st]["retain_prob"], -st))  # fmt: skip
+    assert s["stopped_early_at"] == s["best_step"] + 1 and summary["steps"] == s["stopped_early_at"]
+    assert (d / "sel" / "best_model" / "config.json").is_file() and (d / "sel" / "model" / "config.json").is_file()
+    with pytest.raises(ValueError, match="selection.every"):
+        load_config(UnlearnConfig, None, [*common, "run.output_dir=x", "run.eval_every=2", "selection.every=3",
+                                          "selection.maximize=retain_prob"])  # fmt: skip
+
+
+def test_model_selection_on_a_mesh(tiny_run):
+    """The sharded path (a one-device fsdp mesh here; tests/test_sharding_cli.py covers several devices):
+    the hook evaluates the sharded params and the best model is exported gathered."""
+    from ngdiff_jax.config_loader import load_config
+    from ngdiff_jax.training import UnlearnConfig, run_unlearn
+
+    d, data = tiny_run
+    cfg = load_config(UnlearnConfig, None, [
+        f"model_path={d / 'model'}", f"data.source={data}", "data.forget_split=forget10", "data.retain_split=retain90",
+        "data.batch_size=2", "data.max_length=96", "data.buckets=[96]", "run.checkpoint_every=0", "run.progress=false",
+        "optim.lr=1e-2", "method=ga", f"run.output_dir={d / 'sel_mesh'}", "run.steps=3", "mesh.preset=fsdp",
+        "selection.every=1", "selection.minimize=forget_prob"])  # fmt: skip
+    _, summary = run_unlearn(cfg)
+    s = summary["selection"]
+    probs = {e["step"]: e["forget_prob"] for e in summary["evals"]}
+    assert s["best_step"] == min(probs, key=lambda st: (probs[st], st)) and s["evaluations"] == 4
+    assert (d / "sel_mesh" / "best_model" / "config.json").is_file()

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ngdiff_jax.config_loader import build, load_yaml, resolve_config_path
 from ngdiff_jax.data.formatting import FormatSpec, load_format
+from ngdiff_jax.training.selection import SelectionSection
 
 FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "idk_nll", "dpo", "wga", "satimp", "ceu", "undial", "rmu", "none")
 RETAIN_LOSSES = ("nll", "kl", "embed_diff", "none")
@@ -369,6 +370,7 @@ class UnlearnConfig:
     run: RunConfig = field(default_factory=RunConfig)
     mesh: MeshSection = field(default_factory=MeshSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)  # training/selection.py
     lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self):
@@ -377,6 +379,15 @@ class UnlearnConfig:
                 f"lora.rank is set with mesh.preset={self.mesh.preset}: LoRA runs on one device for now; "
                 "set mesh.preset=none (the adapters and their optimizer state are small)."
             )
+        sel = self.selection
+        if sel.enabled and self.run.eval_every not in (0, sel.every):
+            raise ValueError(
+                f"run.eval_every={self.run.eval_every} and selection.every={sel.every}: model selection evaluates "
+                "on its own schedule; drop run.eval_every or set it to selection.every."
+            )
+        if sel.enabled and self.distributed.is_set:
+            raise ValueError("selection is set with distributed: model selection runs in one process for now; "
+                             "drop the selection section or the distributed settings.")
         _resolve_format(self)
         if self.distributed.is_set and not self.mesh.enabled:
             raise ValueError(

@@ -129,13 +129,21 @@ class PairedBatcher:
         self.alternate.restore(position)
 
 
-def forget_stream(rows, examples, tokenizer, data: DataConfig, method, *, seed: int):
+def forget_stream(rows, examples, tokenizer, data: DataConfig, method, *, seed: int, spec=None):
     """The forget batch stream of ``method``: a plain batcher, or a :class:`PairedBatcher` with the
-    refusal answers (``method.idk_path``) when the method needs them (``idk_nll``, ``dpo``)."""
+    refusal answers (``method.idk_path``, in format ``spec`` as the forget rows) when the method
+    needs them (``idk_nll``, ``dpo``)."""
     main = make_batcher(examples, tokenizer, data, seed=seed)
     if not getattr(method, "needs_alternate", False):
         return main
     from ngdiff_jax.training.methods import load_idk_responses
 
     alt = alternate_rows(rows, load_idk_responses(method.idk_path), seed=seed)
-    return PairedBatcher(main, make_batcher(encode_split(alt, tokenizer, data), tokenizer, data, seed=seed))
+    alt_ex = encode_split(alt, tokenizer, data, spec, where="the refusal answers (method.idk_path)")
+    if len(alt_ex) != len(examples):
+        raise ValueError(
+            f"{len(examples)} forget examples but {len(alt_ex)} refusal examples (data.overlong dropped rows); "
+            f"{method.forget_loss} pairs every forget row with a refusal: raise data.max_length or set "
+            "data.overlong=truncate."
+        )
+    return PairedBatcher(main, make_batcher(alt_ex, tokenizer, data, seed=seed))

@@ -126,7 +126,8 @@ def run_loop(
       extra_args: passed to every step after ``rng`` (e.g. ``(ref_params,)``); not donated.
       checkpoint_every: save every K steps (and after the last); 0 disables checkpoints.
       eval_fn: ``eval_fn(step, params) -> dict`` called at step 0, every ``eval_every`` steps
-        and at the end (the hook the evaluation code plugs into).
+        and at the end (the hook the evaluation code plugs into). If it has a true
+        ``should_stop`` attribute the loop stops there (early stopping, ``training/selection.py``).
       meta: JSON-able settings stored with every checkpoint; resuming with other settings is an error.
       jit: False when ``step_fn`` is already jitted (e.g. ``ngdiff_jax.parallel.ShardedStep``, with its
         own shardings and donation); it is then called as is.
@@ -214,7 +215,11 @@ def run_loop(
     metrics: dict[str, float] = {}
     with bar, (open(log_path, "a") if main else contextlib.nullcontext()) as log:
         task = bar.add_task(out_dir.name or "train", total=num_steps, completed=start, info="")
+        last = start
         for step in range(start + 1, num_steps + 1):
+            if getattr(eval_fn, "should_stop", False):  # early stopping (training/selection.py)
+                break
+            last = step
             batches = tuple(next(streams[n]) for n in names)
             rng, sub = jax.random.split(rng)
             t0 = time.perf_counter()
@@ -232,11 +237,15 @@ def run_loop(
                 save(step)
             if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step != num_steps:
                 evaluate(step)
-        if eval_fn is not None and (start < num_steps or not result.evals):
+                if getattr(eval_fn, "should_stop", False) and ckpt is not None and step % checkpoint_every:
+                    save(step)  # a resumed run starts from the stop
+        stopped = getattr(eval_fn, "should_stop", False)
+        if eval_fn is not None and not stopped and (start < num_steps or not result.evals):
             evaluate(num_steps)
     if ckpt is not None:
         ckpt.close()
-    result.params, result.opt_state, result.rng, result.step = params, opt_state, rng, max(start, num_steps)
+    result.params, result.opt_state, result.rng = params, opt_state, rng
+    result.step = last if getattr(eval_fn, "should_stop", False) else max(start, num_steps)
     if not metrics and log_path.exists():  # nothing left to run: report the logged last step
         lines = log_path.read_text().splitlines()
         if lines:

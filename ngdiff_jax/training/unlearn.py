@@ -90,7 +90,7 @@ def run_unlearn(
     )
     retain_ex = data_assembly.encode_split(retain_rows, tok, cfg.data, spec, where=f"data.retain_split={retain_split}")
     seed = cfg.run.seed
-    forget = data_assembly.forget_stream(forget_rows, forget_ex, tok, cfg.data, cfg.method, seed=seed)
+    forget = data_assembly.forget_stream(forget_rows, forget_ex, tok, cfg.data, cfg.method, seed=seed, spec=spec)
     retain = data_assembly.make_batcher(retain_ex, tok, cfg.data, seed=seed + 1)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(forget))
 
@@ -128,7 +128,7 @@ def run_unlearn(
             # the ShardedStep places the (global, host) batches on the batch sharding
             return sharded(params, opt_state, batches[0], batches[1], rng, ref_params)
 
-    default_eval = eval_fn is None and cfg.run.eval_every > 0 and eval_sets
+    default_eval = eval_fn is None and (cfg.run.eval_every > 0 or cfg.selection.enabled) and eval_sets
     if default_eval:
         from ngdiff_jax.data import make_batches
 
@@ -149,6 +149,11 @@ def run_unlearn(
         # the default hook takes {"base", "lora"}; a caller's hook gets the merged full params
         eval_fn = lora_run.wrap_eval(eval_fn) if default_eval else (
             lambda step, adapters, fn=eval_fn: fn(step, lora_run.merged_params(adapters)))
+    eval_every, selector = cfg.run.eval_every, None
+    if cfg.selection.enabled:  # model selection wraps the hook (training/selection.py)
+        selector = _selector(cfg, eval_fn, model=model, tok=tok, spec=spec, out=out, main=main, mesh=mesh, par=par,
+                             to_full=None if lora_run is None else lora_run.merged_params)  # fmt: skip
+        eval_fn, eval_every = selector, cfg.selection.every
     t0 = time.perf_counter()
     result = run_loop(
         step,
@@ -163,7 +168,7 @@ def run_unlearn(
         max_checkpoints=cfg.run.max_checkpoints,
         log_every=cfg.run.log_every,
         eval_fn=eval_fn,
-        eval_every=cfg.run.eval_every,
+        eval_every=eval_every,
         progress=cfg.run.progress,
         meta=_settings(cfg),
         jit=mesh is None,
@@ -199,6 +204,8 @@ def run_unlearn(
         "model_dir": str(model_dir),
         "evals": result.evals,
     }
+    if selector is not None:
+        summary["selection"] = selector.summary()
     if lora_run is not None:
         summary["lora"] = {**lora_run.summary(), "adapter_dir": str(adapter_dir)}
     if mesh is not None:
@@ -207,6 +214,36 @@ def run_unlearn(
     if main:
         jsonio.write_json(out / "summary.json", summary)
     return result, summary
+
+
+def _selector(cfg: UnlearnConfig, hook, *, model, tok, spec, out: Path, main: bool, mesh, par, to_full):
+    """The :class:`selection.Selector` of ``cfg.selection``: the probability hook (``hook``) or the
+    full TOFU metrics, the criterion, and the best-model export (gathered on a mesh)."""
+    from ngdiff_jax.data import QAFormatter
+    from ngdiff_jax.training import selection
+
+    sel = cfg.selection
+    if sel.tofu:
+        evaluate = selection.tofu_evaluate(
+            model, tok, data_dir=data_assembly.resolve_source(cfg.data.source), forget_split=cfg.data.forget_split,
+            retain_eval=sel.retain_eval, limit=sel.tofu_limit, batch_size=cfg.data.batch_size,
+            buckets=list(cfg.data.buckets) if cfg.data.buckets else None, formatter=QAFormatter(tok, spec=spec),
+            to_full=to_full, max_new_tokens=sel.tofu_max_new_tokens,
+        )  # fmt: skip
+    elif hook is not None:
+        evaluate = hook
+    else:
+        raise ValueError("selection needs an evaluation: set selection.tofu=true or keep the default hook.")
+    export = None
+    if sel.export_best:
+        def export(params, directory):
+            full = to_full(params) if to_full is not None else params
+            if mesh is None:
+                model_io.save_model(model, full, directory, tok)
+            else:
+                par.save_pretrained_gathered(model, full, directory, tokenizer=tok)
+
+    return selection.Selector(sel.criterion(), evaluate, out, export=export, patience=sel.patience, main=main)
 
 
 def resolve_retain_split(data) -> str:
