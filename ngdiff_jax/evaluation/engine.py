@@ -33,8 +33,8 @@ from flax import nnx
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 
-#: rows x positions of logits materialized at once by the chunked LM head (~800 MB at a 49k vocabulary).
-HEAD_TOKENS = 4096
+#: rows x positions of logits materialized at once by the chunked LM head (~400 MB at a 49k vocabulary).
+HEAD_TOKENS = 2048
 
 # (program name, graphdef, shapes/statics) -> compiled executable
 _COMPILED: dict = {}

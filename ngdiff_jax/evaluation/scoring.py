@@ -31,6 +31,8 @@ Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels), labels -10
 
 #: shortest shared prompt worth its own encoding
 MIN_SHARED_PREFIX = 4
+#: most rows x padded length per batch of whole rows (long texts get smaller batches: memory)
+SCORE_TOKENS = 4096
 
 
 @dataclass
@@ -163,6 +165,9 @@ class Scorer:
 
     def _score_whole(self, rows, idx, phase):
         B = self.batch_size
+        if self._apply is None:  # fewer rows per batch on long texts, no more dummy rows than needed
+            longest = self._bucket(max(len(rows[i][0]) for i in idx))
+            B = max(1, min(B, SCORE_TOKENS // longest, len(idx)))
         for b in length_sorted_batches([len(rows[i][0]) for i in idx], B):
             batch = [idx[j] for j in b]
             t = self._bucket(max(len(rows[i][0]) for i in batch))
