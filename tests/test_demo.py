@@ -71,6 +71,7 @@ def test_quick_demo_report_structure(quick_demo):
     ):
         assert (out / name).is_file(), name
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "curves" / "model_utility.png").is_file() and (out / "curves" / "forget_quality.png").is_file()
 
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["models"]) == set(MODELS)

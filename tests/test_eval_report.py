@@ -78,3 +78,22 @@ def test_write_report_rejects_bad_input(tmp_path):
         write_report(tmp_path, {})
     with pytest.raises(TypeError, match="EvalResult"):
         write_report(tmp_path, {"x": 3})
+
+
+def test_curves_one_png_per_metric_every_method_on_the_same_axes(tmp_path):
+    traj = {"ngdiff": [(s, {"forget_quality": fq, "model_utility": mu, "privleak": -5.0 * s})
+                       for s, fq, mu in [(0, 1e-12, 0.63), (10, 1e-5, 0.6), (20, 0.3, 0.55)]],
+            "gdiff": [(s, {"forget_quality": fq, "model_utility": mu})
+                      for s, fq, mu in [(0, 1e-12, 0.63), (10, 0.01, 0.3)]]}  # fmt: skip
+    paths = write_report(tmp_path / "rep", {"target": _tofu("target", 1e-12, 0.63)}, traj)
+    curves = tmp_path / "rep" / "curves"
+    assert paths["curves"] == str(curves)
+    assert sorted(p.name for p in curves.iterdir()) == ["forget_quality.png", "model_utility.png", "privleak.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in curves.iterdir())
+    assert "(curves/model_utility.png)" in (tmp_path / "rep" / "report.md").read_text()
+    import matplotlib.image as mpimg
+
+    # two methods drawn: the model_utility curve has pixels of both tab10 colours (C0 blue, C1 orange)
+    img = mpimg.imread(curves / "model_utility.png")[..., :3]
+    for rgb in ((0.12, 0.47, 0.71), (1.0, 0.5, 0.05)):
+        assert (np.abs(img - np.array(rgb)).max(-1) < 0.05).sum() > 20, rgb

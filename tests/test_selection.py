@@ -118,3 +118,11 @@ def test_loop_stops_early_and_resume_does_not_run_on(tmp_path):
     sel2 = Selector(Criterion(maximize="u"), evaluate, tmp_path, patience=2)
     r2 = run_loop(step, jnp.zeros((1,)), jnp.zeros(()), streams={"s": _Stream()}, eval_fn=sel2, **kw)
     assert r2.resumed_from == 4 and r2.step == 4 and float(r2.params[0]) == 4.0
+
+
+def test_forget_quality_criterion_needs_the_retain_evaluation():
+    with pytest.raises(ValueError, match="retain_eval"):
+        SelectionSection(every=5, maximize="model_utility", constraints=("forget_quality>=0.05",))
+    with pytest.raises(ValueError, match="retain_eval"):
+        SelectionSection(every=5, maximize="forget_quality", tofu=True)
+    SelectionSection(every=5, maximize="forget_quality", tofu=True, retain_eval="r.json")

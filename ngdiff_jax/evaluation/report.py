@@ -11,7 +11,8 @@
 ``report.json`` holds every model's aggregates and the path of its per-sample file
 (results not yet saved are written to ``out_dir/results/<name>.json``); ``report.md``
 a table with one row per model; ``tradeoff.png`` forget quality (log scale) against
-model utility for TOFU (for MUSE-only reports: forget vs retain KnowMem ROUGE).
+model utility for TOFU (for MUSE-only reports: forget vs retain KnowMem ROUGE); with
+trajectories, ``curves/<metric>.png``: each metric over steps, every method on the same axes.
 """
 
 from __future__ import annotations
@@ -134,12 +135,53 @@ def write_report(
     }
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "tradeoff.png"}
     (paths["json"]).write_text(json.dumps(_clean({"models": entries, "trajectories": traj}), indent=1))
-    paths["md"].write_text(_markdown(entries, traj, title))
+    curves = write_curves(out / "curves", traj) if traj else {}
+    paths["md"].write_text(_markdown(entries, traj, title, curves))
     _plot(paths["png"], entries, traj, title)
-    return {k: str(v) for k, v in paths.items()}
+    out_paths = {k: str(v) for k, v in paths.items()}
+    if curves:
+        out_paths["curves"] = str(out / "curves")
+    return out_paths
 
 
-def _markdown(entries: dict, traj: dict, title: str | None) -> str:
+def write_curves(out_dir: str | Path, traj: dict) -> dict[str, str]:
+    """One PNG per metric over training steps, every method on the same axes:
+    ``<out_dir>/<metric>.png`` for each metric with values in ``traj`` (``{method: [points]}``,
+    points as in report.json's trajectories). Returns ``{metric: path}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    keys = [k for k in dict.fromkeys(k for pts in traj.values() for p in pts for k in p) if k != "step"]
+    written = {}
+    for key in keys:
+        series = {m: [(p["step"], float(p[key])) for p in pts if isinstance(p.get(key), (int, float))
+                      and math.isfinite(float(p[key]))] for m, pts in traj.items()}  # fmt: skip
+        series = {m: v for m, v in series.items() if v}
+        if not series:
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+        for m, pts in series.items():
+            ax.plot([s for s, _ in pts], [v for _, v in pts], marker="o", ms=3, label=m)
+        if key == "forget_quality" and all(v > 0 for pts in series.values() for _, v in pts):
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} over training")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{_safe(key)}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written[key] = str(path)
+    return written
+
+
+def _markdown(entries: dict, traj: dict, title: str | None, curves: dict | None = None) -> str:
     lines = [f"# {title or 'Unlearning evaluation'}", ""]
     for bench, cols in (("tofu", TOFU_COLUMNS), ("muse", MUSE_COLUMNS)):
         rows = {n: e for n, e in entries.items() if e["benchmark"] == bench}
@@ -169,6 +211,9 @@ def _markdown(entries: dict, traj: dict, title: str | None) -> str:
                   "indistinguishable); privleak: relative AUC gap to the retain model's (0 is ideal).", ""]
     if traj:
         lines += ["## Trajectories", ""]
+        if curves:
+            lines += ["Curves (every method on the same axes): " + ", ".join(
+                f"[{k}](curves/{Path(v).name})" for k, v in curves.items()), ""]  # fmt: skip
         for m, pts in traj.items():
             lines.append(f"### {m}")
             lines.append("")

@@ -71,7 +71,12 @@ class SelectionSection:
                     "set selection.every=<steps between evaluations>."
                 )
             return
-        self.criterion()  # parses and checks the criterion
+        crit = self.criterion()  # parses and checks the criterion
+        if "forget_quality" in crit.metrics and not (self.tofu and self.retain_eval):
+            raise ValueError(
+                "the selection criterion uses forget_quality, which needs selection.tofu=true and "
+                "selection.retain_eval=<the retain model's evaluation JSON (ngdiff eval --role retain)>."
+            )
 
     @property
     def enabled(self) -> bool:

@@ -206,6 +206,11 @@ def run_unlearn(
     }
     if selector is not None:
         summary["selection"] = selector.summary()
+        if selector.best is None and main:
+            import sys
+
+            print(f"warning: no evaluated point met the selection criterion ({selector.criterion.describe()}); "
+                  f"no best_model was written (the last model is in {model_dir}).", file=sys.stderr)  # fmt: skip
     if lora_run is not None:
         summary["lora"] = {**lora_run.summary(), "adapter_dir": str(adapter_dir)}
     if mesh is not None:
@@ -223,6 +228,11 @@ def _selector(cfg: UnlearnConfig, hook, *, model, tok, spec, out: Path, main: bo
     from ngdiff_jax.training import selection
 
     sel = cfg.selection
+    if sel.retain_eval and not Path(sel.retain_eval).is_file():
+        raise FileNotFoundError(
+            f"selection.retain_eval={sel.retain_eval}: no such file; evaluate the retain model first "
+            "(ngdiff eval --model <retain> --role retain --out <file>) and give that file."
+        )
     if sel.tofu:
         evaluate = selection.tofu_evaluate(
             model, tok, data_dir=data_assembly.resolve_source(cfg.data.source), forget_split=cfg.data.forget_split,
