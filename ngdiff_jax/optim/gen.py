@@ -36,9 +36,12 @@ Composition: the adapted rate lives in the state (``GeNState.learning_rate``,
 an array), so ``scale_by_gen`` works under ``jit``, ``vmap`` (e.g. over initial
 rates: ``jax.vmap(lambda lr: scale_by_gen(lr).init(params))``) and
 ``optax.inject_hyperparams``; ``optax.tree.set(state, learning_rate=x)`` sets
-the live rate. A schedule may *multiply* the adapted rate, as the learning rate
-of ``optax.contrib.prodigy``/``dog`` multiplies theirs: ``rate_multiplier=``
-(a number or ``count -> factor``); the probes use the adapted rate itself. With
+the live rate. (Under ``inject_hyperparams`` the injected ``learning_rate`` is
+the *initial* rate, read by ``init``; ``tree.set`` sets it and the live rate
+together. Inject ``rate_multiplier`` to schedule the step.) A schedule may
+*multiply* the adapted rate, as the learning rate of ``optax.contrib.prodigy``
+and ``dog`` multiplies theirs: ``rate_multiplier=`` (a number or
+``count -> factor``); the probes use the adapted rate itself. With
 data sharded over a mapped axis (``shard_map``/``pmap``) pass ``axis_name=``:
 the probe losses are averaged over it, so every shard adapts the same rate.
 

@@ -193,12 +193,12 @@ def _combiner(combiner, clip_norm, axis_name):
             "transformation such as optax.sgd would ignore forget_grads. Pass the inner optimizer as "
             "optimizer= instead."
         )
-    if clip_norm is not None or axis_name is not None:
+    if clip_norm is not None:
         raise ValueError(
-            "unlearning_optimizer: clip_norm= and axis_name= configure a combiner given by name; "
-            "pass them to the combiner itself, e.g. ngdiff(clip_norm=1.0, axis_name='data')."
+            "unlearning_optimizer: clip_norm= configures a combiner given by name; pass it to the "
+            "combiner itself, e.g. ngdiff(clip_norm=1.0)."
         )
-    return combiner
+    return combiner  # it carries its own axis_name; unlearning_optimizer's goes to GeN
 
 
 def unlearning_optimizer(
@@ -249,7 +249,8 @@ def unlearning_optimizer(
       clip_norm: per-task clipping of a combiner given by name (see
         :func:`~ngdiff_jax.optim.two_task_combiner`).
       axis_name: mapped axis of sharded gradients for a combiner given by name
-        and for GeN's probe losses (see docs/optim.md, "Sharding").
+        (a combiner object carries its own) and for GeN's probe losses (see
+        docs/optim.md, "Sharding").
       skip_nonfinite: wrap the chain in :func:`skip_if_nonfinite`.
 
     Returns:
