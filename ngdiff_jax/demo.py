@@ -396,6 +396,7 @@ class _Evaluator:
     def __call__(self, model, name: str, *, reference=None, limit=None, meta=None):
         from ngdiff_jax.data import QAFormatter
         from ngdiff_jax.evaluation import evaluate_tofu
+        from ngdiff_jax.evaluation.tofu import MIA_ATTACKS
 
         e = self.cfg.evaluation
         t0 = time.perf_counter()
@@ -413,6 +414,7 @@ class _Evaluator:
             meta=meta,
             formatter=QAFormatter(self.tok, spec=self.cfg.format),
             reference_model=self.reference_model,
+            mia_attacks=MIA_ATTACKS,  # all six, GradNorm included (tiny models)
         )
         self.seconds += time.perf_counter() - t0
         return r

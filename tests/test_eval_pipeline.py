@@ -159,10 +159,12 @@ def test_tofu_pipeline(tofu_results):
 
 def test_muse_pipeline(tok, cfg, muse_news_dir):
     model = from_config(cfg, rngs=nnx.Rngs(0))
-    r = evaluate_muse(model, tok, muse_news_dir, limit=2, batch_size=4,
-                      verbmem_max_new_tokens=8, knowmem_max_new_tokens=8, max_length=256)  # fmt: skip
-    for key in ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "mia_min_k", "privleak"):
+    r = evaluate_muse(model, tok, muse_news_dir, limit=2, batch_size=4, verbmem_max_new_tokens=8,
+                      knowmem_max_new_tokens=8, max_length=256, mia_attacks=("min_k", "loss", "zlib"))  # fmt: skip
+    for key in ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "mia_min_k", "privleak",
+                "mia_loss", "privleak_loss", "mia_zlib"):  # fmt: skip
         assert key in r.aggregates
+    assert len(r.per_sample["mia_loss"]["holdout"]) == 2 and "mia_gradnorm" not in r.aggregates
     assert 0 <= r.aggregates["mia_min_k"] <= 1
     assert len(r.per_sample["mia_min_k"]["forget"]) == 2
     assert r.meta["truncated_examples"] >= 1  # the articles are longer than 256 tokens

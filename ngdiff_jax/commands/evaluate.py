@@ -42,12 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--reference-model", default=None,
-        help="TOFU: model dir of the mia_reference attack (open-unlearning: the retain model); without it that "
+        help="model dir of the mia_reference attack (open-unlearning: the retain model); without it that "
         "attack is left out.",
     )  # fmt: skip
     parser.add_argument(
         "--mia-attacks", default=None,
-        help="TOFU: comma-separated MIA attacks (loss,zlib,reference,min_k,min_k_plus_plus,gradnorm; default all; "
+        help="comma-separated MIA attacks (loss,zlib,reference,min_k,min_k_plus_plus,gradnorm; default all "
+        "but gradnorm, which takes a backward pass per sample, for TOFU; min_k only for MUSE, as open-unlearning; "
         "min_k always runs: privleak is built on it).",
     )  # fmt: skip
     for which, default in (("forget", "closer_to_1_better"), ("utility", "true_better")):
@@ -82,9 +83,9 @@ def run(args) -> int:
         _saved = None  # reported by resolve_format below
     # every input checked before the model is loaded or anything is evaluated (exit code 2)
     validate_eval(args, args.forget_split or (_saved or {}).get("forget_split") or "forget10")
-    from ngdiff_jax.evaluation.tofu import MIA_ATTACKS
+    from ngdiff_jax.evaluation.tofu import DEFAULT_MIA_ATTACKS, MIA_ATTACKS
 
-    attacks = MIA_ATTACKS
+    attacks = DEFAULT_MIA_ATTACKS
     if args.mia_attacks is not None:
         attacks = tuple(a.strip() for a in args.mia_attacks.split(",") if a.strip())
         bad = [a for a in attacks if a not in MIA_ATTACKS]
@@ -130,7 +131,8 @@ def run(args) -> int:
         result = evaluate_muse(
             model, tokenizer, args.data, retain_reference=args.retain_eval, batch_size=args.batch_size,
             verbmem_max_new_tokens=args.max_new_tokens or VERBMEM_MAX_NEW_TOKENS, limit=args.limit,
-            name=name, meta=meta,
+            name=name, meta=meta, reference_model=reference_model,
+            mia_attacks=("min_k",) if args.mia_attacks is None else attacks,
         )  # fmt: skip
     path = result.save(out)
     summary = {k: result.aggregates.get(k) for k in HEADLINE[args.benchmark]}

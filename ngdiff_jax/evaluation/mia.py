@@ -169,12 +169,17 @@ def _batches(examples, batch_size: int, buckets):
         yield batch, b
 
 
-def model_statistics(model, examples, *, batch_size: int = 16, buckets=None, gradnorm_p=None):
+def model_statistics(model, examples, *, batch_size: int = 16, buckets=None, gradnorm_p=None, max_length=None):
     """Per example of ``model`` (a ``CausalLM``): ``avg_loss``, scored token log-probs and
     ``mu``/``sigma`` with the EOS prediction left out, and (``gradnorm_p`` set) the gradient
-    norm. Lists in input order."""
+    norm. Lists in input order. Rows longer than ``max_length`` (default: the model's context)
+    are cut at the right, as the evaluation's :class:`~ngdiff_jax.evaluation.scoring.Scorer` does."""
     from flax import nnx
 
+    if max_length is None:
+        max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_length is not None:
+        examples = [(list(i)[:max_length], list(y)[:max_length]) for i, y in examples]
     graphdef, state = nnx.split(model)
     n = len(examples)
     out = {"avg_loss": np.zeros(n), "logp": [None] * n, "mu": [None] * n, "sigma": [None] * n}
@@ -215,6 +220,7 @@ def run_attacks(
     gradnorm_p=GRADNORM_P,
     batch_size: int = 16,
     buckets=None,
+    max_length=None,
 ):
     """Every attack in ``attacks`` on ``examples = {"forget": [...], "holdout": [...]}`` (pairs of
     ``input_ids``, ``labels``). ``reference`` needs ``reference_model`` (the retain model in
@@ -234,7 +240,7 @@ def run_attacks(
     per: dict = {a: {} for a in attacks}
     for split in ("forget", "holdout"):
         ex = list(examples[split])
-        st = model_statistics(model, ex, batch_size=batch_size, buckets=buckets,
+        st = model_statistics(model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length,
                               gradnorm_p=gradnorm_p if "gradnorm" in attacks else None)  # fmt: skip
         if "loss" in attacks:
             per["loss"][split] = [loss_score(v) for v in st["avg_loss"]]
@@ -249,6 +255,6 @@ def run_attacks(
         if "gradnorm" in attacks:
             per["gradnorm"][split] = [float(v) for v in st["gradnorm"]]
         if "reference" in attacks:
-            rs = model_statistics(reference_model, ex, batch_size=batch_size, buckets=buckets)
+            rs = model_statistics(reference_model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length)
             per["reference"][split] = [reference_score(a, b) for a, b in zip(st["avg_loss"], rs["avg_loss"])]
     return aggregate(per, reference_aucs), per, skipped

@@ -134,8 +134,15 @@ def evaluate_muse(
     k: float = MIN_K,
     buckets: Sequence[int] | None = None,
     meta: dict | None = None,
+    reference_model=None,
+    mia_attacks: Sequence[str] = ("min_k",),
 ) -> EvalResult:
     """Evaluate ``model`` on MUSE-News; returns aggregates and per-sample values.
+
+    ``mia_attacks`` adds the other membership-inference attacks (``loss``, ``zlib``,
+    ``min_k_plus_plus``, ``gradnorm``, ``reference`` with ``reference_model``) on the privleak
+    texts, as ``mia_<attack>`` / ``privleak_<attack>`` (off by default, as open-unlearning's
+    MUSE config; see :mod:`ngdiff_jax.evaluation.mia`).
 
     Args:
       data_dir: the MUSE-News folder (default ``shared_data_dir()/"muse_news"``), or
@@ -230,6 +237,19 @@ def evaluate_muse(
     ref = None if retain_reference is None else reference_stats(retain_reference)
     ref_auc = None if ref is None else ref["mia_min_k"]
     agg["privleak"] = M.privleak(agg["mia_min_k"], ref_auc)
+    mia_skipped = {}
+    others = [a for a in mia_attacks if a != "min_k"]
+    if others:  # opt-in: the rest of open-unlearning's MIA suite on the privleak texts (evaluation/mia.py)
+        from ngdiff_jax.evaluation import mia
+
+        mia_ex = {sp: [e for e, o in zip(examples, owner) if o == sp] for sp in ("forget", "holdout")}
+        m_agg, m_per, mia_skipped = mia.run_attacks(
+            model, tokenizer, mia_ex, attacks=others, reference_model=reference_model,
+            reference_aucs=None if ref is None else ref.get("mia"), k=k, batch_size=batch_size, buckets=buckets,
+            max_length=max_length,
+        )  # fmt: skip
+        agg.update(m_agg)
+        per.update({f"mia_{a}": v for a, v in m_per.items()})
 
     info = dict(meta or {})
     info.update(
@@ -246,6 +266,8 @@ def evaluate_muse(
             "batch_size": batch_size,
             "generation_batch_size": gen_batch,
             "min_k": k,
+            "mia_attacks": list(mia_attacks),
+            "mia_skipped": mia_skipped,
             "truncated_examples": scorer.truncated,
             "truncated_prompts": prompt_cuts,
             "knowmem_prompts_cut": knowmem_cut,

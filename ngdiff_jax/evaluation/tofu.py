@@ -40,6 +40,8 @@ TOFU_MAX_NEW_TOKENS = 200
 MIN_K = 0.4
 # open-unlearning's MIA suite; ``reference`` runs only with a reference model (the retain model)
 MIA_ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "gradnorm", "reference")
+# the default: every attack that costs one forward pass (GradNorm needs a backward pass per sample)
+DEFAULT_MIA_ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "reference")
 
 # prefix -> (split, correct-answer field for the truth ratio, truth-ratio aggregate key)
 _UTILITY_SPLITS = {
@@ -92,7 +94,7 @@ def evaluate_tofu(
     buckets: Sequence[int] | None = None,
     meta: dict | None = None,
     reference_model=None,
-    mia_attacks: Sequence[str] = MIA_ATTACKS,
+    mia_attacks: Sequence[str] = DEFAULT_MIA_ATTACKS,
     forget_truth_ratio: str = "closer_to_1_better",
     utility_truth_ratio: str = "true_better",
 ) -> EvalResult:
@@ -123,7 +125,8 @@ def evaluate_tofu(
         and of ``retain_/ra_/wf_Truth_Ratio`` (``closer_to_1_better``, ``true_better``, ``prob_mean``;
         defaults as open-unlearning's TOFU configs; see docs/METRICS.md).
       mia_attacks: the membership-inference attacks on forget vs holdout (``mia_<attack>`` AUC and
-        ``privleak_<attack>``; ``mia_min_k``/``privleak`` always), see :mod:`ngdiff_jax.evaluation.mia`.
+        ``privleak_<attack>``; ``mia_min_k``/``privleak`` always), see :mod:`ngdiff_jax.evaluation.mia`;
+        default all but ``gradnorm`` (one backward pass per sample: add it with ``MIA_ATTACKS``).
     """
     from ngdiff_jax.data import QAFormatter, load_tofu
 
