@@ -5,7 +5,15 @@ from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from ngdiff_jax.models.generation import generate
 from ngdiff_jax.models.hf import from_pretrained, save_pretrained
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, sequence_nll, token_logprobs
-from ngdiff_jax.models.modeling import CausalLM, from_config, functional, with_params
+from ngdiff_jax.models.modeling import (
+    REMAT_POLICIES,
+    CausalLM,
+    abstract_model,
+    from_config,
+    functional,
+    set_remat,
+    with_params,
+)
 from ngdiff_jax.models.sharding import (
     DATA_PARALLEL,
     FSDP,
@@ -17,6 +25,7 @@ from ngdiff_jax.models.sharding import (
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelConfig", "CausalLM", "from_config", "from_pretrained", "save_pretrained",
-    "functional", "with_params", "generate", "logical_axes", "param_shardings", "PARAM_LOGICAL_AXES",
+    "functional", "with_params", "abstract_model", "set_remat", "REMAT_POLICIES",
+    "generate", "logical_axes", "param_shardings", "PARAM_LOGICAL_AXES",
     "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "token_logprobs", "sequence_nll", "IGNORE_INDEX",
 ]

@@ -282,7 +282,11 @@ class CausalLM(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         new_cache = [] if cache is not None else None
+        remat = getattr(self, "remat", "none")
         for i, layer in enumerate(self.layers):
+            if cache is None and remat != "none":
+                x = _remat_block(layer, x, positions, kv_valid, remat)
+                continue
             x, c = layer(x, positions, kv_valid, None if cache is None else cache[i], write_index)
             if cache is not None:
                 new_cache.append(c)
@@ -353,6 +357,33 @@ class CausalLM(nnx.Module):
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
 
 
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def _remat_block(layer: Block, x: Array, positions: Array, kv_valid: Array, policy: str) -> Array:
+    """``layer(x)`` under ``jax.checkpoint``: ``full`` saves only the block's input (everything
+    else is recomputed in the backward pass), ``dots_saveable`` / ``dots_with_no_batch_dims_saveable``
+    also keep matmul outputs (``jax.checkpoint_policies``; MaxText's ``remat_policy``)."""
+    graphdef, state = nnx.split(layer)
+    pol = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+
+    @partial(jax.checkpoint, policy=pol)
+    def run(state, x, positions, kv_valid):
+        y, _ = nnx.merge(graphdef, state)(x, positions, kv_valid)
+        return y
+
+    return run(state, x, positions, kv_valid)
+
+
+def set_remat(model: CausalLM, policy: str) -> CausalLM:
+    """Set the rematerialization policy of every decoder block (``REMAT_POLICIES``) in place;
+    it applies to forward passes without a KV cache (training and scoring)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}.")
+    model.remat = policy
+    return model
+
+
 @partial(jax.jit, static_argnums=0)
 def _jit_call(graphdef, state, input_ids, attention_mask, positions):
     # One compiled program per shape instead of op-by-op dispatch when called eagerly;
@@ -416,13 +447,16 @@ def functional(model: CausalLM):
     hidden state after one block (:meth:`CausalLM.hidden_state`), equally pure."""
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
+    # The closure keeps only shapes: holding ``state`` itself would keep the model's arrays
+    # alive for as long as ``apply_fn`` lives (next to the training loop's own copies).
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
     def apply_fn(params, input_ids, attention_mask=None, positions=None):
-        m = _merge(graphdef, state, params)
+        m = _merge(graphdef, template, params)
         return m(input_ids, attention_mask, positions)
 
     def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
-        m = _merge(graphdef, state, params)
+        m = _merge(graphdef, template, params)
         return m.hidden_state(input_ids, attention_mask, layer=layer, positions=positions)
 
     apply_fn.hidden_state = hidden_state  # per-layer hidden states, for RMU (see CausalLM.hidden_state)
@@ -433,6 +467,13 @@ def _merge(graphdef, template_state, params):
     st = jax.tree.map(lambda x: x, template_state)
     nnx.replace_by_pure_dict(st, params)
     return nnx.merge(graphdef, st)
+
+
+def abstract_model(model: CausalLM) -> CausalLM:
+    """``model`` with every array replaced by its ``jax.ShapeDtypeStruct``: the structure
+    (for `with_params` / `save_pretrained` later) without holding the weights."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
 
 
 def with_params(model: CausalLM, params) -> CausalLM:

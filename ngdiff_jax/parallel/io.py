@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -85,13 +86,17 @@ def gather_to_host(tree) -> Any:
     return jax.tree_util.tree_map(get, tree)
 
 
-def save_pretrained_gathered(model, params, path, *, tokenizer=None, **kwargs) -> Path | None:
+def save_pretrained_gathered(model, params, path, *, tokenizer=None, dtype=None, **kwargs) -> Path | None:
     """Export ``params`` (possibly sharded across processes) in ``model``'s architecture with
-    ``models.save_pretrained``: every process takes part in the gather, process 0 writes.
-    Returns the path on process 0, None elsewhere."""
+    ``models.save_pretrained`` (in ``dtype``, default the parameters' own): every process takes
+    part in the gather, process 0 writes. Returns the path on process 0, None elsewhere."""
     from ngdiff_jax import models
 
     host = gather_to_host(params)
+    if dtype is not None:
+        host = jax.tree_util.tree_map(
+            lambda x: x.astype(dtype, copy=False) if jnp.issubdtype(x.dtype, jnp.floating) else x, host
+        )
     out = None
     if jax.process_index() == 0:
         out = Path(path)

@@ -79,7 +79,7 @@ class MemoryEstimate:
         return (
             f"per-device memory estimate on mesh {mesh} (model {_gib(self.total_params)} unsharded):\n"
             f"  parameters       {_gib(self.params)}\n"
-            f"  2 gradient trees {_gib(self.grads)}\n"
+            f"  {round(self.grads / self.params) if self.params else 2} gradient trees {_gib(self.grads)}\n"
             f"  optimizer state  {_gib(self.opt_state)}\n"
             f"  reference model  {_gib(self.reference)}\n"
             f"  total            {_gib(self.total)} (+ activations and temporaries)"
@@ -90,10 +90,11 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    params, opt_state, p_shardings, o_shardings, *, reference: bool = False
+    params, opt_state, p_shardings, o_shardings, *, reference: bool = False, grads: int = 2
 ) -> MemoryEstimate:
-    """Per-device bytes for parameters, two gradient trees, optimizer state and (if
-    ``reference``) the reference model, from shapes/dtypes and shardings."""
+    """Per-device bytes for parameters, ``grads`` gradient trees (2 for unlearning: forget and
+    retain task), optimizer state and (if ``reference``) the reference model, from
+    shapes/dtypes and shardings."""
     p = tree_shard_bytes(params, p_shardings)
     mesh = jax.tree_util.tree_leaves(p_shardings)[0].mesh
     total = int(
@@ -105,7 +106,7 @@ def estimate_memory(
     return MemoryEstimate(
         mesh_shape=dict(mesh.shape),
         params=p,
-        grads=2 * p,
+        grads=grads * p,
         opt_state=tree_shard_bytes(opt_state, o_shardings),
         reference=p if reference else 0,
         total_params=total,

@@ -42,8 +42,10 @@ __all__ = ["ShardedStep", "shard_unlearn_step"]
 
 @dataclass
 class ShardedStep:
-    """A jitted step with its shardings. Call it like the wrapped step; inputs that are not
-    yet on their shardings (host arrays, single-device arrays) are placed first."""
+    """A jitted step with its shardings. Call it like the wrapped step
+    (``step(params, opt_state, *batches, rng[, ref_params])`` with ``num_batches`` batches);
+    inputs that are not yet on their shardings (host arrays, single-device arrays) are
+    placed first."""
 
     fn: Any  # the jitted function
     mesh: Mesh
@@ -54,18 +56,34 @@ class ShardedStep:
     with_reference: bool
     memory: MemoryEstimate
     report: dict[str, list[str]]
+    num_batches: int = 2
+    frozen_shardings: tuple = ()  # shardings of the trailing frozen arguments (e.g. a LoRA base)
 
     def place_state(self, params, opt_state, ref_params=None):
-        """``(params, opt_state[, ref_params])`` on their shardings."""
-        out = (place(params, self.param_shardings), place(opt_state, self.opt_state_shardings))
-        if ref_params is not None:
-            out += (place(ref_params, self.param_shardings),)
-        return out
+        """``(params, opt_state[, ref_params])`` on their shardings, no two leaves sharing a buffer
+        (so params and optimizer state can be donated)."""
+        trees = (params, opt_state) + ((ref_params,) if ref_params is not None else ())
+        shs = (self.param_shardings, self.opt_state_shardings) + (
+            (self.param_shardings,) if ref_params is not None else ()
+        )
+        return place(trees, shs)
 
     def place_batch(self, batch):
         return shard_batch(batch, self.batch_sharding)
 
-    def _args(self, params, opt_state, forget_batch, retain_batch, rng, ref_params):
+    def _args(self, params, opt_state, *rest):
+        n, f = self.num_batches, len(self.frozen_shardings)
+        if f:
+            rest, frozen = rest[:-f], rest[-f:]
+        else:
+            frozen = ()
+        if len(rest) not in (n + 1, n + 2):
+            raise TypeError(
+                f"this sharded step takes params, opt_state, {n} batch(es), rng[, ref_params]"
+                + (f", {f} frozen argument(s)." if f else ".")
+            )
+        batches, rng = rest[:n], rest[n]
+        ref_params = rest[n + 1] if len(rest) == n + 2 else None
         if (ref_params is not None) != self.with_reference:
             raise ValueError(
                 "this sharded step was built "
@@ -77,21 +95,24 @@ class ShardedStep:
         args = (
             place(params, self.param_shardings),
             place(opt_state, self.opt_state_shardings),
-            self.place_batch(forget_batch),
-            self.place_batch(retain_batch),
+            *(self.place_batch(b) for b in batches),
             place(rng, replicated(self.mesh)),
         )
         if ref_params is not None:
             args += (place(ref_params, self.param_shardings),)
-        return args
+        return args + tuple(place(x, s) for x, s in zip(frozen, self.frozen_shardings))
 
-    def __call__(self, params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
-        return self.fn(*self._args(params, opt_state, forget_batch, retain_batch, rng, ref_params))
+    def __call__(self, params, opt_state, *rest):
+        return self.fn(*self._args(params, opt_state, *rest))
 
-    def lower(self, params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
-        return self.fn.lower(
-            *self._args(params, opt_state, forget_batch, retain_batch, rng, ref_params)
-        )
+    def loop_step(self, params, opt_state, batches, rng, *extra):
+        """The calling convention of ``ngdiff_jax.training.run_loop`` (``batches`` a tuple;
+        ``extra`` is ``(ref_params or None, *frozen)``, or ``(*frozen,)``)."""
+        extra = tuple(x for x in extra if x is not None)
+        return self(params, opt_state, *batches, rng, *extra)
+
+    def lower(self, params, opt_state, *rest):
+        return self.fn.lower(*self._args(params, opt_state, *rest))
 
     def compiled_memory(self, *args, **kwargs) -> CompiledMemory:
         """XLA's per-device memory numbers for the step compiled on these arguments."""
@@ -109,6 +130,9 @@ def shard_unlearn_step(
     donate: bool = True,
     strict: bool = False,
     print_memory: bool = False,
+    num_batches: int = 2,
+    frozen: tuple = (),
+    shardings=None,
 ) -> ShardedStep:
     """Jit ``step_fn`` over ``mesh`` with shardings from ``rules`` (preset name or tuple).
 
@@ -116,17 +140,26 @@ def shard_unlearn_step(
     ``ref_params`` (or any non-None placeholder of the params' shapes) makes the step take
     a reference model, sharded like the parameters. With ``donate`` the params and
     optimizer-state buffers are reused for the outputs (keep no other reference to them).
+    ``num_batches`` is the number of batch arguments (2 for unlearning: forget, retain;
+    1 for :func:`ngdiff_jax.training.make_finetune_step`). ``frozen`` are trailing arguments
+    after ``ref_params`` that are neither donated nor differentiated (a LoRA run's base model):
+    they keep the shardings they already have. ``shardings`` overrides the parameters'
+    shardings (a tree like ``params``; e.g. replicated LoRA adapters, which have no rules).
 
     Parameters whose rule asks for a mesh axis that does not divide their size are
     replicated on that dimension: they are logged as a warning, or with ``strict`` raise.
     ``print_memory`` prints the per-device memory estimate (also in ``.memory``).
     """
     rules = resolve_rules(rules)
-    p_sh = param_shardings(params, mesh, rules)
+    p_sh = param_shardings(params, mesh, rules) if shardings is None else shardings
     o_sh = opt_state_shardings(opt_state, params, p_sh, mesh)
     b_sh = batch_sharding(mesh, rules)
     rep = replicated(mesh)
-    report = sharding_report(params, mesh, rules)
+    if shardings is None:
+        report = sharding_report(params, mesh, rules)
+    else:
+        report = {"fallback": [], "sharded": [], "replicated": []}
+    f_sh = tuple(jax.tree_util.tree_map(lambda x: x.sharding, t) for t in frozen)
     if report["fallback"]:
         msg = (
             "these parameter dimensions cannot be split as the rules ask (size not divisible by the mesh "
@@ -136,14 +169,14 @@ def shard_unlearn_step(
             raise ValueError(msg + ". Change the mesh shape or the rules.")
         log.warning(msg)
     with_ref = ref_params is not None
-    in_sh = (p_sh, o_sh, b_sh, b_sh, rep) + ((p_sh,) if with_ref else ())
+    in_sh = (p_sh, o_sh, *([b_sh] * num_batches), rep) + ((p_sh,) if with_ref else ()) + f_sh
     fn = jax.jit(
         step_fn,
         in_shardings=in_sh,
         out_shardings=(p_sh, o_sh, rep),
         donate_argnums=(0, 1) if donate else (),
     )
-    memory = estimate_memory(params, opt_state, p_sh, o_sh, reference=with_ref)
+    memory = estimate_memory(params, opt_state, p_sh, o_sh, reference=with_ref, grads=2 if num_batches == 2 else 1)
     if print_memory:
         print(memory.format(), flush=True)
     return ShardedStep(
@@ -156,4 +189,6 @@ def shard_unlearn_step(
         with_reference=with_ref,
         memory=memory,
         report=report,
+        num_batches=num_batches,
+        frozen_shardings=f_sh,
     )

@@ -175,6 +175,39 @@ class RunConfig:
     progress: bool = True
     # a run with more than this fraction of skipped (non-finite) steps has diverged: exit 1, no export
     max_skipped_fraction: float = 0.1
+    # Memory (docs/SCALING.md): gradient accumulation inside the jitted step over this many
+    # equal micro-batches (data.batch_size must be a multiple); exact for every combiner.
+    micro_batches: int = 1
+    # Rematerialization of every decoder block: none, full, dots_saveable, dots_with_no_batch_dims_saveable.
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+
+    def __post_init__(self):
+        if self.micro_batches < 1:
+            raise ValueError(f"run.micro_batches={self.micro_batches}: use 1 (no accumulation) or more.")
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class PrecisionSection:
+    """``precision:`` dtypes. ``compute``: matmuls and activations; ``params``: how the trained
+    weights are stored; ``moments``: the optimizer's moment estimates (Adam); ``export``: the
+    dtype of the exported safetensors (null: the ``params`` dtype). Losses, logits, gradient
+    norms and GeN's probes are float32 whatever these are."""
+
+    compute: Literal["float32", "bfloat16"] = "float32"
+    params: Literal["float32", "bfloat16"] = "float32"
+    moments: Literal["float32", "bfloat16"] = "float32"
+    export: Literal["float32", "bfloat16"] | None = None
+
+    def jnp(self, which: str):
+        import jax.numpy as jnp
+
+        name = getattr(self, which)
+        if which == "export" and name is None:
+            name = self.params
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 MESH_PRESETS = ("none", "dp", "fsdp", "fsdp_tensor")
@@ -339,9 +372,23 @@ class FinetuneConfig:
     format: FormatSpec = field(default="default", metadata={"config_dir": "formats"})  # type: ignore[assignment]
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.01))
     run: RunConfig = field(default_factory=RunConfig)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self):
+        _check_memory_keys(self)
+        if self.distributed.is_set and not self.mesh.enabled:
+            raise ValueError(
+                "distributed is set but mesh.preset=none: a multi-process run needs a mesh "
+                "(e.g. mesh.preset=fsdp mesh.data=<processes>)."
+            )
+        if self.lora.enabled and self.mesh.enabled:
+            raise ValueError(
+                f"lora.rank is set with mesh.preset={self.mesh.preset}: LoRA runs on one device for now; "
+                "set mesh.preset=none (the adapters and their optimizer state are small)."
+            )
         if self.lora.enabled and self.model_path is None:
             raise ValueError(
                 "lora.rank is set but the model is built from scratch (`model`); LoRA adapts a pretrained "
@@ -368,12 +415,14 @@ class UnlearnConfig:
     allow_format_change: bool = False  # unlearn in a format other than the one saved with model_path
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)
     mesh: MeshSection = field(default_factory=MeshSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     selection: SelectionSection = field(default_factory=SelectionSection)  # training/selection.py
     lora: LoraSection = field(default_factory=LoraSection)
 
     def __post_init__(self):
+        _check_memory_keys(self)
         if self.lora.enabled and self.mesh.enabled:
             raise ValueError(
                 f"lora.rank is set with mesh.preset={self.mesh.preset}: LoRA runs on one device for now; "
@@ -408,6 +457,15 @@ def _resolve_format(cfg) -> None:
         object.__setattr__(cfg, "format", load_format(cfg.format))
     elif isinstance(cfg.format, dict):
         object.__setattr__(cfg, "format", FormatSpec.from_dict(cfg.format))
+
+
+def _check_memory_keys(cfg) -> None:
+    k = cfg.run.micro_batches
+    if cfg.data.batch_size % k:
+        raise ValueError(
+            f"run.micro_batches={k} does not divide data.batch_size={cfg.data.batch_size}; "
+            f"use a batch size that is a multiple of {k}."
+        )
 
 
 def available_methods() -> list[str]:

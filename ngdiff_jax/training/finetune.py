@@ -18,7 +18,7 @@ import yaml
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
 from ngdiff_jax.data.formatting import save_format
-from ngdiff_jax.training import checkpoint, data_assembly, divergence, model_io, ownership
+from ngdiff_jax.training import checkpoint, data_assembly, divergence, model_io, ownership, precision
 from ngdiff_jax.training.config_schema import FinetuneConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_finetune_optimizer
@@ -27,14 +27,19 @@ from ngdiff_jax.training.step import make_finetune_step
 __all__ = ["build_model", "run_finetune"]
 
 
-def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path):
-    """``(model, tokenizer)``: pretrained from ``model_path``, or new from ``model`` (+ trained tokenizer)."""
+def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path, *, mesh=None, rules=None):
+    """``(model, tokenizer)``: pretrained from ``model_path`` (loaded onto ``mesh`` when given),
+    or new from ``model`` (+ trained tokenizer), in ``cfg.precision``'s dtypes."""
     from flax import nnx
 
     from ngdiff_jax import models
+    from ngdiff_jax.parallel.mesh import resolve_rules
 
+    prec = cfg.precision
+    kw = {"dtype": prec.jnp("compute"), "param_dtype": prec.jnp("params")}
     if cfg.model_path is not None:
-        model = model_io.load_model(cfg.model_path)
+        model = models.from_pretrained(model_io.model_dir(cfg.model_path), mesh=mesh,
+                                       rules=None if rules is None else resolve_rules(rules), **kw)  # fmt: skip
         tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
         return model, tok
     hf = dict(cfg.model.hf)
@@ -63,24 +68,32 @@ def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path):
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(tok, name, None) is not None:
             hf[name] = int(getattr(tok, name))
-    model = models.from_config(hf, rngs=nnx.Rngs(cfg.run.seed))
+    model = models.from_config(hf, rngs=nnx.Rngs(cfg.run.seed), **kw)
     return model, tok
 
 
-@ownership.guarded("finetune")  # validation, lock, output ownership
+@ownership.guarded("finetune", ignore=("mesh", "distributed"))  # validation, lock, output ownership
 def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict[str, Any]]:
-    """Train on ``cfg.data.split`` and export to ``<output_dir>/model`` (tokenizer included)."""
-    from ngdiff_jax import models
+    """Train on ``cfg.data.split`` and export to ``<output_dir>/model`` (tokenizer included).
 
+    The same single code path as ``ngdiff unlearn``: a (one-device for ``mesh.preset: none``)
+    mesh, a sharded jitted step (``run.micro_batches``, ``run.remat``, ``precision.*``), one
+    copy of parameters and optimizer state in the loop, the export gathered to process 0."""
+    from ngdiff_jax import models
+    from ngdiff_jax import parallel as par
+
+    mesh, rules, main = precision.run_mesh(cfg.mesh, cfg.distributed)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     rows = data_assembly.load_split(cfg.data, cfg.data.split)
-    model, tok = build_model(cfg, rows, out)
+    model, tok = build_model(cfg, rows, out, mesh=mesh, rules=rules)
     examples = data_assembly.encode_split(rows, tok, cfg.data, cfg.format, where=f"data.split={cfg.data.split}")
     train = data_assembly.make_batcher(examples, tok, cfg.data, seed=cfg.run.seed)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(train))
 
+    models.set_remat(model, cfg.run.remat)
     lora_run = None
     if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
         from ngdiff_jax.training.lora_run import LoraRun
@@ -89,29 +102,41 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         params = lora_run.adapters
     else:
         apply_fn, params = models.functional(model)
+        model = models.abstract_model(model)  # the structure for the export, without the weights
     tx = make_finetune_optimizer(cfg.optim, num_steps)
-    opt_state = tx.init(params)
+    prec = cfg.precision
+    if prec.moments != prec.params:
+        tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
+    k = cfg.run.micro_batches
     if lora_run is None:
-        ft_step = make_finetune_step(apply_fn, tx)
+        ft_step = make_finetune_step(apply_fn, tx, micro_batches=k)
+        frozen, shardings = (), None
     else:
-        ft_step = lora_run.bind(lambda fn: make_finetune_step(fn, tx))
+        ft_step = lora_run.bind(lambda fn: make_finetune_step(fn, tx, micro_batches=k))
+        frozen = lora_run.frozen
+        shardings = jax.tree_util.tree_map(lambda _: par.replicated(mesh), params)  # adapters: no rules
         if eval_fn is not None:  # a caller's hook gets the merged full params
             eval_fn = lambda step, adapters, fn=eval_fn: fn(step, lora_run.merged_params(adapters))  # noqa: E731
+    sharded = par.shard_unlearn_step(
+        ft_step, mesh, rules, params, jax.eval_shape(tx.init, params), strict=cfg.mesh.strict,
+        print_memory=main and cfg.mesh.enabled, num_batches=1, frozen=frozen, shardings=shardings,
+    )  # fmt: skip
+    opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state_shardings)(params)
+    params, opt_state = sharded.place_state(params, opt_state)
+    rng = par.place(jax.random.PRNGKey(cfg.run.seed), par.replicated(mesh))
 
-    def step(params, opt_state, batches, rng, *frozen):
-        return ft_step(params, opt_state, batches[0], rng, *frozen)
-
-    settings = checkpoint.resume_settings(cfg)
+    settings = checkpoint.resume_settings(cfg, ignore=("mesh", "distributed"))
     t0 = time.perf_counter()
+    # The loop owns (and donates) params and opt_state from here on.
     result = run_loop(
-        step,
+        sharded.loop_step,
         params,
         opt_state,
         streams={"train": train},
         num_steps=num_steps,
-        rng=jax.random.PRNGKey(cfg.run.seed),
+        rng=rng,
         out_dir=out,
-        extra_args=() if lora_run is None else lora_run.frozen,
+        extra_args=frozen,
         checkpoint_every=cfg.run.checkpoint_every,
         max_checkpoints=cfg.run.max_checkpoints,
         log_every=cfg.run.log_every,
@@ -120,22 +145,27 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         progress=cfg.run.progress,
         meta=settings,
         show=("loss", "grad_norm"),
+        jit=False,
     )
+    del params, opt_state
     wall = time.perf_counter() - t0
+    result.opt_state = None  # not needed for the export: free it first
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
     model_dir = out / "model"
     card = {"base_model": cfg.model_path, "method": "fine-tuning (ngdiff-jax)",
             "data": {"source": cfg.data.source or "TOFU", "split": cfg.data.split},
             "metrics": {"steps": result.step, **(result.last_metrics or {})}}
-    with ownership.atomic_dir(model_dir) as tmp:  # written aside, swapped in whole
+    with ownership.atomic_dir(model_dir, write=main) as tmp:  # written aside, swapped in whole
         if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
             with ownership.atomic_dir(out / "adapter") as tmp_adapter:
                 _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
                                                  model_dir=tmp, adapter_dir=tmp_adapter, card=card)  # fmt: skip
             adapter_dir = out / "adapter"
         else:
-            model_io.save_model(model, result.params, tmp, tok, card=card)
-        save_format(cfg.format, tmp, stage="finetune", split=cfg.data.split)
+            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok, dtype=prec.jnp("export"),
+                                         card=card)  # fmt: skip
+        if main:
+            save_format(cfg.format, tmp, stage="finetune", split=cfg.data.split)
     summary = {
         "steps": result.step,
         "resumed_from": result.resumed_from,
@@ -146,5 +176,6 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     }
     if lora_run is not None:
         summary["lora"] = {**lora_run.summary(), "adapter_dir": str(adapter_dir)}
-    jsonio.write_json(out / "summary.json", summary)
+    if main:
+        jsonio.write_json(out / "summary.json", summary)
     return result, summary

@@ -29,7 +29,7 @@ import numpy as np
 
 from ngdiff_jax.training.checkpoint import Checkpointer
 
-__all__ = ["LoopResult", "run_loop"]
+__all__ = ["LoopResult", "live_device_bytes", "run_loop"]
 
 EvalFn = Callable[[int, Any], Mapping[str, Any]]
 
@@ -123,6 +123,9 @@ def run_loop(
       rng: the initial key (``jax.random.PRNGKey(seed)``); split once per step, saved with checkpoints.
       out_dir: gets ``log.jsonl`` (one JSON object per logged step), ``checkpoints/`` and, with an
         ``eval_fn``, ``eval.jsonl``.
+      params, opt_state: the initial state. The loop **owns** it: with ``donate`` its buffers are
+        donated to the first step (or deleted when a checkpoint is restored), so the loop holds one
+        copy of the state; pass copies to keep using them.
       extra_args: passed to every step after ``rng`` (e.g. ``(ref_params,)``); not donated.
       checkpoint_every: save every K steps (and after the last); 0 disables checkpoints.
       eval_fn: ``eval_fn(step, params) -> dict`` called at step 0, every ``eval_every`` steps
@@ -148,14 +151,20 @@ def run_loop(
     resumed_from = None
     restored = None
     if ckpt is not None and ckpt.latest_step() is not None:
-        target = {"params": params, "opt_state": opt_state, "rng": rng}
+        # An abstract target: restoring does not need the initial state's buffers.
+        target = jax.tree_util.tree_map(_abstract, {"params": params, "opt_state": opt_state, "rng": rng})
         current = json.loads(json.dumps(meta))
         restored = ckpt.restore_newest_valid(  # falls back past damaged checkpoints (moved aside)
             target, check_meta=lambda s: _check_meta(s.get("settings", {}), current, ckpt.directory)
         )
     if restored is not None:
+        if donate:  # the loop owns the initial state: release it, the restored one replaces it
+            _release((params, opt_state), keep=extra_args)
+        del params, opt_state
         _, state, saved = restored
+        del restored
         params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+        del state
         start = resumed_from = int(saved["step"])
         for name in names:
             streams[name].restore(saved["data"][name])
@@ -168,11 +177,11 @@ def run_loop(
                 p.unlink()
 
     if donate:
-        # Fresh buffers: the initial state may share buffers between leaves (optax inits) or with
-        # the caller's model, and donating one buffer twice (or a caller's buffer) is an error.
-        params, opt_state = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (params, opt_state))
+        # The loop owns ``params``/``opt_state`` and donates them: no copy is made, except of
+        # leaves that are one buffer seen twice (optax inits) or shared with ``extra_args``.
+        params, opt_state = _unshared((params, opt_state), keep=extra_args)
     jitted = jax.jit(step_fn, donate_argnums=(0, 1) if donate else ()) if jit else step_fn
-    result = LoopResult(params, opt_state, rng, start, resumed_from)
+    result = LoopResult(None, None, rng, start, resumed_from)
     times: list[float] = []
 
     def save(step: int):
@@ -254,6 +263,62 @@ def run_loop(
     if len(times) > 1:
         result.step_time_s = float(np.median(times[1:]))
     return result
+
+
+def _abstract(x):
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+
+def _buffer_ids(x) -> tuple:
+    if not isinstance(x, jax.Array) or x.is_deleted():
+        return ()
+    try:
+        return tuple(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)
+    except Exception:  # backends without raw pointers: fall back to object identity
+        return (id(x),)
+
+
+def _unshared(tree, keep=()):
+    """``tree`` with a fresh copy of every leaf whose buffer appears earlier in ``tree`` or in ``keep``."""
+    seen = {b for leaf in jax.tree_util.tree_leaves(keep) for b in _buffer_ids(leaf)}
+
+    def one(x):
+        ids = _buffer_ids(x)
+        if ids and seen.intersection(ids):
+            x = jnp.array(x, copy=True)
+            ids = _buffer_ids(x)
+        seen.update(ids)
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def _release(tree, keep=()) -> None:
+    """Delete the device buffers of ``tree`` that ``keep`` does not share."""
+    shared = {b for leaf in jax.tree_util.tree_leaves(keep) for b in _buffer_ids(leaf)}
+    for x in jax.tree_util.tree_leaves(tree):
+        ids = _buffer_ids(x)
+        if ids and not shared.intersection(ids):
+            x.delete()
+            for b in ids:
+                shared.add(b)
+
+
+def live_device_bytes() -> int:
+    """Bytes of all live (not deleted) ``jax.Array`` buffers in this process (each shard once)."""
+    total, seen = 0, set()
+    for a in jax.live_arrays():
+        for s in a.addressable_shards:
+            try:
+                key = s.data.unsafe_buffer_pointer()
+            except Exception:
+                key = id(s.data)
+            if key not in seen:
+                seen.add(key)
+                total += s.data.nbytes
+    return total
 
 
 def _jsonable(v):

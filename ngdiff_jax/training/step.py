@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ngdiff_jax.models.logprobs import token_logprobs
+from ngdiff_jax.models.logprobs import IGNORE_INDEX, token_logprobs
 from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
 
@@ -46,8 +46,51 @@ def _stats(opt_state) -> dict[str, jax.Array]:
     return inject_stats(opt_state)
 
 
+def _objective_weight(kind: str, batch) -> jax.Array:
+    """The denominator of objective ``kind`` on ``batch`` (float32): these objectives are
+    ``numerator / denominator`` with a denominator that does not depend on the parameters (the
+    scored tokens for NLL/GA, the scored rows for NPO/SimNPO, the positions for KL), so the
+    full-batch loss is the denominator-weighted mean of the micro-batch losses, and so is its
+    gradient. That is what keeps accumulation exact. Other objectives are refused."""
+    labels = batch["labels"]
+    if kind in ("ga", "nll"):
+        return (labels[:, 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
+    if kind in ("npo", "simnpo"):
+        return (labels[:, 1:] != IGNORE_INDEX).any(-1).sum().astype(jnp.float32)
+    if kind == "kl":
+        return jnp.asarray(labels.shape[0] * labels.shape[1], jnp.float32)
+    raise ValueError(
+        f"run.micro_batches > 1 does not know how to weight the {kind!r} objective across micro-batches "
+        "(exact accumulation is implemented for ga, nll, npo, simnpo, kl); use run.micro_batches=1 for this method."
+    )
+
+
+def _split(batch, k: int):
+    """``[B, ...] -> [k, B // k, ...]`` for every entry."""
+    out = {}
+    for key, v in batch.items():
+        if v.shape[0] % k:
+            raise ValueError(
+                f"run.micro_batches={k} does not divide the batch size {v.shape[0]} (batch entry {key!r}); "
+                f"use a data.batch_size that is a multiple of {k}."
+            )
+        out[key] = v.reshape(k, v.shape[0] // k, *v.shape[1:])
+    return out
+
+
+def _weights(kind: str, mbs) -> jax.Array:
+    w = jax.vmap(lambda mb: _objective_weight(kind, mb))(mbs)
+    return w / jnp.maximum(w.sum(), 1e-30)
+
+
+def _norm(tree) -> jax.Array:
+    """Global L2 norm accumulated in float32 whatever the leaves' dtype."""
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
 def make_unlearn_step(
-    apply_fn: ApplyFn, method: MethodConfig, tx: optax.GradientTransformationExtraArgs, *, hidden_fn=None
+    apply_fn: ApplyFn, method: MethodConfig, tx: optax.GradientTransformationExtraArgs, *, hidden_fn=None,
+    micro_batches: int = 1,
 ):
     """The two-task unlearning step for ``method`` with the optax chain ``tx`` (see module doc).
 
@@ -56,6 +99,14 @@ def make_unlearn_step(
     (the objectives), ``forget_nll``, ``retain_nll``, ``forget_grad_norm``, ``retain_grad_norm``,
     ``learning_rate``, ``skipped`` (cumulative count of skipped non-finite steps).
     ``tx`` must start with a two-task combiner (checked: `ngdiff_jax.optim.two_task`).
+
+    With ``micro_batches=k > 1`` each batch is cut into ``k`` equal micro-batches; a
+    ``lax.scan`` accumulates the forget and the retain gradient **separately** (each weighted by
+    its micro-batch's share of the objective's denominator, see `_objective_weight`; the reference
+    model's contribution is computed per micro-batch), and the combiner sees the two full-batch
+    gradients once: the step equals the full-batch step (up to rounding) for every combiner.
+    GeN's probes evaluate the whole batch's loss (also scanning the micro-batches, without
+    gradients). Only one micro-batch's activations are alive at a time.
     """
     from ngdiff_jax.optim import two_task
 
@@ -63,6 +114,13 @@ def make_unlearn_step(
     f_obj = forget_objective(method)
     r_obj = retain_objective(method)
     probe = method.probe
+    k = int(micro_batches)
+    if k < 1:
+        raise ValueError(f"run.micro_batches={k}: use 1 (no accumulation) or more.")
+    if k > 1:  # fail now, not at the first step, for an objective that cannot be accumulated exactly
+        for kind, obj in ((method.forget_loss, f_obj), (method.retain_loss, r_obj)):
+            if obj is not None:
+                _objective_weight(kind, {"labels": jnp.zeros((1, 2), jnp.int32)})
     hidden_fn = hidden_fn if hidden_fn is not None else getattr(apply_fn, "hidden_state", None)
     if method.needs_hidden and hidden_fn is None:
         raise ValueError(
@@ -102,47 +160,80 @@ def make_unlearn_step(
             )
         return {k: batch[k] for k in keys}
 
-    def step(params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
-        del rng  # the methods here are deterministic; the key is threaded for stochastic ones
-        f_ref = reference(f_obj, "forget", forget_batch, ref_params)
-        r_ref = reference(r_obj, "retain", retain_batch, ref_params)
-        fb = view(f_obj, forget_batch)
-        rb = view(r_obj, retain_batch)
+    def one_task(obj, task, batch, ref_params, params):
+        """``(loss, nll, grads, value_fn)`` of one task on the whole batch (``k`` micro-batches)."""
+        if k == 1:
+            fn = task_loss(obj, view(obj, batch), reference(obj, task, batch, ref_params))
+            (loss, nll), grads = jax.value_and_grad(fn, has_aux=True)(params)
+            return loss, nll, grads, (lambda p: fn(p)[0])
+        kind = method.forget_loss if task == "forget" else method.retain_loss
+        mbs = _split(batch, k)
+        w_obj, w_nll = _weights(kind, mbs), _weights("nll", mbs)
+
+        def mb_loss(p, mb):
+            return task_loss(obj, view(obj, mb), reference(obj, task, mb, ref_params))(p)
+
+        def body(carry, xs):
+            loss_acc, nll_acc, g_acc = carry
+            mb, wo, wn = xs
+            (loss, nll), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
+            g_acc = jax.tree.map(lambda a, x: a + (wo * x.astype(jnp.float32)).astype(a.dtype), g_acc, g)
+            return (loss_acc + wo * loss, nll_acc + wn * nll, g_acc), None
 
         zero = jnp.zeros((), jnp.float32)
+        (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, jax.tree.map(jnp.zeros_like, params)),
+                                             (mbs, w_obj, w_nll))  # fmt: skip
+
+        def value_fn(p):
+            def vbody(acc, xs):
+                return acc + xs[1] * mb_loss(p, xs[0])[0].astype(jnp.float32), None
+
+            return jax.lax.scan(vbody, zero, (mbs, w_obj))[0]
+
+        return loss, nll, grads, value_fn
+
+    def plain_nll(params, batch):
+        b = view(None, batch)
+        if k == 1:
+            return _plain_nll(apply_fn, params, b)
+        mbs = _split(b, k)
+        return jax.lax.scan(lambda acc, xs: (acc + xs[1] * _plain_nll(apply_fn, params, xs[0]), None),
+                            jnp.zeros((), jnp.float32), (mbs, _weights("nll", mbs)))[0]  # fmt: skip
+
+    def step(params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
+        del rng  # the methods here are deterministic; the key is threaded for stochastic ones
+        zero = jnp.zeros((), jnp.float32)
         if f_obj is not None:
-            f_fn = task_loss(f_obj, fb, f_ref)
-            (f_loss, f_nll), f_grads = jax.value_and_grad(f_fn, has_aux=True)(params)
+            f_loss, f_nll, f_grads, f_fn = one_task(f_obj, "forget", forget_batch, ref_params, params)
         else:
             f_fn = None
             f_loss = zero
-            f_nll = _plain_nll(apply_fn, params, fb)
+            f_nll = plain_nll(params, forget_batch)
             f_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
         if r_obj is not None:
-            r_fn = task_loss(r_obj, rb, r_ref)
-            (r_loss, r_nll), r_grads = jax.value_and_grad(r_fn, has_aux=True)(params)
+            r_loss, r_nll, r_grads, r_fn = one_task(r_obj, "retain", retain_batch, ref_params, params)
         else:
             r_fn = None
             r_loss = zero
-            r_nll = _plain_nll(apply_fn, params, rb)
+            r_nll = plain_nll(params, retain_batch)
             r_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
 
         if probe == "retain" and r_fn is not None:
-            value_fn, value = (lambda p: r_fn(p)[0]), r_loss
+            value_fn, value = r_fn, r_loss
         elif probe == "forget" and f_fn is not None:
-            value_fn, value = (lambda p: f_fn(p)[0]), f_loss
+            value_fn, value = f_fn, f_loss
         else:  # "sum", or the probed task is absent (only for fixed-rate methods, see MethodConfig)
             fns = [fn for fn in (f_fn, r_fn) if fn is not None]
-            value_fn = lambda p: sum(fn(p)[0] for fn in fns)
+            value_fn = lambda p: sum(fn(p) for fn in fns)
             value = f_loss + r_loss
 
         metrics = {
-            "forget_loss": f_loss,
-            "retain_loss": r_loss,
-            "forget_nll": f_nll,
-            "retain_nll": r_nll,
-            "forget_grad_norm": optax.tree.norm(f_grads),
-            "retain_grad_norm": optax.tree.norm(r_grads),
+            "forget_loss": f_loss.astype(jnp.float32),
+            "retain_loss": r_loss.astype(jnp.float32),
+            "forget_nll": f_nll.astype(jnp.float32),
+            "retain_nll": r_nll.astype(jnp.float32),
+            "forget_grad_norm": _norm(f_grads),
+            "retain_grad_norm": _norm(r_grads),
         }
         updates, opt_state = tx.update(
             r_grads, opt_state, params, forget_grads=f_grads, value_fn=value_fn, value=value
@@ -164,20 +255,39 @@ def _plain_nll(apply_fn, params, batch):
     return jax.lax.stop_gradient(losses.nll(logits, batch["labels"]))
 
 
-def make_finetune_step(apply_fn: ApplyFn, tx: optax.GradientTransformation):
-    """Plain NLL training: ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``."""
+def make_finetune_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *, micro_batches: int = 1):
+    """Plain NLL training: ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``.
+    ``micro_batches=k`` accumulates the gradient over ``k`` equal micro-batches (token-weighted,
+    so it equals the full-batch gradient)."""
     from ngdiff_jax import losses
+
+    k = int(micro_batches)
+
+    def loss_fn(p, batch):
+        logits = apply_fn(p, batch["input_ids"], batch["attention_mask"])
+        return losses.nll(logits, batch["labels"])
 
     def step(params, opt_state, batch, rng):
         del rng
+        b = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+        if k == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(params, b)
+        else:
+            mbs = _split(b, k)
+            w = jax.vmap(lambda mb: _objective_weight("nll", mb))(mbs)
+            w = w / jnp.maximum(w.sum(), 1e-30)
 
-        def loss_fn(p):
-            logits = apply_fn(p, batch["input_ids"], batch["attention_mask"])
-            return losses.nll(logits, batch["labels"])
+            def body(carry, xs):
+                loss_acc, g_acc = carry
+                mb, wi = xs
+                loss, g = jax.value_and_grad(loss_fn)(params, mb)
+                g_acc = jax.tree.map(lambda a, x: a + (wi * x.astype(jnp.float32)).astype(a.dtype), g_acc, g)
+                return (loss_acc + wi * loss, g_acc), None
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
+            init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(body, init, (mbs, w))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {"loss": loss.astype(jnp.float32), "grad_norm": _norm(grads)}
 
     return step

@@ -14,7 +14,7 @@ import yaml
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
 from ngdiff_jax.data.formatting import save_format
-from ngdiff_jax.training import checkpoint, data_assembly, divergence, eval_hook, model_io, ownership
+from ngdiff_jax.training import checkpoint, data_assembly, divergence, eval_hook, model_io, ownership, precision
 from ngdiff_jax.training.config_schema import UnlearnConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_optimizer
@@ -47,39 +47,42 @@ def run_unlearn(
     validated and the output dir is locked (``ownership.guarded``); a diverged run raises
     ``DivergedError`` instead of exporting (``divergence.check_run``).
 
-    With ``mesh.preset`` other than ``none`` the run is sharded (``ngdiff_jax.parallel``):
-    ``jax.distributed`` is initialized from ``cfg.distributed`` (default: the environment),
-    the model is loaded shard-wise onto the mesh, the step is jitted with the preset's
-    shardings, the per-device memory estimate is printed before the first step, checkpoints
-    are sharded orbax checkpoints and the export is gathered to process 0.
-    """
-    par = mesh = None
-    if cfg.mesh.enabled:
-        from ngdiff_jax import parallel as par
+    There is one code path: the step always runs on a device mesh (``ngdiff_jax.parallel``),
+    a one-device mesh for ``mesh.preset: none``. With a preset, ``jax.distributed`` is
+    initialized from ``cfg.distributed`` (default: the environment) and the per-device memory
+    estimate is printed before the first step. The model is loaded shard-wise onto the mesh
+    in ``precision.params`` (computing in ``precision.compute``), the step is jitted with the
+    preset's shardings (``run.micro_batches``, ``run.remat``), checkpoints are (sharded) orbax
+    checkpoints and the export is gathered to process 0 in ``precision.export``.
 
-        par.initialize(cfg.distributed.distributed_config())  # before anything touches devices
-        mesh_cfg = cfg.mesh.mesh_config()
-        mesh = par.make_mesh(mesh_cfg)
-    main = par is None or par.is_main_process()
+    Memory: the loop holds exactly one copy of the parameters and the optimizer state (plus
+    the reference model for NPO/KL, and a LoRA run's frozen base); the loaded model keeps no
+    arrays of its own and the initial state is donated to the first step.
+    """
+    from ngdiff_jax import models
+    from ngdiff_jax import parallel as par
+
+    mesh, rules, main = precision.run_mesh(cfg.mesh, cfg.distributed)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    from ngdiff_jax import models
-
+    prec = cfg.precision
+    model = models.from_pretrained(
+        model_io.model_dir(cfg.model_path), mesh=mesh, rules=par.resolve_rules(rules),
+        dtype=prec.jnp("compute"), param_dtype=prec.jnp("params"),
+    )  # fmt: skip
+    models.set_remat(model, cfg.run.remat)
     lora_run = None
-    if mesh is None:
-        model = model_io.load_model(cfg.model_path)
-        if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
-            from ngdiff_jax.training.lora_run import LoraRun
+    if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
+        from ngdiff_jax.training.lora_run import LoraRun
 
-            lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
-            apply_fn, params = lora_run.apply_fn, lora_run.adapters
-        else:
-            apply_fn, params = models.functional(model)
+        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
+        apply_fn, params = lora_run.apply_fn, lora_run.adapters
     else:
-        model, apply_fn, params = par.load_sharded(model_io.model_dir(cfg.model_path), mesh, mesh_cfg.rules)
+        apply_fn, params = models.functional(model)
+        model = models.abstract_model(model)  # the structure for the export, without the weights
     tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
     spec = resolve_format(cfg.format, cfg.model_path, allow_change=cfg.allow_format_change)
     retain_split = resolve_retain_split(cfg.data)
@@ -99,34 +102,27 @@ def run_unlearn(
         # A separate copy: the step donates `params`, the reference must stay intact.
         ref_params = jax.tree_util.tree_map(jnp.copy, params)
     tx = make_optimizer(cfg.method, cfg.optim, num_steps)
+    if prec.moments != prec.params:
+        tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
+    k = cfg.run.micro_batches
     if lora_run is None:
-        unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx)
+        unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx, micro_batches=k)
+        frozen, shardings = (), None
     else:
-        unlearn_step = lora_run.bind(lambda fn: make_unlearn_step(fn, cfg.method, tx))
-    frozen = () if lora_run is None else lora_run.frozen
-    rng = jax.random.PRNGKey(seed)
-    if mesh is None:
-        opt_state = tx.init(params)
-
-        def step(params, opt_state, batches, rng, ref_params, *frozen):
-            return unlearn_step(params, opt_state, batches[0], batches[1], rng, ref_params, *frozen)
-
+        unlearn_step = lora_run.bind(lambda fn: make_unlearn_step(fn, cfg.method, tx, micro_batches=k))
+        frozen = lora_run.frozen
+        shardings = jax.tree_util.tree_map(lambda _: par.replicated(mesh), params)  # adapters: no rules
+    sharded = par.shard_unlearn_step(
+        unlearn_step, mesh, rules, params, jax.eval_shape(tx.init, params), ref_params=ref_params,
+        strict=cfg.mesh.strict, print_memory=main and cfg.mesh.enabled, frozen=frozen, shardings=shardings,
+    )  # fmt: skip
+    _check_batch_size(cfg, sharded)
+    opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state_shardings)(params)
+    if ref_params is not None:
+        params, opt_state, ref_params = sharded.place_state(params, opt_state, ref_params)
     else:
-        sharded = par.shard_unlearn_step(
-            unlearn_step, mesh, mesh_cfg.rules, params, jax.eval_shape(tx.init, params),
-            ref_params=ref_params, strict=cfg.mesh.strict, print_memory=main,
-        )  # fmt: skip
-        _check_batch_size(cfg, sharded)
-        opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state_shardings)(params)
-        if ref_params is not None:
-            params, opt_state, ref_params = sharded.place_state(params, opt_state, ref_params)
-        else:
-            params, opt_state = sharded.place_state(params, opt_state)
-        rng = par.place(rng, par.replicated(mesh))
-
-        def step(params, opt_state, batches, rng, ref_params):
-            # the ShardedStep places the (global, host) batches on the batch sharding
-            return sharded(params, opt_state, batches[0], batches[1], rng, ref_params)
+        params, opt_state = sharded.place_state(params, opt_state)
+    rng = par.place(jax.random.PRNGKey(seed), par.replicated(mesh))
 
     default_eval = eval_fn is None and (cfg.run.eval_every > 0 or cfg.selection.enabled) and eval_sets
     if default_eval:
@@ -155,8 +151,9 @@ def run_unlearn(
                              to_full=None if lora_run is None else lora_run.merged_params)  # fmt: skip
         eval_fn, eval_every = selector, cfg.selection.every
     t0 = time.perf_counter()
+    # The loop owns (and donates) params and opt_state from here on.
     result = run_loop(
-        step,
+        sharded.loop_step,
         params,
         opt_state,
         streams={"forget": forget, "retain": retain},
@@ -171,9 +168,11 @@ def run_unlearn(
         eval_every=eval_every,
         progress=cfg.run.progress,
         meta=_settings(cfg),
-        jit=mesh is None,
+        jit=False,
     )
+    del params, opt_state, ref_params
     wall = time.perf_counter() - t0
+    result.opt_state = None  # not needed for the export: free it first
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
     model_dir = out / "model"
     card = {"base_model": cfg.model_path, "method": f"{cfg.method.name} (ngdiff-jax unlearning)",
@@ -185,10 +184,9 @@ def run_unlearn(
                 _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
                                                  model_dir=tmp, adapter_dir=tmp_adapter, card=card)  # fmt: skip
             adapter_dir = out / "adapter"
-        elif mesh is None:
-            model_io.save_model(model, result.params, tmp, tok, card=card)
         else:
-            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok, card=card)
+            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok, dtype=prec.jnp("export"),
+                                         card=card)  # fmt: skip
         if main:
             save_format(
                 spec, tmp, stage="unlearn", method=cfg.method.name,
@@ -213,7 +211,7 @@ def run_unlearn(
                   f"no best_model was written (the last model is in {model_dir}).", file=sys.stderr)  # fmt: skip
     if lora_run is not None:
         summary["lora"] = {**lora_run.summary(), "adapter_dir": str(adapter_dir)}
-    if mesh is not None:
+    if cfg.mesh.enabled:
         summary["mesh"] = dict(mesh.shape)
         summary["memory_estimate"] = sharded.memory.as_dict()
     if main:
@@ -299,8 +297,10 @@ def _check_batch_size(cfg: UnlearnConfig, sharded) -> None:
     n = 1
     for a in batch_axes(sharded.mesh, sharded.rules):
         n *= sharded.mesh.shape[a]
-    if cfg.data.batch_size % n:
+    k = cfg.run.micro_batches
+    if cfg.data.batch_size % (n * k):
+        per = f" x {k} micro-batches" if k > 1 else ""
         raise ValueError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by the {n} devices that split the batch "
-            f"on mesh {dict(sharded.mesh.shape)} (mesh.preset={cfg.mesh.preset}); use a multiple of {n}."
+            f"data.batch_size={cfg.data.batch_size} is not divisible by the {n} devices that split the batch{per} "
+            f"on mesh {dict(sharded.mesh.shape)} (mesh.preset={cfg.mesh.preset}); use a multiple of {n * k}."
         )

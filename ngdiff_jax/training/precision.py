@@ -1,0 +1,54 @@
+"""Precision and device set-up shared by ``finetune`` and ``unlearn``.
+
+- :func:`with_moment_dtype`: an optax transformation whose parameter-shaped floating state
+  (Adam's moments) is stored in a chosen dtype, whatever the parameters' dtype.
+- :func:`run_mesh`: the device mesh of a run. ``mesh.preset: none`` is a one-device mesh, so
+  a single device and a pod slice go through the same jitted, sharded step, loop, checkpoints
+  and export.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = ["run_mesh", "with_moment_dtype"]
+
+
+def _floating(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
+def with_moment_dtype(tx, dtype):
+    """``tx`` with its optimizer state initialized from the parameters cast to ``dtype`` (so
+    moment estimates are stored in ``dtype``) and every state leaf kept in its initial dtype
+    after an update. Updates are computed in the promoted dtype; ``optax.apply_updates`` casts
+    them to each parameter's dtype."""
+    dtype = jnp.dtype(dtype)
+    extra = isinstance(tx, optax.GradientTransformationExtraArgs)
+
+    def init_fn(params):
+        return tx.init(jax.tree.map(lambda p: p.astype(dtype) if _floating(p) else p, params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, new_state = tx.update(updates, state, params, **extra_args)
+        new_state = jax.tree.map(lambda n, o: n.astype(jnp.result_type(o)), new_state, state)
+        return new_updates, new_state
+
+    if extra:
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformation(init_fn, lambda u, s, p=None: update_fn(u, s, p))
+
+
+def run_mesh(mesh_section, distributed_section):
+    """``(mesh, rules, main_process)`` for a run: the configured mesh (after
+    ``jax.distributed`` is initialized), or a one-device mesh for ``mesh.preset: none``."""
+    from ngdiff_jax import parallel as par
+
+    if mesh_section.enabled:
+        par.initialize(distributed_section.distributed_config())  # before anything touches devices
+        mesh_cfg = mesh_section.mesh_config()
+        return par.make_mesh(mesh_cfg), mesh_cfg.rules, par.is_main_process()
+    mesh_cfg = par.MeshConfig(data=1, fsdp=1, tensor=1, rules="fsdp")
+    return par.make_mesh(mesh_cfg, devices=jax.local_devices()[:1]), mesh_cfg.rules, True
