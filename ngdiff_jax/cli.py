@@ -25,6 +25,7 @@ COMMANDS = {
     "report": "report",
     "bench": "bench",
     "toy": "toy",
+    "plan": "plan",
 }
 
 

@@ -220,3 +220,33 @@ def test_unlearn_bfloat16_params_float32_moments_remat_micro_batches_export_dtyp
         name = next(iter(f.keys()))
         assert f.get_tensor(name).dtype == np.float32
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "float32"
+
+
+# ---------------------------------------------------------------------- ngdiff plan
+def test_plan_compiles_from_abstract_shapes_and_the_cli_simulates_a_mesh(tmp_path):
+    from ngdiff_jax.cli import main
+    from ngdiff_jax.parallel.plan import plan_step
+
+    hf = {**HF, "num_hidden_layers": 2, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128}
+    before = live_device_bytes()
+    f32 = plan_step(hf, batch=4, seq=64, params_dtype="float32", moments_dtype="float32", remat="none", layers="full")
+    bf16 = plan_step(hf, batch=4, seq=64, params_dtype="bfloat16", moments_dtype="float32", remat="full",
+                     layers="full")  # fmt: skip
+    assert live_device_bytes() - before < 100_000  # nothing of the model's size was allocated
+    model = models.from_config(hf, rngs=nnx.Rngs(0))
+    P = _tree_bytes(models.functional(model)[1])
+    # arguments: params + Adam's two moments (+ batches, rng, scalars); the estimate adds the 2 gradient trees
+    assert 3 * P <= f32.argument < 3 * P * 1.05 + 50_000
+    assert 5 * P <= f32.estimate < 5 * P + 1000
+    assert bf16.argument < 0.9 * f32.argument  # bf16 weights, float32 moments
+    assert f32.alias > 0.9 * 3 * P  # params and optimizer state donated
+    assert bf16.temp < f32.temp
+    cfg_path = tmp_path / "config.json"
+    cfg_path.write_text(json.dumps(hf))
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--model", str(cfg_path), "--batch", "4", "--seq", "32", "--precision", "f32", "--remat", "none",
+               "--mesh", "none,fsdp=2", "--layers", "full", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [(r["mesh"], r["devices"]) for r in rows] == [("none", 1), ("fsdp", 2)]
+    assert rows[1]["argument"] < 0.6 * rows[0]["argument"]  # parameters and moments split in two
