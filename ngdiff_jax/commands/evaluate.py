@@ -65,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="TOFU answer length (default 200); MUSE VerbMem length (default 128).")  # fmt: skip
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows of every split (quick check).")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter and compute dtype of the evaluated model (logits and scores stay float32).")
+
+
+def _dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def run(args) -> int:
@@ -93,7 +101,7 @@ def run(args) -> int:
             print(f"error: --mia-attacks: unknown {bad}; choose from {','.join(MIA_ATTACKS)}.", file=sys.stderr)
             return 2
     try:
-        model = from_pretrained(args.model)
+        model = from_pretrained(args.model, dtype=_dtype(args.dtype), param_dtype=_dtype(args.dtype))
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         reference_model = from_pretrained(args.reference_model) if args.reference_model else None
     except (OSError, ValueError) as e:
