@@ -138,7 +138,7 @@ def test_moment_dtype_wrapper_keeps_state_dtypes():
     s16 = tx16.init(p32)
     _, s16b = tx16.update(jax.tree.map(lambda p: p + 0.5, p32), s16, p32)
     assert jax.tree.map(lambda x: x.dtype, s16b) == jax.tree.map(lambda x: x.dtype, s16)
-    assert s16.mu["w"].dtype == jnp.bfloat16
+    assert s16[0].mu["w"].dtype == jnp.bfloat16 and s16[0].nu["w"].dtype == jnp.bfloat16
 
 
 # ---------------------------------------------------------------------- pipelines: one copy, precision
