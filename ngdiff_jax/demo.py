@@ -393,7 +393,7 @@ class _Evaluator:
 
     reference_model = None  # the retain model, for the mia_reference attack (set once it is trained)
 
-    def __call__(self, model, name: str, *, reference=None, limit=None, meta=None):
+    def __call__(self, model, name: str, *, reference=None, limit=None, meta=None, mia_attacks=None):
         from ngdiff_jax.data import QAFormatter
         from ngdiff_jax.evaluation import evaluate_tofu
         from ngdiff_jax.evaluation.tofu import MIA_ATTACKS
@@ -414,7 +414,7 @@ class _Evaluator:
             meta=meta,
             formatter=QAFormatter(self.tok, spec=self.cfg.format),
             reference_model=self.reference_model,
-            mia_attacks=MIA_ATTACKS,  # all six, GradNorm included (tiny models)
+            mia_attacks=MIA_ATTACKS if mia_attacks is None else mia_attacks,  # all six by default (tiny models)
         )
         self.seconds += time.perf_counter() - t0
         return r
@@ -485,6 +485,8 @@ def _unlearn(
                 reference=retain_result,
                 limit=limit,
                 meta={"role": "method", "method": name, "step": step},
+                # the trajectory keeps TRAJECTORY_KEYS only: the other attacks only for the final point
+                mia_attacks=None if step == steps and limit is None else ("min_k",),
             )
             last.clear()
             last[step] = r
