@@ -53,6 +53,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "optim.gen_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)", "0.9"),
     "optim.gen_clip_factor": (_ge(1), ">= 1", "2.0"),
     "optim.eps": (_pos, "> 0", "1e-12"),
+    "run.micro_batches": (_ge(1), ">= 1", "1"),
     "optim.b1": (lambda v: 0 <= v < 1, "in [0, 1)", "0.9"),
     "optim.b2": (lambda v: 0 <= v < 1, "in [0, 1)", "0.999"),
     "optim.adam_eps": (_nonneg, ">= 0", "1e-8"),
