@@ -131,6 +131,12 @@ def test_dir_of_another_config_or_command_is_refused_naming_the_key(base, tmp_pa
     assert (out / "summary.json").read_text() == summary and _digest(out / "model") == weights
     # the same run again (cosmetic keys may change) is a resume, not a conflict
     assert _unlearn(base, out, "run.log_every=2") == 0
+    # a key only one side has (added or removed by another ngdiff version) is not a difference
+    manifest = json.loads((out / ".ngdiff-run.json").read_text())
+    del manifest["settings"]["optim"]["weight_decay"]
+    manifest["settings"]["optim"]["retired_key"] = 1
+    (out / ".ngdiff-run.json").write_text(json.dumps(manifest))
+    assert _unlearn(base, out) == 0
     # a run that stopped before writing anything worth keeping does not block a corrected one
     out2 = tmp_path / "out2"
     out2.mkdir()

@@ -56,10 +56,10 @@ def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def _check_meta(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path) -> None:
     from ngdiff_jax.errors import InputError
-    from ngdiff_jax.training.ownership import _flat
+    from ngdiff_jax.training.ownership import _flat, settings_diff
 
     saved, current = _flat(dict(saved)), _flat(dict(current))
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    diff = settings_diff(saved, current)
     if diff:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:5])
         raise InputError(

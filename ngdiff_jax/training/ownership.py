@@ -191,6 +191,13 @@ def _has_results(out: Path) -> bool:
     return ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
 
 
+def settings_diff(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ. A key only one side has is not a difference: it was
+    added or removed by another ngdiff version (its value then is the default of the version
+    that has it), so runs stay resumable across versions."""
+    return sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+
+
 def _check_same_run(out: Path, command: str, settings: dict) -> None:
     manifest = out / RUN_MANIFEST
     if manifest.is_file() and not _has_results(out):
@@ -207,7 +214,7 @@ def _check_same_run(out: Path, command: str, settings: dict) -> None:
                     "choose another run.output_dir."
                 )
             a, b = _flat(saved.get("settings", {})), _flat(json.loads(json.dumps(settings)))
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            diff = settings_diff(a, b)
             if diff:
                 shown = "; ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in diff[:6])
                 more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
