@@ -157,7 +157,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
             "metrics": {"steps": result.step, **(result.last_metrics or {})}}
     with ownership.atomic_dir(model_dir, write=main) as tmp:  # written aside, swapped in whole
         if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
-            with ownership.atomic_dir(out / "adapter") as tmp_adapter:
+            with ownership.atomic_dir(out / "adapter", write=main) as tmp_adapter:
                 _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
                                                  model_dir=tmp, adapter_dir=tmp_adapter, card=card)  # fmt: skip
             adapter_dir = out / "adapter"

@@ -180,7 +180,7 @@ def run_unlearn(
             "metrics": {"steps": result.step, **(result.evals[-1] if result.evals else result.last_metrics or {})}}
     with ownership.atomic_dir(model_dir, write=main) as tmp:  # written aside, swapped in whole
         if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
-            with ownership.atomic_dir(out / "adapter") as tmp_adapter:
+            with ownership.atomic_dir(out / "adapter", write=main) as tmp_adapter:
                 _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
                                                  model_dir=tmp, adapter_dir=tmp_adapter, card=card)  # fmt: skip
             adapter_dir = out / "adapter"
