@@ -154,3 +154,27 @@ def test_targets_resolution_and_errors():
                 dict(rank=4, alpha=0.0), dict(rank=4, alpha=-1)):
         with pytest.raises(ValueError, match=r"lora\.(rank|alpha)="):
             lora.LoraSpec(targets=("q",), **bad)
+
+
+def test_bfloat16_base_merged_export_dtype_and_rounding_loss(tmp_path):
+    tiny_hf_model("llama", tmp_path / "hf")
+    model = M.from_pretrained(tmp_path / "hf", param_dtype=jnp.bfloat16)
+    spec = lora.LoraSpec(rank=2, alpha=2.0, targets=lora.resolve_targets("llama", ["q", "down"]))
+    lora.attach(model, spec)
+    apply_fn, base, adapters = lora.split(model)
+    small = _randomize(adapters, seed=3, std=0.01)  # an update far below bfloat16's resolution of W
+    ids, mask = _batch(3)
+    ours = np.asarray(apply_fn({"base": base, "lora": small}, ids, mask))
+    stats = {}
+    m32 = lora.merged_model(model, base, small, spec, dtype=jnp.float32, stats=stats)
+    assert stats["update_lost"] == 0.0
+    assert all(v.dtype == np.float32 for v in _flat(nnx_params(m32)).values())
+    np.testing.assert_allclose(np.asarray(m32(ids, mask)), ours, rtol=1e-4, atol=1e-4)
+    lora.merged_model(model, base, small, spec, stats=stats)  # base dtype: bfloat16
+    assert stats["update_lost"] > 0.5  # most of the tiny update is rounded away (the export warns)
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

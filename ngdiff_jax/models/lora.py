@@ -225,28 +225,50 @@ def _adapter_pairs(model, adapters, targets) -> list[tuple[int, str, str, np.nda
     return out
 
 
-def merge_params(model, base, adapters, spec: LoraSpec):
+def merge_params(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: dict | None = None):
     """``base`` with every targeted kernel replaced by ``W + scale * A @ B`` (computed in float32,
-    stored in the kernel's dtype as a host numpy array, so exporting needs no second copy of the
-    model on the device). Other leaves are shared, not copied."""
-    merged = jax.tree.map(lambda x: x, base)  # new containers, same leaves
+    stored in ``dtype`` -- default the kernel's own -- as a host numpy array, so exporting needs no
+    second copy of the model on the device). Other leaves are shared, or cast on the host when
+    ``dtype`` differs from theirs.
+
+    ``stats`` (a dict, filled in) gets ``update_lost``: the part of the adapters' update that
+    rounding the merged kernels to ``dtype`` loses, ``||round(W + d) - round(W) - d|| / ||d||``
+    over all targets (0 in float32; large when a bfloat16 export swallows a small update)."""
+    dt = None if dtype is None else np.dtype(dtype)
+
+    def cast(x):
+        if dt is None or x.dtype == dt or not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            return x
+        return np.asarray(jax.device_get(x)).astype(dt)
+
+    merged = jax.tree.map(cast, base)  # new containers; leaves shared unless cast
+    lost2 = upd2 = 0.0
     for _, _, path, a, b in _adapter_pairs(model, adapters, spec.targets):
         parent = _get(merged, path)
-        w = parent["kernel"]
+        w = np.asarray(jax.device_get(_get(base, path)["kernel"]), np.float32)
+        out_dt = dt if dt is not None else np.dtype(_get(base, path)["kernel"].dtype)
         delta = (a @ b).reshape(w.shape) * np.float32(spec.scale)
-        parent["kernel"] = (np.asarray(jax.device_get(w), np.float32) + delta).astype(w.dtype)
+        new = (w + delta).astype(out_dt)
+        if out_dt.itemsize < 4 and stats is not None:
+            got = new.astype(np.float32) - w.astype(out_dt).astype(np.float32)
+            lost2 += float(np.sum((got - delta) ** 2))
+        upd2 += float(np.sum(delta.astype(np.float64) ** 2))
+        parent["kernel"] = new
+    if stats is not None:
+        stats["update_lost"] = (lost2 / upd2) ** 0.5 if upd2 > 0 else 0.0
     return merged
 
 
-def merged_model(model, base, adapters, spec: LoraSpec):
-    """A plain `CausalLM` (no adapters) holding the merged weights, for ``save_pretrained``."""
+def merged_model(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: dict | None = None):
+    """A plain `CausalLM` (no adapters) holding the merged weights (in ``dtype``, default the
+    base's), for ``save_pretrained``; ``stats`` as in `merge_params`."""
     from ngdiff_jax.models.modeling import CausalLM
 
     cfg = model.config
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
-                                               param_dtype=model.param_dtype))
+                                               param_dtype=dtype if dtype is not None else model.param_dtype))
     graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, merge_params(model, base, adapters, spec))
+    nnx.replace_by_pure_dict(state, merge_params(model, base, adapters, spec, dtype=dtype, stats=stats))
     return nnx.merge(graphdef, state)
 
 

@@ -159,7 +159,8 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
             with ownership.atomic_dir(out / "adapter", write=main) as tmp_adapter:
                 _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
-                                                 model_dir=tmp, adapter_dir=tmp_adapter, card=card)  # fmt: skip
+                                                 model_dir=tmp, adapter_dir=tmp_adapter, card=card,
+                                                 dtype=cfg.precision.jnp("export"))  # fmt: skip
             adapter_dir = out / "adapter"
         else:
             par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok, dtype=prec.jnp("export"),

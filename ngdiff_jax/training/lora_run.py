@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ngdiff_jax.models import lora
 
 
@@ -68,7 +70,7 @@ class LoraRun:
 
     def export(
         self, adapters, out: Path, tokenizer, *, base_model: str | None, model_dir=None, adapter_dir=None,
-        card: dict | None = None,
+        card: dict | None = None, dtype=None,
     ) -> tuple[Path, Path]:
         """Merged model to ``out/model`` (``save_pretrained``), PEFT adapter to ``out/adapter``
         (or to ``model_dir``/``adapter_dir``: the pipelines pass temporary dirs swapped in atomically)."""
@@ -76,7 +78,16 @@ class LoraRun:
 
         model_dir = Path(model_dir) if model_dir is not None else Path(out) / "model"
         adapter_dir = Path(adapter_dir) if adapter_dir is not None else Path(out) / "adapter"
-        merged = lora.merged_model(self.model, self.base, adapters, self.spec)
+        stats: dict = {}
+        merged = lora.merged_model(self.model, self.base, adapters, self.spec, dtype=dtype, stats=stats)
+        if stats["update_lost"] > 0.1:  # the merged weights would silently miss part of the unlearning
+            import sys
+
+            name = np.dtype(merged.param_dtype).name
+            print(f"warning: rounding the merged model to {name} loses {stats['update_lost']:.0%} of the LoRA "
+                  "update (relative norm); the PEFT adapter is exact. Set precision.export=float32 for an "
+                  "exact merged model.", file=sys.stderr)
+        self.last_export_stats = stats
         if card is not None:
             lora_txt = (f"LoRA rank {self.spec.rank}, alpha {self.spec.alpha:g} on "
                         f"{', '.join(self.spec.targets)}, merged into the weights")
