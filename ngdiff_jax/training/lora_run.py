@@ -100,10 +100,14 @@ class LoraRun:
         return model_dir, adapter_dir
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "rank": self.spec.rank,
             "alpha": self.spec.alpha,
             "targets": list(self.spec.targets),
             "trainable_params": lora.count_params(self.adapters),
             "base_params": lora.count_params(self.base),
         }
+        stats = getattr(self, "last_export_stats", None)
+        if stats:  # the share of the adapter update the merged export's rounding lost
+            out["merged_update_lost"] = stats["update_lost"]
+        return out
