@@ -1,6 +1,6 @@
 """GGUF import (`ngdiff convert`, `from_gguf`).
 
-Default run: a tiny random llama written with `gguf.GGUFWriter` (q/k permuted as llama.cpp's
+Default run: a tiny random llama and qwen2 written with `gguf.GGUFWriter` (llama q/k permuted as llama.cpp's
 convert_hf_to_gguf.py does, one tensor Q8_0-quantized, a byte-level BPE tokenizer and a chat
 template in the metadata) converts back to the original weights and logits.
 
@@ -34,12 +34,15 @@ def llama_cpp_permute(w, n_head, n_head_kv):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(gguf path, HF reference dir): a random 2-layer llama with GQA, tied embeddings."""
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request, tmp_path_factory):
+    """(gguf path, HF reference dir, weights): a random 2-layer llama (q/k permuted as llama.cpp does)
+    or qwen2 (q/k/v biases, no permutation) with GQA and tied embeddings."""
     import gguf
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    arch = request.param
 
     from ngdiff_jax.data import train_tokenizer
 
@@ -58,23 +61,26 @@ def tiny(tmp_path_factory):
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = config_cls(
         vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )  # fmt: skip
-    ref = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms
+    ref = model_cls(cfg).eval()
+    with torch.no_grad():  # non-trivial norms and biases
         for n, p in ref.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+            elif n.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     ref.save_pretrained(d / "ref", safe_serialization=True)
     tok.save_pretrained(d / "ref")
 
-    path = d / "tiny.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny llama")
+    path = d / f"tiny_{arch}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny {arch}")
     w.add_context_length(128)
     w.add_embedding_length(64)
     w.add_block_count(2)
@@ -86,7 +92,7 @@ def tiny(tmp_path_factory):
     w.add_rope_dimension_count(16)
     w.add_vocab_size(len(tokens))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("default" if arch == "llama" else "qwen2")
     w.add_token_list(tokens)
     w.add_token_types([gguf.TokenType.CONTROL if t.startswith("<") and t.endswith(">") else gguf.TokenType.NORMAL
                        for t in tokens])  # fmt: skip
@@ -111,11 +117,11 @@ def tiny(tmp_path_factory):
             name = "output_norm.weight"
         else:
             _, _, i, rest = k.split(".", 3)
-            part = rest.rsplit(".", 1)[0]
-            name = f"blk.{i}.{names[part]}.weight"
-            if part == "self_attn.q_proj":
+            part, suffix = rest.rsplit(".", 1)
+            name = f"blk.{i}.{names[part]}.{suffix}"
+            if arch == "llama" and part == "self_attn.q_proj":
                 v = llama_cpp_permute(v, 4, 4)
-            elif part == "self_attn.k_proj":
+            elif arch == "llama" and part == "self_attn.k_proj":
                 v = llama_cpp_permute(v, 4, 2)
         if name == "blk.0.ffn_up.weight":  # one quantized tensor: dequantization is exercised
             q = gguf.quants.quantize(v, gguf.GGMLQuantizationType.Q8_0)
@@ -144,7 +150,7 @@ def test_convert_tiny_gguf_matches_original(tiny, tmp_path):
     for k, v in got.items():
         np.testing.assert_array_equal(v, sd[k], err_msg=k)  # permutation undone exactly
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is True
+    assert cfg["model_type"] == path.stem.split("_")[-1] and cfg["tie_word_embeddings"] is True
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (4, 2)
     assert (out / "generation_config.json").is_file()
     tok = AutoTokenizer.from_pretrained(out)
