@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="f32,f32_const,bf16_remat,lora8",
                    help=f"JAX variants among {', '.join(VARIANTS)}")
     p.add_argument("--json", default=None)
+    p.add_argument("--torch-json", default=None, help="reuse a PyTorch result (a JSON object) instead of running it")
     p.add_argument("--child", choices=("jax", "torch"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -154,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise SystemExit(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}.")
-    results = {"torch": _run_child("torch", args)}
+    if args.torch_json:
+        results = {"torch": json.loads(Path(args.torch_json).read_text())}
+    else:
+        results = {"torch": _run_child("torch", args)}
     print(f"torch: {results['torch']}", flush=True)
     for v in variants:
         results[v] = _run_child("jax", args, v)

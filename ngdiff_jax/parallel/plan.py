@@ -147,7 +147,8 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     else:
         apply_fn, params = models.functional(model)
         frozen, shardings = (), None
-        step = make_unlearn_step(apply_fn, method, tx, micro_batches=micro_batches)
+        step = make_unlearn_step(apply_fn, method, tx, micro_batches=micro_batches,
+                                 grad_sharding=par.param_shardings(params, mesh, rules))  # fmt: skip
     opt = jax.eval_shape(tx.init, params)
     sharded = par.shard_unlearn_step(step, mesh, rules, params, opt, frozen=frozen, shardings=shardings)
     b = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharded.batch_sharding)

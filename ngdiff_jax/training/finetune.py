@@ -109,7 +109,8 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
     k = cfg.run.micro_batches
     if lora_run is None:
-        ft_step = make_finetune_step(apply_fn, tx, micro_batches=k)
+        ft_step = make_finetune_step(apply_fn, tx, micro_batches=k,
+                                     grad_sharding=par.param_shardings(params, mesh, rules))  # fmt: skip
         frozen, shardings = (), None
     else:
         ft_step = lora_run.bind(lambda fn: make_finetune_step(fn, tx, micro_batches=k))

@@ -83,6 +83,12 @@ def _weights(kind: str, mbs) -> jax.Array:
     return w / jnp.maximum(w.sum(), 1e-30)
 
 
+def _constrainer(shardings):
+    if shardings is None:
+        return lambda tree: tree
+    return lambda tree: jax.lax.with_sharding_constraint(tree, shardings)
+
+
 def _norm(tree) -> jax.Array:
     """Global L2 norm accumulated in float32 whatever the leaves' dtype."""
     return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
@@ -90,7 +96,7 @@ def _norm(tree) -> jax.Array:
 
 def make_unlearn_step(
     apply_fn: ApplyFn, method: MethodConfig, tx: optax.GradientTransformationExtraArgs, *, hidden_fn=None,
-    micro_batches: int = 1,
+    micro_batches: int = 1, grad_sharding=None,
 ):
     """The two-task unlearning step for ``method`` with the optax chain ``tx`` (see module doc).
 
@@ -107,7 +113,12 @@ def make_unlearn_step(
     gradients once: the step equals the full-batch step (up to rounding) for every combiner.
     GeN's probes evaluate the whole batch's loss (also scanning the micro-batches, without
     gradients). Only one micro-batch's activations are alive at a time.
+
+    ``grad_sharding`` (a tree of shardings like the parameters, e.g. a ShardedStep's
+    ``param_shardings``) pins both gradient trees to the parameters' sharding: under FSDP the
+    gradients are then reduce-scattered as they are made instead of being kept whole.
     """
+    constrain = _constrainer(grad_sharding)
     from ngdiff_jax.optim import two_task
 
     tx = two_task(tx, "make_unlearn_step")
@@ -165,7 +176,7 @@ def make_unlearn_step(
         if k == 1:
             fn = task_loss(obj, view(obj, batch), reference(obj, task, batch, ref_params))
             (loss, nll), grads = jax.value_and_grad(fn, has_aux=True)(params)
-            return loss, nll, grads, (lambda p: fn(p)[0])
+            return loss, nll, constrain(grads), (lambda p: fn(p)[0])
         kind = method.forget_loss if task == "forget" else method.retain_loss
         mbs = _split(batch, k)
         w_obj, w_nll = _weights(kind, mbs), _weights("nll", mbs)
@@ -177,8 +188,9 @@ def make_unlearn_step(
             loss_acc, nll_acc, g_acc = carry
             mb, wo, wn = xs
             (loss, nll), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
+            g = constrain(g)
             g_acc = jax.tree.map(lambda a, x: a + (wo * x.astype(jnp.float32)).astype(a.dtype), g_acc, g)
-            return (loss_acc + wo * loss, nll_acc + wn * nll, g_acc), None
+            return (loss_acc + wo * loss, nll_acc + wn * nll, constrain(g_acc)), None
 
         zero = jnp.zeros((), jnp.float32)
         (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, jax.tree.map(jnp.zeros_like, params)),
@@ -255,13 +267,16 @@ def _plain_nll(apply_fn, params, batch):
     return jax.lax.stop_gradient(losses.nll(logits, batch["labels"]))
 
 
-def make_finetune_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *, micro_batches: int = 1):
+def make_finetune_step(
+    apply_fn: ApplyFn, tx: optax.GradientTransformation, *, micro_batches: int = 1, grad_sharding=None
+):
     """Plain NLL training: ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``.
     ``micro_batches=k`` accumulates the gradient over ``k`` equal micro-batches (token-weighted,
     so it equals the full-batch gradient)."""
     from ngdiff_jax import losses
 
     k = int(micro_batches)
+    constrain = _constrainer(grad_sharding)
 
     def loss_fn(p, batch):
         logits = apply_fn(p, batch["input_ids"], batch["attention_mask"])
@@ -272,6 +287,7 @@ def make_finetune_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *, m
         b = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
         if k == 1:
             loss, grads = jax.value_and_grad(loss_fn)(params, b)
+            grads = constrain(grads)
         else:
             mbs = _split(b, k)
             w = jax.vmap(lambda mb: _objective_weight("nll", mb))(mbs)
@@ -281,6 +297,7 @@ def make_finetune_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, *, m
                 loss_acc, g_acc = carry
                 mb, wi = xs
                 loss, g = jax.value_and_grad(loss_fn)(params, mb)
+                g = constrain(g)
                 g_acc = jax.tree.map(lambda a, x: a + (wi * x.astype(jnp.float32)).astype(a.dtype), g_acc, g)
                 return (loss_acc + wi * loss, g_acc), None
 

@@ -106,7 +106,8 @@ def run_unlearn(
         tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
     k = cfg.run.micro_batches
     if lora_run is None:
-        unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx, micro_batches=k)
+        unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx, micro_batches=k,
+                                         grad_sharding=par.param_shardings(params, mesh, rules))  # fmt: skip
         frozen, shardings = (), None
     else:
         unlearn_step = lora_run.bind(lambda fn: make_unlearn_step(fn, cfg.method, tx, micro_batches=k))
