@@ -241,6 +241,9 @@ def test_plan_compiles_from_abstract_shapes_and_the_cli_simulates_a_mesh(tmp_pat
     assert bf16.argument < 0.9 * f32.argument  # bf16 weights, float32 moments
     assert f32.alias > 0.9 * 3 * P  # params and optimizer state donated
     assert bf16.temp < f32.temp
+    # LoRA: the frozen base is an argument, the adapters and their moments are small
+    lora = plan_step(hf, batch=4, seq=64, params_dtype="float32", remat="none", lora_rank=2, layers="full")
+    assert P <= lora.argument < 1.3 * P and P <= lora.estimate < 1.3 * P
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps(hf))
     out = tmp_path / "plan.json"

@@ -160,7 +160,9 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     cm = par.compiled_memory(compiled)
     est = sharded.memory.total
     if lora_rank:  # the frozen base is resident too
-        est += par.tree_shard_bytes(frozen[0], jax.tree.map(lambda x: x.sharding, frozen[0]))
+        from ngdiff_jax.parallel.memory import tree_shard_bytes
+
+        est += tree_shard_bytes(frozen[0], jax.tree.map(lambda x: x.sharding, frozen[0]))
     return {"argument": cm.argument, "output": cm.output, "alias": cm.alias, "temp": cm.temp}, est
 
 
