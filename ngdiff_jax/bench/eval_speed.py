@@ -36,7 +36,8 @@ def _flat(x):
 
 
 def compare(a: dict, b: dict) -> dict:
-    """Largest absolute difference of the aggregates and per-sample values of two results."""
+    """Largest absolute difference of the aggregates and per-sample values two results share
+    (keys only one side computes, e.g. extra MIA attacks, are listed in ``only_in_one``)."""
     agg = {}
     for k, v in a["aggregates"].items():
         w = b["aggregates"].get(k)
@@ -44,8 +45,11 @@ def compare(a: dict, b: dict) -> dict:
             continue
         agg[k] = abs(float(v) - float(w))
     per = {}
+    only = sorted((set(a["aggregates"]) ^ set(b["aggregates"])) | (set(a["per_sample"]) ^ set(b["per_sample"])))
     for k, v in a["per_sample"].items():
-        x, y = np.array(_flat(v)), np.array(_flat(b["per_sample"].get(k, [])))
+        if k not in b["per_sample"]:
+            continue
+        x, y = np.array(_flat(v)), np.array(_flat(b["per_sample"][k]))
         if x.shape != y.shape:
             per[k] = float("inf")
         elif x.size:
@@ -57,6 +61,7 @@ def compare(a: dict, b: dict) -> dict:
         "max_per_sample_diff": max(per.values(), default=0.0),
         "worst_per_sample": max(per, key=per.get) if per else None,
         "generations_differing": int(gen),
+        "only_in_one": only,
         "aggregate_diffs": agg,
     }
 

@@ -1,0 +1,54 @@
+"""ngdiff's evaluation (batched, shared-prompt scoring, shared-prefix generation) equals a plain
+one-prompt-at-a-time transformers evaluation (the eval-speed benchmark's reference) on a tiny
+random Llama: every aggregate and per-sample value, every generation."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from flax import nnx  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from ngdiff_jax.bench.eval_speed import compare  # noqa: E402
+from ngdiff_jax.data import QAFormatter, load_tofu, train_tokenizer  # noqa: E402
+from ngdiff_jax.evaluation.tofu import evaluate_tofu  # noqa: E402
+from ngdiff_jax.models import from_config, save_pretrained  # noqa: E402
+
+
+def test_compare_reports_the_largest_differences():
+    a = {"aggregates": {"x": 0.5, "y": None, "z": 1.0}, "per_sample": {"p": [[1.0, 2.0]], "m": {"f": [1.0]}, "q": [1]},
+         "generations": {"g": ["a", "b"]}}  # fmt: skip
+    b = {"aggregates": {"x": 0.5003, "y": 1.0, "z": 1.0}, "per_sample": {"p": [[1.0, 2.5]], "m": {"f": [1.0]}},
+         "generations": {"g": ["a", "c"]}}  # fmt: skip
+    d = compare(a, b)
+    assert d["max_aggregate_diff"] == pytest.approx(3e-4) and d["worst_aggregate"] == "x"
+    assert d["max_per_sample_diff"] == pytest.approx(0.5) and d["worst_per_sample"] == "p"
+    assert d["generations_differing"] == 1 and d["only_in_one"] == ["q"]
+
+
+def test_tofu_equals_the_pytorch_reference(tofu_dir, tmp_path):
+    from ngdiff_jax.bench.eval_torch import TorchRunner, eval_tofu
+
+    rows = load_tofu("forget01_perturbed", tofu_dir)
+    tok = train_tokenizer([r["question"] + " " + r["answer"] for r in rows], tmp_path / "tok", vocab_size=300)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    model = from_config(cfg, rngs=nnx.Rngs(3))
+    save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    fmt = QAFormatter(tok)
+    ours = evaluate_tofu(model, tok, tofu_dir, forget_split="forget01", limit=3, batch_size=8, max_new_tokens=8,
+                         formatter=fmt).to_dict()  # fmt: skip
+    theirs = eval_tofu(TorchRunner(str(tmp_path / "m"), threads=1), tofu_dir, forget_split="forget01", limit=3,
+                       max_new_tokens=8, formatter=fmt)  # fmt: skip
+    theirs = {k: {kk: (np.asarray(vv).tolist() if not isinstance(vv, dict) else vv) for kk, vv in v.items()}
+              for k, v in theirs.items()}  # fmt: skip
+    d = compare(ours, theirs)
+    assert d["generations_differing"] == 0
+    assert d["max_aggregate_diff"] < 1e-5, d
+    assert d["max_per_sample_diff"] < 1e-4, d
+    assert set(theirs["aggregates"]) <= set(ours["aggregates"])
+    assert set(theirs["per_sample"]) <= set(ours["per_sample"])
