@@ -14,7 +14,7 @@ process each (peak RSS is per process, ``VmHWM``):
   the same batches (same tokenizer, formatting and batcher as the JAX run),
 
 and prints the figures side by side with the load average before and after each run. Wrap
-it in ``flock /work/wt/.bigmem.lock`` on a shared machine.
+it in ``flock <lockfile>`` on a shared machine so no other large job runs beside it.
 """
 
 from __future__ import annotations
