@@ -152,22 +152,13 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     wall = time.perf_counter() - t0
     result.opt_state = None  # not needed for the export: free it first
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
-    model_dir = out / "model"
     card = {"base_model": cfg.model_path, "method": "fine-tuning (ngdiff-jax)",
             "data": {"source": cfg.data.source or "TOFU", "split": cfg.data.split},
             "metrics": {"steps": result.step, **(result.last_metrics or {})}}
-    with ownership.atomic_dir(model_dir, write=main) as tmp:  # written aside, swapped in whole
-        if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
-            with ownership.atomic_dir(out / "adapter", write=main) as tmp_adapter:
-                _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
-                                                 model_dir=tmp, adapter_dir=tmp_adapter, card=card,
-                                                 dtype=cfg.precision.jnp("export"))  # fmt: skip
-            adapter_dir = out / "adapter"
-        else:
-            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok, dtype=prec.jnp("export"),
-                                         card=card)  # fmt: skip
-        if main:
-            save_format(cfg.format, tmp, stage="finetune", split=cfg.data.split)
+    model_dir, adapter_dir = model_io.export_run(
+        out, model, result.params, tok, lora_run=lora_run, card=card, dtype=prec.jnp("export"), main=main,
+        write_format=lambda d: save_format(cfg.format, d, stage="finetune", split=cfg.data.split),
+    )
     summary = {
         "steps": result.step,
         "resumed_from": result.resumed_from,

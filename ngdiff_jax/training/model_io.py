@@ -59,3 +59,25 @@ def save_model(model, params, path: Path, tokenizer, card: dict | None = None) -
     path = Path(path)
     models.save_pretrained(models.with_params(model, params), path, tokenizer=tokenizer, card=card)
     return path
+
+
+def export_run(out: Path, model, params, tokenizer, *, lora_run, card: dict, dtype, main: bool, write_format):
+    """Export a finished run: the model in ``out/model`` (with LoRA: the merged model there and the
+    PEFT adapter in ``out/adapter``), each written aside and swapped in whole
+    (:func:`ngdiff_jax.training.ownership.atomic_dir`); ``write_format(dir)`` adds the format file.
+    Returns ``(model_dir, adapter_dir or None)``."""
+    from ngdiff_jax import parallel as par
+    from ngdiff_jax.training import ownership
+
+    model_dir, adapter_dir = out / "model", None
+    with ownership.atomic_dir(model_dir, write=main) as tmp:
+        if lora_run is not None:
+            with ownership.atomic_dir(out / "adapter", write=main) as tmp_adapter:
+                lora_run.export(params, out, tokenizer, base_model=card["base_model"], model_dir=tmp,
+                                adapter_dir=tmp_adapter, card=card, dtype=dtype)  # fmt: skip
+            adapter_dir = out / "adapter"
+        else:
+            par.save_pretrained_gathered(model, params, tmp, tokenizer=tokenizer, dtype=dtype, card=card)
+        if main:
+            write_format(tmp)
+    return model_dir, adapter_dir

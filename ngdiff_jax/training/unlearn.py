@@ -175,25 +175,14 @@ def run_unlearn(
     wall = time.perf_counter() - t0
     result.opt_state = None  # not needed for the export: free it first
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
-    model_dir = out / "model"
     card = {"base_model": cfg.model_path, "method": f"{cfg.method.name} (ngdiff-jax unlearning)",
             "data": {"source": cfg.data.source or "TOFU", "forget": cfg.data.forget_split, "retain": retain_split},
             "metrics": {"steps": result.step, **(result.evals[-1] if result.evals else result.last_metrics or {})}}
-    with ownership.atomic_dir(model_dir, write=main) as tmp:  # written aside, swapped in whole
-        if lora_run is not None:  # merged model in out/model, PEFT adapter in out/adapter
-            with ownership.atomic_dir(out / "adapter", write=main) as tmp_adapter:
-                _, adapter_dir = lora_run.export(result.params, out, tok, base_model=cfg.model_path,
-                                                 model_dir=tmp, adapter_dir=tmp_adapter, card=card,
-                                                 dtype=cfg.precision.jnp("export"))  # fmt: skip
-            adapter_dir = out / "adapter"
-        else:
-            par.save_pretrained_gathered(model, result.params, tmp, tokenizer=tok, dtype=prec.jnp("export"),
-                                         card=card)  # fmt: skip
-        if main:
-            save_format(
-                spec, tmp, stage="unlearn", method=cfg.method.name,
-                forget_split=cfg.data.forget_split, retain_split=retain_split,
-            )  # fmt: skip
+    model_dir, adapter_dir = model_io.export_run(
+        out, model, result.params, tok, lora_run=lora_run, card=card, dtype=prec.jnp("export"), main=main,
+        write_format=lambda d: save_format(spec, d, stage="unlearn", method=cfg.method.name,
+                                           forget_split=cfg.data.forget_split, retain_split=retain_split),
+    )  # fmt: skip
     summary = {
         "method": cfg.method.name,
         "steps": result.step,
