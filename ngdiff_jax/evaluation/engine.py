@@ -36,6 +36,11 @@ from ngdiff_jax.models.logprobs import IGNORE_INDEX
 #: rows x positions of logits materialized at once by the chunked LM head (~400 MB at a 49k vocabulary).
 HEAD_TOKENS = 2048
 
+#: rows scored whole and generation prompts longer than this are encoded in causal blocks of this many
+#: positions (``_score_plain``, ``_prefill``): XLA:CPU computes every masked attention score, so on
+#: 2048-token texts this halves the attention work (None: one block)
+ATTENTION_BLOCK: int | None = 256
+
 # (program name, graphdef, shapes/statics) -> compiled executable
 _COMPILED: dict = {}
 
@@ -72,13 +77,29 @@ def _lengths_mask(lengths, T):
     return (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=0)
-def _score_plain(graphdef, state, ids, lengths, labels):
+@partial(jax.jit, static_argnums=0, static_argnames=("chunk",))
+def _score_plain(graphdef, state, ids, lengths, labels, *, chunk=None):
     model = nnx.merge(graphdef, state)
     B, T = ids.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    hidden, _ = model.forward(ids, positions, _lengths_mask(lengths, T), return_hidden=True)
-    return _token_stats(model, hidden, labels)
+    valid = _lengths_mask(lengths, T)
+    if chunk is None or T <= chunk:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        hidden, _ = model.forward(ids, positions, valid, return_hidden=True)
+        return _token_stats(model, hidden, labels)
+    # causal blocks: the rows are encoded ``chunk`` positions at a time, each block attending to the
+    # keys of the blocks before it (a KV cache that grows by one block) and causally to its own: the
+    # masked upper triangle of the [T, T] scores is never computed (about half of it is skipped)
+    hs, cache = [], None
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        grow = model.init_cache(B, b - a)
+        cache = grow if cache is None else [
+            (jnp.concatenate([k, gk], 1), jnp.concatenate([v, gv], 1)) for (k, v), (gk, gv) in zip(cache, grow)
+        ]
+        pos = jnp.broadcast_to(jnp.arange(a, b, dtype=jnp.int32), (B, b - a))
+        h, cache = model.forward(ids[:, a:b], pos, valid[:, :b], cache, a, return_hidden=True)
+        hs.append(h)
+    return _token_stats(model, jnp.concatenate(hs, axis=1), labels)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -101,8 +122,29 @@ def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner
     return _token_stats(model, hidden, labels)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "eos", "n_buf"))
-def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max_new, pad_id, *, eos, n_buf):
+def _prefill(model, ids, positions, kv_valid, cache, start, block):
+    """``model.forward(ids, ..., cache, start, last_only=True)`` over the prompts ``ids [B, R]``; prompts
+    longer than ``block`` are encoded in causal blocks, each attending only to the cache slots up to its
+    own end (the scores of later, masked slots are never computed)."""
+    R = ids.shape[1]
+    if block is None or R <= block:
+        return model.forward(ids, positions, kv_valid, cache, start, last_only=True)
+    for a in range(0, R, block):
+        b = min(R, a + block)
+        end = start + b
+        part = [(k[:, :end], v[:, :end]) for k, v in cache]
+        out, part = model.forward(ids[:, a:b], positions[:, a:b], kv_valid[:, :end], part, start + a,
+                                  last_only=True, return_hidden=b < R)  # fmt: skip
+        cache = [
+            (jax.lax.dynamic_update_slice(k, pk, (0, 0, 0, 0)), jax.lax.dynamic_update_slice(v, pv, (0, 0, 0, 0)))
+            for (k, v), (pk, pv) in zip(cache, part)
+        ]
+    return out, cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "eos", "n_buf", "block"))
+def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max_new, pad_id, *, eos, n_buf,
+              block=None):  # fmt: skip
     model = nnx.merge(graphdef, state)
     B, R = ids.shape
     S0 = shared_ids.shape[1]
@@ -124,7 +166,7 @@ def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max
     kv_valid = jnp.concatenate([base_valid, mask, jnp.zeros((B, n_buf), jnp.int32)], axis=1)
     eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
-    logits, cache = model.forward(ids, positions, kv_valid, cache, S0, last_only=True)
+    logits, cache = _prefill(model, ids, positions, kv_valid, cache, S0, block)
     tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     done = jnp.isin(tok, eos_arr) | ~row_valid
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -173,7 +215,7 @@ def _run(fn, args, timings: Timings, phase: str):
 def score_plain(graphdef, state, ids, lengths, labels, *, timings: Timings, phase: str):
     """Stats of right-padded rows ``ids [B, T]`` (``lengths`` real tokens each; ``labels`` -100 = not scored)."""
     args = (state, jnp.asarray(ids, jnp.int32), jnp.asarray(lengths, jnp.int32), jnp.asarray(labels, jnp.int32))
-    fn = _compiled("score", _score_plain, graphdef, args, {}, timings, phase)
+    fn = _compiled("score", _score_plain, graphdef, args, {"chunk": ATTENTION_BLOCK}, timings, phase)
     return _run(fn, args, timings, phase)
 
 
@@ -196,6 +238,6 @@ def generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, *, m
         state, jnp.asarray(shared_ids, jnp.int32), jnp.int32(shared_len), jnp.asarray(ids, jnp.int32),
         jnp.asarray(mask, jnp.int32), jnp.asarray(row_valid, bool), jnp.int32(max_new_tokens), jnp.int32(pad_id),
     )  # fmt: skip
-    statics = {"eos": tuple(eos), "n_buf": int(n_buf)}
+    statics = {"eos": tuple(eos), "n_buf": int(n_buf), "block": ATTENTION_BLOCK}
     fn = _compiled("generate", _generate, graphdef, args, statics, timings, phase)
     return _run(fn, args, timings, phase)
