@@ -68,6 +68,25 @@ def test_scorer_matches_sequence_nll(tok, cfg):
         assert -s.token_logprobs[i].mean() == pytest.approx(s.nll[i], rel=1e-4)
 
 
+def test_whole_rows_reuse_a_longer_compiled_length(tok, cfg, monkeypatch):
+    # a batch takes a longer padded length the same call already uses (REUSE_PADDING): one compiled
+    # shape fewer, the same numbers
+    from ngdiff_jax.evaluation import scoring
+
+    model = from_config(cfg, rngs=nnx.Rngs(0))
+    fmt = QAFormatter(tok)
+    ex = [fmt.encode("Who?", "Nobody."), fmt.encode("Where was the author born? " * 4, "In Baku, long ago.")]
+    res = {}
+    for reuse in (1.0, 4.0):
+        monkeypatch.setattr(scoring, "REUSE_PADDING", reuse)
+        sc = Scorer(model, batch_size=1, share_prefix=False)
+        res[reuse] = (sc.score(ex), [s[1] for s in sc.timings.shapes["score"]])
+    assert res[1.0][1] == [128, 32] and res[4.0][1] == [128]
+    np.testing.assert_allclose(res[4.0][0].nll, res[1.0][0].nll, rtol=1e-6)
+    for a, b in zip(res[4.0][0].token_logprobs, res[1.0][0].token_logprobs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_shared_prompt_scoring_matches_whole_rows(tok, cfg):
     # a question's answers are scored from one cached encoding of its prompt; the numbers
     # equal a plain forward over each whole row (independent reference: sequence_nll)

@@ -33,6 +33,9 @@ Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels), labels -10
 MIN_SHARED_PREFIX = 4
 #: most rows x padded length per batch of whole rows (long texts get smaller batches: memory)
 SCORE_TOKENS = 4096
+#: a batch of whole rows takes a padded length already used in the same call when that is at most
+#: this factor above its own bucket (one compile fewer)
+REUSE_PADDING = 1.25
 
 
 @dataclass
@@ -168,9 +171,15 @@ class Scorer:
         if self._apply is None:  # fewer rows per batch on long texts, no more dummy rows than needed
             longest = self._bucket(max(len(rows[i][0]) for i in idx))
             B = max(1, min(B, SCORE_TOKENS // longest, len(idx)))
+        used: list[int] = []
         for b in length_sorted_batches([len(rows[i][0]) for i in idx], B):
             batch = [idx[j] for j in b]
             t = self._bucket(max(len(rows[i][0]) for i in batch))
+            # a length this call already compiles, if it pads at most REUSE_PADDING more: long
+            # texts (1024 -> 1280) pay less in padding than in compiling another shape
+            t = min((u for u in used if t <= u <= t * REUSE_PADDING), default=t)
+            if t not in used:
+                used.append(t)
             ids = np.zeros((B, t), np.int32)
             lengths = np.ones(B, np.int32)  # dummy rows attend to one token (no all-masked softmax)
             labels = np.full((B, t), IGNORE_INDEX, np.int32)
