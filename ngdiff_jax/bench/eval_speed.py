@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             results["runs"][bench] = r
             d = r["diff"]
             r["torch_in_process_s"] = round(tr.get("seconds_in_process", float("nan")), 1)
+            r["torch_timings"] = tr.get("timings", {})
             print(
                 f"{bench:5s} rows/split={limit}: ngdiff eval {r['jax_wall_s']:.1f} s, "
                 f"PyTorch {r['torch_wall_s']:.1f} s, speedup {r['speedup']:.2f}x | "
@@ -127,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"({d['worst_aggregate']}), per-sample {d['max_per_sample_diff']:.2e} ({d['worst_per_sample']}), "
                 f"generations differing {d['generations_differing']} | load {r['load_before']} -> "
                 f"{r['load_between']} -> {r['load_after']}",
+                flush=True,
+            )
+            jt = r["jax_timings"]
+            print(
+                f"      ngdiff: compile {jt.get('total_compile_s', 0):.1f} s, run {jt.get('total_run_s', 0):.1f} s "
+                f"(per phase {jt.get('run_s')}; shapes {r['compiled_shapes']}) | PyTorch in-process "
+                f"{r['torch_in_process_s']:.1f} s: {r['torch_timings']}",
                 flush=True,
             )
     if a.out:

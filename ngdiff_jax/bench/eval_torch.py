@@ -40,9 +40,25 @@ class TorchRunner:
         cfg_eos = self.model.config.eos_token_id
         eos |= set(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]) - {None}
         self.eos = sorted(eos)
+        self.seconds = {"score_s": 0.0, "generate_s": 0.0}  # wall time inside stats() / generate()
 
     def stats(self, ids, labels):
         """(mean NLL, scored-token log-probs, greedy flags) of one example."""
+        t0 = time.perf_counter()
+        try:
+            return self._stats(ids, labels)
+        finally:
+            self.seconds["score_s"] += time.perf_counter() - t0
+
+    def generate(self, ids, max_new_tokens, stop_strings=()):
+        """Greedy text after ``ids`` (one prompt), cut at EOS and at the stop strings."""
+        t0 = time.perf_counter()
+        try:
+            return self._generate(ids, max_new_tokens, stop_strings)
+        finally:
+            self.seconds["generate_s"] += time.perf_counter() - t0
+
+    def _stats(self, ids, labels):
         torch = self.torch
         with torch.no_grad():
             logits = self.model(torch.tensor([ids])).logits[0].float()
@@ -54,7 +70,7 @@ class TorchRunner:
         greedy = logits[:-1][m].argmax(-1) == tgt[m]
         return float(-picked.mean()), picked.double().numpy(), greedy.numpy()
 
-    def generate(self, ids, max_new_tokens, stop_strings=()):
+    def _generate(self, ids, max_new_tokens, stop_strings=()):
         torch = self.torch
         kw = {"stop_strings": list(stop_strings), "tokenizer": self.tok} if stop_strings else {}
         with torch.no_grad():
@@ -192,6 +208,7 @@ def main(argv=None) -> int:
     else:
         res = eval_muse(run, a.data, limit=a.limit)
     res["seconds_in_process"] = time.perf_counter() - t0
+    res["timings"] = {k: round(v, 2) for k, v in run.seconds.items()}
     with open(a.out, "w") as f:
         json.dump(res, f, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
     return 0
