@@ -67,7 +67,8 @@ def test_distributed_two_processes_match_single_process(tmp_path):
     out_dir.mkdir()
     coord = f"127.0.0.1:{_free_port()}"
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+        os.environ, JAX_PLATFORMS="cpu",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
     )
     procs = [
         subprocess.Popen(

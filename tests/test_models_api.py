@@ -91,7 +91,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
 def test_sharded_streaming_load_on_four_cpu_devices(tmp_path):
     tiny_hf_model("llama", tmp_path / "llama")
     tiny_hf_model("gpt2", tmp_path / "gpt2")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
     r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert "SHARDED_OK" in r.stdout, r.stderr[-3000:]

@@ -278,12 +278,12 @@ def test_vmap_over_seeds_of_the_full_optimizer():
 
 # ------------------------------------------------------------------ sharding (8 simulated devices)
 def test_combiners_and_gen_under_shard_map_equal_unsharded():
+    import os
     import subprocess
     import sys
 
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    import os
-
+    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", _SHARDED], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=300, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -64,7 +64,8 @@ def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path):
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
 
     sharded_out = tmp_path / "fsdp"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))  # the resume reuses the compiled step
     proc = subprocess.Popen(
         [sys.executable, __file__, str(tiny["bench"]), str(tiny["model"]), str(sharded_out)],

@@ -25,7 +25,8 @@ B, T, STEPS = 8, 16, 2
 
 def _run_subprocess(mode: str, *args: str, timeout: int = 400) -> dict:
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+        os.environ, JAX_PLATFORMS="cpu",
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
     )
     proc = subprocess.run([sys.executable, __file__, mode, *args], capture_output=True, text=True, env=env,
                           timeout=timeout, check=False)  # fmt: skip

@@ -82,7 +82,7 @@ def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_p
         sys.executable, "-m", "ngdiff_jax.cli", "study", "--config", "tofu_smollm2", "--out", str(out), "--no-progress",
         f"model_path={tiny_smol}", f"benchmark.source={tofu_dir}", "benchmark.retain_authors=1",
         "benchmark.eval_rows=2", "train.steps=1", "train.retain_steps=1", "unlearn.steps=1", "unlearn.eval_every=1",
-        "evaluation.max_new_tokens=2", "unlearn.methods=[ngdiff]",
+        "evaluation.max_new_tokens=2", "evaluation.batch_size=4", "train.batch_size=4", "unlearn.methods=[ngdiff]",
     ]  # fmt: skip
     p = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
