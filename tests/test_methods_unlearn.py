@@ -169,21 +169,20 @@ def test_every_new_method_runs_in_ngdiff_unlearn(tiny_run):
     # any forget objective under every combiner: ngdiff with GeN, mgda, pcgrad
     runs += [("idk_dpo", gen), ("rmu", gen), ("undial", ["method.combiner=mgda", "method.retain_loss=nll"]),
              ("satimp", ["method.combiner=pcgrad"])]  # fmt: skip
-    with jax.disable_jit():  # two steps each: eager is cheaper than one compile per method
-        for i, (name, extra) in enumerate(runs):
-            extra = extra + (["method.rmu_layer=-1"] if name == "rmu" else [])
-            cfg = load_config(UnlearnConfig, None, [
-                f"model_path={d / 'model'}", f"method={name}", f"data.source={data}", "data.forget_split=forget10",
-                "data.retain_split=retain90", "data.batch_size=2", "data.max_length=96", "data.buckets=[96]",
-                "run.steps=2", "run.checkpoint_every=0", "run.progress=false", "optim.lr=1e-3",
-                f"run.output_dir={d / f'{name}_{i}'}", *extra])  # fmt: skip
-            _, summary = run_unlearn(cfg)
-            last = summary["last_metrics"]
-            assert summary["steps"] == 2 and last["skipped"] == 0, (name, summary)
-            assert np.isfinite(last["forget_loss"]) and np.isfinite(last["retain_loss"]), (name, last)
-            assert last["forget_grad_norm"] > 0 and last["learning_rate"] > 0, (name, last)
-            assert (last["retain_grad_norm"] > 0) == (cfg.method.retain_loss != "none"), (name, last)
-            assert (d / f"{name}_{i}" / "model" / "config.json").exists()
+    for i, (name, extra) in enumerate(runs):  # jitted two-step runs (XLA at -O0: cheaper than eager, conftest.py)
+        extra = extra + (["method.rmu_layer=-1"] if name == "rmu" else [])
+        cfg = load_config(UnlearnConfig, None, [
+            f"model_path={d / 'model'}", f"method={name}", f"data.source={data}", "data.forget_split=forget10",
+            "data.retain_split=retain90", "data.batch_size=2", "data.max_length=96", "data.buckets=[96]",
+            "run.steps=2", "run.checkpoint_every=0", "run.progress=false", "optim.lr=1e-3",
+            f"run.output_dir={d / f'{name}_{i}'}", *extra])  # fmt: skip
+        _, summary = run_unlearn(cfg)
+        last = summary["last_metrics"]
+        assert summary["steps"] == 2 and last["skipped"] == 0, (name, summary)
+        assert np.isfinite(last["forget_loss"]) and np.isfinite(last["retain_loss"]), (name, last)
+        assert last["forget_grad_norm"] > 0 and last["learning_rate"] > 0, (name, last)
+        assert (last["retain_grad_norm"] > 0) == (cfg.method.retain_loss != "none"), (name, last)
+        assert (d / f"{name}_{i}" / "model" / "config.json").exists()
 
 
 def test_unlearn_with_model_selection_exports_best_and_last(tiny_run):

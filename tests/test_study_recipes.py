@@ -2,8 +2,6 @@
 study runner on real TOFU files with a tiny random model that uses SmolLM2's tokenizer."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -75,17 +73,18 @@ def tiny_smol(tmp_path_factory):
     return d
 
 
-@pytest.mark.slow  # about 1.5 min on 2 idle cores (compiles for a 49k-token vocabulary, 4 runs of the CLI)
-def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_path, tofu_dir):
+@pytest.mark.slow  # about 1 min on 2 idle cores (compiles for a 49k-token vocabulary, 4 runs of the CLI)
+def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_path, tofu_dir, capsys):
+    # the CLI in this process (its entry point, exit codes and output): a subprocess per run would only add imports
     out = tmp_path / "study"
     args = [
-        sys.executable, "-m", "ngdiff_jax.cli", "study", "--config", "tofu_smollm2", "--out", str(out), "--no-progress",
+        "study", "--config", "tofu_smollm2", "--out", str(out), "--no-progress",
         f"model_path={tiny_smol}", f"benchmark.source={tofu_dir}", "benchmark.retain_authors=1",
         "benchmark.eval_rows=2", "train.steps=1", "train.retain_steps=1", "unlearn.steps=1", "unlearn.eval_every=1",
         "evaluation.max_new_tokens=2", "evaluation.batch_size=4", "train.batch_size=4", "unlearn.methods=[ngdiff]",
     ]  # fmt: skip
-    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert main(args) == 0, capsys.readouterr().err[-3000:]
+    capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     assert set(report["models"]) == {"retain", "target", "ngdiff"}
     assert [pt["step"] for pt in report["trajectories"]["ngdiff"]] == [0, 1]
@@ -98,13 +97,14 @@ def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_p
     assert saved["retain_split"] == "demo_retain_train"
     # resume: every phase is loaded, not redone; another config is refused
     (out / "report.json").unlink()
-    p = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("done before (resumed)") == 3 and (out / "report.json").is_file()
-    p = subprocess.run([*args[:-1], "unlearn.methods=[ga]", "--resume"], capture_output=True, text=True, timeout=900)
-    assert p.returncode != 0 and "another config" in p.stderr
-    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
-    assert p.returncode != 0 and "--resume" in p.stderr
+    rc = main([*args, "--resume"])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr[-3000:]
+    assert stdout.count("done before (resumed)") == 3 and (out / "report.json").is_file()
+    rc = main([*args[:-1], "unlearn.methods=[ga]", "--resume"])
+    assert rc != 0 and "another config" in capsys.readouterr().err
+    rc = main(args)
+    assert rc != 0 and "--resume" in capsys.readouterr().err
 
 
 def test_eval_reads_the_saved_format_and_split(tmp_path, monkeypatch, tofu_dir):
