@@ -1,7 +1,10 @@
 """Unlearning objectives as pure functions of logits and labels (open-unlearning's definitions).
 
 Every loss here is a differentiable ``jnp`` scalar built on
-``ngdiff_jax.models.logprobs.token_logprobs``. Labels follow Hugging Face's
+``ngdiff_jax.models.logprobs.token_logprobs``; those that read only the labels' log-probs
+(``nll``, ``gradient_ascent``, ``sequence_logprob_sum``, ``npo``, ``simnpo``, ``dpo``, ``wga``,
+``satimp``) also take a ``TokenLogprobs`` (``CausalLM.token_logprobs``, no ``[B, T, V]``
+logits) in place of the logits. Labels follow Hugging Face's
 convention (aligned with ``input_ids``, ``-100`` where not scored). All of them are
 losses to **minimize**.
 

@@ -4,7 +4,7 @@ KV-cache greedy generation, a functional (params-pytree) core, and per-token log
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from ngdiff_jax.models.generation import generate
 from ngdiff_jax.models.hf import from_pretrained, save_pretrained
-from ngdiff_jax.models.logprobs import IGNORE_INDEX, sequence_nll, token_logprobs
+from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs, sequence_nll, token_logprobs
 from ngdiff_jax.models.modeling import (
     REMAT_POLICIES,
     CausalLM,
@@ -27,5 +27,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelConfig", "CausalLM", "from_config", "from_pretrained", "save_pretrained",
     "functional", "with_params", "abstract_model", "set_remat", "REMAT_POLICIES",
     "generate", "logical_axes", "param_shardings", "PARAM_LOGICAL_AXES",
-    "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "token_logprobs", "sequence_nll", "IGNORE_INDEX",
+    "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "token_logprobs", "TokenLogprobs", "sequence_nll",
+    "IGNORE_INDEX",
 ]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngdiff_jax.host_memory import owned
 from ngdiff_jax.models import sharding as shd
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, _unsupported_type_error
 from ngdiff_jax.models.kernels import resolve_kernels
@@ -394,13 +395,13 @@ def load_params(model_dir, cfg: ModelConfig, abstract_flat: dict[str, Any], *, m
             a = spec.read(f, dtype=dt)
             if a.shape != spec.our_shape:
                 raise ValueError(f"converted {spec.hf_name} to shape {a.shape}, expected {spec.our_shape}")
-            out[path] = jax.device_put(a)
+            out[path] = owned(jax.device_put(a))  # an XLA buffer: a training step can donate it
             del a
         else:
             def cb(index, spec=spec, f=f, dt=dt):
                 return spec.read(f, index, dtype=dt)
 
-            out[path] = jax.make_array_from_callback(spec.our_shape, shardings[path], cb)
+            out[path] = owned(jax.make_array_from_callback(spec.our_shape, shardings[path], cb))
     return out
 
 

@@ -206,7 +206,11 @@ def split(model):
     def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
         return _model(params).hidden_state(input_ids, attention_mask, layer=layer, positions=positions)
 
+    def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
+        return _model(params).token_logprobs(input_ids, labels, attention_mask, positions)
+
     apply_fn.hidden_state = hidden_state  # as models.functional's
+    apply_fn.token_logprobs = token_logprobs
     return apply_fn, base, adapters
 
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from ngdiff_jax.models import kernels as kernels_lib
 from ngdiff_jax.models.config import ModelConfig
+from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
 
 Array = jax.Array
 NEG_INF = -1e30
@@ -312,6 +313,48 @@ class CausalLM(nnx.Module):
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return logits.astype(jnp.float32)
 
+    def token_logprobs(self, input_ids: Array, labels: Array, attention_mask: Array | None = None,
+                       positions: Array | None = None) -> TokenLogprobs:
+        """``token_logprobs(self(input_ids, attention_mask, positions), labels)`` without the
+        ``[B, T, V]`` logits: the head runs over chunks of about `HEAD_CHUNK_ELEMENTS` / vocab
+        tokens in a ``lax.scan`` whose body is rematerialized (``jax.checkpoint``), so neither the
+        forward nor the backward pass holds more than one chunk's logits (the chunk's logits are
+        recomputed in the backward pass: one more head matmul). Plain JAX: jit, vmap and both
+        modes of differentiation work as for the logits."""
+        input_ids = jnp.asarray(input_ids)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, T), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        graphdef, state = nnx.split(self)
+        return _jit_logprobs(graphdef, state, input_ids, jnp.asarray(labels), jnp.asarray(attention_mask), positions)
+
+    def _head_logprobs(self, x: Array, labels: Array) -> TokenLogprobs:
+        """`TokenLogprobs` of ``labels`` from the last block's output ``x [B, T, E]``, chunked."""
+        B, T, E = x.shape
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        n = B * (T - 1)
+        x = x[:, :-1].reshape(n, E)
+        tgt = jnp.where(mask, targets, 0).reshape(n)
+        chunk = head_chunk_tokens(n, self.config.vocab_size)
+        pad = (-n) % chunk
+        if pad:
+            x = jnp.pad(x, ((0, pad), (0, 0)))
+            tgt = jnp.pad(tgt, (0, pad))
+
+        def chunk_logp(xc, tc):
+            logits = self._head(xc[None])[0]  # [chunk, V] float32
+            picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+            return picked - jax.nn.logsumexp(logits, axis=-1)
+
+        body = jax.checkpoint(chunk_logp, prevent_cse=False)
+        _, lp = jax.lax.scan(lambda c, xs: (c, body(*xs)), None,
+                             (x.reshape(-1, chunk, E), tgt.reshape(-1, chunk)))  # fmt: skip
+        logp = lp.reshape(-1)[:n].reshape(B, T - 1)
+        return TokenLogprobs(jnp.where(mask, logp, 0.0), mask.astype(jnp.float32))
+
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  positions: Array | None = None) -> Array:
         """Logits ``[B, T, V]`` (float32). Positions default to ``0..T-1`` for every row, as
@@ -357,6 +400,17 @@ class CausalLM(nnx.Module):
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
 
 
+#: elements of one chunk's logits in `CausalLM.token_logprobs` (16 MiB in float32)
+HEAD_CHUNK_ELEMENTS = 1 << 22
+
+
+def head_chunk_tokens(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk of the chunked head: about ``HEAD_CHUNK_ELEMENTS / vocab``, a multiple of 8
+    (at least 8), and never more than ``n_tokens`` rounded up to a multiple of 8."""
+    c = max(8, (HEAD_CHUNK_ELEMENTS // max(vocab, 1)) // 8 * 8)
+    return min(c, -(-n_tokens // 8) * 8)
+
+
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -391,6 +445,14 @@ def _jit_call(graphdef, state, input_ids, attention_mask, positions):
     model = nnx.merge(graphdef, state)
     logits, _ = model.forward(input_ids, positions, attention_mask)
     return logits
+
+
+@partial(jax.jit, static_argnums=0)
+def _jit_logprobs(graphdef, state, input_ids, labels, attention_mask, positions):
+    model = nnx.merge(graphdef, state)
+    x, _ = model.forward(input_ids, positions, attention_mask, return_hidden=True)
+    with kernels_lib.use(model.kernels):
+        return model._head_logprobs(x, labels)
 
 
 def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
@@ -444,7 +506,9 @@ def functional(model: CausalLM):
     """``(apply_fn, params)``: ``apply_fn(params, input_ids, attention_mask=None) -> logits``
     is pure, jittable and differentiable in ``params`` (a pure nested dict of arrays).
     ``apply_fn.hidden_state(params, input_ids, attention_mask=None, *, layer)`` gives the
-    hidden state after one block (:meth:`CausalLM.hidden_state`), equally pure."""
+    hidden state after one block (:meth:`CausalLM.hidden_state`), and
+    ``apply_fn.token_logprobs(params, input_ids, labels, attention_mask=None)`` the labels'
+    log-probs through the chunked head (:meth:`CausalLM.token_logprobs`), equally pure."""
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     # The closure keeps only shapes: holding ``state`` itself would keep the model's arrays
@@ -459,7 +523,12 @@ def functional(model: CausalLM):
         m = _merge(graphdef, template, params)
         return m.hidden_state(input_ids, attention_mask, layer=layer, positions=positions)
 
+    def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
+        m = _merge(graphdef, template, params)
+        return m.token_logprobs(input_ids, labels, attention_mask, positions)
+
     apply_fn.hidden_state = hidden_state  # per-layer hidden states, for RMU (see CausalLM.hidden_state)
+    apply_fn.token_logprobs = token_logprobs  # labels' log-probs without the logits (the training losses)
     return apply_fn, params
 
 

@@ -14,6 +14,7 @@ from ngdiff_jax.optim._base import CombinerState, TwoTaskWeights, two_task_combi
 from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
 from ngdiff_jax.optim.gen import GeNState, gen_rate_estimate, scale_by_gen
+from ngdiff_jax.optim.guarded_adam import scale_by_guarded_adam
 from ngdiff_jax.optim.mgda import mgda
 from ngdiff_jax.optim.ngdiff import ngdiff
 from ngdiff_jax.optim.pcgrad import pcgrad
@@ -42,6 +43,7 @@ __all__ = [
     "pcgrad",
     "scale_by_gen",
     "scale_by_rate",
+    "scale_by_guarded_adam",
     "skip_if_nonfinite",
     "two_task",
     "two_task_combiner",

@@ -90,6 +90,13 @@ def _shifted(params: Any, updates: Any, step: jax.Array) -> Any:
     return jax.tree.map(leaf, params, updates)
 
 
+def _after(x: jax.Array, done: jax.Array) -> jax.Array:
+    """``x``, unchanged in value (``done < -inf`` is never true), made to depend on ``done`` so
+    that what is computed from it waits for ``done``: XLA cannot reorder the two, where an
+    ``optimization_barrier`` is dropped by XLA:CPU before scheduling."""
+    return x + jnp.where(done < -jnp.inf, 1, 0).astype(x.dtype)
+
+
 def _scalar(v: Any, what: str) -> jax.Array:
     v = jnp.asarray(v)
     if v.shape != ():
@@ -229,7 +236,10 @@ def scale_by_gen(
 
         def probe():
             loss_minus = reduce(_scalar(value_fn(_shifted(params, updates, -lr)), "value_fn(params)"))
-            loss_plus = reduce(_scalar(value_fn(_shifted(params, updates, lr)), "value_fn(params)"))
+            # The second probe waits for the first (`_after`): one shifted copy of the
+            # parameters at a time instead of two.
+            loss_plus = reduce(_scalar(value_fn(_shifted(params, updates, _after(lr, loss_minus))),
+                                       "value_fn(params)"))
             if value is None:
                 loss_zero = reduce(_scalar(value_fn(params), "value_fn(params)"))
             else:

@@ -71,6 +71,7 @@ from ngdiff_jax.optim._base import tree_max_abs
 from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
 from ngdiff_jax.optim.gen import scale_by_gen
+from ngdiff_jax.optim.guarded_adam import is_self_guarded, scale_by_guarded_adam
 from ngdiff_jax.optim.mgda import mgda
 from ngdiff_jax.optim.ngdiff import ngdiff
 from ngdiff_jax.optim.pcgrad import pcgrad
@@ -159,11 +160,15 @@ def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTran
         if forget_grads is not None:
             finite = finite & jnp.isfinite(tree_max_abs(forget_grads))
             extra_args["forget_grads"] = forget_grads
+        # Transformations that skip themselves in place (scale_by_guarded_adam) read this; their
+        # state is left out of the select below, which would keep old and new state alive together.
+        extra_args["step_is_finite"] = finite
         updates, inner_state = inner.update(retain_grads, state.inner_state, params, **extra_args)
         updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-        inner_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), inner_state, state.inner_state
-        )
+        def keep(new, old):
+            return new if is_self_guarded(new) else jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        inner_state = jax.tree.map(keep, inner_state, state.inner_state, is_leaf=is_self_guarded)
         skipped = state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
         return updates, SkipNonFiniteState(skipped=skipped, inner_state=inner_state)
 
@@ -271,9 +276,9 @@ def unlearning_optimizer(
                          "pass the two-task combiner as combiner=.")
     if not weight_decay >= 0:
         raise ValueError(f"unlearning_optimizer: weight_decay must be >= 0, got {weight_decay!r}.")
-    if optimizer is None:
-        optimizer = (optax.scale_by_adam(b1=b1, b2=b2, eps=adam_eps, eps_root=eps_root, mu_dtype=mu_dtype)
-                     if adam else None)
+    if optimizer is None:  # optax's Adam; with the guard, the variant that skips in place (same numbers)
+        make_adam = scale_by_guarded_adam if skip_nonfinite else optax.scale_by_adam
+        optimizer = make_adam(b1=b1, b2=b2, eps=adam_eps, eps_root=eps_root, mu_dtype=mu_dtype) if adam else None
     parts = [combine]
     if optimizer is not None:
         parts.append(optimizer)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding
 
+from ngdiff_jax.host_memory import release_freed_memory
 from ngdiff_jax.parallel.memory import (
     CompiledMemory,
     MemoryEstimate,
@@ -58,6 +59,7 @@ class ShardedStep:
     report: dict[str, list[str]]
     num_batches: int = 2
     frozen_shardings: tuple = ()  # shardings of the trailing frozen arguments (e.g. a LoRA base)
+    _compiled: set = field(default_factory=set, repr=False)  # batch shapes compiled so far
 
     def place_state(self, params, opt_state, ref_params=None):
         """``(params, opt_state[, ref_params])`` on their shardings, no two leaves sharing a buffer
@@ -103,7 +105,15 @@ class ShardedStep:
         return args + tuple(place(x, s) for x, s in zip(frozen, self.frozen_shardings))
 
     def __call__(self, params, opt_state, *rest):
-        return self.fn(*self._args(params, opt_state, *rest))
+        args = self._args(params, opt_state, *rest)
+        shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[2:2 + self.num_batches]))
+        if shapes not in self._compiled:
+            # Compile first (the call below finds it in jax's cache), then hand the compiler's
+            # freed memory back before the step allocates its own (see ngdiff_jax.host_memory).
+            self.fn.lower(*args).compile()
+            release_freed_memory()
+            self._compiled.add(shapes)
+        return self.fn(*args)
 
     def loop_step(self, params, opt_state, batches, rng, *extra):
         """The calling convention of ``ngdiff_jax.training.run_loop`` (``batches`` a tuple;

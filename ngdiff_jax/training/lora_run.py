@@ -50,6 +50,8 @@ class LoraRun:
 
             apply.hidden_state = lambda params, *a, **kw: pair_apply.hidden_state(
                 {"base": base, "lora": params}, *a, **kw)
+            apply.token_logprobs = lambda params, *a, **kw: pair_apply.token_logprobs(
+                {"base": base, "lora": params}, *a, **kw)
             return make_step(apply)(adapters, opt_state, *args)
 
         return step

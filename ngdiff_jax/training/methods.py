@@ -34,11 +34,22 @@ ALT_KEYS = ("alt_input_ids", "alt_attention_mask", "alt_labels")
 
 
 class ModelFns(NamedTuple):
-    """What an objective may call: ``logits(params, ids, mask)`` and, for RMU,
-    ``hidden(params, ids, mask, *, layer)`` (``apply_fn.hidden_state`` of ``models.functional``)."""
+    """What an objective may call: ``logits(params, ids, mask)``; for RMU,
+    ``hidden(params, ids, mask, *, layer)`` (``apply_fn.hidden_state`` of ``models.functional``);
+    and ``logprobs(params, ids, mask, labels) -> TokenLogprobs`` (``apply_fn.token_logprobs``: the
+    chunked head, no ``[B, T, V]`` logits; None: computed from ``logits``)."""
 
     logits: ApplyFn
     hidden: Callable[..., jax.Array] | None = None
+    logprobs: Callable[..., Any] | None = None
+
+    def token_logprobs(self, params, ids, mask, labels):
+        """The labels' log-probs as a `TokenLogprobs` (through ``logprobs`` when given)."""
+        from ngdiff_jax.models.logprobs import TokenLogprobs, token_logprobs
+
+        if self.logprobs is not None:
+            return self.logprobs(params, ids, labels, mask)
+        return TokenLogprobs(*token_logprobs(self.logits(params, ids, mask), labels))
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,12 @@ def _logits(model: ModelFns, params, batch, prefix: str = ""):
     return model.logits(params, batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
 
 
+def _logprobs(model: ModelFns, params, batch, prefix: str = ""):
+    """The labels' log-probs (a `TokenLogprobs`, accepted by the log-prob losses in place of logits)."""
+    return model.token_logprobs(params, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                                batch[prefix + "labels"])
+
+
 def _hidden(model: ModelFns, params, batch, layer: int):
     return model.hidden(params, batch["input_ids"], batch["attention_mask"], layer=layer)
 
@@ -87,8 +104,8 @@ def _ref_logp_sum(prefix: str = ""):
     def reference(model, ref_params, batch):
         from ngdiff_jax import losses
 
-        lg = _logits(model, ref_params, batch, prefix)
-        return {f"{prefix}ref_logp_sum": losses.sequence_logprob_sum(lg, batch[prefix + "labels"])}
+        lp = _logprobs(model, ref_params, batch, prefix)
+        return {f"{prefix}ref_logp_sum": losses.sequence_logprob_sum(lp, batch[prefix + "labels"])}
 
     return reference
 
@@ -107,6 +124,17 @@ def _logit_objective(fn, **kw) -> Objective:
     return Objective(loss, **kw)
 
 
+def _logprob_objective(fn, **kw) -> Objective:
+    """An objective of the labels' log-probs only: ``fn(token_logprobs, batch, ref) -> loss``
+    (the chunked head: no vocabulary-sized activations)."""
+
+    def loss(model, params, batch, ref):
+        lp = _logprobs(model, params, batch)
+        return fn(lp, batch, ref), _nll(lp, batch["labels"])
+
+    return Objective(loss, **kw)
+
+
 def forget_objective(method: MethodConfig) -> Objective | None:
     """The forget-task :class:`Objective` (a loss to minimize), or None for ``forget_loss: none``."""
     from ngdiff_jax import losses
@@ -116,29 +144,29 @@ def forget_objective(method: MethodConfig) -> Objective | None:
         return None
     if kind == "ga":
         def ga(model, params, batch, ref):
-            nll = _nll(_logits(model, params, batch), batch["labels"])
+            nll = _nll(_logprobs(model, params, batch), batch["labels"])
             return -nll, nll  # == losses.gradient_ascent, with the NLL reused for logging
 
         return Objective(ga)
     if kind == "nll":
         def nll_loss(model, params, batch, ref):
-            nll = _nll(_logits(model, params, batch), batch["labels"])
+            nll = _nll(_logprobs(model, params, batch), batch["labels"])
             return nll, nll
 
         return Objective(nll_loss)
     if kind == "npo":
-        return _logit_objective(
+        return _logprob_objective(
             lambda lg, b, ref: losses.npo(lg, b["labels"], ref["ref_logp_sum"], method.beta),
             reference=_ref_logp_sum(), precomputed=("ref_logp_sum",),
         )  # fmt: skip
     if kind == "simnpo":
-        return _logit_objective(
+        return _logprob_objective(
             lambda lg, b, ref: losses.simnpo(lg, b["labels"], beta=method.beta, delta=method.simnpo_delta)
         )
     if kind == "wga":
-        return _logit_objective(lambda lg, b, ref: losses.wga(lg, b["labels"], method.beta))
+        return _logprob_objective(lambda lg, b, ref: losses.wga(lg, b["labels"], method.beta))
     if kind == "satimp":
-        return _logit_objective(
+        return _logprob_objective(
             lambda lg, b, ref: losses.satimp(lg, b["labels"], method.satimp_beta1, method.satimp_beta2)
         )
     if kind == "ceu":
@@ -150,8 +178,8 @@ def forget_objective(method: MethodConfig) -> Objective | None:
         )  # fmt: skip
     if kind == "idk_nll":
         def idk_nll(model, params, batch, ref):
-            alt = _nll(_logits(model, params, batch, "alt_"), batch["alt_labels"])
-            nll = jax.lax.stop_gradient(_nll(_logits(model, params, batch), batch["labels"]))
+            alt = _nll(_logprobs(model, params, batch, "alt_"), batch["alt_labels"])
+            nll = jax.lax.stop_gradient(_nll(_logprobs(model, params, batch), batch["labels"]))
             return alt, nll
 
         return Objective(idk_nll, batch_keys=BATCH_KEYS + ALT_KEYS)
@@ -160,8 +188,8 @@ def forget_objective(method: MethodConfig) -> Objective | None:
             return {**_ref_logp_sum()(model, ref_params, batch), **_ref_logp_sum("alt_")(model, ref_params, batch)}
 
         def dpo(model, params, batch, ref):
-            logits = _logits(model, params, batch)
-            alt = _logits(model, params, batch, "alt_")
+            logits = _logprobs(model, params, batch)
+            alt = _logprobs(model, params, batch, "alt_")
             loss = losses.dpo(logits, batch["labels"], ref["ref_logp_sum"], alt, batch["alt_labels"],
                               ref["alt_ref_logp_sum"], method.beta)  # fmt: skip
             return loss, _nll(logits, batch["labels"])
@@ -172,7 +200,7 @@ def forget_objective(method: MethodConfig) -> Objective | None:
         def rmu(model, params, batch, ref):
             h = _hidden(model, params, batch, method.rmu_layer)
             u = losses.rmu_control_vector(jax.random.PRNGKey(method.rmu_seed), h.shape[-1], method.rmu_steering_coeff)
-            nll = jax.lax.stop_gradient(_nll(_logits(model, params, batch), batch["labels"]))
+            nll = jax.lax.stop_gradient(_nll(_logprobs(model, params, batch), batch["labels"]))
             return losses.rmu_forget(h, u, batch["labels"]), nll
 
         return Objective(rmu)
@@ -188,7 +216,7 @@ def retain_objective(method: MethodConfig) -> Objective | None:
         return None
     if kind == "nll":
         def nll_loss(model, params, batch, ref):
-            nll = _nll(_logits(model, params, batch), batch["labels"])
+            nll = _nll(_logprobs(model, params, batch), batch["labels"])
             return nll, nll
 
         return Objective(nll_loss)
@@ -202,7 +230,7 @@ def retain_objective(method: MethodConfig) -> Objective | None:
 
         def embed_diff(model, params, batch, ref):
             h = _hidden(model, params, batch, method.rmu_layer)
-            nll = jax.lax.stop_gradient(_nll(_logits(model, params, batch), batch["labels"]))
+            nll = jax.lax.stop_gradient(_nll(_logprobs(model, params, batch), batch["labels"]))
             return losses.activation_mse(h, ref["ref_hidden"], batch["labels"]), nll
 
         return Objective(embed_diff, reference=ref_hidden)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ngdiff_jax.models.logprobs import IGNORE_INDEX, token_logprobs
+from ngdiff_jax.models.logprobs import IGNORE_INDEX
 from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
 
@@ -35,8 +35,8 @@ __all__ = ["make_finetune_step", "make_unlearn_step", "reference_logp_sum"]
 
 def reference_logp_sum(apply_fn: ApplyFn, ref_params, batch) -> jax.Array:
     """Summed log-prob of each sample's scored tokens under the reference model, ``[B]``."""
-    logits = apply_fn(ref_params, batch["input_ids"], batch["attention_mask"])
-    logp, _ = token_logprobs(logits, batch["labels"])
+    fns = ModelFns(apply_fn, None, getattr(apply_fn, "token_logprobs", None))
+    logp, _ = fns.token_logprobs(ref_params, batch["input_ids"], batch["attention_mask"], batch["labels"])
     return jax.lax.stop_gradient(logp.sum(-1))
 
 
@@ -81,6 +81,16 @@ def _split(batch, k: int):
 def _weights(kind: str, mbs) -> jax.Array:
     w = jax.vmap(lambda mb: _objective_weight(kind, mb))(mbs)
     return w / jnp.maximum(w.sum(), 1e-30)
+
+
+def _after(batch, done: jax.Array):
+    """``batch`` with its ``input_ids`` made to depend on the scalar ``done`` (unchanged in value:
+    ``done`` is a norm, never negative), so that everything computed from the batch waits for
+    ``done``. It runs the two tasks one after the other: without it XLA interleaves the two forward
+    passes and keeps both tasks' activations alive until the backward passes (an
+    ``optimization_barrier`` does not hold: XLA:CPU drops it before scheduling)."""
+    ids = batch["input_ids"]
+    return {**batch, "input_ids": ids + jnp.where(done < 0, 1, 0).astype(ids.dtype)}
 
 
 def _constrainer(shardings):
@@ -139,7 +149,7 @@ def make_unlearn_step(
             f"retain_loss={method.retain_loss}) but apply_fn has no `hidden_state`; build it with "
             "ngdiff_jax.models.functional or pass hidden_fn=."
         )
-    model_fns = ModelFns(apply_fn, hidden_fn)
+    model_fns = ModelFns(apply_fn, hidden_fn, getattr(apply_fn, "token_logprobs", None))
 
     def task_loss(obj, batch, ref):
         def loss_fn(params):
@@ -222,6 +232,8 @@ def make_unlearn_step(
             f_loss = zero
             f_nll = plain_nll(params, forget_batch)
             f_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+        f_norm = _norm(f_grads)
+        retain_batch = _after(retain_batch, f_norm)
         if r_obj is not None:
             r_loss, r_nll, r_grads, r_fn = one_task(r_obj, "retain", retain_batch, ref_params, params)
         else:
@@ -244,7 +256,7 @@ def make_unlearn_step(
             "retain_loss": r_loss.astype(jnp.float32),
             "forget_nll": f_nll.astype(jnp.float32),
             "retain_nll": r_nll.astype(jnp.float32),
-            "forget_grad_norm": _norm(f_grads),
+            "forget_grad_norm": f_norm,
             "retain_grad_norm": _norm(r_grads),
         }
         updates, opt_state = tx.update(
@@ -263,8 +275,9 @@ def make_unlearn_step(
 def _plain_nll(apply_fn, params, batch):
     from ngdiff_jax import losses
 
-    logits = apply_fn(params, batch["input_ids"], batch["attention_mask"])
-    return jax.lax.stop_gradient(losses.nll(logits, batch["labels"]))
+    fns = ModelFns(apply_fn, None, getattr(apply_fn, "token_logprobs", None))
+    lp = fns.token_logprobs(params, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return jax.lax.stop_gradient(losses.nll(lp, batch["labels"]))
 
 
 def make_finetune_step(
@@ -278,9 +291,11 @@ def make_finetune_step(
     k = int(micro_batches)
     constrain = _constrainer(grad_sharding)
 
+    fns = ModelFns(apply_fn, None, getattr(apply_fn, "token_logprobs", None))
+
     def loss_fn(p, batch):
-        logits = apply_fn(p, batch["input_ids"], batch["attention_mask"])
-        return losses.nll(logits, batch["labels"])
+        lp = fns.token_logprobs(p, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return losses.nll(lp, batch["labels"])
 
     def step(params, opt_state, batch, rng):
         del rng

@@ -1,0 +1,181 @@
+"""What keeps the unlearning step lean (issue 11), each checked against the program without it.
+
+* the chunked head (``CausalLM.token_logprobs``): the labels' log-probs and their gradients equal
+  the logits path, without a ``[B, T, V]`` buffer;
+* the two tasks run one after the other (``training.step._after``): one task's activations alive;
+* ``scale_by_guarded_adam``: optax's Adam bit for bit, skipping in place (no copy of the moments);
+* loaded weights are donatable (XLA-owned buffers) and a sharded step compiles once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from ngdiff_jax import losses, models
+from ngdiff_jax.models import modeling
+from ngdiff_jax.models.config import ModelConfig
+from ngdiff_jax.models.logprobs import TokenLogprobs, token_logprobs
+from ngdiff_jax.models.testing import tiny_hf_config
+from ngdiff_jax.optim import scale_by_guarded_adam, skip_if_nonfinite, unlearning_optimizer
+from ngdiff_jax.training import load_method, make_unlearn_step
+from ngdiff_jax.training import step as step_lib
+
+
+def _model(family: str, kernels: str, **overrides):
+    cfg = ModelConfig.from_hf(tiny_hf_config(family, **overrides))
+    return models.CausalLM(cfg, rngs=nnx.Rngs(0), kernels=kernels)
+
+
+def _batch(B=3, T=11, V=128, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, V, (B, T)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, :4] = -100  # prompt
+    labels[0, -3:] = -100  # padding
+    mask = np.ones((B, T), np.int32)
+    mask[0, -3:] = 0
+    return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels)
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "phi"])  # tied head; untied head with a bias
+@pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
+def test_chunked_head_equals_the_logits_path(family, kernels, monkeypatch):
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_ELEMENTS", 128 * 8)  # 8-token chunks: 30 tokens = 4 chunks, padded
+    model = _model(family, kernels)
+    apply_fn, params = models.functional(model)
+    ids, mask, labels = _batch()
+    lp = apply_fn.token_logprobs(params, ids, labels, mask)
+    ref_logp, ref_mask = token_logprobs(apply_fn(params, ids, mask), labels)
+    assert isinstance(lp, TokenLogprobs)
+    np.testing.assert_array_equal(lp.mask, ref_mask)
+    np.testing.assert_allclose(lp.logp, ref_logp, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(lp.logp).sum()) > 1.0
+
+    g = jax.grad(lambda p: losses.nll(apply_fn.token_logprobs(p, ids, labels, mask), labels))(params)
+    g_ref = jax.grad(lambda p: losses.nll(apply_fn(p, ids, mask), labels))(params)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    if kernels == "xla":  # plain JAX: forward mode too
+        t = jax.tree.map(jnp.ones_like, params)
+        _, jv = jax.jvp(lambda p: losses.nll(apply_fn.token_logprobs(p, ids, labels, mask), labels), (params,), (t,))
+        _, jv_ref = jax.jvp(lambda p: losses.nll(apply_fn(p, ids, mask), labels), (params,), (t,))
+        np.testing.assert_allclose(jv, jv_ref, rtol=1e-4)
+
+
+def _temp_bytes(fn, *args, donate=()) -> int:
+    return jax.jit(fn, donate_argnums=donate).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_head_keeps_no_vocabulary_sized_buffer(monkeypatch):
+    V, B, T = 4096, 4, 128  # logits: 8 MiB in float32; a head chunk: 64 tokens x 4096 = 1 MiB
+    monkeypatch.setattr(modeling, "HEAD_CHUNK_ELEMENTS", 64 * V)
+    model = _model("llama_tied", "xla", vocab_size=V, max_position_embeddings=T)
+    labels = jnp.ones((B, T), jnp.int32)
+    x = jnp.ones((B, T, model.config.hidden_size), jnp.float32)  # the last block's output
+
+    def fused(x):
+        return losses.nll(model._head_logprobs(x, labels), labels)
+
+    def plain(x):
+        return losses.nll(model._head(x), labels)
+
+    logits_bytes = B * T * V * 4
+    t_fused = _temp_bytes(jax.grad(fused), x)
+    t_plain = _temp_bytes(jax.grad(plain), x)
+    assert t_plain > 1.5 * logits_bytes  # the logits path holds [B, T, V] buffers ...
+    assert t_fused < 0.6 * logits_bytes  # ... the chunked head a few chunks
+
+
+def test_unlearn_step_runs_the_two_tasks_one_after_the_other(monkeypatch):
+    # activations dominate: long sequences, small weights
+    model = _model("llama", "xla", num_hidden_layers=4, max_position_embeddings=256)
+    apply_fn, params = models.functional(model)
+    method = load_method("gdiff")
+    tx = unlearning_optimizer("gdiff", 1e-3, gen=False)
+    b = jnp.ones((8, 256), jnp.int32)
+    args = (params, tx.init(params), {"input_ids": b, "attention_mask": b, "labels": b}, None, jnp.zeros(2, jnp.uint32))
+    args = (*args[:3], args[2], args[4])
+    sequenced = _temp_bytes(make_unlearn_step(apply_fn, method, tx), *args, donate=(0, 1))
+    monkeypatch.setattr(step_lib, "_after", lambda batch, done: batch)
+    interleaved = _temp_bytes(make_unlearn_step(apply_fn, method, tx), *args, donate=(0, 1))
+    one_task = _temp_bytes(jax.grad(lambda p: losses.nll(apply_fn.token_logprobs(p, b, b, b), b)), params)
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert sequenced < 0.8 * interleaved
+    assert sequenced < 1.05 * one_task + 4 * param_bytes  # one task's activations, two gradients, updates
+
+
+@pytest.mark.parametrize("mu_dtype", [None, jnp.bfloat16])
+def test_guarded_adam_is_optax_adam_and_skips_in_place(mu_dtype):
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
+    ours, ref = scale_by_guarded_adam(mu_dtype=mu_dtype), optax.scale_by_adam(mu_dtype=mu_dtype)
+    s, r = ours.init(params), ref.init(params)
+    for _ in range(5):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+        u, s = ours.update(g, s, step_is_finite=jnp.asarray(True))
+        v, r = ref.update(g, r)
+        for a, b in zip(jax.tree.leaves((u, s)), jax.tree.leaves((v, r))):
+            np.testing.assert_array_equal(a, b)  # bit for bit
+            assert a.dtype == b.dtype
+    u, s2 = ours.update(jax.tree.map(lambda x: x * jnp.nan, g), s, step_is_finite=jnp.asarray(False))
+    for a, b in zip(jax.tree.leaves(s2), jax.tree.leaves(s)):
+        np.testing.assert_array_equal(a, b)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(u))
+    assert isinstance(s, optax.ScaleByAdamState)
+
+
+def test_skip_guard_costs_no_copy_of_the_moments():
+    model = _model("llama", "xla", vocab_size=4096, hidden_size=64, intermediate_size=128)
+    apply_fn, params = models.functional(model)
+    method = load_method("ngdiff")
+    b = jnp.ones((2, 16), jnp.int32)
+    batch = {"input_ids": b, "attention_mask": b, "labels": b}
+
+    def temps(tx):
+        step = make_unlearn_step(apply_fn, method, tx)
+        return _temp_bytes(step, params, tx.init(params), batch, batch, jnp.zeros(2, jnp.uint32), donate=(0, 1))
+
+    guarded = temps(unlearning_optimizer("ngdiff", 1e-3, skip_nonfinite=True))
+    unguarded = temps(unlearning_optimizer("ngdiff", 1e-3, skip_nonfinite=False))
+    generic = temps(skip_if_nonfinite(unlearning_optimizer("ngdiff", 1e-3, skip_nonfinite=False)))
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    assert guarded <= unguarded + 0.1 * param_bytes
+    assert generic > guarded + 0.5 * param_bytes  # a select after the fact keeps copies of the moments
+
+
+def test_loaded_weights_are_donatable(tmp_path):
+    from ngdiff_jax.models.testing import tiny_hf_model
+
+    tiny_hf_model("llama", tmp_path)
+    _, params = models.functional(models.from_pretrained(tmp_path))
+    leaves = jax.tree.leaves(params)
+    jax.jit(lambda p: jax.tree.map(lambda x: x + 1, p), donate_argnums=0)(params)
+    assert all(x.is_deleted() for x in leaves)
+
+
+def test_sharded_step_compiles_once_per_batch_shape(caplog):
+    from ngdiff_jax import parallel as par
+
+    model = _model("llama", "xla")
+    apply_fn, params = models.functional(model)
+    method = load_method("gdiff")
+    tx = unlearning_optimizer("gdiff", 1e-3, gen=False)
+    mesh = par.make_mesh(par.MeshConfig(data=1, fsdp=1, tensor=1, rules="fsdp"), devices=jax.devices()[:1])
+    sharded = par.shard_unlearn_step(make_unlearn_step(apply_fn, method, tx), mesh, par.resolve_rules("fsdp"), params,
+                                     jax.eval_shape(tx.init, params))  # fmt: skip
+    opt = tx.init(params)
+    params, opt = sharded.place_state(params, opt)
+    b = jnp.ones((2, 8), jnp.int32)
+    batch = {"input_ids": b, "attention_mask": b, "labels": b}
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        for _ in range(2):
+            params, opt, _ = sharded(params, opt, batch, batch, jax.random.PRNGKey(0))
+    compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "step" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
