@@ -8,7 +8,8 @@ process each (peak RSS is per process, ``VmHWM``):
   ``bf16_remat``: bfloat16 parameters and compute, float32 moments, remat ``full``;
   ``lora8``: LoRA rank 8 on all projections; ``lora8_bf16_remat``: the same on a bfloat16 base
   with remat ``full`` (opt-in, not in the default ``--variants``); ``f32_const``: float32 with a fixed rate, the
-  arithmetic of the PyTorch step, for the step time);
+  arithmetic of the PyTorch step, for the step time; ``f32_remat``: float32 with remat ``full``;
+  ``bf16_all_remat``: parameters, compute and moments in bfloat16 with remat ``full``);
 * the PyTorch step (transformers ``LlamaForCausalLM``, one ``autograd.grad`` per task, NGDiff
   arithmetic, ``torch.optim.Adam``; :class:`~ngdiff_jax.bench.torch_side.TorchNGDiffStep`) on
   the same batches (same tokenizer, formatting and batcher as the JAX run),
@@ -31,8 +32,11 @@ from pathlib import Path
 VARIANTS = {
     "f32": [],
     "f32_const": ["method.lr_rule=constant"],
+    "f32_remat": ["run.remat=full"],
     "bf16_remat": ["precision.params=bfloat16", "precision.compute=bfloat16", "precision.moments=float32",
                    "run.remat=full"],
+    "bf16_all_remat": ["precision.params=bfloat16", "precision.compute=bfloat16", "precision.moments=bfloat16",
+                       "run.remat=full"],
     "lora8": ["lora.rank=8"],
     # LoRA on a bfloat16 base with remat: the single-device configuration for large models
     "lora8_bf16_remat": ["lora.rank=8", "precision.params=bfloat16", "precision.compute=bfloat16",
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--variants", default="f32,f32_const,bf16_remat,lora8",
+    p.add_argument("--variants", default="f32,f32_const,f32_remat,bf16_remat,bf16_all_remat,lora8",
                    help=f"JAX variants among {', '.join(VARIANTS)}")
     p.add_argument("--json", default=None)
     p.add_argument("--torch-json", default=None, help="reuse a PyTorch result (a JSON object) instead of running it")
@@ -171,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<12} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] / t['peak_rss_mb']:>8.2f} "
               f"{r['step_time_s']:>8.3f} {r['step_time_s'] / t['step_time_s']:>8.2f}  "
               f"{r['load_before']} / {r['load_after']}")  # fmt: skip
-    if "f32" in results and "bf16_remat" in results:
-        print(f"bf16_remat / f32 peak: {results['bf16_remat']['peak_rss_mb'] / results['f32']['peak_rss_mb']:.2f}")
+    for v in ("bf16_remat", "bf16_all_remat", "f32_remat"):
+        if "f32" in results and v in results:
+            print(f"{v} / f32 peak: {results[v]['peak_rss_mb'] / results['f32']['peak_rss_mb']:.2f}")
     if "f32" in results and "lora8" in results:
         print(f"lora8 / f32 peak: {results['lora8']['peak_rss_mb'] / results['f32']['peak_rss_mb']:.2f}")
     if "f32" in results and "lora8_bf16_remat" in results:

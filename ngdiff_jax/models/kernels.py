@@ -131,6 +131,7 @@ def _swiglu_down(a: Array, b: Array, w: Array) -> Array:
     autodiff the ``[N, M]`` product is a residual of the down projection, which makes XLA:CPU
     materialize ``sigmoid(a)``, ``silu(a)`` and the product in three separate passes in the
     forward; here the product feeds only the matmul and fuses into it, as in a plain forward."""
+    (a, b), (w,) = _fresh((a, b), (w,))
     return jnp.dot(jax.nn.silu(a) * b, w)
 
 
@@ -142,7 +143,7 @@ def _swiglu_down_bwd(res, g):
     # The barrier (which also takes ``g``) keeps XLA from merging this recomputation with the
     # forward's (common-subexpression elimination), which would bring the three passes back.
     a, b, g = jax.lax.optimization_barrier((*res[:2], g))
-    w = res[2]
+    (g,), (w,) = _fresh((g,), (res[2],))
     s = jax.nn.sigmoid(a)
     h = a * s * b
     dh = _dot_nt(g, w)
@@ -163,7 +164,19 @@ def _mm(x: Array, w: Array, w_transposed: bool, preferred_element_type) -> Array
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _token_matmuls(x: Array, ws: tuple, w_transposed: bool, preferred_element_type) -> tuple:
     """``tuple(x [N, K] @ w [K, M] for w in ws)`` (``@ w.T`` for ``w [M, K]`` when ``w_transposed``)."""
+    x, ws = _fresh(x, ws)
     return tuple(_mm(x, w, w_transposed, preferred_element_type) for w in ws)
+
+
+def _fresh(x, ws):
+    """``(x, ws)`` through an optimization barrier when a weight is not float32: XLA:CPU computes
+    a bfloat16 matmul in float32, converting the weight; without the barrier the conversions of
+    one weight at its every use (both tasks' forward and backward passes, GeN's probes) are merged
+    into one float32 copy alive for the whole step (the barrier, unique per use through ``x``,
+    keeps them apart, so each conversion lives only for its matmul)."""
+    if all(w.dtype == jnp.float32 for w in ws):
+        return x, ws
+    return jax.lax.optimization_barrier((x, tuple(ws)))
 
 
 def _token_matmuls_fwd(x, ws, w_transposed, preferred_element_type):
@@ -180,6 +193,7 @@ def _token_matmuls_bwd(w_transposed, preferred_element_type, res, gs):
     # also takes the cotangents, from hoisting it into the forward pass (where it would stay live
     # until the backward).
     x, ws = res
+    gs, ws = _fresh(tuple(gs), ws)
     dt = preferred_element_type
     dx = None
     for g, w in zip(gs, ws):
