@@ -321,14 +321,9 @@ class CausalLM(nnx.Module):
         forward nor the backward pass holds more than one chunk's logits (the chunk's logits are
         recomputed in the backward pass: one more head matmul). Plain JAX: jit, vmap and both
         modes of differentiation work as for the logits."""
-        input_ids = jnp.asarray(input_ids)
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, T), jnp.int32)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
         graphdef, state = nnx.split(self)
-        return _jit_logprobs(graphdef, state, input_ids, jnp.asarray(labels), jnp.asarray(attention_mask), positions)
+        return _jit_logprobs(graphdef, state, input_ids, jnp.asarray(labels), attention_mask, positions)
 
     def _head_logprobs(self, x: Array, labels: Array) -> TokenLogprobs:
         """`TokenLogprobs` of ``labels`` from the last block's output ``x [B, T, E]``, chunked."""
@@ -360,14 +355,9 @@ class CausalLM(nnx.Module):
         """Logits ``[B, T, V]`` (float32). Positions default to ``0..T-1`` for every row, as
         transformers' forward does when no ``position_ids`` are given (right-padded batches
         are then exact; pass ``positions`` for left-padded input)."""
-        input_ids = jnp.asarray(input_ids)
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((B, T), jnp.int32)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
         graphdef, state = nnx.split(self)
-        return _jit_call(graphdef, state, input_ids, jnp.asarray(attention_mask), positions)
+        return _jit_call(graphdef, state, input_ids, attention_mask, positions)
 
     def hidden_state(self, input_ids: Array, attention_mask: Array | None = None, *, layer: int,
                      positions: Array | None = None) -> Array:
@@ -380,11 +370,7 @@ class CausalLM(nnx.Module):
         if not 0 <= idx < n:
             raise ValueError(f"layer={layer} is out of range for a model with {n} layers; use 0..{n - 1} "
                              f"(or -{n}..-1).")
-        input_ids = jnp.asarray(input_ids)
-        B, T = input_ids.shape
-        mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        input_ids, mask, positions = _inputs(input_ids, attention_mask, positions)
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
@@ -398,6 +384,18 @@ class CausalLM(nnx.Module):
         dt = dtype or self.dtype
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
+
+
+def _inputs(input_ids, attention_mask, positions):
+    """``(input_ids, attention_mask, positions)`` as arrays, with the defaults of
+    `CausalLM.__call__` (all positions attended, positions ``0..T-1`` in every row)."""
+    input_ids = jnp.asarray(input_ids)
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return input_ids, jnp.asarray(attention_mask), positions
 
 
 #: elements of one chunk's logits in `CausalLM.token_logprobs` (16 MiB in float32)
