@@ -27,18 +27,24 @@ def test_compare_reports_the_largest_differences():
     assert d["generations_differing"] == 1 and d["only_in_one"] == ["q"]
 
 
+def _tiny_llama(tok, path, *, max_positions: int, seed: int):
+    """A random 2-layer tied Llama for ``tok``, saved to ``path`` (read by the PyTorch side)."""
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    model = from_config(cfg, rngs=nnx.Rngs(seed))
+    save_pretrained(model, path, tokenizer=tok)
+    return model
+
+
 def test_tofu_equals_the_pytorch_reference(tofu_dir, tmp_path):
     from ngdiff_jax.bench.eval_torch import TorchRunner, eval_tofu
 
     rows = load_tofu("forget01_perturbed", tofu_dir)
     tok = train_tokenizer([r["question"] + " " + r["answer"] for r in rows], tmp_path / "tok", vocab_size=300)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    model = from_config(cfg, rngs=nnx.Rngs(3))
-    save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    model = _tiny_llama(tok, tmp_path / "m", max_positions=512, seed=3)
     fmt = QAFormatter(tok)
     ours = evaluate_tofu(model, tok, tofu_dir, forget_split="forget01", limit=3, batch_size=8, max_new_tokens=8,
                          formatter=fmt).to_dict()  # fmt: skip
@@ -67,13 +73,7 @@ def test_muse_equals_the_pytorch_reference(muse_news_dir, tmp_path, monkeypatch)
     qa = load_muse(muse_news_dir, "knowmem", "forget_qa")
     texts += [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in qa]
     tok = train_tokenizer(texts, tmp_path / "tok", vocab_size=2000)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    model = from_config(cfg, rngs=nnx.Rngs(5))
-    save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    model = _tiny_llama(tok, tmp_path / "m", max_positions=4096, seed=5)
     ours = evaluate_muse(model, tok, muse_news_dir, limit=1, batch_size=4)
     assert ours.timings["shapes"]["score"] and max(s[1] for s in ours.timings["shapes"]["score"]) > 1024
     assert ours.meta["truncated_examples"] == 0 and not any(ours.meta["truncated_prompts"].values())
