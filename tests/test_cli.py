@@ -67,3 +67,41 @@ def test_missing_model_path_and_split_are_named(tmp_path, capsys):
                f"run.output_dir={tmp_path / 'out3'}"])  # fmt: skip
     assert rc == 2
     assert "nodata" in capsys.readouterr().err
+
+
+def test_console_runs_torch_free_commands_without_torch(tmp_path):
+    """`ngdiff eval/unlearn/...` processes never import torch (transformers would, for its config
+    classes: ~1.2 s and ~250 MB resident); loading a model and its config still works, without
+    transformers' "PyTorch was not found" advice. `bench`, an importer of torch already, and
+    NGDIFF_IMPORT_TORCH=1 keep torch."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    from ngdiff_jax.models.testing import tiny_hf_model
+
+    tiny_hf_model("llama", tmp_path / "hf")
+    child = (
+        "import sys\n"
+        "from ngdiff_jax.cli import hide_torch\n"
+        "hidden = hide_torch(sys.argv[1:])\n"
+        "from ngdiff_jax import models\n"
+        "m = models.from_pretrained(sys.argv[-1])\n"
+        "import transformers\n"
+        "transformers.AutoConfig.from_pretrained(sys.argv[-1])\n"
+        "print(hidden, sys.modules.get('torch') is not None, m.config.num_layers)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NGDIFF_IMPORT_TORCH"}
+
+    def run(*argv, **extra):
+        p = subprocess.run([sys.executable, "-c", child, *argv, str(tmp_path / "hf")], capture_output=True,
+                           text=True, env={**env, **extra}, timeout=300)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.split(), p.stderr
+
+    out, err = run("eval", "--benchmark", "tofu")
+    assert out[:2] == ["True", "False"] and "PyTorch was not found" not in err
+    assert run("--debug", "unlearn")[0][:2] == ["True", "False"]
+    assert run("bench")[0][:2] == ["False", "True"]
+    assert run("eval", NGDIFF_IMPORT_TORCH="1")[0][:2] == ["False", "True"]

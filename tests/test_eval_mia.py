@@ -103,3 +103,34 @@ def test_run_attacks_reports_every_attack_and_skips_reference_without_model(tmp_
     assert per["reference"]["forget"] == [0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="unknown MIA attacks"):
         mia.run_attacks(model, Tok(), ex, attacks=["recall"])
+
+
+def test_small_split_is_not_padded_to_a_full_batch(tmp_path, monkeypatch):
+    """3 rows with batch_size=16 run as one batch of 4 rows (a padding row costs a full forward,
+    and for GradNorm a backward): the batch the compiled statistics see is recorded."""
+    from ngdiff_jax.evaluation.batching import fitted_batch_size
+
+    assert [fitted_batch_size(n, 16) for n in (1, 2, 3, 4, 5, 16, 17, 400)] == [1, 2, 4, 4, 8, 16, 16, 16]
+    assert fitted_batch_size(3, 2) == 2
+    with pytest.raises(ValueError, match="batch_size"):
+        fitted_batch_size(3, 0)
+    tiny_hf_model("llama", tmp_path / "hf")
+    model = M.from_pretrained(tmp_path / "hf")
+    seen = []
+    real = mia._jitted
+
+    def spy(kind):
+        f = real(kind)
+
+        def call(*args):
+            seen.append((kind, args[2].shape[0]))
+            return f(*args)
+
+        return call
+
+    monkeypatch.setattr(mia, "_jitted", spy)
+    rs = np.random.RandomState(2)
+    ex = [(ids := rs.randint(3, 128, 8).tolist(), [-100] * 3 + ids[3:]) for _ in range(3)]
+    st = mia.model_statistics(model, ex, batch_size=16, gradnorm_p=2)
+    assert seen == [("stats", 4), ("gradnorm", 4)]
+    assert len(st["avg_loss"]) == 3 and np.isfinite(st["gradnorm"]).all()

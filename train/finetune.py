@@ -2,7 +2,8 @@
 
 import sys
 
-from ngdiff_jax.cli import main
+from ngdiff_jax.cli import hide_torch, main
 
 if __name__ == "__main__":
+    hide_torch(["finetune", *sys.argv[1:]])
     sys.exit(main(["finetune", *sys.argv[1:]]))

@@ -44,6 +44,18 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def fitted_batch_size(n_rows: int, batch_size: int) -> int:
+    """Rows per compiled batch for ``n_rows`` rows: ``batch_size``, or for fewer rows the
+    smallest power of two that holds them all, so a small split is not padded to a full batch
+    (4 rows run as a batch of 4, not 16) while splits of similar size still share one shape."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    b = 1
+    while b < n_rows and b < batch_size:
+        b *= 2
+    return min(b, batch_size)
+
+
 @dataclass
 class Timings:
     """Seconds spent compiling (or in the first call of a new shape) vs running, per phase."""

@@ -180,8 +180,11 @@ def model_statistics(model, examples, *, batch_size: int = 16, buckets=None, gra
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_length is not None:
         examples = [(list(i)[:max_length], list(y)[:max_length]) for i, y in examples]
+    from ngdiff_jax.evaluation.batching import fitted_batch_size
+
     graphdef, state = nnx.split(model)
     n = len(examples)
+    batch_size = fitted_batch_size(n, batch_size)  # padding rows cost a full forward (and backward) each
     out = {"avg_loss": np.zeros(n), "logp": [None] * n, "mu": [None] * n, "sigma": [None] * n}
     if gradnorm_p is not None:
         if gradnorm_p not in (1, 2, float("inf")):
