@@ -36,24 +36,30 @@ TORCH_FREE_COMMANDS = frozenset({"demo", "study", "finetune", "unlearn", "eval",
 
 
 def hide_torch(argv: list[str]) -> bool:
-    """For a command in `TORCH_FREE_COMMANDS`, make this process see no torch (``import torch``
-    fails, ``importlib.util.find_spec("torch")`` is None, so transformers and datasets skip it)
-    unless torch is imported already or ``NGDIFF_IMPORT_TORCH=1``. Only the console script
-    calls it: a Python caller of `main` keeps its torch. Returns whether torch was hidden."""
+    """For a command in `TORCH_FREE_COMMANDS`, keep torch out of this process: transformers and
+    datasets are told it is absent (transformers' cached ``is_torch_available()`` is settled
+    while torch is hidden from ``importlib``; datasets reads ``USE_TORCH=0``), so neither imports
+    it. Nothing changes when torch is imported already or with ``NGDIFF_IMPORT_TORCH=1``. Only the
+    console script calls it: a Python caller of `main` keeps its torch. Returns whether torch
+    was kept out."""
     command = next((a for a in argv if not a.startswith("-")), None)
     if (command not in TORCH_FREE_COMMANDS or "torch" in sys.modules
             or os.environ.get("NGDIFF_IMPORT_TORCH", "") not in ("", "0")):  # fmt: skip
         return False
-    sys.modules["torch"] = None
     advisory = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
     os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"  # its one-time "PyTorch was not found" advice
+    sys.modules["torch"] = None  # find_spec("torch") is None, `import torch` fails
     try:
-        import transformers  # noqa: F401
+        from transformers.utils import import_utils
+
+        import_utils.is_torch_available()  # cached: False for the rest of the process
     finally:
+        del sys.modules["torch"]  # a None entry would break libraries that look torch up there (scipy)
         if advisory is None:
             os.environ.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
         else:
             os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = advisory
+    os.environ.setdefault("USE_TORCH", "0")  # datasets
     return True
 
 

@@ -88,8 +88,10 @@ def test_console_runs_torch_free_commands_without_torch(tmp_path):
         "hidden = hide_torch(sys.argv[1:])\n"
         "from ngdiff_jax import models\n"
         "m = models.from_pretrained(sys.argv[-1])\n"
-        "import transformers\n"
+        "import transformers, datasets, scipy.stats\n"
         "transformers.AutoConfig.from_pretrained(sys.argv[-1])\n"
+        "datasets.Dataset.from_dict({'a': [1, 2]}).with_format('numpy')[0]\n"
+        "scipy.stats.ks_2samp([0.1, 0.5, 0.9], [0.2, 0.3])\n"
         "print(hidden, sys.modules.get('torch') is not None, m.config.num_layers)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "NGDIFF_IMPORT_TORCH"}
