@@ -65,8 +65,13 @@ def hide_torch(argv: list[str]) -> bool:
 
 def console() -> int:
     """The ``ngdiff`` console script (and ``python -m ngdiff_jax.cli``): `main` in a process
-    without torch where the command does not need it (`hide_torch`)."""
+    without torch where the command does not need it (`hide_torch`), with jax's persistent
+    compilation cache on (`ngdiff_jax.compilation_cache`; ``NGDIFF_COMPILATION_CACHE=0`` turns it off)."""
     hide_torch(sys.argv[1:])
+    if next((a for a in sys.argv[1:] if not a.startswith("-")), None) in COMMANDS:
+        from ngdiff_jax import compilation_cache
+
+        compilation_cache.enable()
     return main()
 
 

@@ -10,6 +10,10 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
 
+# `ngdiff` subprocesses of the tests compile afresh and write nothing under ~/.cache
+# (tests/test_cli.py turns the persistent compilation cache on in a temp dir).
+os.environ.setdefault("NGDIFF_COMPILATION_CACHE", "0")
+
 import pytest  # noqa: E402
 
 from ngdiff_jax.paths import shared_data_dir  # noqa: E402

@@ -107,3 +107,49 @@ def test_console_runs_torch_free_commands_without_torch(tmp_path):
     assert run("--debug", "unlearn")[0][:2] == ["True", "False"]
     assert run("bench")[0][:2] == ["False", "True"]
     assert run("eval", NGDIFF_IMPORT_TORCH="1")[0][:2] == ["False", "True"]
+
+
+def test_persistent_compilation_cache(tmp_path):
+    """The console script turns jax's persistent compilation cache on (NGDIFF_COMPILATION_CACHE:
+    a folder, or 0/off); compiled programs land there and a second process reuses them with the
+    same result; an unusable folder is a warning, not a failure; JAX_COMPILATION_CACHE_DIR wins."""
+    import os
+    import subprocess
+    import sys
+
+    child = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from ngdiff_jax import compilation_cache as cc\n"
+        "p = cc.enable()\n"
+        "import jax\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "y = float(jax.jit(lambda x: x * 2.0 + 1.0)(1.5))\n"
+        "print(p, y, len([f for f in Path(p).iterdir()]) if p else -1)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("NGDIFF_COMPILATION_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+
+    def run(setting=None, **extra):
+        e = dict(env, **extra)
+        if setting is not None:
+            e["NGDIFF_COMPILATION_CACHE"] = setting
+        p = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=e, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout.split(), p.stderr
+
+    cache = tmp_path / "xla"
+    (path, y, n), _ = run(str(cache))
+    assert path == str(cache) and y == "4.0" and int(n) >= 1
+    (path, y, n2), _ = run(str(cache))
+    assert y == "4.0" and int(n2) == int(n)  # a hit: nothing new written
+    assert run("0")[0] == ["None", "4.0", "-1"]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out, err = run(str(blocker / "sub"))
+    assert out[0] == "None" and "compilation cache" in err and "NGDIFF_COMPILATION_CACHE" in err
+    own = tmp_path / "jax-own"
+    assert run(str(cache), JAX_COMPILATION_CACHE_DIR=str(own))[0][0] == str(own)
+    # the console script itself: `ngdiff report --help` creates the default folder under XDG_CACHE_HOME
+    p = subprocess.run([sys.executable, "-m", "ngdiff_jax.cli", "report", "--help"], capture_output=True, text=True,
+                       env=dict(env, XDG_CACHE_HOME=str(tmp_path / "xdg")), timeout=120)  # fmt: skip
+    assert p.returncode == 0 and (tmp_path / "xdg" / "ngdiff-jax" / "xla").is_dir()

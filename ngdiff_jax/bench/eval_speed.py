@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(a.data) if a.data else shared_data_dir()
     threads = a.threads or len(os.sched_getaffinity(0))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(sys.path))
+    # cold start: no persistent compilation cache on the ngdiff side
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(sys.path), NGDIFF_COMPILATION_CACHE="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     py = sys.executable
     results = {"model": a.model, "threads": threads, "cores": len(os.sched_getaffinity(0)), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
