@@ -4,7 +4,9 @@
   the logits path, without a ``[B, T, V]`` buffer;
 * the two tasks run one after the other (``training.step._after``): one task's activations alive;
 * ``scale_by_guarded_adam``: optax's Adam bit for bit, skipping in place (no copy of the moments);
-* loaded weights are donatable (XLA-owned buffers) and a sharded step compiles once.
+* loaded weights are donatable (XLA-owned buffers) and a sharded step compiles once;
+* remat on XLA:CPU (``cpu_fast``): each block's recomputation waits for its cotangent, so remat
+  shrinks the step's temporaries (plain and LoRA), with the same gradients.
 """
 
 from __future__ import annotations
@@ -179,3 +181,45 @@ def test_sharded_step_compiles_once_per_batch_shape(caplog):
             params, opt, _ = sharded(params, opt, batch, batch, jax.random.PRNGKey(0))
     compiles = [r for r in caplog.records if "Compiling" in r.getMessage() and "step" in r.getMessage()]
     assert len(compiles) == 1, [r.getMessage()[:80] for r in compiles]
+
+
+def _remat_case(lora_rank: int, policy: str, kernels: str = "cpu_fast"):
+    """Gradient and compiled temporaries of the NLL through ``token_logprobs`` on a model whose
+    memory is activations (long sequences, small weights), in ``policy``, plain or with LoRA."""
+    from ngdiff_jax.models import lora
+
+    model = _model("llama", kernels, num_hidden_layers=6, max_position_embeddings=256)
+    models.set_remat(model, policy)
+    ids, mask, labels = _batch(B=4, T=256)
+    if lora_rank:
+        lora.attach(model, lora.LoraSpec(lora_rank, 16.0, ("q", "v", "down")), seed=0)
+        apply_fn, base, adapters = lora.split(model)
+        adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B != 0: every adapter gets a gradient
+
+        def loss(a):
+            return losses.nll(apply_fn.token_logprobs({"base": base, "lora": a}, ids, labels, mask), labels)
+
+        params = adapters
+    else:
+        apply_fn, params = models.functional(model)
+
+        def loss(p):
+            return losses.nll(apply_fn.token_logprobs(p, ids, labels, mask), labels)
+
+    fn = jax.jit(jax.grad(loss))
+    return fn(params), fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_remat_full_shrinks_temporaries_on_cpu_with_the_same_gradients(lora_rank):
+    # Without the late recomputation XLA:CPU ran every block's recomputation at the start of the
+    # backward pass: remat "full" kept as much as no remat (measured: 1.00x plain, 1.00x LoRA).
+    g_none, t_none = _remat_case(lora_rank, "none")
+    g_full, t_full = _remat_case(lora_rank, "full")
+    assert t_full < 0.5 * t_none, (t_full, t_none)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_none)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+        assert float(jnp.abs(b).max()) > 0
+    g_dots, _ = _remat_case(lora_rank, "dots_saveable")
+    for a, b in zip(jax.tree.leaves(g_dots), jax.tree.leaves(g_none)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)

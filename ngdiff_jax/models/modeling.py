@@ -415,7 +415,12 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 def _remat_block(layer: Block, x: Array, positions: Array, kv_valid: Array, policy: str) -> Array:
     """``layer(x)`` under ``jax.checkpoint``: ``full`` saves only the block's input (everything
     else is recomputed in the backward pass), ``dots_saveable`` / ``dots_with_no_batch_dims_saveable``
-    also keep matmul outputs (``jax.checkpoint_policies``; MaxText's ``remat_policy``)."""
+    also keep matmul outputs (``jax.checkpoint_policies``; MaxText's ``remat_policy``).
+
+    With the ``cpu_fast`` kernels the recomputation is also made to wait for the block's
+    cotangent (`_recompute_late`): XLA:CPU drops the optimization barriers ``jax.checkpoint``
+    relies on before it schedules, and then runs every block's recomputation early in the
+    backward pass, so all of them were alive at once and remat saved nothing."""
     graphdef, state = nnx.split(layer)
     pol = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
 
@@ -424,7 +429,43 @@ def _remat_block(layer: Block, x: Array, positions: Array, kv_valid: Array, poli
         y, _ = nnx.merge(graphdef, state)(x, positions, kv_valid)
         return y
 
+    if kernels_lib.current() == "cpu_fast":  # reverse mode only, as the cpu_fast kernels themselves
+        return _recompute_late(run, state, x, positions, kv_valid)
     return run(state, x, positions, kv_valid)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recompute_late(f, state, x, positions, kv_valid):
+    """``f(state, x, positions, kv_valid)`` (a ``jax.checkpoint``-ed block) whose backward pass
+    cannot start its recomputation before the cotangent arrives: the saved activations (leaves
+    shaped like ``x``'s leading ``[B, T]``) and the saved weights stored below float32 (which
+    XLA:CPU converts to float32 for its matmuls) pass through a ``select`` on a predicate of the
+    cotangent that is always false (``||g|| < 0``) but that XLA cannot fold: a data dependency,
+    which, unlike an optimization barrier, XLA:CPU's scheduler keeps. Values are unchanged."""
+    return f(state, x, positions, kv_valid)
+
+
+def _recompute_late_fwd(f, state, x, positions, kv_valid):
+    y, vjp = jax.vjp(lambda s, h: f(s, h, positions, kv_valid), state, x)
+    return y, (vjp, x.shape[:2])
+
+
+def _recompute_late_bwd(f, res, g):
+    vjp, bt = res
+    # ||g|| < 0, a norm over many elements: XLA folds ``abs(x) < 0`` and ``sqrt(x * x)`` of a single
+    # element (`training.step._after` uses the same form on the forget gradient's norm)
+    never = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) < 0
+
+    def late(r):
+        if not jnp.issubdtype(r.dtype, jnp.floating) or (r.dtype == jnp.float32 and tuple(r.shape[:2]) != bt):
+            return r
+        return jnp.where(never, jnp.zeros_like(r), r)
+
+    d_state, dx = jax.tree.map(late, vjp)(g)
+    return d_state, dx, None, None
+
+
+_recompute_late.defvjp(_recompute_late_fwd, _recompute_late_bwd)
 
 
 def set_remat(model: CausalLM, policy: str) -> CausalLM:
