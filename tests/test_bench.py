@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from ngdiff_jax.cli import main
 
 
@@ -41,3 +44,17 @@ def test_memory_child_reports_peak_and_compiled_analysis(capsys):
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["peak_rss_mb"] >= rec["baseline_rss_mb"] > 0
     assert {"argument_size_in_bytes", "temp_size_in_bytes"} <= set(rec["compiled"])
+
+
+def test_layer_scan_bench_computes_the_same_step(tmp_path):
+    """`ngdiff_jax.bench.layer_scan`: the scanned and the unrolled variant run the same step
+    (same losses on the first step, finite times) on a tiny tied Llama."""
+    pytest.importorskip("torch")
+    from ngdiff_jax.bench.layer_scan import child
+    from ngdiff_jax.models.testing import tiny_hf_model
+
+    tiny_hf_model("llama_tied", tmp_path / "hf")
+    u = child(str(tmp_path / "hf"), False, 2, 2, 8)
+    s = child(str(tmp_path / "hf"), True, 2, 2, 8)
+    np.testing.assert_allclose(u["first_losses"], s["first_losses"], rtol=1e-5)
+    assert len(u["step_s"]) == len(s["step_s"]) == 2 and u["temp_mb"] >= 0 and s["compile_s"] > 0
