@@ -223,3 +223,79 @@ def test_remat_full_shrinks_temporaries_on_cpu_with_the_same_gradients(lora_rank
     g_dots, _ = _remat_case(lora_rank, "dots_saveable")
     for a, b in zip(jax.tree.leaves(g_dots), jax.tree.leaves(g_none)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+def _abstract_step_temps(hf: dict, *, dtype, remat: str, batch=(4, 128), lora_rank: int = 0) -> int:
+    """Temporaries of the compiled NGDiff + GeN step (Adam, ``cpu_fast``) for ``hf`` from abstract
+    shapes (nothing allocated), plain or with LoRA on every projection."""
+    from ngdiff_jax.training import OptimConfig, make_optimizer
+    from ngdiff_jax.training.config_schema import LoraSection
+    from ngdiff_jax.training.lora_run import LoraRun
+
+    cfg = ModelConfig.from_hf(hf)
+    model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                                   kernels="cpu_fast"))  # fmt: skip
+    models.set_remat(model, remat)
+    method = load_method("ngdiff")
+    tx = make_optimizer(method, OptimConfig(), 100)
+    sds = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    if lora_rank:
+        run = LoraRun(model, LoraSection(rank=lora_rank), seed=0)
+        params, frozen = sds(run.adapters), (sds(run.base),)
+        step = run.bind(lambda fn: make_unlearn_step(fn, method, tx))
+    else:
+        apply_fn, params = models.functional(model)
+        params, frozen = sds(params), ()
+        step = make_unlearn_step(apply_fn, method, tx)
+    b = jax.ShapeDtypeStruct(batch, jnp.int32)
+    data = {"input_ids": b, "attention_mask": b, "labels": b}
+    args = (params, jax.eval_shape(tx.init, params), data, data, jax.ShapeDtypeStruct((2,), jnp.uint32), *frozen)
+    return _temp_bytes(step, *args, donate=(0, 1))
+
+
+SMOLLM2_2 = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+             "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}  # fmt: skip
+
+
+def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_step(monkeypatch):
+    # XLA:CPU runs a bfloat16 matmul in float32. With the conversion of each weight tied to its
+    # input (kernels._fresh), no float32 copy of the weights lives across the step; with the
+    # optimization barrier alone (late=False) the copies of every use were merged into one per
+    # weight, made at the start and alive through both tasks (SmolLM2's shape, 2 blocks:
+    # 494 -> 467 MB, the two blocks' weights in float32).
+    from ngdiff_jax.models import kernels
+
+    late = _abstract_step_temps(SMOLLM2_2, dtype=jnp.bfloat16, remat="full")
+    fresh = kernels._fresh
+    monkeypatch.setattr(kernels, "_fresh", lambda x, ws, late=True: fresh(x, ws, False))
+    jax.clear_caches()  # the model's inner jits were traced with the late conversion
+    barrier = _abstract_step_temps(SMOLLM2_2, dtype=jnp.bfloat16, remat="full")
+    block_f32 = 4 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    assert late < barrier - 1.5 * block_f32, (late, barrier, block_f32)
+    jax.clear_caches()
+
+
+def test_late_conversion_keeps_the_values():
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama"))
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="cpu_fast", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    apply_fn, params = models.functional(model)
+    ids, mask, labels = _batch()
+
+    def loss(p):
+        return losses.nll(apply_fn.token_logprobs(p, ids, labels, mask), labels)
+
+    from ngdiff_jax.models import kernels
+
+    g_late = jax.jit(jax.grad(loss))(params)
+    fresh = kernels._fresh
+    try:
+        kernels._fresh = lambda x, ws, late=True: fresh(x, ws, False)
+        jax.clear_caches()  # the model's inner jits were traced with the late conversion
+        g_barrier = jax.jit(jax.grad(loss))(params)
+    finally:
+        kernels._fresh = fresh
+        jax.clear_caches()
+    for a, b in zip(jax.tree.leaves(g_late), jax.tree.leaves(g_barrier)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))  # bit for bit

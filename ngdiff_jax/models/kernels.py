@@ -84,15 +84,17 @@ def current() -> str:
 
 
 # ---------------------------------------------------------------------- the API modeling.py uses
-def einsums(eqs, x: Array, ws, preferred_element_type=None) -> list[Array]:
+def einsums(eqs, x: Array, ws, preferred_element_type=None, *, late: bool = True) -> list[Array]:
     """``[jnp.einsum(eq, x, w, preferred_element_type=...) for eq, w in zip(eqs, ws)]``.
 
     The equations' input and output start with ``bt`` (batch, time); the contracted axes are the
     trailing axes of ``x`` and the leading (or, as for a tied ``[vocab, embed]`` head, trailing)
-    axes of each ``w``.
+    axes of each ``w``. ``late`` (``cpu_fast``, weights below float32): convert each weight for its
+    matmul only once ``x`` is ready (see `_fresh`); the LM head, called in a loop over token chunks,
+    passes ``False``.
     """
     if current() == "cpu_fast":
-        return token_einsums(eqs, x, ws, preferred_element_type)
+        return token_einsums(eqs, x, ws, preferred_element_type, late=late)
     return [jnp.einsum(eq, x, w, preferred_element_type=preferred_element_type) for eq, w in zip(eqs, ws)]
 
 
@@ -161,29 +163,49 @@ def _mm(x: Array, w: Array, w_transposed: bool, preferred_element_type) -> Array
     return jnp.dot(x, w, preferred_element_type=preferred_element_type)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _token_matmuls(x: Array, ws: tuple, w_transposed: bool, preferred_element_type) -> tuple:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _token_matmuls(x: Array, ws: tuple, w_transposed: bool, preferred_element_type, late: bool = True) -> tuple:
     """``tuple(x [N, K] @ w [K, M] for w in ws)`` (``@ w.T`` for ``w [M, K]`` when ``w_transposed``)."""
-    x, ws = _fresh(x, ws)
+    x, ws = _fresh(x, ws, late)
     return tuple(_mm(x, w, w_transposed, preferred_element_type) for w in ws)
 
 
-def _fresh(x, ws):
-    """``(x, ws)`` through an optimization barrier when a weight is not float32: XLA:CPU computes
-    a bfloat16 matmul in float32, converting the weight; without the barrier the conversions of
-    one weight at its every use (both tasks' forward and backward passes, GeN's probes) are merged
-    into one float32 copy alive for the whole step (the barrier, unique per use through ``x``,
-    keeps them apart, so each conversion lives only for its matmul)."""
+def _fresh(x, ws, late: bool = True):
+    """``(x, ws)`` with every weight that is not float32 made to depend on ``x`` (unchanged in
+    value, see `never`): XLA:CPU computes a bfloat16 matmul in float32, converting the weight.
+    Without the dependency the conversions of one weight at its every use (both tasks' forward
+    passes, GeN's probes) are merged into one float32 copy, made at the start of the step and
+    alive until its last use (an optimization barrier does not prevent that: XLA:CPU removes
+    barriers before scheduling). With it, each conversion is made when ``x`` is ready and lives
+    only for its matmul (SmolLM2, bfloat16, 8 blocks: step temporaries 651 -> 514 MB).
+
+    ``late=False`` keeps the former optimization barrier, which stops the merging only until
+    XLA:CPU removes it: for the LM head, whose matmul runs in a loop over token chunks, the
+    dependency on each chunk made XLA keep a float32 copy of the ``[vocab, embed]`` weight per
+    iteration next to the head's gradient (SmolLM2: +190 MB)."""
     if all(w.dtype == jnp.float32 for w in ws):
         return x, ws
-    return jax.lax.optimization_barrier((x, tuple(ws)))
+    if not late:
+        return jax.lax.optimization_barrier((x, tuple(ws)))
+    n = never(x)
+    return x, tuple(w if w.dtype == jnp.float32 else jnp.where(n, jnp.zeros_like(w), w) for w in ws)
 
 
-def _token_matmuls_fwd(x, ws, w_transposed, preferred_element_type):
-    return _token_matmuls(x, ws, w_transposed, preferred_element_type), (x, ws)
+def never(x) -> Array:
+    """A boolean scalar that is always false but depends on (the first array leaf of) ``x`` and
+    that XLA cannot fold: ``||x|| < 0`` (also false for a NaN or infinite norm). ``where(never(x),
+    0, y)`` is ``y`` computed no earlier than ``x``: a data dependency, which XLA:CPU's scheduler
+    keeps (unlike an optimization barrier). The norm runs over the whole array: XLA folds
+    ``abs(v) < 0`` and ``sqrt(v * v)`` of a single element."""
+    leaf = jax.tree_util.tree_leaves(x)[0]
+    return jnp.sqrt(jnp.sum(jnp.square(leaf.astype(jnp.float32)))) < 0
 
 
-def _token_matmuls_bwd(w_transposed, preferred_element_type, res, gs):
+def _token_matmuls_fwd(x, ws, w_transposed, preferred_element_type, late=True):
+    return _token_matmuls(x, ws, w_transposed, preferred_element_type, late), (x, ws)
+
+
+def _token_matmuls_bwd(w_transposed, preferred_element_type, late, res, gs):
     # The weight gradient contracts the token axis, the *major* axis of both ``x [N, K]`` and
     # ``g [N, M]``. Autodiff's ``dot_general(x, g, contracting=(0, 0))`` is not taken by XLA:CPU's
     # fast (YNNPACK) matmul but by a multi-threaded Eigen contraction (see docs/PERFORMANCE.md).
@@ -193,7 +215,7 @@ def _token_matmuls_bwd(w_transposed, preferred_element_type, res, gs):
     # also takes the cotangents, from hoisting it into the forward pass (where it would stay live
     # until the backward).
     x, ws = res
-    gs, ws = _fresh(tuple(gs), ws)
+    gs, ws = _fresh(tuple(gs), ws, late)
     dt = preferred_element_type
     dx = None
     for g, w in zip(gs, ws):
@@ -229,7 +251,7 @@ def _token_plan(eq: str, x_shape, w_shape):
     raise ValueError(f"token_einsum: unsupported equation {eq!r}")
 
 
-def token_einsums(eqs, x: Array, ws, preferred_element_type=None) -> list[Array]:
+def token_einsums(eqs, x: Array, ws, preferred_element_type=None, *, late: bool = True) -> list[Array]:
     """`einsums` as 2-D matmuls ``[B*T, K] @ [K, M]`` with a custom backward (``cpu_fast``).
 
     Same results as the einsums, but on XLA:CPU the backward of the 3-D einsum transposes the
@@ -243,5 +265,5 @@ def token_einsums(eqs, x: Array, ws, preferred_element_type=None) -> list[Array]
     if any(p[2] != w_transposed for p in plans):
         raise ValueError("token_einsums: mixed weight layouts")
     ys = _token_matmuls(x.reshape(B * T, K), tuple(w.reshape(p[1]) for w, p in zip(ws, plans)),
-                        w_transposed, preferred_element_type)
+                        w_transposed, preferred_element_type, late)
     return [y.reshape((B, T) + p[3]) for y, p in zip(ys, plans)]

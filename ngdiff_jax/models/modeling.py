@@ -308,7 +308,8 @@ class CausalLM(nnx.Module):
             eq, head = "bte,ve->btv", self.embed[...]
         else:
             eq, head = "bte,ev->btv", self.lm_head.kernel[...]
-        logits = kernels_lib.einsums([eq], x, [head.astype(self.dtype)], preferred_element_type=jnp.float32)[0]
+        logits = kernels_lib.einsums([eq], x, [head.astype(self.dtype)], preferred_element_type=jnp.float32,
+                                     late=False)[0]
         if self.lm_head is not None and self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return logits.astype(jnp.float32)
@@ -439,9 +440,9 @@ def _recompute_late(f, state, x, positions, kv_valid):
     """``f(state, x, positions, kv_valid)`` (a ``jax.checkpoint``-ed block) whose backward pass
     cannot start its recomputation before the cotangent arrives: the saved activations (leaves
     shaped like ``x``'s leading ``[B, T]``) and the saved weights stored below float32 (which
-    XLA:CPU converts to float32 for its matmuls) pass through a ``select`` on a predicate of the
-    cotangent that is always false (``||g|| < 0``) but that XLA cannot fold: a data dependency,
-    which, unlike an optimization barrier, XLA:CPU's scheduler keeps. Values are unchanged."""
+    XLA:CPU converts to float32 for its matmuls) pass through a ``select`` on
+    `kernels.never` of the cotangent: a data dependency, which, unlike an optimization barrier,
+    XLA:CPU's scheduler keeps. Values are unchanged."""
     return f(state, x, positions, kv_valid)
 
 
@@ -452,9 +453,7 @@ def _recompute_late_fwd(f, state, x, positions, kv_valid):
 
 def _recompute_late_bwd(f, res, g):
     vjp, bt = res
-    # ||g|| < 0, a norm over many elements: XLA folds ``abs(x) < 0`` and ``sqrt(x * x)`` of a single
-    # element (`training.step._after` uses the same form on the forget gradient's norm)
-    never = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32)))) < 0
+    never = kernels_lib.never(g)
 
     def late(r):
         if not jnp.issubdtype(r.dtype, jnp.floating) or (r.dtype == jnp.float32 and tuple(r.shape[:2]) != bt):
