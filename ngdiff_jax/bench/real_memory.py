@@ -7,7 +7,7 @@ process each (peak RSS is per process, ``VmHWM``):
   on TOFU forget10/retain90, batch 4 x 128, for each JAX variant (``f32``: float32, no remat;
   ``bf16_remat``: bfloat16 parameters and compute, float32 moments, remat ``full``;
   ``lora8``: LoRA rank 8 on all projections; ``lora8_bf16_remat``: the same on a bfloat16 base
-  with remat ``full`` (opt-in, not in the default ``--variants``); ``f32_const``: float32 with a fixed rate, the
+  with remat ``full``; ``f32_const``: float32 with a fixed rate, the
   arithmetic of the PyTorch step, for the step time; ``f32_remat``: float32 with remat ``full``;
   ``bf16_all_remat``: parameters, compute and moments in bfloat16 with remat ``full``);
 * the PyTorch step (transformers ``LlamaForCausalLM``, one ``autograd.grad`` per task, NGDiff
@@ -128,7 +128,9 @@ def _run_child(kind: str, args, variant: str | None = None) -> dict:
         cmd += ["--variant", variant]
     before = _load()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # a cold compile in every run: a cached executable would make the figures depend on earlier runs
+    env = dict(os.environ, NGDIFF_COMPILATION_CACHE="0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} {variant or ''} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--variants", default="f32,f32_const,f32_remat,bf16_remat,bf16_all_remat,lora8",
+    p.add_argument("--variants", default="f32,f32_const,f32_remat,bf16_remat,bf16_all_remat,lora8,lora8_bf16_remat",
                    help=f"JAX variants among {', '.join(VARIANTS)}")
     p.add_argument("--json", default=None)
     p.add_argument("--torch-json", default=None, help="reuse a PyTorch result (a JSON object) instead of running it")
