@@ -10,7 +10,8 @@ Adam, donated params and state) on a real model twice, one process each:
   :class:`~ngdiff_jax.models.modeling.Block` run by ``jax.lax.scan`` over it (MaxText's
   ``scan_layers``, levanter's ``Stacked``): XLA compiles one block.
 
-It prints, per variant, the compile time, the resident memory the compiled program keeps
+It prints, per variant, the compile time, the compiler's peak resident memory above what was
+resident before it started (``VmHWM``), the resident memory the compiled program keeps
 (RSS after compiling and ``malloc_trim``, minus RSS before, caches cleared), XLA's temporary
 bytes and the step times (the first includes warm-up). Both variants compute the same step;
 the script checks that their first-step losses agree.
@@ -29,12 +30,12 @@ from pathlib import Path
 DEFAULT_MODEL = Path.home() / ".cache" / "ngdiff-jax" / "SmolLM2-135M-Instruct-hf-ref"
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(model_dir: str, scan: bool, steps: int, batch: int, seq: int) -> dict:
@@ -100,6 +101,7 @@ def child(model_dir: str, scan: bool, steps: int, batch: int, seq: int) -> dict:
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, jax.eval_shape(tx.init, params), forget,
                                                           retain).compile()  # fmt: skip
     compile_s = time.perf_counter() - t
+    compile_peak_mb = _rss_mb("VmHWM") - before  # the compiler's own peak, above what was resident
     jax.clear_caches()
     gc.collect()
     release_freed_memory()
@@ -113,7 +115,8 @@ def child(model_dir: str, scan: bool, steps: int, batch: int, seq: int) -> dict:
         jax.block_until_ready(params)
         times.append(round(time.perf_counter() - t, 3))
         losses = losses or [float(x) for x in out]
-    return {"compile_s": round(compile_s, 2), "program_mb": round(program_mb), "temp_mb": round(temp_mb),
+    return {"compile_s": round(compile_s, 2), "compile_peak_mb": round(compile_peak_mb),
+            "program_mb": round(program_mb), "temp_mb": round(temp_mb),
             "step_s": times, "first_losses": losses}  # fmt: skip
 
 
@@ -141,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     u, s = rows["unrolled"], rows["scan"]
     agree = max(abs(x - y) for x, y in zip(u["first_losses"], s["first_losses"]))
     print(f"model {a.model}, batch {a.batch} x {a.seq}, {a.steps} steps, {len(os.sched_getaffinity(0))} CPUs")
-    head = f"{'variant':10s} {'compile s':>9s} {'program MB':>10s} {'temps MB':>9s}"
+    head = f"{'variant':10s} {'compile s':>9s} {'compile peak MB':>15s} {'program MB':>10s} {'temps MB':>9s}"
     print(f"{head}  step s (first incl. warm-up)  load before + after")
     for name, r in rows.items():
-        figures = f"{r['compile_s']:9.1f} {r['program_mb']:10.0f} {r['temp_mb']:9.0f}"
+        figures = f"{r['compile_s']:9.1f} {r['compile_peak_mb']:15.0f} {r['program_mb']:10.0f} {r['temp_mb']:9.0f}"
         print(f"{name:10s} {figures}  {r['step_s']}  {r['load']}")
     print(f"first-step losses agree to {agree:.2e}")
     print(json.dumps(rows))
