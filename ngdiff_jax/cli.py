@@ -71,7 +71,11 @@ def console() -> int:
     if next((a for a in sys.argv[1:] if not a.startswith("-")), None) in COMMANDS:
         from ngdiff_jax import compilation_cache
 
-        compilation_cache.enable()
+        try:
+            compilation_cache.enable()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return main()
 
 

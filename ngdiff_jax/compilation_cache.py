@@ -3,8 +3,9 @@ the same architecture loads its compiled programs from disk instead of compiling
 (TOFU forget01 on SmolLM2: 15.6 s of compile -> 6.0 s, the rest being tracing and lowering, which
 no cache skips). On XLA:CPU the unlearning step's entry loads no faster than it compiles.
 
-``NGDIFF_COMPILATION_CACHE`` picks where: unset or ``1`` -> ``$XDG_CACHE_HOME/ngdiff-jax/xla``
-(``~/.cache/ngdiff-jax/xla``); a path -> that folder; ``0`` / ``off`` -> no cache. A cache dir set
+``NGDIFF_COMPILATION_CACHE`` picks where: unset or ``1`` / ``on`` -> ``$XDG_CACHE_HOME/ngdiff-jax/xla``
+(``~/.cache/ngdiff-jax/xla``); an absolute (or ``~``) path -> that folder; ``0`` / ``off`` -> no
+cache; anything else is an error (`enable` raises ``ValueError``). A cache dir set
 through jax itself (``JAX_COMPILATION_CACHE_DIR``) is left as it is. Entries are keyed by jax on
 the program, the compile options, the backend and the jax/jaxlib versions, so a stale entry is
 never used; the folder is capped at `MAX_BYTES` (least recently used entries go first). Only
@@ -41,7 +42,13 @@ def enable(environ=None) -> Path | None:
     current = jax.config.jax_compilation_cache_dir
     if current:
         return Path(current)
-    path = default_dir() if setting in ("", "1", "on", "true", "yes") else Path(setting).expanduser()
+    if setting.lower() in ("", "1", "on", "true", "yes"):
+        path = default_dir()
+    else:
+        path = Path(setting).expanduser()
+        if not path.is_absolute():  # a typo ("flase") must not become a folder in the working dir
+            raise ValueError(f"{ENV}={setting!r} is neither 0/off, 1/on nor an absolute path; "
+                             f"set {ENV}=0 to turn the cache off or {ENV}=/abs/dir to move it")  # fmt: skip
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

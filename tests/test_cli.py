@@ -147,6 +147,11 @@ def test_persistent_compilation_cache(tmp_path):
     blocker.write_text("x")
     out, err = run(str(blocker / "sub"))
     assert out[0] == "None" and "compilation cache" in err and "NGDIFF_COMPILATION_CACHE" in err
+    # a value that is no switch and no absolute path is refused, nothing is created in the working dir
+    p = subprocess.run([sys.executable, "-m", "ngdiff_jax.cli", "report", "--help"], capture_output=True, text=True,
+                       env=dict(env, NGDIFF_COMPILATION_CACHE="flase"), cwd=tmp_path, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and "NGDIFF_COMPILATION_CACHE='flase'" in p.stderr and len(p.stderr.splitlines()) == 1
+    assert not (tmp_path / "flase").exists()
     own = tmp_path / "jax-own"
     assert run(str(cache), JAX_COMPILATION_CACHE_DIR=str(own))[0][0] == str(own)
     # the console script itself: `ngdiff report --help` creates the default folder under XDG_CACHE_HOME
