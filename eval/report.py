@@ -2,8 +2,7 @@
 
 import sys
 
-from ngdiff_jax.cli import hide_torch, main
+from ngdiff_jax.cli import console
 
 if __name__ == "__main__":
-    hide_torch(["report", *sys.argv[1:]])
-    sys.exit(main(["report", *sys.argv[1:]]))
+    sys.exit(console(["report", *sys.argv[1:]]))

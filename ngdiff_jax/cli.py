@@ -35,6 +35,11 @@ COMMANDS = {
 TORCH_FREE_COMMANDS = frozenset({"demo", "study", "finetune", "unlearn", "eval", "report", "toy", "plan"})
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on a command line (its first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def hide_torch(argv: list[str]) -> bool:
     """For a command in `TORCH_FREE_COMMANDS`, keep torch out of this process: transformers and
     datasets are told it is absent (transformers' cached ``is_torch_available()`` is settled
@@ -42,8 +47,7 @@ def hide_torch(argv: list[str]) -> bool:
     it. Nothing changes when torch is imported already or with ``NGDIFF_IMPORT_TORCH=1``. Only the
     console script calls it: a Python caller of `main` keeps its torch. Returns whether torch
     was kept out."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    if (command not in TORCH_FREE_COMMANDS or "torch" in sys.modules
+    if (_command(argv) not in TORCH_FREE_COMMANDS or "torch" in sys.modules
             or os.environ.get("NGDIFF_IMPORT_TORCH", "") not in ("", "0")):  # fmt: skip
         return False
     advisory = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
@@ -63,12 +67,14 @@ def hide_torch(argv: list[str]) -> bool:
     return True
 
 
-def console() -> int:
-    """The ``ngdiff`` console script (and ``python -m ngdiff_jax.cli``): `main` in a process
-    without torch where the command does not need it (`hide_torch`), with jax's persistent
-    compilation cache on (`ngdiff_jax.compilation_cache`; ``NGDIFF_COMPILATION_CACHE=0`` turns it off)."""
-    hide_torch(sys.argv[1:])
-    if next((a for a in sys.argv[1:] if not a.startswith("-")), None) in COMMANDS:
+def console(argv: list[str] | None = None) -> int:
+    """The ``ngdiff`` console script (and ``python -m ngdiff_jax.cli``, ``train/*.py``, ``eval/*.py``):
+    `main` in a process without torch where the command does not need it (`hide_torch`), with
+    jax's persistent compilation cache on (`ngdiff_jax.compilation_cache`;
+    ``NGDIFF_COMPILATION_CACHE=0`` turns it off)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hide_torch(argv)
+    if _command(argv) in COMMANDS:
         from ngdiff_jax import compilation_cache
 
         try:
@@ -76,7 +82,7 @@ def console() -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    return main()
+    return main(argv)
 
 
 def _load(name: str):
@@ -91,9 +97,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    wanted = None
-    if argv:
-        wanted = next((a for a in argv if not a.startswith("-")), None)
+    wanted = _command(argv) if argv else None
     for name in COMMANDS:
         if wanted is not None and wanted in COMMANDS and name != wanted:
             # Only import the module of the command being run.

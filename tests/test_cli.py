@@ -158,3 +158,24 @@ def test_persistent_compilation_cache(tmp_path):
     p = subprocess.run([sys.executable, "-m", "ngdiff_jax.cli", "report", "--help"], capture_output=True, text=True,
                        env=dict(env, XDG_CACHE_HOME=str(tmp_path / "xdg")), timeout=120)  # fmt: skip
     assert p.returncode == 0 and (tmp_path / "xdg" / "ngdiff-jax" / "xla").is_dir()
+
+
+def test_thin_entry_points_run_as_the_console_script(tmp_path):
+    """`python train/unlearn.py ...` is `ngdiff unlearn ...`: same config output, and the console
+    script's checks (a bad NGDIFF_COMPILATION_CACHE is a one-line exit 2) apply to it too."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "train" / "unlearn.py"
+    env = dict(os.environ, NGDIFF_COMPILATION_CACHE="0")
+    p = subprocess.run([sys.executable, str(script), "--config", "tofu_ngdiff", "--print-config", "run.steps=7"],
+                       capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert yaml.safe_load(p.stdout)["run"]["steps"] == 7
+    bad = dict(env, NGDIFF_COMPILATION_CACHE="relative/dir")
+    p = subprocess.run([sys.executable, str(script), "--config", "tofu_ngdiff", "--print-config"],
+                       capture_output=True, text=True, env=bad, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and "NGDIFF_COMPILATION_CACHE='relative/dir'" in p.stderr
+    assert not (tmp_path / "relative").exists()

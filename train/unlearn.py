@@ -2,8 +2,7 @@
 
 import sys
 
-from ngdiff_jax.cli import hide_torch, main
+from ngdiff_jax.cli import console
 
 if __name__ == "__main__":
-    hide_torch(["unlearn", *sys.argv[1:]])
-    sys.exit(main(["unlearn", *sys.argv[1:]]))
+    sys.exit(console(["unlearn", *sys.argv[1:]]))

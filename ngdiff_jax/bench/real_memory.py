@@ -66,14 +66,13 @@ def _overrides(model: str, data: str | None, out: str, steps: int, batch: int, s
 
 
 def child_jax(args, extra: list[str]) -> dict:
-    from ngdiff_jax.cli import hide_torch, main
+    from ngdiff_jax.cli import console
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         argv = ["unlearn", "--config", "tofu_ngdiff",
                 *_overrides(args.model, args.data, str(out), args.steps, args.batch, args.seq), *extra]  # fmt: skip
-        hide_torch(argv)  # as the `ngdiff` console script does
-        rc = main(argv)
+        rc = console(argv)  # as the `ngdiff` console script runs it (no torch; the cache is off here)
         if rc != 0:
             raise SystemExit(f"ngdiff unlearn failed with exit code {rc}")
         summary = json.loads((out / "summary.json").read_text())
