@@ -20,6 +20,7 @@ MODULES = (
     "ngdiff_jax.optim.stats",
     "ngdiff_jax.models.kernels",
     "ngdiff_jax.models.hf",
+    "ngdiff_jax.models.stacked",
 )
 
 

@@ -41,6 +41,11 @@ VARIANTS = {
     # LoRA on a bfloat16 base with remat: the single-device configuration for large models
     "lora8_bf16_remat": ["lora.rank=8", "precision.params=bfloat16", "precision.compute=bfloat16",
                          "precision.export=float32", "run.remat=full"],
+    # the same two with the decoder blocks scanned (run.scan_layers): one block compiled instead of 30
+    "lora8_bf16_remat_scan": ["lora.rank=8", "precision.params=bfloat16", "precision.compute=bfloat16",
+                              "precision.export=float32", "run.remat=full", "run.scan_layers=true"],
+    "bf16_all_remat_scan": ["precision.params=bfloat16", "precision.compute=bfloat16", "precision.moments=bfloat16",
+                            "run.remat=full", "run.scan_layers=true"],
 }  # fmt: skip
 
 
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(f"{name:<12} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] / t['peak_rss_mb']:>8.2f} "
               f"{r['step_time_s']:>8.3f} {r['step_time_s'] / t['step_time_s']:>8.2f}  "
-              f"{r['load_before']} / {r['load_after']}")  # fmt: skip
+              f"{r.get('load_before', '?')} / {r.get('load_after', '?')}")  # fmt: skip
     for v in ("bf16_remat", "bf16_all_remat", "f32_remat"):
         if "f32" in results and v in results:
             print(f"{v} / f32 peak: {results[v]['peak_rss_mb'] / results['f32']['peak_rss_mb']:.2f}")

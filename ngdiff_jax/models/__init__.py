@@ -1,6 +1,7 @@
 """Flax NNX causal LMs (llama, mistral, qwen2, phi, gpt2) with Hugging Face safetensors I/O,
 KV-cache greedy generation, a functional (params-pytree) core, and per-token log-probs."""
 
+from ngdiff_jax.models import stacked  # the stacked-blocks layout of run.scan_layers
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from ngdiff_jax.models.generation import generate
 from ngdiff_jax.models.hf import from_pretrained, save_pretrained
@@ -28,5 +29,5 @@ __all__ = [
     "functional", "with_params", "abstract_model", "set_remat", "REMAT_POLICIES",
     "generate", "logical_axes", "param_shardings", "PARAM_LOGICAL_AXES",
     "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "token_logprobs", "TokenLogprobs", "sequence_nll",
-    "IGNORE_INDEX",
+    "IGNORE_INDEX", "stacked",
 ]

@@ -181,12 +181,16 @@ def add_lora(layers, x: Array, ys: list[Array]) -> list[Array]:
 
 
 # ---------------------------------------------------------------------- functional core
-def split(model):
+def split(model, *, stacked: bool = False):
     """``(apply_fn, base, adapters)`` for a model with adapters attached.
 
     ``apply_fn(params, input_ids, attention_mask=None, positions=None) -> logits`` with
     ``params = {"base": base, "lora": adapters}`` (pure dicts of arrays) is pure and jittable;
-    differentiate it in ``params["lora"]`` only."""
+    differentiate it in ``params["lora"]`` only. With ``stacked=True`` both trees are in the
+    stacked layout of `ngdiff_jax.models.stacked` (the blocks run as one scan) and ``model``
+    keeps its structure but gives up its arrays (``stacked.runner(release=True)``)."""
+    if stacked:
+        return _split_stacked(model)
     graphdef, base_state, lora_state = nnx.split(model, nnx.Param, LoraParam)
     base = nnx.to_pure_dict(base_state)
     adapters = nnx.to_pure_dict(lora_state)
@@ -214,6 +218,29 @@ def split(model):
     return apply_fn, base, adapters
 
 
+def _split_stacked(model):
+    from ngdiff_jax.models import stacked
+
+    if not jax.tree_util.tree_leaves(nnx.state(model, LoraParam)):
+        raise ValueError("the model has no LoRA adapters; call models.lora.attach first.")
+    call, (base, adapters) = stacked.runner(model, nnx.Param, LoraParam, release=True, frozen=(0,))
+
+    def apply_fn(params, input_ids, attention_mask=None, positions=None):
+        return call("__call__", [params["base"], params["lora"]], input_ids, attention_mask, positions)
+
+    def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
+        return call("hidden_state", [params["base"], params["lora"]], input_ids, attention_mask, layer=layer,
+                    positions=positions)  # fmt: skip
+
+    def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
+        return call("token_logprobs", [params["base"], params["lora"]], input_ids, labels, attention_mask,
+                    positions)  # fmt: skip
+
+    apply_fn.hidden_state = hidden_state
+    apply_fn.token_logprobs = token_logprobs
+    return apply_fn, base, adapters
+
+
 def _get(tree, path: str):
     for part in path.split("."):
         tree = tree[int(part)] if part.isdigit() and int(part) in tree else tree[part]
@@ -229,7 +256,19 @@ def _adapter_pairs(model, adapters, targets) -> list[tuple[int, str, str, np.nda
     return out
 
 
-def merge_params(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: dict | None = None):
+class _Lazy:
+    """A host tensor made when it is read (``np.asarray`` / ``jax.device_get``): ``fn()`` gives it."""
+
+    def __init__(self, fn, shape, dtype):
+        self._fn, self.shape, self.dtype = fn, tuple(shape), np.dtype(dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._fn()
+        return out if dtype is None else out.astype(dtype)
+
+
+def merge_params(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: dict | None = None,
+                 lazy: bool = False):
     """``base`` with every targeted kernel replaced by ``W + scale * A @ B`` (computed in float32,
     stored in ``dtype`` -- default the kernel's own -- as a host numpy array, so exporting needs no
     second copy of the model on the device). Other leaves are shared, or cast on the host when
@@ -237,12 +276,17 @@ def merge_params(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: di
 
     ``stats`` (a dict, filled in) gets ``update_lost``: the part of the adapters' update that
     rounding the merged kernels to ``dtype`` loses, ``||round(W + d) - round(W) - d|| / ||d||``
-    over all targets (0 in float32; large when a bfloat16 export swallows a small update)."""
+    over all targets (0 in float32; large when a bfloat16 export swallows a small update).
+
+    ``lazy=True`` (the export): every cast or merged leaf is a placeholder made when it is read
+    (`save_pretrained` reads one tensor at a time), so merging holds no second model."""
     dt = None if dtype is None else np.dtype(dtype)
 
     def cast(x):
         if dt is None or x.dtype == dt or not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
             return x
+        if lazy:
+            return _Lazy(lambda: np.asarray(jax.device_get(x)).astype(dt), x.shape, dt)
         return np.asarray(jax.device_get(x)).astype(dt)
 
     merged = jax.tree.map(cast, base)  # new containers; leaves shared unless cast
@@ -257,13 +301,23 @@ def merge_params(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: di
             got = new.astype(np.float32) - w.astype(out_dt).astype(np.float32)
             lost2 += float(np.sum((got - delta) ** 2))
         upd2 += float(np.sum(delta.astype(np.float64) ** 2))
-        parent["kernel"] = new
+        if lazy:  # made again when written (the kernel and a rank-r product: cheap)
+            del new, w, delta
+            parent["kernel"] = _Lazy(
+                lambda path=path, a=a, b=b, out_dt=out_dt: (
+                    np.asarray(jax.device_get(_get(base, path)["kernel"]), np.float32)
+                    + (a @ b).reshape(_get(base, path)["kernel"].shape) * np.float32(spec.scale)
+                ).astype(out_dt),
+                _get(base, path)["kernel"].shape, out_dt)  # fmt: skip
+        else:
+            parent["kernel"] = new
     if stats is not None:
         stats["update_lost"] = (lost2 / upd2) ** 0.5 if upd2 > 0 else 0.0
     return merged
 
 
-def merged_model(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: dict | None = None):
+def merged_model(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: dict | None = None,
+                 lazy: bool = False):
     """A plain `CausalLM` (no adapters) holding the merged weights (in ``dtype``, default the
     base's), for ``save_pretrained``; ``stats`` as in `merge_params`."""
     from ngdiff_jax.models.modeling import CausalLM
@@ -272,7 +326,7 @@ def merged_model(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: di
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
                                                param_dtype=dtype if dtype is not None else model.param_dtype))
     graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, merge_params(model, base, adapters, spec, dtype=dtype, stats=stats))
+    nnx.replace_by_pure_dict(state, merge_params(model, base, adapters, spec, dtype=dtype, stats=stats, lazy=lazy))
     return nnx.merge(graphdef, state)
 
 

@@ -269,28 +269,39 @@ class CausalLM(nnx.Module):
 
     # ------------------------------------------------------------------
     def forward(self, input_ids: Array, positions: Array, kv_valid: Array, cache=None, write_index=None,
-                last_only: bool = False, return_hidden: bool = False):
+                last_only: bool = False, return_hidden: bool = False, stacked=None):
         """Core forward. ``kv_valid [B, S]`` marks attendable key slots (S = T without a cache,
         the cache length with one). ``last_only`` computes logits of the last position only.
         Returns ``(logits float32 [B, T, V], new_cache or None)``; with ``return_hidden`` the
         last block's output ``[B, T, hidden]`` instead of the logits (apply :meth:`head` to it,
-        e.g. on a few positions or in chunks)."""
+        e.g. on a few positions or in chunks). ``stacked = (block graphdef, tuple of block states
+        stacked on a leading layer axis[, indices of frozen states])`` runs the decoder blocks from
+        those weights as one scan instead of from ``self.layers`` (`ngdiff_jax.models.stacked`; no
+        KV cache)."""
         with kernels_lib.use(self.kernels):
-            return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden)
+            return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden,
+                                 stacked)  # fmt: skip
 
-    def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden=False):
+    def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden=False,
+                 stacked=None):
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         new_cache = [] if cache is not None else None
         remat = getattr(self, "remat", "none")
-        for i, layer in enumerate(self.layers):
-            if cache is None and remat != "none":
-                x = _remat_block(layer, x, positions, kv_valid, remat)
-                continue
-            x, c = layer(x, positions, kv_valid, None if cache is None else cache[i], write_index)
+        if stacked is not None:  # the blocks' weights come stacked (ngdiff_jax.models.stacked)
             if cache is not None:
-                new_cache.append(c)
+                raise ValueError("a model run on stacked block weights (models.stacked) has no KV-cache path; "
+                                 "unstack the parameters (models.stacked.unstack) for generation.")
+            x = _scan_stacked(*stacked[:2], x, positions, kv_valid, remat, frozen=stacked[2:][0] if stacked[2:] else ())
+        else:
+            for i, layer in enumerate(self.layers):
+                if cache is None and remat != "none":
+                    x = _remat_block(layer, x, positions, kv_valid, remat)
+                    continue
+                x, c = layer(x, positions, kv_valid, None if cache is None else cache[i], write_index)
+                if cache is not None:
+                    new_cache.append(c)
         if last_only:
             x = x[:, -1:]
         if return_hidden:
@@ -361,7 +372,7 @@ class CausalLM(nnx.Module):
         return _jit_call(graphdef, state, input_ids, attention_mask, positions)
 
     def hidden_state(self, input_ids: Array, attention_mask: Array | None = None, *, layer: int,
-                     positions: Array | None = None) -> Array:
+                     positions: Array | None = None, stacked=None) -> Array:
         """The residual stream after block ``layer`` (0-based; negative counts from the end),
         ``[B, T, hidden]`` in the compute dtype: what a forward hook on Hugging Face's
         ``model.layers[layer]`` returns. Runs only blocks ``0..layer`` (no head); the plain
@@ -376,6 +387,9 @@ class CausalLM(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         with kernels_lib.use(self.kernels):
+            if stacked is not None:  # see forward
+                return _scan_stacked(*stacked[:2], x, positions, mask, "none", length=idx + 1,
+                                     frozen=stacked[2:][0] if stacked[2:] else ())
             for i in range(idx + 1):
                 x, _ = self.layers[i](x, positions, mask)
         return x
@@ -465,6 +479,80 @@ def _recompute_late_bwd(f, res, g):
 
 
 _recompute_late.defvjp(_recompute_late_fwd, _recompute_late_bwd)
+
+
+def _block_graphdef(layers):
+    """The graph definition shared by ``layers``; a `ValueError` where the blocks differ in more than
+    their weights (then they cannot run as one scanned block)."""
+    graphdef = nnx.graphdef(layers[0])
+    for i, layer in enumerate(layers[1:], 1):
+        if nnx.graphdef(layer) != graphdef:
+            raise ValueError(
+                f"run.scan_layers=true: decoder block {i} differs from block 0 in more than its weights (e.g. a "
+                "per-layer attention scale, scale_attn_by_inverse_layer_idx), so the blocks cannot run as one "
+                "scan over stacked weights; set run.scan_layers=false."
+            )
+    return graphdef
+
+
+@jax.custom_jvp
+def _frozen(w: Array) -> Array:
+    """A weight that must not be differentiated, for carrying through a layer scan: a bfloat16
+    weight as its 16 bits (``uint16``), any other as it is. Differentiating it raises (rather than
+    giving a silent zero gradient)."""
+    return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
+
+
+def _frozen_jvp(primals, tangents):
+    if not isinstance(tangents[0], jax.custom_derivatives.SymbolicZero):
+        raise ValueError("a frozen weight (the base of a LoRA run on stacked blocks) was differentiated; "
+                         "differentiate the adapters only, or use the per-block layout (run.scan_layers=false).")
+    out = _frozen(primals[0])
+    if out.dtype == jnp.uint16:
+        return out, np.zeros(out.shape, jax.dtypes.float0)
+    return out, jnp.zeros_like(out)
+
+
+_frozen.defjvp(_frozen_jvp, symbolic_zeros=True)
+
+
+def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_valid: Array, policy: str,
+                  length: int | None = None, frozen: tuple = ()) -> Array:
+    """The first ``length`` (default: all) blocks whose weights are ``states`` (stacked on a leading
+    layer axis), applied in order as one ``jax.lax.scan`` (MaxText's ``scan_layers``): XLA compiles
+    one block instead of one per layer. ``policy`` (``REMAT_POLICIES``) rematerializes the scanned
+    block; the scan's backward pass runs (and recomputes) one block at a time by construction.
+
+    ``frozen``: indices of ``states`` that are never differentiated (LoRA's base; differentiating
+    them raises). Their bfloat16 leaves enter the scan as their bits (``uint16``; leaves given as
+    such bits, as `ngdiff_jax.models.stacked` stores a frozen tree, pass without a copy) and become
+    bfloat16 again inside the block: XLA:CPU normalizes a bfloat16 array sliced in a loop to
+    float32 *before* the loop, which kept a float32 copy of every stacked weight for the whole
+    step (SmolLM2 LoRA on a bfloat16 base: 540 MB)."""
+    frozen = tuple(frozen)
+
+    def encode(a):  # frozen leaves: bfloat16 as bits (uint16 leaves are such bits already)
+        return a if a.dtype == jnp.uint16 else _frozen(a)
+
+    def decode(a):
+        return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+    states = tuple(jax.tree.map(encode, st) if i in frozen else st for i, st in enumerate(states))
+
+    def block(h, sts):
+        sts = tuple(jax.tree.map(decode, st) if i in frozen else st for i, st in enumerate(sts))
+        y, _ = nnx.merge(block_graphdef, *sts)(h, positions, kv_valid)
+        return y
+
+    if policy != "none":
+        block = jax.checkpoint(block, policy=None if policy == "full" else getattr(jax.checkpoint_policies, policy),
+                               prevent_cse=False)  # fmt: skip
+    n = jax.tree_util.tree_leaves(states)[0].shape[0]
+    if length is None or length == n:
+        return jax.lax.scan(lambda h, sts: (block(h, sts), None), x, states)[0]
+    # a prefix of the blocks (hidden states): index the stacked weights one block at a time
+    return jax.lax.scan(lambda h, i: (block(h, jax.tree.map(lambda a: a[i], states)), None), x,
+                        jnp.arange(length))[0]  # fmt: skip
 
 
 def set_remat(model: CausalLM, policy: str) -> CausalLM:

@@ -61,6 +61,9 @@ def path_str(path) -> str:
 def axes_for_path(path: str, ndim: int) -> tuple[str | None, ...]:
     for pat, axes in PARAM_LOGICAL_AXES:
         if re.search(pat, path):
+            if re.match(r"layers\.[^0-9]", path) and len(axes) + 1 == ndim:
+                # the stacked layout (models.stacked): a leading layer axis, not sharded
+                return ("layers", *axes)
             if len(axes) != ndim:
                 raise ValueError(f"logical axes {axes} for parameter {path} do not match its rank {ndim}")
             return axes

@@ -110,6 +110,7 @@ class ShardedStep:
         if shapes not in self._compiled:
             # Compile first (the call below finds it in jax's cache), then hand the compiler's
             # freed memory back before the step allocates its own (see ngdiff_jax.host_memory).
+            release_freed_memory()  # what loading and converting the weights freed: the compiler can reuse it
             self.fn.lower(*args).compile()
             release_freed_memory()
             self._compiled.add(shapes)

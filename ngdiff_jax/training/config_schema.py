@@ -180,6 +180,9 @@ class RunConfig:
     micro_batches: int = 1
     # Rematerialization of every decoder block: none, full, dots_saveable, dots_with_no_batch_dims_saveable.
     remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    # Run the decoder blocks as one lax.scan (one block compiled instead of num_layers): far less
+    # compile time and compiler memory, the peak of LoRA and bfloat16 runs on CPU (docs/SCALING.md).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.micro_batches < 1:

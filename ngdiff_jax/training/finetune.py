@@ -98,10 +98,15 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
         from ngdiff_jax.training.lora_run import LoraRun
 
-        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
+        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed, stacked=cfg.run.scan_layers)
         params = lora_run.adapters
     else:
-        apply_fn, params = models.functional(model)
+        if cfg.run.scan_layers:  # the blocks' weights stacked, run as one scan (models.stacked)
+            apply_fn, params = models.stacked.functional(model, release=True)
+            if eval_fn is not None:  # a caller's hook gets the per-block layout
+                eval_fn = lambda step, p, fn=eval_fn: fn(step, models.stacked.unstack(p))  # noqa: E731
+        else:
+            apply_fn, params = models.functional(model)
         model = models.abstract_model(model)  # the structure for the export, without the weights
     tx = make_finetune_optimizer(cfg.optim, num_steps)
     prec = cfg.precision
@@ -155,8 +160,9 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     card = {"base_model": cfg.model_path, "method": "fine-tuning (ngdiff-jax)",
             "data": {"source": cfg.data.source or "TOFU", "split": cfg.data.split},
             "metrics": {"steps": result.step, **(result.last_metrics or {})}}
+    exported = models.stacked.unstack(result.params) if cfg.run.scan_layers and lora_run is None else result.params
     model_dir, adapter_dir = model_io.export_run(
-        out, model, result.params, tok, lora_run=lora_run, card=card, dtype=prec.jnp("export"), main=main,
+        out, model, exported, tok, lora_run=lora_run, card=card, dtype=prec.jnp("export"), main=main,
         write_format=lambda d: save_format(cfg.format, d, stage="finetune", split=cfg.data.split),
     )
     summary = {

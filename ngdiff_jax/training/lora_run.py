@@ -25,12 +25,23 @@ from ngdiff_jax.models import lora
 class LoraRun:
     """A loaded model with adapters attached for one run."""
 
-    def __init__(self, model, section, *, seed: int = 0):
+    def __init__(self, model, section, *, seed: int = 0, stacked: bool = False):
         self.spec = section.spec(model.config.model_type)  # unknown targets for this family: error
         lora.attach(model, self.spec, seed=seed)
         self.model = model
-        # apply_fn takes {"base": ..., "lora": ...}
-        self.apply_fn, self.base, self.adapters = lora.split(model)
+        # apply_fn takes {"base": ..., "lora": ...}; `stacked` (run.scan_layers): both trees stacked
+        # (ngdiff_jax.models.stacked), the model keeps its structure only
+        self.stacked = bool(stacked)
+        self.apply_fn, self.base, self.adapters = lora.split(model, stacked=self.stacked)
+
+    def _per_block(self, adapters, *, host: bool = False):
+        """``(base, adapters)`` in the per-block layout the merge and PEFT export read (``host``:
+        the base as views of the stacked arrays, no copy, for the export)."""
+        if not self.stacked:
+            return self.base, adapters
+        from ngdiff_jax.models import stacked
+
+        return stacked.unstack(self.base, host=host), stacked.unstack(adapters)
 
     @property
     def frozen(self) -> tuple:
@@ -68,7 +79,7 @@ class LoraRun:
 
     def merged_params(self, adapters):
         """Full model params (base with the adapters merged), for hooks written for the plain model."""
-        return lora.merge_params(self.model, self.base, adapters, self.spec)
+        return lora.merge_params(self.model, *self._per_block(adapters), self.spec)
 
     def export(
         self, adapters, out: Path, tokenizer, *, base_model: str | None, model_dir=None, adapter_dir=None,
@@ -81,7 +92,11 @@ class LoraRun:
         model_dir = Path(model_dir) if model_dir is not None else Path(out) / "model"
         adapter_dir = Path(adapter_dir) if adapter_dir is not None else Path(out) / "adapter"
         stats: dict = {}
-        merged = lora.merged_model(self.model, self.base, adapters, self.spec, dtype=dtype, stats=stats)
+        base, adapters = self._per_block(adapters, host=True)
+        # lazily merged: each tensor is made when it is written, so the export never holds a
+        # second model (a float32 export of a bfloat16 base would otherwise hold 2x the base)
+        merged = lora.merged_model(self.model, base, adapters, self.spec, dtype=dtype, stats=stats, lazy=True)
+        del base
         if stats["update_lost"] > 0.1:  # the merged weights would silently miss part of the unlearning
             import sys
 

@@ -78,11 +78,17 @@ def run_unlearn(
     if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
         from ngdiff_jax.training.lora_run import LoraRun
 
-        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
+        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed, stacked=cfg.run.scan_layers)
         apply_fn, params = lora_run.apply_fn, lora_run.adapters
+    elif cfg.run.scan_layers:  # the blocks' weights stacked, run as one scan (models.stacked)
+        apply_fn, params = models.stacked.functional(model, release=True)
     else:
         apply_fn, params = models.functional(model)
+    if lora_run is None:
         model = models.abstract_model(model)  # the structure for the export, without the weights
+    # the export and the best-model hook take the per-block layout
+    to_full = lora_run.merged_params if lora_run is not None else (
+        models.stacked.unstack if cfg.run.scan_layers else None)
     tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
     spec = resolve_format(cfg.format, cfg.model_path, allow_change=cfg.allow_format_change)
     retain_split = resolve_retain_split(cfg.data)
@@ -142,6 +148,8 @@ def run_unlearn(
             },
         )
 
+    if lora_run is None and cfg.run.scan_layers and eval_fn is not None and not default_eval:
+        eval_fn = lambda step, p, fn=eval_fn: fn(step, models.stacked.unstack(p))  # noqa: E731  (per-block layout)
     if lora_run is not None and eval_fn is not None:
         # the default hook takes {"base", "lora"}; a caller's hook gets the merged full params
         eval_fn = lora_run.wrap_eval(eval_fn) if default_eval else (
@@ -149,7 +157,7 @@ def run_unlearn(
     eval_every, selector = cfg.run.eval_every, None
     if cfg.selection.enabled:  # model selection wraps the hook (training/selection.py)
         selector = _selector(cfg, eval_fn, model=model, tok=tok, spec=spec, out=out, main=main, mesh=mesh, par=par,
-                             to_full=None if lora_run is None else lora_run.merged_params)  # fmt: skip
+                             to_full=to_full)  # fmt: skip
         eval_fn, eval_every = selector, cfg.selection.every
     t0 = time.perf_counter()
     # The loop owns (and donates) params and opt_state from here on.
@@ -178,8 +186,9 @@ def run_unlearn(
     card = {"base_model": cfg.model_path, "method": f"{cfg.method.name} (ngdiff-jax unlearning)",
             "data": {"source": cfg.data.source or "TOFU", "forget": cfg.data.forget_split, "retain": retain_split},
             "metrics": {"steps": result.step, **(result.evals[-1] if result.evals else result.last_metrics or {})}}
+    exported = result.params if lora_run is not None or to_full is None else to_full(result.params)
     model_dir, adapter_dir = model_io.export_run(
-        out, model, result.params, tok, lora_run=lora_run, card=card, dtype=prec.jnp("export"), main=main,
+        out, model, exported, tok, lora_run=lora_run, card=card, dtype=prec.jnp("export"), main=main,
         write_format=lambda d: save_format(spec, d, stage="unlearn", method=cfg.method.name,
                                            forget_split=cfg.data.forget_split, retain_split=retain_split),
     )  # fmt: skip

@@ -1,0 +1,234 @@
+"""``run.scan_layers``: the decoder blocks' weights stacked on a leading layer axis
+(`ngdiff_jax.models.stacked`) and run as one ``lax.scan``. The forward pass, the log-probs, the
+hidden states and the gradients equal the unrolled model's (both kernel settings, with and
+without remat, with LoRA); the compiled step holds one block; pipelines trained either way
+export the same weights; blocks that differ are refused with a message naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ngdiff_jax import models as M
+from ngdiff_jax.cli import main
+from ngdiff_jax.models import lora, stacked
+from ngdiff_jax.models.config import ModelConfig
+from ngdiff_jax.models.testing import tiny_hf_config
+
+
+def _model(kernels="xla", layers=3, **overrides):
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=layers, **overrides))
+    return M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels=kernels)
+
+
+def _ids(vocab, B=2, T=12, seed=1):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, vocab)
+
+
+def _max_diff(a, b):
+    return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_stacked_model_equals_the_unrolled_one(kernels, remat):
+    model = _model(kernels)
+    M.set_remat(model, remat)
+    ids = _ids(model.config.vocab_size)
+    labels = ids.at[:, :3].set(-100)
+    plain_fn, plain = M.functional(model)
+    fn, params = stacked.functional(model)
+    assert stacked.is_stacked(params) and not stacked.is_stacked(plain)
+    assert params["layers"]["attn"]["q_proj"]["kernel"].shape[0] == 3
+
+    np.testing.assert_allclose(fn(params, ids), plain_fn(plain, ids), atol=1e-5)
+    for layer in (0, 1, -1):
+        np.testing.assert_allclose(fn.hidden_state(params, ids, layer=layer),
+                                   plain_fn.hidden_state(plain, ids, layer=layer), atol=1e-5)  # fmt: skip
+
+    def loss(f):
+        return lambda p: f.token_logprobs(p, ids, labels).logp.sum()
+
+    l0, g0 = jax.value_and_grad(loss(plain_fn))(plain)
+    l1, g1 = jax.jit(jax.value_and_grad(loss(fn)))(params)
+    assert abs(float(l0) - float(l1)) < 1e-4 * abs(float(l0))
+    g1 = stacked.unstack(g1)
+    assert jax.tree.structure(g1) == jax.tree.structure(g0)
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0))
+    assert _max_diff(g0, g1) < 1e-5 * scale
+
+
+def test_stack_consumes_blocks_and_unstack_inverts_it():
+    _, plain = M.functional(_model())
+    copy = jax.tree.map(lambda x: x, plain)
+    out = stacked.stack(copy, consume=True)
+    assert copy["layers"] == {}  # the blocks were handed over, so they can be freed as they are stacked
+    back = stacked.unstack(out)
+    assert jax.tree.structure(back) == jax.tree.structure(plain) and _max_diff(back, plain) == 0.0
+    with pytest.raises(ValueError, match="already stacked"):
+        stacked.stack(out)
+    with pytest.raises(ValueError, match="not stacked"):
+        stacked.unstack(plain)
+
+
+def test_release_leaves_the_model_with_shapes_only():
+    model = _model()
+    _, params = stacked.functional(model, release=True)
+    leaves = jax.tree.leaves(nnx.state(model))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+
+
+def test_per_block_params_given_to_the_stacked_function_fail_clearly():
+    model = _model()
+    fn, _ = stacked.functional(model)
+    _, plain = M.functional(model)
+    with pytest.raises(ValueError, match="stacked layout"):
+        fn(plain, _ids(model.config.vocab_size))
+
+
+@pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
+def test_lora_stacked_equals_per_block(kernels):
+    spec = lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"]))
+    grads = []
+    for is_stacked in (False, True):
+        model = _model(kernels)
+        lora.attach(model, spec, seed=0)
+        # B = 0 at init: give the adapters a value so that both factors get a gradient
+        for layer in model.layers:
+            layer.attn.q_proj.lora_b[...] = jnp.full(layer.attn.q_proj.lora_b[...].shape, 0.1)
+        M.set_remat(model, "full")
+        fn, base, adapters = lora.split(model, stacked=is_stacked)
+        ids = _ids(model.config.vocab_size)
+        g = jax.grad(lambda a, fn=fn, base=base, ids=ids: fn.token_logprobs({"base": base, "lora": a}, ids, ids)
+                     .logp.sum())(adapters)  # fmt: skip
+        grads.append(stacked.unstack(g) if is_stacked else g)
+    assert jax.tree.structure(grads[0]) == jax.tree.structure(grads[1])
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads[0]))
+    assert scale > 0 and _max_diff(*grads) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_frozen_base_is_not_silently_differentiated(dtype):
+    model = _model("xla")
+    lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["q"])), seed=0)
+    fn, base, adapters = lora.split(model, stacked=True)
+    # a bfloat16 base is stored as its bits (no float32 copy in the scan on XLA:CPU), as integers
+    assert {str(x.dtype) for x in jax.tree.leaves(base["layers"])} == {"float32"}
+    ids = _ids(model.config.vocab_size)
+    base = jax.tree.map(lambda x: x.astype(dtype), base)
+
+    def loss(b):
+        return fn.token_logprobs({"base": b, "lora": adapters}, ids, ids).logp.sum()
+
+    with pytest.raises(ValueError, match="frozen weight"):
+        jax.grad(loss)(base)
+
+
+def test_a_bfloat16_base_is_stored_as_bits():
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=2))
+    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="xla", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"])), seed=0)
+    _, plain = M.functional(model)
+    fn, base, adapters = lora.split(model, stacked=True)
+    assert {str(x.dtype) for x in jax.tree.leaves(base["layers"])} == {"uint16"}
+    back = stacked.unstack(base)["layers"][1]["mlp"]["up_proj"]["kernel"]
+    assert back.dtype == jnp.bfloat16
+    want = plain["layers"][1]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(back, np.float32), np.asarray(want, np.float32))
+    host = stacked.unstack(base, host=True)["layers"][1]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(host, np.ndarray) and not host.flags["OWNDATA"]  # a view: exporting copies nothing
+
+
+def test_blocks_that_differ_are_refused_naming_the_key():
+    cfg = ModelConfig.from_hf(tiny_hf_config("gpt2", scale_attn_by_inverse_layer_idx=True))
+    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="xla")
+    with pytest.raises(ValueError, match="run.scan_layers=false"):
+        stacked.functional(model)
+
+
+def test_stacked_params_shard_with_a_replicated_layer_axis():
+    axes = M.logical_axes(stacked.functional(_model())[1])
+    assert axes["layers"]["attn"]["q_proj"]["kernel"] == ("layers", "embed", "heads", "head_dim")
+    assert axes["embed"] == ("vocab", "embed")
+
+
+def _step_dots(params_fn, layers):
+    """Matrix multiplications in the compiled NGDiff + GeN step of a ``layers``-block model."""
+    from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
+
+    fn, params = params_fn(_model("cpu_fast", layers))
+    method = load_method("ngdiff")
+    tx = make_optimizer(method, OptimConfig(), 10)
+    b = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    batch = {"input_ids": b, "attention_mask": b, "labels": b}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    step = jax.jit(make_unlearn_step(fn, method, tx))
+    text = step.lower(abstract, jax.eval_shape(tx.init, abstract), batch, batch,
+                      jax.ShapeDtypeStruct((2,), jnp.uint32)).compile().as_text()  # fmt: skip
+    return text.count(" dot(")
+
+
+def test_the_scanned_step_compiles_one_block():
+    unrolled = [_step_dots(M.functional, n) for n in (2, 4)]
+    scanned = [_step_dots(stacked.functional, n) for n in (2, 4)]
+    assert unrolled[1] > unrolled[0]  # every block's matmuls, once per block
+    assert scanned[1] == scanned[0] < unrolled[0]  # one block, whatever the depth
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from ngdiff_jax.config_loader import load_config
+    from ngdiff_jax.data.synthetic import write_benchmark
+    from ngdiff_jax.training import FinetuneConfig, data_assembly, model_io
+    from ngdiff_jax.training.finetune import build_model
+
+    root = tmp_path_factory.mktemp("scan_cli")
+    bench = write_benchmark(root / "bench", n_authors=10, questions_per_author=8, seed=0)
+    cfg = load_config(FinetuneConfig, "synthetic_finetune", [f"data.source={bench}", "model.hf.num_hidden_layers=2"],
+                      subdir="experiments")  # fmt: skip
+    model, tok = build_model(cfg, data_assembly.load_split(cfg.data, cfg.data.split), root)
+    _, params = M.functional(model)
+    return {"bench": bench, "model": model_io.save_model(model, params, root / "model", tok)}
+
+
+@pytest.mark.parametrize("extra", [[], ["lora.rank=4", "lora.targets=all"]], ids=["full", "lora"])
+def test_unlearn_with_scan_layers_exports_what_the_unrolled_run_exports(tiny, tmp_path, extra, capsys):
+    from safetensors.numpy import load_file
+
+    runs = {}
+    for scan in ("false", "true"):
+        out = tmp_path / f"scan_{scan}"
+        rc = main(["unlearn", "--config", "synthetic_ngdiff", f"data.source={tiny['bench']}",
+                   f"model_path={tiny['model']}", f"run.output_dir={out}", "run.progress=false", "run.steps=3",
+                   "run.checkpoint_every=0", "run.eval_every=3", "run.remat=full", f"run.scan_layers={scan}",
+                   *extra])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        runs[scan] = (summary, load_file(str(out / "model" / "model.safetensors")))
+        if extra:
+            assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    (s0, w0), (s1, w1) = runs["false"], runs["true"]
+    assert w0.keys() == w1.keys()
+    before = load_file(str(tiny["model"] / "model.safetensors"))
+    moved = max(float(np.abs(w1[k] - before[k]).max()) for k in w1)
+    diff = max(float(np.abs(w0[k] - w1[k]).max()) for k in w0)
+    assert moved > 1e-4  # the runs trained
+    assert diff < 1e-2 * moved  # float32 summation order only (Adam rescales it for tiny gradients)
+    for k in ("forget_loss", "retain_loss", "forget_grad_norm", "retain_grad_norm"):
+        assert abs(s0["last_metrics"][k] - s1["last_metrics"][k]) < 1e-5 * max(1.0, abs(s0["last_metrics"][k]))
+    assert s0["evals"][-1]["forget_nll"] == pytest.approx(s1["evals"][-1]["forget_nll"], rel=1e-5)
+
+
+def test_finetune_with_scan_layers(tiny, tmp_path, capsys):
+    out = tmp_path / "ft"
+    rc = main(["finetune", f"model_path={tiny['model']}", f"data.source={tiny['bench']}", "data.split=forget10",
+               "data.batch_size=4", f"run.output_dir={out}", "run.progress=false", "run.steps=2",
+               "run.checkpoint_every=0", "run.scan_layers=true"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert M.from_pretrained(out / "model").config.num_layers == 2
