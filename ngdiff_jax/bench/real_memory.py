@@ -9,7 +9,9 @@ process each (peak RSS is per process, ``VmHWM``):
   ``lora8``: LoRA rank 8 on all projections; ``lora8_bf16_remat``: the same on a bfloat16 base
   with remat ``full``; ``f32_const``: float32 with a fixed rate, the
   arithmetic of the PyTorch step, for the step time; ``f32_remat``: float32 with remat ``full``;
-  ``bf16_all_remat``: parameters, compute and moments in bfloat16 with remat ``full``);
+  ``bf16_all_remat``: parameters, compute and moments in bfloat16 with remat ``full``; a
+  ``_scan`` suffix: the same with ``run.scan_layers=true``, the blocks' weights stacked and run as
+  one ``lax.scan``);
 * the PyTorch step (transformers ``LlamaForCausalLM``, one ``autograd.grad`` per task, NGDiff
   arithmetic, ``torch.optim.Adam``; :class:`~ngdiff_jax.bench.torch_side.TorchNGDiffStep`) on
   the same batches (same tokenizer, formatting and batcher as the JAX run),
@@ -41,7 +43,8 @@ VARIANTS = {
     # LoRA on a bfloat16 base with remat: the single-device configuration for large models
     "lora8_bf16_remat": ["lora.rank=8", "precision.params=bfloat16", "precision.compute=bfloat16",
                          "precision.export=float32", "run.remat=full"],
-    # the same two with the decoder blocks scanned (run.scan_layers): one block compiled instead of 30
+    # with the decoder blocks scanned (run.scan_layers): one block compiled instead of 30
+    "lora8_scan": ["lora.rank=8", "run.scan_layers=true"],
     "lora8_bf16_remat_scan": ["lora.rank=8", "precision.params=bfloat16", "precision.compute=bfloat16",
                               "precision.export=float32", "run.remat=full", "run.scan_layers=true"],
     "bf16_all_remat_scan": ["precision.params=bfloat16", "precision.compute=bfloat16", "precision.moments=bfloat16",
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--variants", default="f32,f32_const,f32_remat,bf16_remat,bf16_all_remat,lora8,lora8_bf16_remat",
+    p.add_argument("--variants", default="f32,f32_const,f32_remat,bf16_remat,bf16_all_remat,bf16_all_remat_scan,"
+                   "lora8,lora8_scan,lora8_bf16_remat,lora8_bf16_remat_scan",
                    help=f"JAX variants among {', '.join(VARIANTS)}")
     p.add_argument("--json", default=None)
     p.add_argument("--torch-json", default=None, help="reuse a PyTorch result (a JSON object) instead of running it")
@@ -177,19 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     t = results["torch"]
     print(f"\nSmolLM2-class model {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, "
           f"{os.cpu_count()} CPUs")  # fmt: skip
-    print(f"{'run':<12} {'peak RSS MB':>12} {'x torch':>8} {'step s':>8} {'x torch':>8}  load before/after")
+    print(f"{'run':<22} {'peak RSS MB':>12} {'x torch':>8} {'/ f32':>6} {'step s':>8} {'x torch':>8}  "
+          "load before/after")
+    f32 = results.get("f32", {}).get("peak_rss_mb")
     for name, r in results.items():
-        print(f"{name:<12} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] / t['peak_rss_mb']:>8.2f} "
+        rel = f"{r['peak_rss_mb'] / f32:>6.2f}" if f32 and name != "torch" else f"{'':>6}"
+        print(f"{name:<22} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] / t['peak_rss_mb']:>8.2f} {rel} "
               f"{r['step_time_s']:>8.3f} {r['step_time_s'] / t['step_time_s']:>8.2f}  "
               f"{r.get('load_before', '?')} / {r.get('load_after', '?')}")  # fmt: skip
-    for v in ("bf16_remat", "bf16_all_remat", "f32_remat"):
-        if "f32" in results and v in results:
-            print(f"{v} / f32 peak: {results[v]['peak_rss_mb'] / results['f32']['peak_rss_mb']:.2f}")
-    if "f32" in results and "lora8" in results:
-        print(f"lora8 / f32 peak: {results['lora8']['peak_rss_mb'] / results['f32']['peak_rss_mb']:.2f}")
-    if "f32" in results and "lora8_bf16_remat" in results:
-        ratio = results["lora8_bf16_remat"]["peak_rss_mb"] / results["f32"]["peak_rss_mb"]
-        print(f"lora8_bf16_remat / f32 peak: {ratio:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
