@@ -229,6 +229,13 @@ def test_finetune_with_scan_layers(tiny, tmp_path, capsys):
     out = tmp_path / "ft"
     rc = main(["finetune", f"model_path={tiny['model']}", f"data.source={tiny['bench']}", "data.split=forget10",
                "data.batch_size=4", f"run.output_dir={out}", "run.progress=false", "run.steps=2",
-               "run.checkpoint_every=0", "run.scan_layers=true"])  # fmt: skip
+               "run.checkpoint_every=0", "run.scan_layers=true", "run.remat=full"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     assert M.from_pretrained(out / "model").config.num_layers == 2
+
+
+def test_scan_without_remat_warns():
+    from ngdiff_jax.training.config_schema import RunConfig
+
+    with pytest.warns(UserWarning, match="run.remat=full"):
+        RunConfig(scan_layers=True)

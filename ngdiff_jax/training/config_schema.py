@@ -187,6 +187,14 @@ class RunConfig:
     def __post_init__(self):
         if self.micro_batches < 1:
             raise ValueError(f"run.micro_batches={self.micro_batches}: use 1 (no accumulation) or more.")
+        if self.scan_layers and self.remat == "none":
+            import warnings
+
+            warnings.warn(
+                "run.scan_layers=true with run.remat=none: the scan keeps every block's weights among its saved "
+                "values (a stacked copy; LoRA r8 on SmolLM2: 3.49 GB peak instead of 2.75 GB unrolled); "
+                "use run.remat=full with run.scan_layers=true.", stacklevel=2,
+            )
 
 
 DTYPES = ("float32", "bfloat16")
