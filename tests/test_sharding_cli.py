@@ -1,5 +1,6 @@
 """`ngdiff unlearn ... mesh.preset=fsdp` on 4 simulated CPU devices (a subprocess: the device
-count is fixed when JAX starts) exports the parameters of the single-device run (1e-5 relative),
+count is fixed when JAX starts), with the blocks unrolled or scanned over stacked weights
+(``run.scan_layers``), exports the parameters of the single-device run (1e-5 relative),
 prints the per-device memory estimate before the first step, and resumes from a sharded orbax
 checkpoint to the same result; bad `mesh`/`distributed` values are config errors naming the key.
 
@@ -59,7 +60,8 @@ def tiny(tmp_path_factory):
     return {"bench": bench, "model": model_dir, "root": root}
 
 
-def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["run.scan_layers=true", "run.remat=full"]], ids=["unrolled", "scan"])
+def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path, extra):
     from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
 
@@ -68,13 +70,13 @@ def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path):
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))  # the resume reuses the compiled step
     proc = subprocess.Popen(
-        [sys.executable, __file__, str(tiny["bench"]), str(tiny["model"]), str(sharded_out)],
+        [sys.executable, __file__, str(tiny["bench"]), str(tiny["model"]), str(sharded_out), *extra],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:  # the single-device reference, in this process, while the subprocess runs
         single_out = tmp_path / "single"
-        cfg = load_config(UnlearnConfig, "synthetic_ngdiff",
-                          _overrides(tiny["bench"], tiny["model"], single_out), subdir="experiments")  # fmt: skip
+        overrides = _overrides(tiny["bench"], tiny["model"], single_out, *extra)
+        cfg = load_config(UnlearnConfig, "synthetic_ngdiff", overrides, subdir="experiments")
         assert not cfg.mesh.enabled
         run_unlearn(cfg)
     finally:
@@ -138,15 +140,16 @@ def test_sharding_config_rejects_bad_mesh_and_distributed_values(capsys):
     assert "mesh.preset='fsdp2'" in capsys.readouterr().err
 
 
-def _subprocess_body(bench: str, model: str, out: str) -> None:
-    """The fsdp run through the CLI; then delete its last checkpoint and run again (resume from 2)."""
+def _subprocess_body(bench: str, model: str, out: str, *extra: str) -> None:
+    """The fsdp run through the CLI; then delete its last checkpoint and run again (resume from 2).
+    ``extra``: more overrides (``run.scan_layers=true``: the stacked weights, sharded)."""
     import jax
 
     from ngdiff_jax.cli import main
 
     assert jax.device_count() == 4, jax.devices()
     out_p = Path(out)
-    args = ["unlearn", "--config", "synthetic_ngdiff", *_overrides(bench, model, out, "mesh.preset=fsdp")]
+    args = ["unlearn", "--config", "synthetic_ngdiff", *_overrides(bench, model, out, "mesh.preset=fsdp", *extra)]
     assert main(args) == 0
     shutil.copytree(out_p / "model", out_p / "model_first")
     shutil.copy(out_p / "summary.json", out_p / "summary_first.json")
@@ -155,4 +158,4 @@ def _subprocess_body(bench: str, model: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    _subprocess_body(*sys.argv[1:4])
+    _subprocess_body(*sys.argv[1:])

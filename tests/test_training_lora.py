@@ -183,7 +183,8 @@ def test_target_unknown_for_the_family_fails_before_training(tiny, tmp_path, cap
     assert not (out / "log.jsonl").exists()
 
 
-def test_lora_run_resumes_to_the_same_adapters(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["run.scan_layers=true", "run.remat=full"]], ids=["unrolled", "scan"])
+def test_lora_run_resumes_to_the_same_adapters(tiny, tmp_path, extra):
     import shutil
 
     from ngdiff_jax.training import run_unlearn
@@ -192,7 +193,7 @@ def test_lora_run_resumes_to_the_same_adapters(tiny, tmp_path):
     cfg = load_config(UnlearnConfig, "synthetic_ngdiff", [
         f"data.source={tiny['bench']}", f"model_path={tiny['model']}", f"run.output_dir={out}",
         "run.progress=false", "run.steps=4", "run.checkpoint_every=2", "run.eval_every=0",
-        "lora.rank=2", "lora.targets=[q,down]"], subdir="experiments")  # fmt: skip
+        "lora.rank=2", "lora.targets=[q,down]", *extra], subdir="experiments")  # fmt: skip
     _, first = run_unlearn(cfg)
     want = _safetensors(out / "adapter")
     shutil.rmtree(out / "checkpoints" / "4")
