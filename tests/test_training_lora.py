@@ -206,15 +206,16 @@ def test_lora_run_resumes_to_the_same_adapters(tiny, tmp_path, extra):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
-@pytest.mark.parametrize("method", ["rmu", "pcgrad"])
-def test_lora_with_hidden_state_and_projection_methods(tiny, tmp_path, method, capsys):
+@pytest.mark.parametrize("method,scan", [("rmu", False), ("pcgrad", False), ("rmu", True)])
+def test_lora_with_hidden_state_and_projection_methods(tiny, tmp_path, method, scan, capsys):
     """RMU reads hidden states (``apply_fn.hidden_state`` through the adapters); PCGrad projects
     the adapters' gradients. Both train the adapters and leave the base weights alone."""
     out = tmp_path / method
     rc = main(["unlearn", "--config", "synthetic_ngdiff", f"data.source={tiny['bench']}", f"model_path={tiny['model']}",
                f"run.output_dir={out}", "run.progress=false", "run.steps=2", "run.checkpoint_every=0",
                "run.eval_every=0", f"method={method}", "lora.rank=2", "lora.targets=[v,up]",
-               *(["method.rmu_layer=0"] if method == "rmu" else [])])  # fmt: skip
+               *(["method.rmu_layer=0"] if method == "rmu" else []),
+               *(["run.scan_layers=true", "run.remat=full"] if scan else [])])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     adapter = _safetensors(out / "adapter")
     assert all(np.abs(v).max() > 0 for k, v in adapter.items() if "lora_B" in k), method
