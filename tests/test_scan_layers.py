@@ -211,8 +211,12 @@ def test_unlearn_with_scan_layers_exports_what_the_unrolled_run_exports(tiny, tm
         assert rc == 0, capsys.readouterr().err
         summary = json.loads((out / "summary.json").read_text())
         runs[scan] = (summary, load_file(str(out / "model" / "model.safetensors")))
-        if extra:
-            assert (out / "adapter" / "adapter_model.safetensors").is_file()
+        if extra:  # the PEFT adapter too
+            runs[scan + "_adapter"] = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    if extra:
+        a0, a1 = runs["false_adapter"], runs["true_adapter"]
+        assert a0.keys() == a1.keys() and any("layers.1." in k for k in a0)
+        assert max(float(np.abs(a0[k] - a1[k]).max()) for k in a0) < 1e-5
     (s0, w0), (s1, w1) = runs["false"], runs["true"]
     assert w0.keys() == w1.keys()
     before = load_file(str(tiny["model"] / "model.safetensors"))

@@ -275,9 +275,9 @@ class CausalLM(nnx.Module):
         Returns ``(logits float32 [B, T, V], new_cache or None)``; with ``return_hidden`` the
         last block's output ``[B, T, hidden]`` instead of the logits (apply :meth:`head` to it,
         e.g. on a few positions or in chunks). ``stacked = (block graphdef, tuple of block states
-        stacked on a leading layer axis[, indices of frozen states])`` runs the decoder blocks from
-        those weights as one scan instead of from ``self.layers`` (`ngdiff_jax.models.stacked`; no
-        KV cache)."""
+        stacked on a leading layer axis, indices of the frozen ones)`` runs the decoder blocks from
+        those weights as one scan instead of from ``self.layers`` (`_scan_stacked`,
+        `ngdiff_jax.models.stacked`; no KV cache)."""
         with kernels_lib.use(self.kernels):
             return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden,
                                  stacked)  # fmt: skip
@@ -293,7 +293,8 @@ class CausalLM(nnx.Module):
             if cache is not None:
                 raise ValueError("a model run on stacked block weights (models.stacked) has no KV-cache path; "
                                  "unstack the parameters (models.stacked.unstack) for generation.")
-            x = _scan_stacked(*stacked[:2], x, positions, kv_valid, remat, frozen=stacked[2:][0] if stacked[2:] else ())
+            block_def, states, frozen = stacked
+            x = _scan_stacked(block_def, states, x, positions, kv_valid, remat, frozen=frozen)
         else:
             for i, layer in enumerate(self.layers):
                 if cache is None and remat != "none":
@@ -388,8 +389,8 @@ class CausalLM(nnx.Module):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         with kernels_lib.use(self.kernels):
             if stacked is not None:  # see forward
-                return _scan_stacked(*stacked[:2], x, positions, mask, "none", length=idx + 1,
-                                     frozen=stacked[2:][0] if stacked[2:] else ())
+                block_def, states, frozen = stacked
+                return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen)
             for i in range(idx + 1):
                 x, _ = self.layers[i](x, positions, mask)
         return x
