@@ -45,6 +45,7 @@ VARIANTS = {
                          "precision.export=float32", "run.remat=full"],
     # with the decoder blocks scanned (run.scan_layers): one block compiled instead of 30
     "lora8_scan": ["lora.rank=8", "run.scan_layers=true"],
+    "f32_remat_scan": ["run.remat=full", "run.scan_layers=true"],
     "lora8_bf16_remat_scan": ["lora.rank=8", "precision.params=bfloat16", "precision.compute=bfloat16",
                               "precision.export=float32", "run.remat=full", "run.scan_layers=true"],
     "bf16_all_remat_scan": ["precision.params=bfloat16", "precision.compute=bfloat16", "precision.moments=bfloat16",
