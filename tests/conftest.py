@@ -38,3 +38,32 @@ def tofu_dir(shared_data):
 @pytest.fixture(scope="session")
 def muse_news_dir(shared_data):
     return shared_data / "muse_news"
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(tmp_path_factory):
+    """``make(num_layers=1) -> {"bench", "model", "root"}``: the synthetic benchmark and a freshly
+    initialized tiny llama (with its trained tokenizer) saved like a finetune export; built once per
+    depth and session, read-only for the tests that share it."""
+    made = {}
+
+    def make(num_layers: int = 1):
+        if num_layers not in made:
+            from ngdiff_jax import models
+            from ngdiff_jax.config_loader import load_config
+            from ngdiff_jax.data.synthetic import write_benchmark
+            from ngdiff_jax.training import FinetuneConfig, data_assembly, model_io
+            from ngdiff_jax.training.finetune import build_model
+
+            root = tmp_path_factory.mktemp(f"synthetic_model_{num_layers}")
+            bench = write_benchmark(root / "bench", n_authors=10, questions_per_author=8, seed=0)
+            cfg = load_config(FinetuneConfig, "synthetic_finetune",
+                              [f"data.source={bench}", f"model.hf.num_hidden_layers={num_layers}"],
+                              subdir="experiments")  # fmt: skip
+            model, tok = build_model(cfg, data_assembly.load_split(cfg.data, cfg.data.split), root)
+            _, params = models.functional(model)
+            made[num_layers] = {"bench": bench, "model": model_io.save_model(model, params, root / "model", tok),
+                                "root": root}  # fmt: skip
+        return made[num_layers]
+
+    return make

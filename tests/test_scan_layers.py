@@ -182,19 +182,9 @@ def test_the_scanned_step_compiles_one_block():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from ngdiff_jax.config_loader import load_config
-    from ngdiff_jax.data.synthetic import write_benchmark
-    from ngdiff_jax.training import FinetuneConfig, data_assembly, model_io
-    from ngdiff_jax.training.finetune import build_model
-
-    root = tmp_path_factory.mktemp("scan_cli")
-    bench = write_benchmark(root / "bench", n_authors=10, questions_per_author=8, seed=0)
-    cfg = load_config(FinetuneConfig, "synthetic_finetune", [f"data.source={bench}", "model.hf.num_hidden_layers=2"],
-                      subdir="experiments")  # fmt: skip
-    model, tok = build_model(cfg, data_assembly.load_split(cfg.data, cfg.data.split), root)
-    _, params = M.functional(model)
-    return {"bench": bench, "model": model_io.save_model(model, params, root / "model", tok)}
+def tiny(synthetic_model):
+    """The synthetic benchmark + a tiny llama (and tokenizer) saved like a finetune export (conftest)."""
+    return synthetic_model(2)
 
 
 @pytest.mark.parametrize("extra", [[], ["lora.rank=4", "lora.targets=all"]], ids=["full", "lora"])

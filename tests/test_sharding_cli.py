@@ -41,23 +41,9 @@ def _safetensors(model_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Synthetic benchmark + a freshly initialized tiny llama (and tokenizer) saved like a finetune export."""
-    from ngdiff_jax.config_loader import load_config
-    from ngdiff_jax.data.synthetic import write_benchmark
-    from ngdiff_jax.training import FinetuneConfig, data_assembly, model_io
-    from ngdiff_jax.training.finetune import build_model
-
-    root = tmp_path_factory.mktemp("sharding_cli")
-    bench = write_benchmark(root / "bench", n_authors=10, questions_per_author=8, seed=0)
-    cfg = load_config(FinetuneConfig, "synthetic_finetune", [f"data.source={bench}", "model.hf.num_hidden_layers=1"],
-                      subdir="experiments")  # fmt: skip
-    model, tok = build_model(cfg, data_assembly.load_split(cfg.data, cfg.data.split), root)
-    from ngdiff_jax import models
-
-    _, params = models.functional(model)
-    model_dir = model_io.save_model(model, params, root / "model", tok)
-    return {"bench": bench, "model": model_dir, "root": root}
+def tiny(synthetic_model):
+    """The synthetic benchmark + a tiny llama (and tokenizer) saved like a finetune export (conftest)."""
+    return synthetic_model(1)
 
 
 @pytest.mark.parametrize("extra", [[], ["run.scan_layers=true", "run.remat=full"]], ids=["unrolled", "scan"])
