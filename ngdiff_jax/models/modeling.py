@@ -517,6 +517,14 @@ def _frozen_jvp(primals, tangents):
 _frozen.defjvp(_frozen_jvp, symbolic_zeros=True)
 
 
+def _from_bits(a):
+    """`_frozen`'s inverse: ``uint16`` bits as bfloat16 (a NumPy view for a NumPy array); other
+    leaves as they are."""
+    if a.dtype != jnp.uint16:
+        return a
+    return a.view(jnp.bfloat16) if isinstance(a, np.ndarray) else jax.lax.bitcast_convert_type(a, jnp.bfloat16)
+
+
 def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_valid: Array, policy: str,
                   length: int | None = None, frozen: tuple = ()) -> Array:
     """The first ``length`` (default: all) blocks whose weights are ``states`` (stacked on a leading
@@ -535,13 +543,10 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     def encode(a):  # frozen leaves: bfloat16 as bits (uint16 leaves are such bits already)
         return a if a.dtype == jnp.uint16 else _frozen(a)
 
-    def decode(a):
-        return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
-
     states = tuple(jax.tree.map(encode, st) if i in frozen else st for i, st in enumerate(states))
 
     def block(h, sts):
-        sts = tuple(jax.tree.map(decode, st) if i in frozen else st for i, st in enumerate(sts))
+        sts = tuple(jax.tree.map(_from_bits, st) if i in frozen else st for i, st in enumerate(sts))
         y, _ = nnx.merge(block_graphdef, *sts)(h, positions, kv_valid)
         return y
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.models.modeling import _inputs
+from ngdiff_jax.models.modeling import _from_bits, _frozen, _inputs
 
 __all__ = ["functional", "is_stacked", "runner", "stack", "unstack"]
 
@@ -84,16 +84,6 @@ def stack(params: dict, *, consume: bool = False, convert=None) -> dict:
     out = {k: v for k, v in params.items() if k != "layers"}
     out["layers"] = jax.tree_util.tree_unflatten(treedef, stacked)
     return out
-
-
-def _to_bits(a):
-    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
-
-
-def _from_bits(a):
-    if a.dtype != jnp.uint16:
-        return a
-    return a.view(jnp.bfloat16) if isinstance(a, np.ndarray) else jax.lax.bitcast_convert_type(a, jnp.bfloat16)
 
 
 def unstack(params: dict, *, host: bool = False) -> dict:
@@ -140,7 +130,7 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     if release:
         nnx.update(model, _abstract(nnx.state(model)))
     # a frozen tree is stored as bits: the scan slices them without a float32 copy (modeling._scan_stacked)
-    params = [stack(p, consume=release, convert=_to_bits if i in frozen else None) for i, p in enumerate(pures)]
+    params = [stack(p, consume=release, convert=_frozen if i in frozen else None) for i, p in enumerate(pures)]
     del pures
 
     def call(method: str, params_list, *args, **kwargs):
