@@ -264,7 +264,9 @@ def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_step(mo
     # input (kernels._fresh), no float32 copy of the weights lives across the step; with the
     # optimization barrier alone (late=False) the copies of every use were merged into one per
     # weight, made at the start and alive through both tasks (SmolLM2's shape, 2 blocks:
-    # 494 -> 467 MB, the two blocks' weights in float32).
+    # 494 -> 467 MB, the two blocks' weights in float32; since the vocabulary-chunked head and
+    # the one-pass gradient norms the step's peak is elsewhere and the gap is one block's
+    # weights: 272 -> 256 MB).
     from ngdiff_jax.models import kernels
 
     late = _abstract_step_temps(SMOLLM2_2, dtype=jnp.bfloat16, remat="full")
@@ -273,7 +275,7 @@ def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_step(mo
     jax.clear_caches()  # the model's inner jits were traced with the late conversion
     barrier = _abstract_step_temps(SMOLLM2_2, dtype=jnp.bfloat16, remat="full")
     block_f32 = 4 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
-    assert late < barrier - 1.5 * block_f32, (late, barrier, block_f32)
+    assert late < barrier - 0.75 * block_f32, (late, barrier, block_f32)
     jax.clear_caches()
 
 

@@ -109,3 +109,74 @@ def test_xla_forward_mode_matches_finite_differences():
         assert np.linalg.norm(h) > 1e-2
         fd_h = (flat(grad(shift(eps))) - flat(grad(shift(-eps)))) / (2 * eps)
         assert np.linalg.norm(h - fd_h) < 1e-2 * np.linalg.norm(h)
+
+
+def _head_reference(x, w, bias, targets, vocab_major):
+    logits = x @ (w.T if vocab_major else w) + (0.0 if bias is None else bias)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[:, None], axis=-1)[:, 0]
+
+
+@pytest.mark.parametrize("vocab_major,with_bias", [(True, False), (False, True), (False, False)])
+def test_head_logprobs_over_vocabulary_chunks_equal_log_softmax(vocab_major, with_bias):
+    """`kernels.head_logprobs` (cpu_fast's LM head): 3 row blocks x 4 vocabulary chunks of 10 of
+    37 columns, the last chunk overlapping the one before; values and gradients (x, weight,
+    bias) equal a plain log-softmax's."""
+    n, E, V = 48, 16, 37
+    kx, kw, kb, kt = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (n, E))
+    w = jax.random.normal(kw, (V, E) if vocab_major else (E, V))
+    bias = jax.random.normal(kb, (V,)) if with_bias else None
+    targets = jax.random.randint(kt, (n,), 0, V).at[:4].set(V - 1).at[4:8].set(28)  # in the overlap
+    assert K._head_plan(n, V, 8, 5120) == (16, 10)
+    cot = jnp.linspace(0.5, 1.5, n)
+
+    def loss(fn):
+        return lambda x, w, b: jnp.sum(cot * fn(x, w, b))
+
+    fast = loss(lambda x, w, b: K.head_logprobs(x, w, b, targets, vocab_major=vocab_major, token_chunk=8,
+                                                chunk_elements=5120))  # fmt: skip
+    ref = loss(lambda x, w, b: _head_reference(x, w, b, targets, vocab_major))
+    np.testing.assert_allclose(jax.jit(fast)(x, w, bias), ref(x, w, bias), rtol=1e-5)
+    for a, b in zip(jax.grad(fast, argnums=(0, 1, 2))(x, w, bias), jax.grad(ref, argnums=(0, 1, 2))(x, w, bias)):
+        if b is None:
+            assert a is None
+            continue
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_head_logprobs_bfloat16_gradient_is_accumulated_in_float32():
+    """A bfloat16 head's weight gradient is summed over the row blocks in float32 and rounded once:
+    within bfloat16 rounding (2^-8) of the float32 gradient of the same values."""
+    n, E, V = 64, 16, 40
+    kx, kw, kt = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (n, E)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (V, E)).astype(jnp.bfloat16)
+    targets = jax.random.randint(kt, (n,), 0, V)
+    grad = jax.grad(lambda w: K.head_logprobs(x, w, None, targets, vocab_major=True, token_chunk=8,
+                                              chunk_elements=2560).sum())(w)  # fmt: skip
+    x32 = x.astype(jnp.float32)
+    ref = jax.grad(lambda w: _head_reference(x32, w, None, targets, True).sum())(w.astype(jnp.float32))
+    assert grad.dtype == jnp.bfloat16
+    err = jnp.abs(grad.astype(jnp.float32) - ref)
+    assert float(jnp.max(err / jnp.maximum(jnp.abs(ref), 1e-3))) <= 2.0**-8
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lookup_gradient_sums_repeated_ids(dtype):
+    """cpu_fast's embedding lookup: the forward is ``jnp.take``; the gradient sums the cotangent
+    rows of repeated ids (in float32) and leaves the other rows zero, in the table's dtype."""
+    table = jax.random.normal(jax.random.key(2), (11, 5)).astype(dtype)
+    ids = jnp.array([[3, 7, 3, 0], [10, 3, 7, 7]])
+    cot = jax.random.normal(jax.random.key(3), (2, 4, 5))
+
+    def loss(take):
+        return lambda t: jnp.sum(take(t).astype(jnp.float32) * cot)
+
+    with K.use("cpu_fast"):
+        np.testing.assert_array_equal(K.lookup(table, ids), jnp.take(table, ids, axis=0))
+        g = jax.grad(loss(lambda t: K.lookup(t, ids)))(table)
+    expected = jax.grad(loss(lambda t: jnp.take(t.astype(jnp.float32), ids, axis=0)))(table.astype(jnp.float32))
+    assert g.dtype == dtype
+    # (bfloat16: the cotangent reaches the lookup rounded to bfloat16, and the sum is rounded once more)
+    np.testing.assert_allclose(g.astype(jnp.float32), expected, rtol=1e-6 if dtype == jnp.float32 else 2.0**-7)
+    assert not np.any(np.asarray(g)[[1, 2, 4, 5, 6, 8, 9]])

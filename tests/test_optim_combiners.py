@@ -245,3 +245,35 @@ def test_chained_in_front_of_sgd_descends_both_losses():
         )
         new = optax.apply_updates(params, u)
         assert loss_r(new) < loss_r(params) and loss_f(new) < loss_f(params)
+
+
+def test_a_logged_norm_and_the_combiner_read_each_bfloat16_leaf_once():
+    """Inside `shared_reductions` (as `make_unlearn_step` runs its step), a gradient's norm taken
+    for the log and the combiner's norms of the same gradients are one reduction per leaf, with
+    the same values. Outside it, XLA:CPU materializes the float32 conversion of each bfloat16 leaf
+    that two reductions read (here 2 x 2 MB of temporaries)."""
+    import contextlib
+
+    from ngdiff_jax.optim._base import shared_reductions, tree_scaled_norm
+
+    tx = ngdiff()
+
+    def step(shared):
+        def f(r, g):
+            with shared_reductions() if shared else contextlib.nullcontext():
+                n = tree_scaled_norm(g)
+                d, state = tx.update(r, tx.init(None), forget_grads=g)
+            return n, d, state.forget_norm
+
+        return jax.jit(f)
+
+    shape = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16)
+    temps = {s: step(s).lower(shape, shape).compile().memory_analysis().temp_size_in_bytes for s in (False, True)}
+    f32_leaf = 512 * 1024 * 4
+    assert temps[False] >= f32_leaf and temps[True] < f32_leaf // 16, temps
+    r, g = (jax.random.normal(jax.random.key(i), (512, 1024)).astype(jnp.bfloat16) for i in (0, 1))
+    (n0, d0, s0), (n1, d1, s1) = step(False)(r, g), step(True)(r, g)
+    exact = float(np.linalg.norm(np.asarray(g, np.float64)))
+    for n in (n0, s0, n1, s1):  # float32 rounding: the one-pass sums reduce rows of 128 first
+        assert abs(float(n) - exact) <= 1e-6 * exact
+    np.testing.assert_allclose(np.asarray(d0, np.float32), np.asarray(d1, np.float32), rtol=1e-2, atol=1e-6)

@@ -267,3 +267,265 @@ def token_einsums(eqs, x: Array, ws, preferred_element_type=None, *, late: bool 
     ys = _token_matmuls(x.reshape(B * T, K), tuple(w.reshape(p[1]) for w, p in zip(ws, plans)),
                         w_transposed, preferred_element_type, late)
     return [y.reshape((B, T) + p[3]) for y, p in zip(ys, plans)]
+
+
+# ---------------------------------------------------------------------- the layer scan (cpu_fast)
+def _bits(a):
+    """A bfloat16 array as its bits (``uint16``): what a loop slices without XLA:CPU's float32
+    normalization (see `remat_scan`); any other array as it is."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+def _unbits(a):
+    """`_bits`'s inverse: ``uint16`` leaves (bfloat16 bits) as bfloat16, others as they are."""
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+def remat_scan(block, trained, frozen, x: Array, aux):
+    """``h = block(h, trained[i], frozen[i], aux)`` for every layer ``i`` of the stacked trees
+    ``trained`` and ``frozen`` (leading layer axis), fully rematerialized: the forward pass keeps
+    each block's input, the backward pass recomputes one block at a time. Differentiable in
+    ``trained`` and ``x`` (reverse mode); ``frozen`` (its ``uint16`` leaves are bfloat16 bits)
+    and ``aux`` are not differentiated.
+
+    The same values and gradients as ``lax.scan`` over ``jax.checkpoint(block)``, with one
+    difference in what XLA:CPU sees: XLA:CPU converts a bfloat16 array that a loop slices to
+    float32 *before* the loop, so the plain scan kept a float32 copy of every stacked bfloat16
+    weight alive for the whole step (SmolLM2 in bfloat16: 425 MB). Here the bfloat16 weights and
+    the saved block inputs enter the loops as their bits (``uint16``: a bitcast, no copy) and
+    become bfloat16 inside the block; the weight gradients leave the backward loop in the
+    weights' dtype."""
+    return _remat_scan(block, trained, frozen, x, aux)
+
+
+def _block_of_bits(block, h, tb, fb, aux):
+    return block(_unbits(h), jax.tree.map(_unbits, tb), jax.tree.map(_unbits, fb), aux)
+
+
+def _remat_forward(block, trained, frozen, x, aux, keep_inputs: bool):
+    def step(h, ws):
+        return _block_of_bits(block, h, *ws, aux), (_bits(h) if keep_inputs else None)
+
+    return jax.lax.scan(step, x, (jax.tree.map(_bits, trained), jax.tree.map(_bits, frozen)))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _remat_scan(block, trained, frozen, x, aux):
+    return _remat_forward(block, trained, frozen, x, aux, False)[0]
+
+
+def _remat_scan_fwd(block, trained, frozen, x, aux):
+    y, hs = _remat_forward(block, trained, frozen, x, aux, True)
+    return y, (jax.tree.map(_bits, trained), jax.tree.map(_bits, frozen), hs, aux)
+
+
+def _remat_scan_bwd(block, res, g):
+    t_bits, f_bits, hs, aux = res
+
+    def step(gh, xs):
+        tb, fb, hb = xs
+        f = jax.tree.map(_unbits, fb)
+        _, vjp = jax.vjp(lambda h, t: block(h, t, f, aux), _unbits(hb), jax.tree.map(_unbits, tb))
+        dh, dt = vjp(gh)
+        return dh, jax.tree.map(_bits, dt)  # stacked as bits too: a bfloat16 update of the stack is widened
+
+    dx, dtrained = jax.lax.scan(step, g, (t_bits, f_bits, hs), reverse=True)
+    return jax.tree.map(_unbits, dtrained), None, dx, None
+
+
+_remat_scan.defvjp(_remat_scan_fwd, _remat_scan_bwd)
+
+
+# ---------------------------------------------------------------------- the LM head's log-probs (cpu_fast)
+def head_logprobs(x: Array, w: Array, bias: Array | None, targets: Array, *, vocab_major: bool,
+                  token_chunk: int, chunk_elements: int) -> Array:
+    """``log_softmax(x @ W + bias)[targets]`` per row of ``x [n, E]`` (float32 ``[n]``), with
+    ``W = w.T`` for a vocabulary-major ``w [V, E]`` (a tied embedding) and ``W = w [E, V]``
+    otherwise. ``n`` is a multiple of ``token_chunk``.
+
+    Both passes run over blocks of rows (a multiple of ``token_chunk``) by *vocabulary* columns,
+    about ``chunk_elements`` logits each, reading the weight one vocabulary chunk at a time (as
+    bits, see `remat_scan`). The forward pass keeps a running log-sum-exp per row; the backward
+    pass recomputes each block's logits, and each vocabulary chunk's weight gradient is complete
+    when its loop iteration ends: it is written once, in the weight's dtype, after a float32
+    accumulation. Under autodiff, the token-chunked loop of `CausalLM.token_logprobs` read the
+    whole weight in every iteration (XLA:CPU converted a bfloat16 one to float32 once and kept
+    it) and its backward accumulated the ``[V, E]`` weight gradient across iterations: a float32
+    product per chunk next to a running sum (bfloat16 for a bfloat16 weight, rounded at every
+    chunk) and its initial zeros (SmolLM2: ~430 MB)."""
+    return _head_lp(vocab_major, token_chunk, chunk_elements, x, w, bias, targets)
+
+
+def _head_logits(xc: Array, w: Array, bias, vocab_major: bool) -> Array:
+    lg = _dot_nt(xc, w, jnp.float32) if vocab_major else jnp.dot(xc, w, preferred_element_type=jnp.float32)
+    return lg if bias is None else lg + bias.astype(jnp.float32)
+
+
+def _vocab_chunk(wb, bias, V: int, cols: int, v_axis: int, j):
+    """Chunk ``j`` of the weight (from its bits ``wb``) and bias: ``(start, w_j, b_j, fresh)``. The
+    last chunk starts at ``V - cols`` and may overlap the one before: ``fresh`` marks the columns
+    no earlier chunk covered."""
+    start = jnp.minimum(j * cols, V - cols)
+    wj = _unbits(jax.lax.dynamic_slice_in_dim(wb, start, cols, v_axis))
+    bj = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, cols)
+    return start, wj, bj, (start + jnp.arange(cols)) >= j * cols
+
+
+def _head_forward(vocab_major, chunk, chunk_elements, x, w, bias, targets):
+    """``(log-prob of each target, log-sum-exp of each row)``, over blocks of rows x vocabulary
+    columns with a running log-sum-exp: the loops read slices of the weight (as bits), never the
+    whole weight, which XLA:CPU would convert to float32 once per step and keep."""
+    n, E = x.shape
+    V = w.shape[0] if vocab_major else w.shape[1]
+    rows, cols = _head_plan(n, V, chunk, chunk_elements)
+    v_axis = 0 if vocab_major else 1
+    wb = _bits(w)
+    row_xs = (_bits(x).reshape(n // rows, rows, E), targets.reshape(-1, rows))
+
+    def vocab_chunk(carry, j):
+        m, s, picked = carry
+        start, wj, bj, fresh = _vocab_chunk(wb, bias, V, cols, v_axis, j)
+
+        def row_chunk(_, xs):
+            xb, tr = xs
+            lg = jnp.where(fresh[None, :], _head_logits(_unbits(xb), wj, bj, vocab_major), -jnp.inf)
+            bm = jnp.max(lg, axis=-1)
+            hit = ((tr[:, None] - start) == jnp.arange(cols)[None, :]) & fresh[None, :]
+            return None, (bm, jnp.sum(jnp.exp(lg - bm[:, None]), axis=-1), jnp.sum(jnp.where(hit, lg, 0.0), axis=-1))
+
+        _, (bm, bs, pk) = jax.lax.scan(row_chunk, None, row_xs)
+        bm, bs, pk = bm.reshape(n), bs.reshape(n), pk.reshape(n)
+        m_new = jnp.maximum(m, bm)
+        return (m_new, s * jnp.exp(m - m_new) + bs * jnp.exp(bm - m_new), picked + pk), None
+
+    init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
+    (m, s, picked), _ = jax.lax.scan(vocab_chunk, init, jnp.arange(-(-V // cols)))
+    lse = m + jnp.log(s)
+    return picked - lse, lse
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _head_lp(vocab_major, chunk, chunk_elements, x, w, bias, targets):
+    return _head_forward(vocab_major, chunk, chunk_elements, x, w, bias, targets)[0]
+
+
+def _head_lp_fwd(vocab_major, chunk, chunk_elements, x, w, bias, targets):
+    lp, lse = _head_forward(vocab_major, chunk, chunk_elements, x, w, bias, targets)
+    return lp, (x, w, bias, targets, lse)
+
+
+def _head_plan(n: int, vocab: int, chunk: int, chunk_elements: int) -> tuple[int, int]:
+    """``(rows, columns)`` of one backward block: ``chunk_elements / 512`` vocabulary columns (at
+    most the vocabulary), and the rows of the largest ``chunk * 2^k`` dividing ``n`` that keeps
+    the block within ``chunk_elements`` (at least ``chunk``)."""
+    cols = max(1, min(vocab, chunk_elements // 512))
+    rows = chunk
+    while n % (rows * 2) == 0 and rows * 2 * cols <= chunk_elements:
+        rows *= 2
+    return rows, cols
+
+
+def _head_lp_bwd(vocab_major, chunk, chunk_elements, res, g):
+    x, w, bias, targets, lse = res
+    n, E = x.shape
+    V = w.shape[0] if vocab_major else w.shape[1]
+    rows, cols = _head_plan(n, V, chunk, chunk_elements)
+    v_axis = 0 if vocab_major else 1
+    wb = _bits(w)
+    row_xs = (_bits(x).reshape(n // rows, rows, E), lse.reshape(-1, rows),
+              g.astype(jnp.float32).reshape(-1, rows), targets.reshape(-1, rows))
+
+    def vocab_chunk(carry, j):
+        # overlapping columns of the last chunk: left out of dx, dropped in _assemble
+        start, wj, bj, fresh = _vocab_chunk(wb, bias, V, cols, v_axis, j)
+        wj = wj.astype(jnp.float32)
+
+        def row_chunk(carry, xs):
+            dw, db = carry
+            xb, ls, gr, tr = xs
+            xc = _unbits(xb)
+            p = jnp.exp(_head_logits(xc, wj, bj, vocab_major) - ls[:, None])
+            onehot = ((tr[:, None] - start) == jnp.arange(cols)[None, :]).astype(jnp.float32)
+            dl = gr[:, None] * (onehot - p)  # the cotangent of this block's logits
+            xf = xc.astype(jnp.float32)
+            dw = dw + (jnp.dot(dl.T, xf) if vocab_major else jnp.dot(xf.T, dl))
+            dl_fresh = jnp.where(fresh[None, :], dl, 0.0)
+            dxc = jnp.dot(dl_fresh, wj) if vocab_major else _dot_nt(dl_fresh, wj)
+            return (dw, db + dl.sum(0)), dxc
+
+        dw0 = jnp.zeros((cols, E) if vocab_major else (E, cols), jnp.float32)
+        (dw, db), dxs = jax.lax.scan(row_chunk, (dw0, jnp.zeros((cols,), jnp.float32)), row_xs)
+        dx, dws = carry
+        dws = jax.lax.dynamic_update_index_in_dim(dws, _bits(dw.astype(w.dtype)), j, 0)
+        return (dx + dxs.reshape(n, E), dws), db
+
+    k = -(-V // cols)
+    dws = _late_zeros((k, cols, E) if vocab_major else (k, E, cols), _bits(w[:0]).dtype, g)
+    (dx, dw_chunks), db_chunks = jax.lax.scan(vocab_chunk, (jnp.zeros((n, E), jnp.float32), dws), jnp.arange(k))
+    dw = _unbits(_assemble(dw_chunks, V, cols, v_axis))
+    db = None if bias is None else _assemble(db_chunks, V, cols, 0).astype(bias.dtype)
+    return dx.astype(x.dtype), dw, db, None
+
+
+def _late_zeros(shape, dtype, after) -> Array:
+    """Zeros made no earlier than ``after`` (see `never`): XLA:CPU's scheduler otherwise makes a
+    loop's or a scatter's zero-filled output buffer at the start of the step, where it stays
+    until that (late) use."""
+    return jnp.full(shape, jnp.where(never(after), 1, 0).astype(dtype))
+
+
+def _assemble(chunks: Array, V: int, cols: int, axis: int) -> Array:
+    """The ``[k, ...]`` per-chunk results of `_head_lp_bwd` as one array with ``V`` entries along
+    ``axis``: chunk ``j < k - 1`` holds entries ``j*cols ...``, the last one ``V - cols ...``."""
+    k = chunks.shape[0]
+    parts = jnp.moveaxis(chunks, 0, axis)  # the chunk axis just before the chunk's own
+    merged = parts.reshape(parts.shape[:axis] + (k * cols,) + parts.shape[axis + 2:])
+    tail = V - (k - 1) * cols
+    if tail == cols:
+        return merged
+    return jnp.concatenate([jax.lax.slice_in_dim(merged, 0, (k - 1) * cols, axis=axis),
+                            jax.lax.slice_in_dim(merged, k * cols - tail, k * cols, axis=axis)], axis=axis)
+
+
+_head_lp.defvjp(_head_lp_fwd, _head_lp_bwd)
+
+
+# ---------------------------------------------------------------------- embedding lookups (cpu_fast)
+def lookup(table: Array, ids: Array) -> Array:
+    """``jnp.take(table, ids, axis=0)``; under ``cpu_fast``, with a backward pass that sums the
+    cotangent rows of repeated ids in float32 (sorting the ``n`` ids) and *writes* the ``n``
+    summed rows into a table of zeros, in the table's dtype (as bits for bfloat16: an integer
+    scatter). Autodiff's scatter-add of a bfloat16 table ran in float32 on XLA:CPU, into float32
+    zeros that XLA made at the start of the step and kept (SmolLM2: 2 x 108 MB)."""
+    if current() != "cpu_fast" or table.ndim != 2:
+        return jnp.take(table, ids, axis=0)
+    return _lookup((table.shape, jnp.dtype(table.dtype)), table, ids)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _lookup(spec, table, ids):
+    return _unbits(jnp.take(_bits(table), ids, axis=0))  # rows of bits: an integer gather
+
+
+def _lookup_fwd(spec, table, ids):
+    return _lookup(spec, table, ids), ids
+
+
+def _lookup_bwd(spec, ids, g):
+    (V, E), dtype = spec
+    flat = ids.reshape(-1)
+    n = flat.shape[0]
+    order = jnp.argsort(flat)
+    sorted_ids = flat[order]
+    first = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
+    segment = jnp.cumsum(first) - 1  # each sorted id's row among the distinct ids
+    rows = jax.ops.segment_sum(g.reshape(n, E).astype(jnp.float32)[order], segment, num_segments=n,
+                               indices_are_sorted=True)  # fmt: skip
+    # the distinct ids in order; the rows past their count go nowhere (index V: dropped)
+    targets = jnp.full((n,), V, flat.dtype).at[segment].set(sorted_ids)
+    values = _bits(rows.astype(dtype))
+    table = _late_zeros((V, E), values.dtype, rows).at[targets].set(values, mode="drop", unique_indices=True)
+    return _unbits(table) if dtype == jnp.bfloat16 else table, None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)

@@ -284,9 +284,9 @@ class CausalLM(nnx.Module):
 
     def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden=False,
                  stacked=None):
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+        x = kernels_lib.lookup(self.embed[...], input_ids).astype(self.dtype)
         if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
+            x = x + kernels_lib.lookup(self.pos_embed[...], positions).astype(self.dtype)
         new_cache = [] if cache is not None else None
         remat = getattr(self, "remat", "none")
         if stacked is not None:  # the blocks' weights come stacked (ngdiff_jax.models.stacked)
@@ -352,6 +352,15 @@ class CausalLM(nnx.Module):
             x = jnp.pad(x, ((0, pad), (0, 0)))
             tgt = jnp.pad(tgt, (0, pad))
 
+        if kernels_lib.current() == "cpu_fast":  # the same, with a vocabulary-chunked backward pass
+            tied = self.lm_head is None
+            w = (self.embed[...] if tied else self.lm_head.kernel[...]).astype(self.dtype)
+            bias = None if tied or self.lm_head.bias is None else self.lm_head.bias[...]
+            lp = kernels_lib.head_logprobs(self.final_norm(x[None])[0], w, bias, tgt, vocab_major=tied,
+                                           token_chunk=chunk, chunk_elements=HEAD_CHUNK_ELEMENTS)
+            logp = lp[:n].reshape(B, T - 1)
+            return TokenLogprobs(jnp.where(mask, logp, 0.0), mask.astype(jnp.float32))
+
         def chunk_logp(xc, tc):
             logits = self._head(xc[None])[0]  # [chunk, V] float32
             picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
@@ -384,10 +393,10 @@ class CausalLM(nnx.Module):
             raise ValueError(f"layer={layer} is out of range for a model with {n} layers; use 0..{n - 1} "
                              f"(or -{n}..-1).")
         input_ids, mask, positions = _inputs(input_ids, attention_mask, positions)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
-        if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(self.dtype)
         with kernels_lib.use(self.kernels):
+            x = kernels_lib.lookup(self.embed[...], input_ids).astype(self.dtype)
+            if self.pos_embed is not None:
+                x = x + kernels_lib.lookup(self.pos_embed[...], positions).astype(self.dtype)
             if stacked is not None:  # see forward
                 block_def, states, frozen = stacked
                 return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen)
@@ -550,10 +559,22 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
         y, _ = nnx.merge(block_graphdef, *sts)(h, positions, kv_valid)
         return y
 
+    n = jax.tree_util.tree_leaves(states)[0].shape[0]
+    if policy == "full" and (length is None or length == n) and kernels_lib.current() == "cpu_fast":
+        # XLA:CPU: the weights cross the loops as bits (see kernels.remat_scan)
+        trained = tuple(st for i, st in enumerate(states) if i not in frozen)
+        fixed = tuple(st for i, st in enumerate(states) if i in frozen)
+
+        def split_block(h, t, f, aux):
+            t, f = iter(t), iter(f)
+            sts = tuple(next(f) if i in frozen else next(t) for i in range(len(states)))
+            y, _ = nnx.merge(block_graphdef, *sts)(h, *aux)
+            return y
+
+        return kernels_lib.remat_scan(split_block, trained, fixed, x, (positions, kv_valid))
     if policy != "none":
         block = jax.checkpoint(block, policy=None if policy == "full" else getattr(jax.checkpoint_policies, policy),
                                prevent_cse=False)  # fmt: skip
-    n = jax.tree_util.tree_leaves(states)[0].shape[0]
     if length is None or length == n:
         return jax.lax.scan(lambda h, sts: (block(h, sts), None), x, states)[0]
     # a prefix of the blocks (hidden states): index the stacked weights one block at a time

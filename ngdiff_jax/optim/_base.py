@@ -34,10 +34,14 @@ globally by itself).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
 
@@ -52,6 +56,7 @@ __all__ = [
     "tree_scaled_norm",
     "tree_scaled_vdot",
     "psum",
+    "shared_reductions",
     "two_task_combiner",
 ]
 
@@ -88,6 +93,75 @@ def _acc_dtype(x: jax.Array) -> jnp.dtype:
     return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
 
 
+_shared: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ngdiff_shared_reductions", default=None)
+
+
+@contextlib.contextmanager
+def shared_reductions():
+    """Within this block, the reductions of an array (`tree_max_abs`, `tree_scaled_norm`) are
+    computed once per array and trace and reused: a step that logs a gradient's norm and then
+    hands the gradient to a combiner reads each leaf once.
+
+    XLA does not merge two reductions of the same leaf (not even identical ones), and on XLA:CPU
+    two reductions of one bfloat16 leaf materialize its float32 conversion, alive from the
+    first reduction to the last: a float32 copy of the whole gradient tree (SmolLM2 in bfloat16,
+    the forget gradient's norm taken before the retain pass: 425 MB through that pass).
+    `ngdiff_jax.training.make_unlearn_step` runs its step inside this block."""
+    token = _shared.set({})
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
+def _leaf_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(max_i |x_i|, (small, medium, big))`` of one leaf: the max-abs and Blue's three scaled
+    sums of squares (see `tree_scaled_norm`) in >= float32, in one pass; computed once per leaf
+    inside `shared_reductions`."""
+    cache = _shared.get()
+    if cache is None:
+        return _moments(x)
+    trace = jax.extend.core.get_opaque_trace_state(convention="ngdiff")
+    hit = cache.get(id(x))
+    if hit is not None and hit[0] is x and hit[1] == trace:
+        return hit[2]
+    out = _moments(x)
+    cache[id(x)] = (x, trace, out)  # holds x: its id is not reused while the block lasts
+    return out
+
+
+def _blue(dt):
+    """Blue's constants for ``dt`` (LAPACK's ``dnrm2``, Anderson 2017): squares of entries in
+    ``[t_small, t_big]`` are neither subnormal nor overflowing; smaller ones are summed times
+    ``s_small``^2, larger ones times ``s_big``^2."""
+    fi = jnp.finfo(dt)  # Fortran's MINEXPONENT is numpy's minexp + 1
+    lo, hi, digits = int(fi.minexp) + 1, int(fi.maxexp), int(fi.nmant) + 1
+    return (2.0 ** math.ceil((lo - 1) / 2), 2.0 ** math.floor((hi - digits + 1) / 2),
+            2.0 ** -math.floor((lo - digits) / 2), 2.0 ** -math.ceil((hi + digits - 1) / 2))  # fmt: skip
+
+
+def _moments(x: jax.Array):
+    dt = _acc_dtype(x)
+    n = jnp.size(x)
+    zero = jnp.zeros((), dt)
+    if not n:
+        return zero, (zero, zero, zero)
+    t_small, t_big, s_small, s_big = _blue(dt)
+    # Two stages: the pass over the leaf reduces rows of (at most) 128 entries, the partial
+    # results (1/128 of the leaf) are reduced apart. XLA:CPU runs a variadic reduction of a whole
+    # array as one sequential sum (relative error ~1e-4 at 5e5 entries); per row it stays ~1e-7.
+    row = next(k for k in (128, 64, 32, 16, 8, 4, 2, 1) if n % k == 0)
+    ax = jnp.abs(jnp.asarray(x).astype(dt).reshape(n // row, row))
+    small, big = ax < t_small, ax > t_big
+    terms = (ax, jnp.where(small, jnp.square(ax * s_small), 0), jnp.where(small | big, 0, jnp.square(ax)),
+             jnp.where(big, jnp.square(ax * s_big), 0))  # fmt: skip
+    def combine(a, b):
+        return jnp.maximum(a[0], b[0]), a[1] + b[1], a[2] + b[2], a[3] + b[3]
+
+    parts = jax.lax.reduce(terms, (zero,) * 4, combine, (1,))
+    return jnp.max(parts[0]), tuple(jnp.sum(p) for p in parts[1:])
+
+
 def tree_max_abs(tree: Any, axis_name: AxisName = None) -> jax.Array:
     """``max_i |x_i|`` over all leaves as float32; NaN if any leaf holds a NaN.
     With ``axis_name``, over all shards of that mapped axis too.
@@ -100,11 +174,7 @@ def tree_max_abs(tree: Any, axis_name: AxisName = None) -> jax.Array:
     if not leaves:
         m = jnp.zeros((), jnp.float32)
     else:
-        maxes = [
-            jnp.max(jnp.abs(x)).astype(jnp.float32) if jnp.size(x) else jnp.zeros((), jnp.float32)
-            for x in leaves
-        ]
-        m = jnp.max(jnp.stack(maxes))
+        m = jnp.max(jnp.stack([_leaf_moments(x)[0].astype(jnp.float32) for x in leaves]))
     if axis_name is not None:
         # "some shard is not finite" is reduced separately, so the result is NaN exactly then.
         bad = jax.lax.pmax(jnp.where(jnp.isfinite(m), 0.0, 1.0), axis_name)
@@ -139,17 +209,33 @@ def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
 
 
 def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
-    """Global L2 norm, computed as ``s * ||x / s||`` with ``s = max|x|``.
+    """Global L2 norm, exact to rounding over the whole float32 range, in one pass over the
+    leaves (the same pass as `tree_max_abs`, see `_leaf_moments`).
 
-    Plain ``sqrt(sum x^2)`` overflows float32 once the norm passes ~1.8e19 and
-    flushes to zero below ~1e-19; the rescaled form is exact to rounding over the
-    whole float32 range. Non-finite input gives a non-finite norm.
+    Blue's algorithm (as LAPACK's ``dnrm2``): entries too small or too large for a float32 square
+    are summed in two scaled accumulators, so neither a gradient-ascent forget gradient of norm
+    ``1e20`` overflows nor a tiny retain gradient underflows. ``max_abs`` (default: computed)
+    decides the non-finite case: non-finite input gives a non-finite norm.
     """
     if max_abs is None:
         max_abs = tree_max_abs(tree, axis_name)
-    s = _safe_scale(max_abs)
-    sq = tree_scaled_vdot(tree, tree, s, s, axis_name)
-    norm = s * jnp.sqrt(sq)
+    t_small, t_big, s_small, s_big = _blue(jnp.float32)
+    acc = [jnp.zeros((), jnp.float32)] * 3
+    for x in jax.tree.leaves(tree):
+        acc = [a + p.astype(jnp.float32) for a, p in zip(acc, _leaf_moments(x)[1])]
+    small, medium, big = (psum(a, axis_name) for a in acc)
+    # combine (LAPACK dnrm2): big dominates medium; small and medium are merged with care. Every
+    # square root is of a positive value, so that differentiating the norm (meta-gradients) never
+    # meets sqrt'(0) in the branch not taken.
+    def root(v):
+        return jnp.sqrt(jnp.where(v > 0, v, 1.0))
+
+    big_norm = root(big + (medium * s_big) * s_big) / s_big
+    m = jnp.where(medium > 0, root(medium), 0.0)
+    sm = root(small) / s_small
+    hi, lo = jnp.maximum(m, sm), jnp.minimum(m, sm)
+    mixed = hi * jnp.sqrt(1 + jnp.square(lo / jnp.where(hi > 0, hi, 1.0)))
+    norm = jnp.where(big > 0, big_norm, jnp.where(small > 0, jnp.where(medium > 0, mixed, sm), m))
     return jnp.where(jnp.isfinite(max_abs), norm, max_abs)
 
 

@@ -90,6 +90,14 @@ def _shifted(params: Any, updates: Any, step: jax.Array) -> Any:
     return jax.tree.map(leaf, params, updates)
 
 
+def _to_bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_bits(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
 def _after(x: jax.Array, done: jax.Array) -> jax.Array:
     """``x``, unchanged in value (``done < -inf`` is never true), made to depend on ``done`` so
     that what is computed from it waits for ``done``: XLA cannot reorder the two, where an
@@ -233,8 +241,13 @@ def scale_by_gen(
                 "scale_by_gen needs params: call update(updates, state, params, value_fn=...)."
             )
         lr = state.learning_rate
+        # The probing branch reads the parameters through their bits: a bfloat16 operand of a
+        # `lax.cond` is materialized, which for parameters passed to the step as bits (see
+        # ngdiff_jax.models.kernels.remat_scan) is a bfloat16 copy of all of them.
+        carried = jax.tree.map(_to_bits, params)
 
         def probe():
+            params = jax.tree.map(_from_bits, carried)
             loss_minus = reduce(_scalar(value_fn(_shifted(params, updates, -lr)), "value_fn(params)"))
             # The second probe waits for the first (`_after`): one shifted copy of the
             # parameters at a time instead of two.

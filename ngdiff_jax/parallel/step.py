@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from ngdiff_jax.host_memory import release_freed_memory
@@ -59,6 +60,7 @@ class ShardedStep:
     report: dict[str, list[str]]
     num_batches: int = 2
     frozen_shardings: tuple = ()  # shardings of the trailing frozen arguments (e.g. a LoRA base)
+    bits_params: bool = False  # bfloat16 parameters cross the jit boundary as their bits (see below)
     _compiled: set = field(default_factory=set, repr=False)  # batch shapes compiled so far
 
     def place_state(self, params, opt_state, ref_params=None):
@@ -106,6 +108,8 @@ class ShardedStep:
 
     def __call__(self, params, opt_state, *rest):
         args = self._args(params, opt_state, *rest)
+        if self.bits_params:
+            args = (_encode(args[0]), *args[1:])
         shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[2:2 + self.num_batches]))
         if shapes not in self._compiled:
             # Compile first (the call below finds it in jax's cache), then hand the compiler's
@@ -114,7 +118,8 @@ class ShardedStep:
             self.fn.lower(*args).compile()
             release_freed_memory()
             self._compiled.add(shapes)
-        return self.fn(*args)
+        out = self.fn(*args)
+        return (_decode(out[0]), *out[1:]) if self.bits_params else out
 
     def loop_step(self, params, opt_state, batches, rng, *extra):
         """The calling convention of ``ngdiff_jax.training.run_loop`` (``batches`` a tuple;
@@ -123,7 +128,10 @@ class ShardedStep:
         return self(params, opt_state, *batches, rng, *extra)
 
     def lower(self, params, opt_state, *rest):
-        return self.fn.lower(*self._args(params, opt_state, *rest))
+        args = self._args(params, opt_state, *rest)
+        if self.bits_params:
+            args = (jax.tree_util.tree_map(_bits_struct, args[0]), *args[1:])
+        return self.fn.lower(*args)
 
     def compiled_memory(self, *args, **kwargs) -> CompiledMemory:
         """XLA's per-device memory numbers for the step compiled on these arguments."""
@@ -144,6 +152,7 @@ def shard_unlearn_step(
     num_batches: int = 2,
     frozen: tuple = (),
     shardings=None,
+    bits_params: bool = False,
 ) -> ShardedStep:
     """Jit ``step_fn`` over ``mesh`` with shardings from ``rules`` (preset name or tuple).
 
@@ -160,6 +169,12 @@ def shard_unlearn_step(
     Parameters whose rule asks for a mesh axis that does not divide their size are
     replicated on that dimension: they are logged as a warning, or with ``strict`` raise.
     ``print_memory`` prints the per-device memory estimate (also in ``.memory``).
+
+    ``bits_params`` (with ``donate``; for the ``cpu_fast`` kernels): the bfloat16 parameters enter
+    and leave the jitted step as their bits (``uint16``), converted in place (donated) around each
+    call; the step itself sees bfloat16. XLA:CPU materializes the bits of a bfloat16 *argument*
+    that a loop slices (`ngdiff_jax.models.kernels.remat_scan`): a copy of every stacked weight
+    for the whole step (SmolLM2 in bfloat16: 266 MB), which bits arriving as bits do not need.
     """
     rules = resolve_rules(rules)
     p_sh = param_shardings(params, mesh, rules) if shardings is None else shardings
@@ -181,8 +196,10 @@ def shard_unlearn_step(
         log.warning(msg)
     with_ref = ref_params is not None
     in_sh = (p_sh, o_sh, *([b_sh] * num_batches), rep) + ((p_sh,) if with_ref else ()) + f_sh
+    bits_params = bits_params and donate and any(
+        x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))  # fmt: skip
     fn = jax.jit(
-        step_fn,
+        _bits_boundary(step_fn) if bits_params else step_fn,
         in_shardings=in_sh,
         out_shardings=(p_sh, o_sh, rep),
         donate_argnums=(0, 1) if donate else (),
@@ -202,4 +219,34 @@ def shard_unlearn_step(
         report=report,
         num_batches=num_batches,
         frozen_shardings=f_sh,
+        bits_params=bits_params,
     )
+
+
+def _to_bits(x):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _from_bits(x):
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+# In place: the outputs reuse the donated inputs' buffers (same sizes).
+_encode = jax.jit(lambda tree: jax.tree_util.tree_map(_to_bits, tree), donate_argnums=0)
+_decode = jax.jit(lambda tree: jax.tree_util.tree_map(_from_bits, tree), donate_argnums=0)
+
+
+def _bits_struct(x):
+    return jax.ShapeDtypeStruct(x.shape, jnp.uint16 if x.dtype == jnp.bfloat16 else x.dtype,
+                                sharding=getattr(x, "sharding", None))  # fmt: skip
+
+
+def _bits_boundary(step_fn):
+    """``step_fn`` taking and returning its parameters (the first argument and output) with
+    bfloat16 leaves as their bits."""
+
+    def step(params, *rest):
+        new_params, *out = step_fn(jax.tree_util.tree_map(_from_bits, params), *rest)
+        return (jax.tree_util.tree_map(_to_bits, new_params), *out)
+
+    return step

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
+from ngdiff_jax.optim._base import shared_reductions, tree_scaled_norm
 from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
 
@@ -100,8 +101,9 @@ def _constrainer(shardings):
 
 
 def _norm(tree) -> jax.Array:
-    """Global L2 norm accumulated in float32 whatever the leaves' dtype."""
-    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    """Global L2 norm accumulated in float32 whatever the leaves' dtype: the combiners' own norm
+    (`tree_scaled_norm`), so that XLA computes the two as one reduction per leaf."""
+    return tree_scaled_norm(tree)
 
 
 def make_unlearn_step(
@@ -223,6 +225,10 @@ def make_unlearn_step(
                             jnp.zeros((), jnp.float32), (mbs, _weights("nll", mbs)))[0]  # fmt: skip
 
     def step(params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
+        with shared_reductions():  # the gradients' norms, logged and combined, read each leaf once
+            return body(params, opt_state, forget_batch, retain_batch, rng, ref_params)
+
+    def body(params, opt_state, forget_batch, retain_batch, rng, ref_params=None):
         del rng  # the methods here are deterministic; the key is threaded for stochastic ones
         zero = jnp.zeros((), jnp.float32)
         if f_obj is not None:
