@@ -284,9 +284,9 @@ class CausalLM(nnx.Module):
 
     def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden=False,
                  stacked=None):
-        x = kernels_lib.lookup(self.embed[...], input_ids).astype(self.dtype)
+        x = _rows(self.embed[...], input_ids).astype(self.dtype)
         if self.pos_embed is not None:
-            x = x + kernels_lib.lookup(self.pos_embed[...], positions).astype(self.dtype)
+            x = x + _rows(self.pos_embed[...], positions).astype(self.dtype)
         new_cache = [] if cache is not None else None
         remat = getattr(self, "remat", "none")
         if stacked is not None:  # the blocks' weights come stacked (ngdiff_jax.models.stacked)
@@ -352,7 +352,7 @@ class CausalLM(nnx.Module):
             x = jnp.pad(x, ((0, pad), (0, 0)))
             tgt = jnp.pad(tgt, (0, pad))
 
-        if kernels_lib.current() == "cpu_fast":  # the same, with a vocabulary-chunked backward pass
+        if kernels_lib.current() == "cpu_fast" and self.dtype == jnp.bfloat16:  # see kernels.head_logprobs
             tied = self.lm_head is None
             w = (self.embed[...] if tied else self.lm_head.kernel[...]).astype(self.dtype)
             bias = None if tied or self.lm_head.bias is None else self.lm_head.bias[...]
@@ -394,9 +394,9 @@ class CausalLM(nnx.Module):
                              f"(or -{n}..-1).")
         input_ids, mask, positions = _inputs(input_ids, attention_mask, positions)
         with kernels_lib.use(self.kernels):
-            x = kernels_lib.lookup(self.embed[...], input_ids).astype(self.dtype)
+            x = _rows(self.embed[...], input_ids).astype(self.dtype)
             if self.pos_embed is not None:
-                x = x + kernels_lib.lookup(self.pos_embed[...], positions).astype(self.dtype)
+                x = x + _rows(self.pos_embed[...], positions).astype(self.dtype)
             if stacked is not None:  # see forward
                 block_def, states, frozen = stacked
                 return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen)
@@ -409,6 +409,14 @@ class CausalLM(nnx.Module):
         dt = dtype or self.dtype
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
+
+
+def _rows(table: Array, ids: Array) -> Array:
+    """``jnp.take(table, ids, axis=0)``: an embedding lookup; for a bfloat16 table under the
+    ``cpu_fast`` kernels, `kernels.lookup` (its gradient without float32 ``[V, E]`` buffers)."""
+    if table.dtype == jnp.bfloat16:
+        return kernels_lib.lookup(table, ids)
+    return jnp.take(table, ids, axis=0)
 
 
 def _inputs(input_ids, attention_mask, positions):
