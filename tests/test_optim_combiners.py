@@ -277,3 +277,15 @@ def test_a_logged_norm_and_the_combiner_read_each_bfloat16_leaf_once():
     for n in (n0, s0, n1, s1):  # float32 rounding: the one-pass sums reduce rows of 128 first
         assert abs(float(n) - exact) <= 1e-6 * exact
     np.testing.assert_allclose(np.asarray(d0, np.float32), np.asarray(d1, np.float32), rtol=1e-2, atol=1e-6)
+
+
+def test_norm_of_a_tree_mixing_float32_and_bfloat16_leaves():
+    """float32 leaves (rescaled two-pass norm) and bfloat16 leaves (Blue's one-pass sums) in one
+    tree, across the float32 range: the norm equals float64's."""
+    from ngdiff_jax.optim._base import tree_scaled_norm
+
+    for big, small in [(1e20, 1e-25), (3.0, 2e-30), (1e-3, 1e18)]:
+        tree = {"a": jnp.full((300,), big, jnp.float32), "b": jnp.full((257,), small, jnp.bfloat16)}
+        exact = float(np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in tree.values())))
+        got = float(jax.jit(tree_scaled_norm)(tree))
+        assert abs(got - exact) <= 1e-6 * exact, (big, small, got, exact)

@@ -162,6 +162,18 @@ def _moments(x: jax.Array):
     return jnp.max(parts[0]), tuple(jnp.sum(p) for p in parts[1:])
 
 
+def _narrow(x: jax.Array) -> bool:
+    """Whether ``x`` is reduced in a wider dtype (bfloat16, float16): its reductions then read a
+    conversion, which must happen once (`_leaf_moments`); a float32 leaf is read as it is."""
+    return _acc_dtype(x) != jnp.asarray(x).dtype
+
+
+def _leaf_max_abs(x: jax.Array) -> jax.Array:
+    if _narrow(x):
+        return _leaf_moments(x)[0].astype(jnp.float32)
+    return jnp.max(jnp.abs(x)).astype(jnp.float32) if jnp.size(x) else jnp.zeros((), jnp.float32)
+
+
 def tree_max_abs(tree: Any, axis_name: AxisName = None) -> jax.Array:
     """``max_i |x_i|`` over all leaves as float32; NaN if any leaf holds a NaN.
     With ``axis_name``, over all shards of that mapped axis too.
@@ -174,7 +186,7 @@ def tree_max_abs(tree: Any, axis_name: AxisName = None) -> jax.Array:
     if not leaves:
         m = jnp.zeros((), jnp.float32)
     else:
-        m = jnp.max(jnp.stack([_leaf_moments(x)[0].astype(jnp.float32) for x in leaves]))
+        m = jnp.max(jnp.stack([_leaf_max_abs(x) for x in leaves]))
     if axis_name is not None:
         # "some shard is not finite" is reduced separately, so the result is NaN exactly then.
         bad = jax.lax.pmax(jnp.where(jnp.isfinite(m), 0.0, 1.0), axis_name)
@@ -209,34 +221,54 @@ def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
 
 
 def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
-    """Global L2 norm, exact to rounding over the whole float32 range, in one pass over the
-    leaves (the same pass as `tree_max_abs`, see `_leaf_moments`).
+    """Global L2 norm, exact to rounding over the whole float32 range: neither a gradient-ascent
+    forget gradient of norm ``1e20`` overflows nor a tiny retain gradient underflows. Non-finite
+    input gives a non-finite norm (``max_abs``, default computed, decides).
 
-    Blue's algorithm (as LAPACK's ``dnrm2``): entries too small or too large for a float32 square
-    are summed in two scaled accumulators, so neither a gradient-ascent forget gradient of norm
-    ``1e20`` overflows nor a tiny retain gradient underflows. ``max_abs`` (default: computed)
-    decides the non-finite case: non-finite input gives a non-finite norm.
+    float32 (and wider) leaves: ``s * ||x / s||`` with ``s = max|x|``. Narrower leaves
+    (bfloat16): Blue's algorithm (as LAPACK's ``dnrm2``: entries too small or too large for a
+    float32 square are summed in two scaled accumulators), from the same single pass over the
+    leaf as its max-abs (`_leaf_moments`). The two parts are combined as a hypotenuse.
     """
     if max_abs is None:
         max_abs = tree_max_abs(tree, axis_name)
-    t_small, t_big, s_small, s_big = _blue(jnp.float32)
+    leaves = jax.tree.leaves(tree)
+    wide = [x for x in leaves if not _narrow(x)]
+    narrow = [x for x in leaves if _narrow(x)]
+    s = _safe_scale(max_abs)
+    norm_wide = s * jnp.sqrt(tree_scaled_vdot(wide, wide, s, s, axis_name)) if wide else None
+    norm = _hypot(norm_wide, _blue_norm(narrow, axis_name)) if narrow else norm_wide
+    if norm is None:
+        norm = jnp.zeros((), jnp.float32)
+    return jnp.where(jnp.isfinite(max_abs), norm, max_abs)
+
+
+def _root(v: jax.Array) -> jax.Array:
+    """``sqrt(v)`` for ``v > 0``; 1 otherwise, so that no branch that `jnp.where` discards
+    differentiates ``sqrt`` at 0 (meta-gradients through the norms)."""
+    return jnp.sqrt(jnp.where(v > 0, v, 1.0))
+
+
+def _hypot(a: jax.Array | None, b: jax.Array) -> jax.Array:
+    if a is None:
+        return b
+    hi, lo = jnp.maximum(a, b), jnp.minimum(a, b)
+    return hi * jnp.sqrt(1 + jnp.square(lo / jnp.where(hi > 0, hi, 1.0)))
+
+
+def _blue_norm(leaves: list, axis_name: AxisName) -> jax.Array:
+    """The L2 norm of ``leaves`` from Blue's accumulators (LAPACK's ``dnrm2`` combination)."""
+    _, _, s_small, s_big = _blue(jnp.float32)
     acc = [jnp.zeros((), jnp.float32)] * 3
-    for x in jax.tree.leaves(tree):
+    for x in leaves:
         acc = [a + p.astype(jnp.float32) for a, p in zip(acc, _leaf_moments(x)[1])]
     small, medium, big = (psum(a, axis_name) for a in acc)
-    # combine (LAPACK dnrm2): big dominates medium; small and medium are merged with care. Every
-    # square root is of a positive value, so that differentiating the norm (meta-gradients) never
-    # meets sqrt'(0) in the branch not taken.
-    def root(v):
-        return jnp.sqrt(jnp.where(v > 0, v, 1.0))
-
-    big_norm = root(big + (medium * s_big) * s_big) / s_big
-    m = jnp.where(medium > 0, root(medium), 0.0)
-    sm = root(small) / s_small
-    hi, lo = jnp.maximum(m, sm), jnp.minimum(m, sm)
-    mixed = hi * jnp.sqrt(1 + jnp.square(lo / jnp.where(hi > 0, hi, 1.0)))
-    norm = jnp.where(big > 0, big_norm, jnp.where(small > 0, jnp.where(medium > 0, mixed, sm), m))
-    return jnp.where(jnp.isfinite(max_abs), norm, max_abs)
+    # big dominates medium; small and medium are merged with care
+    big_norm = _root(big + (medium * s_big) * s_big) / s_big
+    m = jnp.where(medium > 0, _root(medium), 0.0)
+    sm = _root(small) / s_small
+    norm_small_medium = jnp.where(medium > 0, _hypot(m, sm), sm)
+    return jnp.where(big > 0, big_norm, jnp.where(small > 0, norm_small_medium, m))
 
 
 def _check_pair(retain_grads: Any, forget_grads: Any, name: str) -> None:
