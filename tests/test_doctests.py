@@ -21,6 +21,7 @@ MODULES = (
     "ngdiff_jax.models.kernels",
     "ngdiff_jax.models.hf",
     "ngdiff_jax.models.stacked",
+    "ngdiff_jax.bits",
 )
 
 

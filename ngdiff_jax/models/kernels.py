@@ -41,6 +41,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from ngdiff_jax.bits import from_bits, to_bits
+
 Array = jax.Array
 KERNELS = ("xla", "cpu_fast")
 ENV_VAR = "NGDIFF_KERNELS"
@@ -270,17 +272,6 @@ def token_einsums(eqs, x: Array, ws, preferred_element_type=None, *, late: bool 
 
 
 # ---------------------------------------------------------------------- the layer scan (cpu_fast)
-def _bits(a):
-    """A bfloat16 array as its bits (``uint16``): what a loop slices without XLA:CPU's float32
-    normalization (see `remat_scan`); any other array as it is."""
-    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
-
-
-def _unbits(a):
-    """`_bits`'s inverse: ``uint16`` leaves (bfloat16 bits) as bfloat16, others as they are."""
-    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
-
-
 def remat_scan(block, trained, frozen, x: Array, aux):
     """``h = block(h, trained[i], frozen[i], aux)`` for every layer ``i`` of the stacked trees
     ``trained`` and ``frozen`` (leading layer axis), fully rematerialized: the forward pass keeps
@@ -299,14 +290,14 @@ def remat_scan(block, trained, frozen, x: Array, aux):
 
 
 def _block_of_bits(block, h, tb, fb, aux):
-    return block(_unbits(h), jax.tree.map(_unbits, tb), jax.tree.map(_unbits, fb), aux)
+    return block(from_bits(h), jax.tree.map(from_bits, tb), jax.tree.map(from_bits, fb), aux)
 
 
 def _remat_forward(block, trained, frozen, x, aux, keep_inputs: bool):
     def step(h, ws):
-        return _block_of_bits(block, h, *ws, aux), (_bits(h) if keep_inputs else None)
+        return _block_of_bits(block, h, *ws, aux), (to_bits(h) if keep_inputs else None)
 
-    return jax.lax.scan(step, x, (jax.tree.map(_bits, trained), jax.tree.map(_bits, frozen)))
+    return jax.lax.scan(step, x, (jax.tree.map(to_bits, trained), jax.tree.map(to_bits, frozen)))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -316,7 +307,7 @@ def _remat_scan(block, trained, frozen, x, aux):
 
 def _remat_scan_fwd(block, trained, frozen, x, aux):
     y, hs = _remat_forward(block, trained, frozen, x, aux, True)
-    return y, (jax.tree.map(_bits, trained), jax.tree.map(_bits, frozen), hs, aux)
+    return y, (jax.tree.map(to_bits, trained), jax.tree.map(to_bits, frozen), hs, aux)
 
 
 def _remat_scan_bwd(block, res, g):
@@ -324,13 +315,13 @@ def _remat_scan_bwd(block, res, g):
 
     def step(gh, xs):
         tb, fb, hb = xs
-        f = jax.tree.map(_unbits, fb)
-        _, vjp = jax.vjp(lambda h, t: block(h, t, f, aux), _unbits(hb), jax.tree.map(_unbits, tb))
+        f = jax.tree.map(from_bits, fb)
+        _, vjp = jax.vjp(lambda h, t: block(h, t, f, aux), from_bits(hb), jax.tree.map(from_bits, tb))
         dh, dt = vjp(gh)
-        return dh, jax.tree.map(_bits, dt)  # stacked as bits too: a bfloat16 update of the stack is widened
+        return dh, jax.tree.map(to_bits, dt)  # stacked as bits too: a bfloat16 update of the stack is widened
 
     dx, dtrained = jax.lax.scan(step, g, (t_bits, f_bits, hs), reverse=True)
-    return jax.tree.map(_unbits, dtrained), None, dx, None
+    return jax.tree.map(from_bits, dtrained), None, dx, None
 
 
 _remat_scan.defvjp(_remat_scan_fwd, _remat_scan_bwd)
@@ -371,7 +362,7 @@ def _vocab_chunk(wb, bias, V: int, cols: int, v_axis: int, j):
     last chunk starts at ``V - cols`` and may overlap the one before: ``fresh`` marks the columns
     no earlier chunk covered."""
     start = jnp.minimum(j * cols, V - cols)
-    wj = _unbits(jax.lax.dynamic_slice_in_dim(wb, start, cols, v_axis))
+    wj = from_bits(jax.lax.dynamic_slice_in_dim(wb, start, cols, v_axis))
     bj = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, cols)
     return start, wj, bj, (start + jnp.arange(cols)) >= j * cols
 
@@ -384,8 +375,8 @@ def _head_forward(vocab_major, chunk, chunk_elements, x, w, bias, targets):
     V = w.shape[0] if vocab_major else w.shape[1]
     rows, cols = _head_plan(n, V, chunk, chunk_elements)
     v_axis = 0 if vocab_major else 1
-    wb = _bits(w)
-    row_xs = (_bits(x).reshape(n // rows, rows, E), targets.reshape(-1, rows))
+    wb = to_bits(w)
+    row_xs = (to_bits(x).reshape(n // rows, rows, E), targets.reshape(-1, rows))
 
     def vocab_chunk(carry, j):
         m, s, picked = carry
@@ -393,7 +384,7 @@ def _head_forward(vocab_major, chunk, chunk_elements, x, w, bias, targets):
 
         def row_chunk(_, xs):
             xb, tr = xs
-            lg = jnp.where(fresh[None, :], _head_logits(_unbits(xb), wj, bj, vocab_major), -jnp.inf)
+            lg = jnp.where(fresh[None, :], _head_logits(from_bits(xb), wj, bj, vocab_major), -jnp.inf)
             bm = jnp.max(lg, axis=-1)
             hit = ((tr[:, None] - start) == jnp.arange(cols)[None, :]) & fresh[None, :]
             return None, (bm, jnp.sum(jnp.exp(lg - bm[:, None]), axis=-1), jnp.sum(jnp.where(hit, lg, 0.0), axis=-1))
@@ -436,8 +427,8 @@ def _head_lp_bwd(vocab_major, chunk, chunk_elements, res, g):
     V = w.shape[0] if vocab_major else w.shape[1]
     rows, cols = _head_plan(n, V, chunk, chunk_elements)
     v_axis = 0 if vocab_major else 1
-    wb = _bits(w)
-    row_xs = (_bits(x).reshape(n // rows, rows, E), lse.reshape(-1, rows),
+    wb = to_bits(w)
+    row_xs = (to_bits(x).reshape(n // rows, rows, E), lse.reshape(-1, rows),
               g.astype(jnp.float32).reshape(-1, rows), targets.reshape(-1, rows))
 
     def vocab_chunk(carry, j):
@@ -448,7 +439,7 @@ def _head_lp_bwd(vocab_major, chunk, chunk_elements, res, g):
         def row_chunk(carry, xs):
             dw, db = carry
             xb, ls, gr, tr = xs
-            xc = _unbits(xb)
+            xc = from_bits(xb)
             p = jnp.exp(_head_logits(xc, wj, bj, vocab_major) - ls[:, None])
             onehot = ((tr[:, None] - start) == jnp.arange(cols)[None, :]).astype(jnp.float32)
             dl = gr[:, None] * (onehot - p)  # the cotangent of this block's logits
@@ -461,13 +452,13 @@ def _head_lp_bwd(vocab_major, chunk, chunk_elements, res, g):
         dw0 = jnp.zeros((cols, E) if vocab_major else (E, cols), jnp.float32)
         (dw, db), dxs = jax.lax.scan(row_chunk, (dw0, jnp.zeros((cols,), jnp.float32)), row_xs)
         dx, dws = carry
-        dws = jax.lax.dynamic_update_index_in_dim(dws, _bits(dw.astype(w.dtype)), j, 0)
+        dws = jax.lax.dynamic_update_index_in_dim(dws, to_bits(dw.astype(w.dtype)), j, 0)
         return (dx + dxs.reshape(n, E), dws), db
 
     k = -(-V // cols)
-    dws = _late_zeros((k, cols, E) if vocab_major else (k, E, cols), _bits(w[:0]).dtype, g)
+    dws = _late_zeros((k, cols, E) if vocab_major else (k, E, cols), to_bits(w[:0]).dtype, g)
     (dx, dw_chunks), db_chunks = jax.lax.scan(vocab_chunk, (jnp.zeros((n, E), jnp.float32), dws), jnp.arange(k))
-    dw = _unbits(_assemble(dw_chunks, V, cols, v_axis))
+    dw = from_bits(_assemble(dw_chunks, V, cols, v_axis))
     db = None if bias is None else _assemble(db_chunks, V, cols, 0).astype(bias.dtype)
     return dx.astype(x.dtype), dw, db, None
 
@@ -509,7 +500,7 @@ def lookup(table: Array, ids: Array) -> Array:
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lookup(spec, table, ids):
-    return _unbits(jnp.take(_bits(table), ids, axis=0))  # rows of bits: an integer gather
+    return from_bits(jnp.take(to_bits(table), ids, axis=0))  # rows of bits: an integer gather
 
 
 def _lookup_fwd(spec, table, ids):
@@ -528,9 +519,9 @@ def _lookup_bwd(spec, ids, g):
                                indices_are_sorted=True)  # fmt: skip
     # the distinct ids in order; the rows past their count go nowhere (index V: dropped)
     targets = jnp.full((n,), V, flat.dtype).at[segment].set(sorted_ids)
-    values = _bits(rows.astype(dtype))
+    values = to_bits(rows.astype(dtype))
     table = _late_zeros((V, E), values.dtype, rows).at[targets].set(values, mode="drop", unique_indices=True)
-    return _unbits(table) if dtype == jnp.bfloat16 else table, None
+    return from_bits(table) if dtype == jnp.bfloat16 else table, None
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)

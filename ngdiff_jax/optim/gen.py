@@ -67,6 +67,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ngdiff_jax.bits import from_bits, to_bits
+
 __all__ = ["GeNState", "gen_rate_estimate", "scale_by_gen"]
 
 
@@ -88,14 +90,6 @@ def _shifted(params: Any, updates: Any, step: jax.Array) -> Any:
         return (p + step.astype(jnp.result_type(u)) * u).astype(jnp.result_type(p))
 
     return jax.tree.map(leaf, params, updates)
-
-
-def _to_bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def _from_bits(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
 
 
 def _after(x: jax.Array, done: jax.Array) -> jax.Array:
@@ -244,10 +238,10 @@ def scale_by_gen(
         # The probing branch reads the parameters through their bits: a bfloat16 operand of a
         # `lax.cond` is materialized, which for parameters passed to the step as bits (see
         # ngdiff_jax.models.kernels.remat_scan) is a bfloat16 copy of all of them.
-        carried = jax.tree.map(_to_bits, params)
+        carried = jax.tree.map(to_bits, params)
 
         def probe():
-            params = jax.tree.map(_from_bits, carried)
+            params = jax.tree.map(from_bits, carried)
             loss_minus = reduce(_scalar(value_fn(_shifted(params, updates, -lr)), "value_fn(params)"))
             # The second probe waits for the first (`_after`): one shifted copy of the
             # parameters at a time instead of two.

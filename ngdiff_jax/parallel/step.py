@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
+from ngdiff_jax.bits import from_bits, to_bits
 from ngdiff_jax.host_memory import release_freed_memory
 from ngdiff_jax.parallel.memory import (
     CompiledMemory,
@@ -223,17 +224,9 @@ def shard_unlearn_step(
     )
 
 
-def _to_bits(x):
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def _from_bits(x):
-    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
-
-
 # In place: the outputs reuse the donated inputs' buffers (same sizes).
-_encode = jax.jit(lambda tree: jax.tree_util.tree_map(_to_bits, tree), donate_argnums=0)
-_decode = jax.jit(lambda tree: jax.tree_util.tree_map(_from_bits, tree), donate_argnums=0)
+_encode = jax.jit(lambda tree: jax.tree_util.tree_map(to_bits, tree), donate_argnums=0)
+_decode = jax.jit(lambda tree: jax.tree_util.tree_map(from_bits, tree), donate_argnums=0)
 
 
 def _bits_struct(x):
@@ -246,7 +239,7 @@ def _bits_boundary(step_fn):
     bfloat16 leaves as their bits."""
 
     def step(params, *rest):
-        new_params, *out = step_fn(jax.tree_util.tree_map(_from_bits, params), *rest)
-        return (jax.tree_util.tree_map(_to_bits, new_params), *out)
+        new_params, *out = step_fn(jax.tree_util.tree_map(from_bits, params), *rest)
+        return (jax.tree_util.tree_map(to_bits, new_params), *out)
 
     return step
