@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngdiff_jax.bits import from_bits, to_bits
 from ngdiff_jax.models import kernels as kernels_lib
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
@@ -518,7 +519,7 @@ def _frozen(w: Array) -> Array:
     """A weight that must not be differentiated, for carrying through a layer scan: a bfloat16
     weight as its 16 bits (``uint16``), any other as it is. Differentiating it raises (rather than
     giving a silent zero gradient)."""
-    return jax.lax.bitcast_convert_type(w, jnp.uint16) if w.dtype == jnp.bfloat16 else w
+    return to_bits(w)
 
 
 def _frozen_jvp(primals, tangents):
@@ -537,9 +538,9 @@ _frozen.defjvp(_frozen_jvp, symbolic_zeros=True)
 def _from_bits(a):
     """`_frozen`'s inverse: ``uint16`` bits as bfloat16 (a NumPy view for a NumPy array); other
     leaves as they are."""
-    if a.dtype != jnp.uint16:
-        return a
-    return a.view(jnp.bfloat16) if isinstance(a, np.ndarray) else jax.lax.bitcast_convert_type(a, jnp.bfloat16)
+    if isinstance(a, np.ndarray) and a.dtype == jnp.uint16:
+        return a.view(jnp.bfloat16)
+    return from_bits(a)
 
 
 def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_valid: Array, policy: str,

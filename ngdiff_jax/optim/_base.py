@@ -114,7 +114,7 @@ def shared_reductions():
         _shared.reset(token)
 
 
-def _leaf_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _leaf_moments(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """``(max_i |x_i|, (small, medium, big))`` of one leaf: the max-abs and Blue's three scaled
     sums of squares (see `tree_scaled_norm`) in >= float32, in one pass; computed once per leaf
     inside `shared_reductions`."""
@@ -155,6 +155,7 @@ def _moments(x: jax.Array):
     small, big = ax < t_small, ax > t_big
     terms = (ax, jnp.where(small, jnp.square(ax * s_small), 0), jnp.where(small | big, 0, jnp.square(ax)),
              jnp.where(big, jnp.square(ax * s_big), 0))  # fmt: skip
+
     def combine(a, b):
         return jnp.maximum(a[0], b[0]), a[1] + b[1], a[2] + b[2], a[3] + b[3]
 
