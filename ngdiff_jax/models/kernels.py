@@ -520,8 +520,9 @@ def _lookup_bwd(spec, ids, g):
     # the distinct ids in order; the rows past their count go nowhere (index V: dropped)
     targets = jnp.full((n,), V, flat.dtype).at[segment].set(sorted_ids)
     values = to_bits(rows.astype(dtype))
-    table = _late_zeros((V, E), values.dtype, rows).at[targets].set(values, mode="drop", unique_indices=True)
-    return from_bits(table) if dtype == jnp.bfloat16 else table, None
+    # (not unique_indices: the dropped rows share the index V)
+    table = _late_zeros((V, E), values.dtype, rows).at[targets].set(values, mode="drop")
+    return from_bits(table), None
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
