@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["from_bits", "to_bits"]
+__all__ = ["from_bits", "opaque", "settled", "to_bits"]
 
 
 def to_bits(x: jax.Array) -> jax.Array:
@@ -27,3 +27,35 @@ def to_bits(x: jax.Array) -> jax.Array:
 def from_bits(x: jax.Array) -> jax.Array:
     """`to_bits`'s inverse: a ``uint16`` array as bfloat16; any other array as it is."""
     return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
+def opaque(x: jax.Array, dep: jax.Array) -> jax.Array:
+    """``x`` (integer, e.g. bits), unchanged in value, through a division by one that XLA cannot
+    fold (``dep < -inf`` is never true) and, a division being costly, does not copy into each
+    consumer. ``from_bits(to_bits(u))`` would otherwise simplify to ``u``: a ``lax.cond`` reading
+    the bits and an operation after it reading ``u`` would hold two materialized copies, and a
+    bfloat16 result computed in float32 would be kept in float32 for its consumers."""
+    return x // jnp.where(dep < -jnp.inf, 2, 1).astype(x.dtype)
+
+
+@jax.custom_vjp
+def settled(w: jax.Array) -> jax.Array:
+    """``w``; its cotangent is materialized in ``w``'s dtype. For a bfloat16 weight read in two
+    places (a tied embedding: the lookup and the LM head), XLA:CPU adds the two bfloat16
+    cotangents in float32 and keeps that float32 sum for every consumer (the gradient's norm,
+    the combiner): twice the gradient's memory for as long as it lives (SmolLM2: 108 MiB through
+    the second task's backward pass). Other dtypes pass unchanged."""
+    return w
+
+
+def _settled_fwd(w):
+    return w, None
+
+
+def _settled_bwd(_, ct):
+    if ct.dtype != jnp.bfloat16:
+        return (ct,)
+    return (from_bits(opaque(to_bits(ct), ct[(0,) * ct.ndim])),)
+
+
+settled.defvjp(_settled_fwd, _settled_bwd)

@@ -16,6 +16,8 @@ MODULES = (
     "ngdiff_jax.optim.mgda",
     "ngdiff_jax.optim.pcgrad",
     "ngdiff_jax.optim.gen",
+    "ngdiff_jax.shifted",
+    "ngdiff_jax.bits",
     "ngdiff_jax.optim.unlearning",
     "ngdiff_jax.optim.stats",
     "ngdiff_jax.models.kernels",

@@ -313,14 +313,24 @@ def _remat_scan_fwd(block, trained, frozen, x, aux):
 def _remat_scan_bwd(block, res, g):
     t_bits, f_bits, hs, aux = res
 
-    def step(gh, xs):
-        tb, fb, hb = xs
+    def step(carry, xs):
+        gh, dts = carry
+        i, tb, fb, hb = xs
         f = jax.tree.map(from_bits, fb)
         _, vjp = jax.vjp(lambda h, t: block(h, t, f, aux), from_bits(hb), jax.tree.map(from_bits, tb))
         dh, dt = vjp(gh)
-        return dh, jax.tree.map(to_bits, dt)  # stacked as bits too: a bfloat16 update of the stack is widened
+        # stacked as bits too: a bfloat16 update of the stack is widened
+        dts = jax.tree.map(lambda acc, d: jax.lax.dynamic_update_index_in_dim(acc, to_bits(d), i, 0), dts, dt)
+        return (dh, dts), None
 
-    dx, dtrained = jax.lax.scan(step, g, (t_bits, f_bits, hs), reverse=True)
+    # The stacked weight gradients are the loop's carry, filled layer by layer, and start as
+    # zeros made when this backward pass starts, one buffer per leaf (`_late_zeros`). As the
+    # scan's own outputs, XLA merged the zeros of every same-shaped leaf of both tasks' backward
+    # passes into one buffer made at the start of the step, then copied it into each loop: ~200 MB
+    # of zeros alive through the first task's backward pass and the second task's forward pass.
+    leaves, tree = jax.tree.flatten(t_bits)
+    dts = tree.unflatten([_late_zeros(t.shape, t.dtype, g, fill=k) for k, t in enumerate(leaves)])
+    (dx, dtrained), _ = jax.lax.scan(step, (g, dts), (jnp.arange(hs.shape[0]), t_bits, f_bits, hs), reverse=True)
     return jax.tree.map(from_bits, dtrained), None, dx, None
 
 
@@ -456,18 +466,19 @@ def _head_lp_bwd(vocab_major, chunk, chunk_elements, res, g):
         return (dx + dxs.reshape(n, E), dws), db
 
     k = -(-V // cols)
-    dws = _late_zeros((k, cols, E) if vocab_major else (k, E, cols), to_bits(w[:0]).dtype, g)
+    dws = _late_zeros((k, cols, E) if vocab_major else (k, E, cols), to_bits(w[:0]).dtype, (lse, g))
     (dx, dw_chunks), db_chunks = jax.lax.scan(vocab_chunk, (jnp.zeros((n, E), jnp.float32), dws), jnp.arange(k))
     dw = from_bits(_assemble(dw_chunks, V, cols, v_axis))
     db = None if bias is None else _assemble(db_chunks, V, cols, 0).astype(bias.dtype)
     return dx.astype(x.dtype), dw, db, None
 
 
-def _late_zeros(shape, dtype, after) -> Array:
+def _late_zeros(shape, dtype, after, fill: int = 0) -> Array:
     """Zeros made no earlier than ``after`` (see `never`): XLA:CPU's scheduler otherwise makes a
     loop's or a scatter's zero-filled output buffer at the start of the step, where it stays
-    until that (late) use."""
-    return jnp.full(shape, jnp.where(never(after), 1, 0).astype(dtype))
+    until that (late) use. A distinct ``fill`` (the value the never-taken branch would hold)
+    keeps XLA from merging same-shaped zeros into one buffer that each user then copies."""
+    return jnp.full(shape, jnp.where(never(after), fill + 1, 0).astype(dtype))
 
 
 def _assemble(chunks: Array, V: int, cols: int, axis: int) -> Array:

@@ -30,6 +30,7 @@ from ngdiff_jax.bits import from_bits, to_bits
 from ngdiff_jax.models import kernels as kernels_lib
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
+from ngdiff_jax.shifted import shift_leaf
 
 Array = jax.Array
 NEG_INF = -1e30
@@ -294,8 +295,9 @@ class CausalLM(nnx.Module):
             if cache is not None:
                 raise ValueError("a model run on stacked block weights (models.stacked) has no KV-cache path; "
                                  "unstack the parameters (models.stacked.unstack) for generation.")
-            block_def, states, frozen = stacked
-            x = _scan_stacked(block_def, states, x, positions, kv_valid, remat, frozen=frozen)
+            block_def, states, frozen, *shift = stacked
+            x = _scan_stacked(block_def, states, x, positions, kv_valid, remat, frozen=frozen,
+                              shift=shift[0] if shift else None)
         else:
             for i, layer in enumerate(self.layers):
                 if cache is None and remat != "none":
@@ -399,8 +401,9 @@ class CausalLM(nnx.Module):
             if self.pos_embed is not None:
                 x = x + _rows(self.pos_embed[...], positions).astype(self.dtype)
             if stacked is not None:  # see forward
-                block_def, states, frozen = stacked
-                return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen)
+                block_def, states, frozen, *shift = stacked
+                return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen,
+                                     shift=shift[0] if shift else None)
             for i in range(idx + 1):
                 x, _ = self.layers[i](x, positions, mask)
         return x
@@ -544,7 +547,7 @@ def _from_bits(a):
 
 
 def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_valid: Array, policy: str,
-                  length: int | None = None, frozen: tuple = ()) -> Array:
+                  length: int | None = None, frozen: tuple = (), shift: tuple | None = None) -> Array:
     """The first ``length`` (default: all) blocks whose weights are ``states`` (stacked on a leading
     layer axis), applied in order as one ``jax.lax.scan`` (MaxText's ``scan_layers``): XLA compiles
     one block instead of one per layer. ``policy`` (``REMAT_POLICIES``) rematerializes the scanned
@@ -555,7 +558,12 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     such bits, as `ngdiff_jax.models.stacked` stores a frozen tree, pass without a copy) and become
     bfloat16 again inside the block: XLA:CPU normalizes a bfloat16 array sliced in a loop to
     float32 *before* the loop, which kept a float32 copy of every stacked weight for the whole
-    step (SmolLM2 LoRA on a bfloat16 base: 540 MB)."""
+    step (SmolLM2 LoRA on a bfloat16 base: 540 MB).
+
+    ``shift`` (GeN's probe point, `ngdiff_jax.shifted`): per state, ``None`` or ``(direction,
+    step)`` with ``direction`` stacked like the state; the blocks then run on ``state + step *
+    direction``, each block's weights made inside the scan (`shift_leaf`), so the shifted point
+    never exists as a whole tree."""
     frozen = tuple(frozen)
 
     def encode(a):  # frozen leaves: bfloat16 as bits (uint16 leaves are such bits already)
@@ -569,6 +577,8 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
         return y
 
     n = jax.tree_util.tree_leaves(states)[0].shape[0]
+    if shift is not None and any(sh is not None for sh in shift):
+        return _scan_shifted(block, states, frozen, shift, x, policy, n if length is None else length)
     if policy == "full" and (length is None or length == n) and kernels_lib.current() == "cpu_fast":
         # XLA:CPU: the weights cross the loops as bits (see kernels.remat_scan)
         trained = tuple(st for i, st in enumerate(states) if i not in frozen)
@@ -588,6 +598,40 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
         return jax.lax.scan(lambda h, sts: (block(h, sts), None), x, states)[0]
     # a prefix of the blocks (hidden states): index the stacked weights one block at a time
     return jax.lax.scan(lambda h, i: (block(h, jax.tree.map(lambda a: a[i], states)), None), x,
+                        jnp.arange(length))[0]  # fmt: skip
+
+
+def _scan_shifted(block, states: tuple, frozen: tuple, shift: tuple, x: Array, policy: str, length: int) -> Array:
+    """`_scan_stacked` on ``states`` shifted by ``shift`` (see there): the weights and directions
+    enter the loop as their bits (a bfloat16 array a loop slices is widened to float32 before it
+    on XLA:CPU) and each block's shifted weights are made inside the loop body."""
+    dirs = tuple(None if sh is None else jax.tree.map(to_bits, sh[0]) for sh in shift)
+    steps = tuple(None if sh is None else sh[1] for sh in shift)
+    bits = tuple(st if i in frozen else jax.tree.map(to_bits, st) for i, st in enumerate(states))
+
+    def shifted_block(h, xs):
+        sts, ds = xs
+        made = []
+        for i, (st, d, step) in enumerate(zip(sts, ds, steps)):
+            if i in frozen:  # bits, converted by `block`
+                made.append(st)
+            elif d is None:
+                made.append(jax.tree.map(from_bits, st))
+            else:
+                # through its bits: rounded to bfloat16 as the made tree is (XLA would keep the
+                # float32 sum for the matmul: a different, if closer, point)
+                made.append(jax.tree.map(lambda a, b, step=step: from_bits(to_bits(shift_leaf(from_bits(a), from_bits(b),
+                                                                                             step))), st, d))
+        return block(h, tuple(made))
+
+    if policy != "none":
+        shifted_block = jax.checkpoint(shifted_block, prevent_cse=False,
+                                       policy=None if policy == "full" else getattr(jax.checkpoint_policies, policy))
+    xs = (bits, dirs)
+    n = jax.tree_util.tree_leaves(states)[0].shape[0]
+    if length == n:
+        return jax.lax.scan(lambda h, w: (shifted_block(h, w), None), x, xs)[0]
+    return jax.lax.scan(lambda h, i: (shifted_block(h, jax.tree.map(lambda a: a[i], xs)), None), x,
                         jnp.arange(length))[0]  # fmt: skip
 
 

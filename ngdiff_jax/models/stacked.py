@@ -47,6 +47,8 @@ import numpy as np
 from flax import nnx
 
 from ngdiff_jax.models.modeling import _from_bits, _frozen, _inputs
+from ngdiff_jax.bits import settled
+from ngdiff_jax.shifted import Shifted, takes_shifted
 
 __all__ = ["functional", "is_stacked", "runner", "stack", "unstack"]
 
@@ -136,8 +138,16 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     def call(method: str, params_list, *args, **kwargs):
         if len(params_list) != len(templates):
             raise ValueError(f"expected {len(templates)} parameter trees, got {len(params_list)}")
-        sts, blocks = [], []
+        sts, blocks, shifts = [], [], []
         for tmpl, btmpl, p in zip(templates, block_templates, params_list):
+            shift = None
+            if isinstance(p, Shifted):  # GeN's probe point: the blocks' weights are shifted in the scan
+                top = Shifted(*({k: v for k, v in t.items() if k != "layers"} for t in (p.params, p.direction)),
+                              p.step).materialize()
+                d = jax.tree.map(lambda x: x, btmpl)
+                nnx.replace_by_pure_dict(d, p.direction.get("layers", {}))
+                shift = (d, p.step)
+                p = {**top, "layers": p.params.get("layers", {})}
             if not is_stacked(p) and p.get("layers"):
                 raise ValueError("these parameters are per block; this function takes the stacked layout "
                                  "(ngdiff_jax.models.stacked.stack).")
@@ -147,8 +157,11 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
             b = jax.tree.map(lambda x: x, btmpl)
             nnx.replace_by_pure_dict(b, p.get("layers", {}))
             blocks.append(b)
+            shifts.append(shift)
         m = nnx.merge(graphdef, *sts)  # its blocks hold shapes only: the scan reads `blocks`
-        return _METHODS[method](m, (block_def, tuple(blocks), tuple(frozen)), *args, **kwargs)
+        if m.kernels == "cpu_fast" and m.lm_head is None:  # a tied embedding: see ngdiff_jax.bits.settled
+            m.embed.value = settled(m.embed.value)
+        return _METHODS[method](m, (block_def, tuple(blocks), tuple(frozen), tuple(shifts)), *args, **kwargs)
 
     return call, params
 
@@ -190,6 +203,7 @@ def functional(model, *, release: bool = False) -> tuple[Any, dict]:
     def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
         return call("token_logprobs", [params], input_ids, labels, attention_mask, positions)
 
-    apply_fn.hidden_state = hidden_state
-    apply_fn.token_logprobs = token_logprobs
-    return apply_fn, params
+    # each takes GeN's probe point unmade (ngdiff_jax.shifted): the scan shifts one block at a time
+    apply_fn.hidden_state = takes_shifted(hidden_state)
+    apply_fn.token_logprobs = takes_shifted(token_logprobs)
+    return takes_shifted(apply_fn), params

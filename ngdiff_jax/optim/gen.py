@@ -67,7 +67,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ngdiff_jax.bits import from_bits, to_bits
+from ngdiff_jax.bits import from_bits, opaque, to_bits
+from ngdiff_jax.shifted import Shifted, accepts_shifted
 
 __all__ = ["GeNState", "gen_rate_estimate", "scale_by_gen"]
 
@@ -85,11 +86,9 @@ class GeNState(NamedTuple):
     learning_rate: jax.Array
 
 
-def _shifted(params: Any, updates: Any, step: jax.Array) -> Any:
-    def leaf(p, u):
-        return (p + step.astype(jnp.result_type(u)) * u).astype(jnp.result_type(p))
-
-    return jax.tree.map(leaf, params, updates)
+def _shifted(params: Any, updates: Any, step: jax.Array, lazy: bool = False) -> Any:
+    point = Shifted(params, updates, step)
+    return point if lazy else point.materialize()
 
 
 def _after(x: jax.Array, done: jax.Array) -> jax.Array:
@@ -174,7 +173,10 @@ def scale_by_gen(
       An :class:`optax.GradientTransformationExtraArgs` with
       ``update(updates, state, params, *, value_fn, value=None, **extra_args)``.
       ``value_fn(params) -> scalar loss`` (close over the batch; it receives the
-      ``params`` given to ``update`` shifted along ``updates``, same structure);
+      ``params`` given to ``update`` shifted along ``updates``, same structure;
+      a ``value_fn`` marked with `ngdiff_jax.shifted.takes_shifted` receives that
+      point as a `ngdiff_jax.shifted.Shifted` and computes each weight itself,
+      e.g. one layer at a time, so the point is never a whole tree);
       ``value`` is optional and must equal ``value_fn(params)`` if given (saves
       one forward pass). Returns ``(lr * updates, GeNState)``.
     """
@@ -235,17 +237,24 @@ def scale_by_gen(
                 "scale_by_gen needs params: call update(updates, state, params, value_fn=...)."
             )
         lr = state.learning_rate
-        # The probing branch reads the parameters through their bits: a bfloat16 operand of a
-        # `lax.cond` is materialized, which for parameters passed to the step as bits (see
-        # ngdiff_jax.models.kernels.remat_scan) is a bfloat16 copy of all of them.
+        # The branches read the parameters and the bfloat16 update through their bits: a
+        # bfloat16 operand of a `lax.cond` is materialized, which for parameters passed to the
+        # step as bits (see ngdiff_jax.models.kernels.remat_scan) is a bfloat16 copy of all of
+        # them; the update made as bits (`opaque`: one buffer, read by the cond and after it) is
+        # read by the layer scan without a copy (ngdiff_jax.shifted).
         carried = jax.tree.map(to_bits, params)
+        carried_updates = jax.tree.map(lambda u: opaque(to_bits(u), lr) if u.dtype == jnp.bfloat16 else u, updates)
+
+        # A value_fn marked `takes_shifted` gets the probe point unmade (ngdiff_jax.shifted) and
+        # makes each weight where it reads it: no parameter-sized probe point.
+        lazy = accepts_shifted(value_fn)
 
         def probe():
-            params = jax.tree.map(from_bits, carried)
-            loss_minus = reduce(_scalar(value_fn(_shifted(params, updates, -lr)), "value_fn(params)"))
+            params, updates = jax.tree.map(from_bits, (carried, carried_updates))
+            loss_minus = reduce(_scalar(value_fn(_shifted(params, updates, -lr, lazy)), "value_fn(params)"))
             # The second probe waits for the first (`_after`): one shifted copy of the
             # parameters at a time instead of two.
-            loss_plus = reduce(_scalar(value_fn(_shifted(params, updates, _after(lr, loss_minus))),
+            loss_plus = reduce(_scalar(value_fn(_shifted(params, updates, _after(lr, loss_minus), lazy)),
                                        "value_fn(params)"))
             if value is None:
                 loss_zero = reduce(_scalar(value_fn(params), "value_fn(params)"))
@@ -260,16 +269,25 @@ def scale_by_gen(
                 clip_factor=clip_factor,
             )
 
-        def scaled(rate):
-            step = rate * multiplier(state.count)
-            return rate, jax.tree.map(lambda u: step.astype(jnp.result_type(u)) * u, updates)
+        leaves, tree = jax.tree.flatten(carried_updates)
+        bits = [u.dtype == jnp.uint16 for u in leaves]
 
-        # Each branch returns the scaled update, made from the `updates` the probes read. Made
-        # after the cond, XLA recomputed it from the previous member's output (e.g. Adam's
-        # m / (sqrt(v) + eps)) and kept that alive through the probes, next to `updates` and the
-        # probe point: one parameter-sized tree more (SmolLM2 float32 with remat: step
-        # temporaries 1546 -> 1133 MB).
-        new_lr, new_updates = jax.lax.cond(state.count % every == 0, lambda: scaled(probe()), lambda: scaled(lr))
+        def scaled(rate, which):
+            step = rate * multiplier(state.count)
+            return [step.astype(from_bits(u).dtype) * from_bits(u) for u, b in zip(leaves, bits) if b == which]
+
+        # Other leaves are scaled inside each branch: made after the cond, XLA recomputed them
+        # from the previous member's output (e.g. Adam's m / (sqrt(v) + eps)) and kept that alive
+        # through the probes, a parameter-sized tree more (SmolLM2 float32 with remat: step
+        # temporaries 1546 -> 1133 MB). The bfloat16 leaves are scaled after it, from their
+        # bits: as the cond's output they were a tree next to the update (SmolLM2: 257 MiB).
+        def probing():
+            rate = probe()
+            return rate, scaled(rate, False)
+
+        new_lr, inside = jax.lax.cond(state.count % every == 0, probing, lambda: (lr, scaled(lr, False)))
+        after, inside = iter(scaled(new_lr, True)), iter(inside)
+        new_updates = tree.unflatten([next(after) if b else next(inside) for b in bits])
         new_state = GeNState(count=optax.safe_increment(state.count), learning_rate=new_lr)
         return new_updates, new_state
 

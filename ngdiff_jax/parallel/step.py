@@ -119,6 +119,10 @@ class ShardedStep:
             self.fn.lower(*args).compile()
             release_freed_memory()
             self._compiled.add(shapes)
+        # What the last step and the host freed between steps (glibc keeps such pages mapped): the
+        # step's temporaries are mapped afresh each call, on top of whatever is kept (SmolLM2
+        # bfloat16 remat scan: peak RSS 2037 -> 1922 MB; the float32 step time is unchanged).
+        release_freed_memory()
         out = self.fn(*args)
         return (_decode(out[0]), *out[1:]) if self.bits_params else out
 

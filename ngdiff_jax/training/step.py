@@ -26,6 +26,7 @@ import optax
 
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 from ngdiff_jax.optim._base import shared_reductions, tree_scaled_norm
+from ngdiff_jax.shifted import accepts_shifted, takes_shifted
 from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
 
@@ -152,6 +153,12 @@ def make_unlearn_step(
             "ngdiff_jax.models.functional or pass hidden_fn=."
         )
     model_fns = ModelFns(apply_fn, hidden_fn, getattr(apply_fn, "token_logprobs", None))
+    # GeN's probe point reaches the model unmade when every model function takes one
+    # (ngdiff_jax.shifted; the stacked layout shifts one block's weights at a time)
+    lazy_probe = all(accepts_shifted(f) for f in model_fns if f is not None)
+
+    def probe_fn(fn):
+        return takes_shifted(fn) if lazy_probe else fn
 
     def task_loss(obj, batch, ref):
         def loss_fn(params):
@@ -188,7 +195,7 @@ def make_unlearn_step(
         if k == 1:
             fn = task_loss(obj, view(obj, batch), reference(obj, task, batch, ref_params))
             (loss, nll), grads = jax.value_and_grad(fn, has_aux=True)(params)
-            return loss, nll, constrain(grads), (lambda p: fn(p)[0])
+            return loss, nll, constrain(grads), probe_fn(lambda p: fn(p)[0])
         kind = method.forget_loss if task == "forget" else method.retain_loss
         mbs = _split(batch, k)
         w_obj, w_nll = _weights(kind, mbs), _weights("nll", mbs)
@@ -214,7 +221,7 @@ def make_unlearn_step(
 
             return jax.lax.scan(vbody, zero, (mbs, w_obj))[0]
 
-        return loss, nll, grads, value_fn
+        return loss, nll, grads, probe_fn(value_fn)
 
     def plain_nll(params, batch):
         b = view(None, batch)
@@ -254,7 +261,7 @@ def make_unlearn_step(
             value_fn, value = f_fn, f_loss
         else:  # "sum", or the probed task is absent (only for fixed-rate methods, see MethodConfig)
             fns = [fn for fn in (f_fn, r_fn) if fn is not None]
-            value_fn = lambda p: sum(fn(p) for fn in fns)
+            value_fn = probe_fn(lambda p: sum(fn(p) for fn in fns))
             value = f_loss + r_loss
 
         metrics = {
