@@ -259,23 +259,36 @@ SMOLLM2_2 = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "in
              "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}}  # fmt: skip
 
 
-def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_step(monkeypatch):
+def _abstract_grad_temps(hf: dict) -> int:
+    """Temporaries of the compiled gradient of one task's log-likelihood (bfloat16, ``cpu_fast``,
+    no remat) for ``hf`` from abstract shapes."""
+    cfg = ModelConfig.from_hf(hf)
+    model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                                                   param_dtype=jnp.bfloat16, kernels="cpu_fast"))  # fmt: skip
+    fn, params = models.functional(model)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    ids = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+    return _temp_bytes(jax.grad(lambda p, ids: fn.token_logprobs(p, ids, ids).logp.sum()), params, ids)
+
+
+def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_gradient(monkeypatch):
     # XLA:CPU runs a bfloat16 matmul in float32. With the conversion of each weight tied to its
-    # input (kernels._fresh), no float32 copy of the weights lives across the step; with the
-    # optimization barrier alone (late=False) the copies of every use were merged into one per
-    # weight, made at the start and alive through both tasks (SmolLM2's shape, 2 blocks:
-    # 494 -> 467 MB, the two blocks' weights in float32; since the vocabulary-chunked head and
-    # the one-pass gradient norms the step's peak is elsewhere and the gap is one block's
-    # weights: 272 -> 256 MB).
+    # input (kernels._fresh), no float32 copy of the weights lives across the backward pass;
+    # with the optimization barrier alone (late=False) the copies of every use were merged into
+    # one per weight, made at the start and alive through it (SmolLM2's shape, 2 blocks: 140 ->
+    # 167 MiB, the two blocks' weights in float32). This measured the whole NGDiff + GeN step
+    # until its peak moved to the two gradient trees and GeN's update (494 -> 467 MB at first,
+    # then 272 -> 256 MB; the same since the update is scaled after GeN's probes): the gradient
+    # of one task is where the conversions live.
     from ngdiff_jax.models import kernels
 
-    late = _abstract_step_temps(SMOLLM2_2, dtype=jnp.bfloat16, remat="full")
+    late = _abstract_grad_temps(SMOLLM2_2)
     fresh = kernels._fresh
     monkeypatch.setattr(kernels, "_fresh", lambda x, ws, late=True: fresh(x, ws, False))
     jax.clear_caches()  # the model's inner jits were traced with the late conversion
-    barrier = _abstract_step_temps(SMOLLM2_2, dtype=jnp.bfloat16, remat="full")
+    barrier = _abstract_grad_temps(SMOLLM2_2)
     block_f32 = 4 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
-    assert late < barrier - 0.75 * block_f32, (late, barrier, block_f32)
+    assert late < barrier - 1.5 * block_f32, (late, barrier, block_f32)
     jax.clear_caches()
 
 

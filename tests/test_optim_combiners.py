@@ -289,3 +289,49 @@ def test_norm_of_a_tree_mixing_float32_and_bfloat16_leaves():
         exact = float(np.sqrt(sum(float(np.sum(np.asarray(x, np.float64) ** 2)) for x in tree.values())))
         got = float(jax.jit(tree_scaled_norm)(tree))
         assert abs(got - exact) <= 1e-6 * exact, (big, small, got, exact)
+
+
+def _blue_reductions(absent_grads) -> int:
+    """Blue's one-pass norm reductions (four float32 outputs) in the compiled bfloat16 GA + GeN
+    step of a tiny model whose absent retain task's gradient is ``absent_grads(params)``."""
+    import dataclasses
+    import re
+
+    from flax import nnx
+
+    from ngdiff_jax import models
+    from ngdiff_jax.models.config import ModelConfig
+    from ngdiff_jax.models.testing import tiny_hf_config
+    from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
+    from ngdiff_jax.training import step as step_mod
+
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=1, vocab_size=2048, hidden_size=64))
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, kernels="cpu_fast")
+    fn, params = models.functional(model)
+    method = dataclasses.replace(load_method("ga"), lr_rule="gen")  # retain_loss: none
+    tx = make_optimizer(method, OptimConfig(), 10)
+    sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
+    b = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    data = {"input_ids": b, "attention_mask": b, "labels": b}
+    original = step_mod._absent_task_grads
+    step_mod._absent_task_grads = absent_grads
+    try:
+        text = jax.jit(make_unlearn_step(fn, method, tx)).lower(
+            sds(params), jax.eval_shape(tx.init, params), data, data, jax.ShapeDtypeStruct((2,), jnp.uint32)
+        ).compile().as_text()
+    finally:
+        step_mod._absent_task_grads = original
+    return len(re.findall(r"= \((?:f32\[\d+\]\{0\}(?:, )?){4}\) (?:reduce|fusion)\(", text))
+
+
+def test_an_absent_tasks_gradient_is_not_constant_folded():
+    """A method without a retain objective (GA) has a zero retain gradient; made as constants,
+    XLA constant-folded the bfloat16 norms taken of it one element at a time (SmolLM2 in
+    bfloat16, GA + GeN: the compile did not finish in 5 minutes; 6 s with the barrier)."""
+    from ngdiff_jax.training.step import _absent_task_grads
+
+    kept = _blue_reductions(_absent_task_grads)
+    folded = _blue_reductions(lambda p: jax.tree.map(jnp.zeros_like, p))
+    # the absent task's norms are computed at run time (equal counts: the barrier is gone, or
+    # this XLA no longer folds such norms, which the plain zeros' count shows)
+    assert kept > folded, (kept, folded)
