@@ -601,6 +601,11 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
                         jnp.arange(length))[0]  # fmt: skip
 
 
+def _shifted_weight(a, b, step):
+    """One weight of the shifted point from the bits of the weight and of the direction."""
+    return from_bits(to_bits(shift_leaf(from_bits(a), from_bits(b), step)))
+
+
 def _scan_shifted(block, states: tuple, frozen: tuple, shift: tuple, x: Array, policy: str, length: int) -> Array:
     """`_scan_stacked` on ``states`` shifted by ``shift`` (see there): the weights and directions
     enter the loop as their bits (a bfloat16 array a loop slices is widened to float32 before it
@@ -620,8 +625,7 @@ def _scan_shifted(block, states: tuple, frozen: tuple, shift: tuple, x: Array, p
             else:
                 # through its bits: rounded to bfloat16 as the made tree is (XLA would keep the
                 # float32 sum for the matmul: a different, if closer, point)
-                made.append(jax.tree.map(lambda a, b, step=step: from_bits(to_bits(shift_leaf(from_bits(a), from_bits(b),
-                                                                                             step))), st, d))
+                made.append(jax.tree.map(partial(_shifted_weight, step=step), st, d))
         return block(h, tuple(made))
 
     if policy != "none":

@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.models.modeling import _from_bits, _frozen, _inputs
 from ngdiff_jax.bits import settled
+from ngdiff_jax.models.modeling import _from_bits, _frozen, _inputs
 from ngdiff_jax.shifted import Shifted, takes_shifted
 
 __all__ = ["functional", "is_stacked", "runner", "stack", "unstack"]
