@@ -15,13 +15,37 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["from_bits", "opaque", "settled", "to_bits"]
 
 
+@jax.custom_jvp
 def to_bits(x: jax.Array) -> jax.Array:
-    """A bfloat16 array as its bits (``uint16``); any other array as it is."""
+    """A bfloat16 array as its bits (``uint16``); any other array as it is.
+
+    Bits carry no derivative: differentiating through the bits of a bfloat16 array (e.g. a
+    meta-gradient through GeN's probes in a bfloat16 step) raises instead of giving a silent
+    zero; other dtypes pass their derivative unchanged."""
     return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _to_bits_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = to_bits(x)
+    zero = isinstance(t, jax.custom_derivatives.SymbolicZero)
+    if y.dtype != jnp.uint16:
+        return y, jnp.zeros_like(y) if zero else t
+    if not zero:
+        raise ValueError(
+            "a bfloat16 array carried as its bits (ngdiff_jax.bits: GeN's probes, the stacked layer scan, "
+            "the sharded step's boundary) was differentiated, which would give a zero derivative; "
+            "differentiate a float32 step (precision.params=float32) instead."
+        )
+    return y, np.zeros(y.shape, jax.dtypes.float0)
+
+
+to_bits.defjvp(_to_bits_jvp, symbolic_zeros=True)
 
 
 def from_bits(x: jax.Array) -> jax.Array:

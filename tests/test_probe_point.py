@@ -130,3 +130,25 @@ def test_a_settled_weight_has_the_plain_gradient():
     np.testing.assert_array_equal(_bits(g_plain), _bits(g_settled))
     f = jnp.ones((3,))
     np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(settled(v) * 2.0))(f), 2.0 * f)
+
+
+def test_differentiating_through_bfloat16_bits_raises_not_zero():
+    """GeN carries bfloat16 parameters and updates as bits; bits have no derivative, so a
+    meta-gradient through a bfloat16 GeN update is refused instead of being a silent zero (a
+    float32 one works)."""
+
+    def loss(p):
+        return jnp.sum(jnp.square(p["a"].astype(jnp.float32) - 0.3))
+
+    tx = scale_by_gen(0.05, every=1, smoothing=0.0)
+
+    def meta(updates, dtype):
+        params = {"a": jnp.linspace(-1.0, 1.0, 16, dtype=dtype)}
+        out, _ = tx.update(updates, tx.init(params), params, value_fn=loss)
+        return jnp.sum(out["a"].astype(jnp.float32))
+
+    u32 = {"a": jnp.linspace(0.5, -0.5, 16)}
+    g = jax.grad(meta)(u32, jnp.float32)["a"]
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+    with pytest.raises(ValueError, match="carried as its bits"):
+        jax.grad(meta)(jax.tree.map(lambda x: x.astype(jnp.bfloat16), u32), jnp.bfloat16)
