@@ -160,7 +160,7 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
             shifts.append(shift)
         m = nnx.merge(graphdef, *sts)  # its blocks hold shapes only: the scan reads `blocks`
         if m.kernels == "cpu_fast" and m.lm_head is None:  # a tied embedding: see ngdiff_jax.bits.settled
-            m.embed.value = settled(m.embed.value)
+            m.embed.set_value(settled(m.embed[...]))
         return _METHODS[method](m, (block_def, tuple(blocks), tuple(frozen), tuple(shifts)), *args, **kwargs)
 
     return call, params
