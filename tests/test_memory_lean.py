@@ -225,34 +225,6 @@ def test_remat_full_shrinks_temporaries_on_cpu_with_the_same_gradients(lora_rank
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
 
-def _abstract_step_temps(hf: dict, *, dtype, remat: str, batch=(4, 128), lora_rank: int = 0) -> int:
-    """Temporaries of the compiled NGDiff + GeN step (Adam, ``cpu_fast``) for ``hf`` from abstract
-    shapes (nothing allocated), plain or with LoRA on every projection."""
-    from ngdiff_jax.training import OptimConfig, make_optimizer
-    from ngdiff_jax.training.config_schema import LoraSection
-    from ngdiff_jax.training.lora_run import LoraRun
-
-    cfg = ModelConfig.from_hf(hf)
-    model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                                                   kernels="cpu_fast"))  # fmt: skip
-    models.set_remat(model, remat)
-    method = load_method("ngdiff")
-    tx = make_optimizer(method, OptimConfig(), 100)
-    sds = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
-    if lora_rank:
-        run = LoraRun(model, LoraSection(rank=lora_rank), seed=0)
-        params, frozen = sds(run.adapters), (sds(run.base),)
-        step = run.bind(lambda fn: make_unlearn_step(fn, method, tx))
-    else:
-        apply_fn, params = models.functional(model)
-        params, frozen = sds(params), ()
-        step = make_unlearn_step(apply_fn, method, tx)
-    b = jax.ShapeDtypeStruct(batch, jnp.int32)
-    data = {"input_ids": b, "attention_mask": b, "labels": b}
-    args = (params, jax.eval_shape(tx.init, params), data, data, jax.ShapeDtypeStruct((2,), jnp.uint32), *frozen)
-    return _temp_bytes(step, *args, donate=(0, 1))
-
-
 SMOLLM2_2 = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
              "num_hidden_layers": 2, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
              "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
