@@ -21,6 +21,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -49,6 +50,26 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's floats: ``1e-4`` (no dot) is a number, not the string YAML 1.1 makes it,
+    in files, overrides and inside lists (``population.lr=[1e-4, 1e-3]``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping (an empty file gives ``{}``)."""
     path = Path(path)
@@ -56,7 +77,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {path} does not exist; pass an existing YAML file.")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = _yaml(f)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -101,7 +122,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key; write dotted.key=value.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({e}).") from e
     if isinstance(value, str) and _looks_like_float(value):  # YAML 1.1 reads "1e-4" as a string

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -47,5 +48,18 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Pretty-printed JSON (non-JSON values via ``str``)."""
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    """Pretty-printed JSON (non-JSON values via ``str``), written aside and renamed into place: a
+    reader (or a run killed while writing) sees the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    """One JSON value from ``path``; a file that is not JSON is an error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); remove or regenerate it.") from None
