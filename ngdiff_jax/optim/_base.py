@@ -303,6 +303,12 @@ def _clip(tree: Any, max_abs: jax.Array, clip_norm: float, axis_name: AxisName):
     return clipped, max_abs * factor
 
 
+def concrete(x) -> bool:
+    """Whether ``x`` is a value (not a tracer): settings are range-checked when concrete; a traced
+    setting (``vmap`` over a population's settings, ``inject_hyperparams`` under ``jit``) passes."""
+    return not isinstance(x, jax.core.Tracer)
+
+
 def two_task_combiner(
     weight_fn: Callable[..., TwoTaskWeights],
     name: str,
@@ -332,7 +338,7 @@ def two_task_combiner(
       zeros, counted in ``state.skipped``, when an input is not finite. It must
       be the first member of its chain (checked, see `ngdiff_jax.optim.two_task`).
     """
-    if clip_norm is not None and not float(clip_norm) > 0:
+    if clip_norm is not None and concrete(clip_norm) and not float(clip_norm) > 0:
         raise ValueError(f"{name}: clip_norm must be > 0 or None, got {clip_norm!r}.")
 
     def init_fn(params):

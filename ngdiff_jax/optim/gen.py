@@ -151,6 +151,7 @@ def scale_by_gen(
     clip_factor: float = 2.0,
     rate_multiplier: optax.ScalarOrSchedule = 1.0,
     axis_name=None,
+    member_axis=None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scales updates by the GeN adaptive learning rate.
 
@@ -168,6 +169,14 @@ def scale_by_gen(
         use the adapted rate alone.
       axis_name: mapped axis over which ``value_fn``'s batch is sharded; the
         probe losses are ``pmean``-ed over it.
+      member_axis: the ``vmap`` axis name of a population of independent runs
+        (``jax.vmap(..., axis_name=member_axis)``, see ``ngdiff_jax.population``).
+        Under ``vmap`` a ``lax.cond`` whose predicate differs per member becomes
+        a ``select`` that runs the probes on every step; with ``member_axis`` the
+        probes run on the steps where any member's schedule asks for them (all
+        steps share one schedule unless ``every`` itself differs per member), and
+        each member adopts its new rate only on its own probing steps, so every
+        member's result is that of its own run.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with
@@ -285,7 +294,16 @@ def scale_by_gen(
             rate = probe()
             return rate, scaled(rate, False)
 
-        new_lr, inside = jax.lax.cond(state.count % every == 0, probing, lambda: (lr, scaled(lr, False)))
+        due = state.count % every == 0
+        if member_axis is None:
+            new_lr, inside = jax.lax.cond(due, probing, lambda: (lr, scaled(lr, False)))
+        else:  # one branch for the population; each member keeps its rate off its own schedule
+            def probing_members():
+                rate = jnp.where(due, probe(), lr)
+                return rate, scaled(rate, False)
+
+            anyone = jax.lax.pmax(due.astype(jnp.int32), member_axis) > 0
+            new_lr, inside = jax.lax.cond(anyone, probing_members, lambda: (lr, scaled(lr, False)))
         after, inside = iter(scaled(new_lr, True)), iter(inside)
         new_updates = tree.unflatten([next(after) if b else next(inside) for b in bits])
         new_state = GeNState(count=optax.safe_increment(state.count), learning_rate=new_lr)

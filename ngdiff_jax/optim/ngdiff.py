@@ -36,7 +36,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from ngdiff_jax.optim._base import TwoTaskWeights, tree_scaled_norm, two_task_combiner
+from ngdiff_jax.optim._base import TwoTaskWeights, concrete, tree_scaled_norm, two_task_combiner
 
 __all__ = ["ngdiff"]
 
@@ -60,7 +60,7 @@ def ngdiff(eps: float = 1e-12, *, clip_norm: float | None = None,
       :class:`~ngdiff_jax.optim.CombinerState`. If any entry of either input is
       NaN/Inf the direction is all zeros and ``state.skipped`` is incremented.
     """
-    if not eps >= 0:
+    if concrete(eps) and not eps >= 0:
         raise ValueError(f"ngdiff: eps must be >= 0, got {eps!r}.")
 
     def weights(g_r, g_f, m_r, m_f, axis_name):

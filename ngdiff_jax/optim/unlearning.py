@@ -67,7 +67,7 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.optim import _guard
-from ngdiff_jax.optim._base import tree_max_abs
+from ngdiff_jax.optim._base import concrete, tree_max_abs
 from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
 from ngdiff_jax.optim.gen import scale_by_gen
@@ -225,6 +225,7 @@ def unlearning_optimizer(
     weight_decay_mask: Any = None,
     clip_norm: float | None = None,
     axis_name: Any = None,
+    member_axis: Any = None,
     skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """The paper's unlearning optimizer: combiner -> optimizer (Adam) -> weight decay -> -(GeN | rate).
@@ -256,6 +257,9 @@ def unlearning_optimizer(
       axis_name: mapped axis of sharded gradients for a combiner given by name
         (a combiner object carries its own) and for GeN's probe losses (see
         docs/optim.md, "Sharding").
+      member_axis: the ``vmap`` axis name of a population of independent runs
+        (``ngdiff_jax.population``): GeN's members probe on shared steps (see
+        :func:`~ngdiff_jax.optim.scale_by_gen`).
       skip_nonfinite: wrap the chain in :func:`skip_if_nonfinite`.
 
     Returns:
@@ -274,7 +278,7 @@ def unlearning_optimizer(
     if optimizer is not None and _guard.kind_of(optimizer) is not None:
         raise ValueError("unlearning_optimizer: optimizer= is the single-task part after the combiner; "
                          "pass the two-task combiner as combiner=.")
-    if not weight_decay >= 0:
+    if concrete(weight_decay) and not weight_decay >= 0:
         raise ValueError(f"unlearning_optimizer: weight_decay must be >= 0, got {weight_decay!r}.")
     if optimizer is None:  # optax's Adam; with the guard, the variant that skips in place (same numbers)
         make_adam = scale_by_guarded_adam if skip_nonfinite else optax.scale_by_adam
@@ -282,14 +286,14 @@ def unlearning_optimizer(
     parts = [combine]
     if optimizer is not None:
         parts.append(optimizer)
-    if weight_decay:
+    if not concrete(weight_decay) or weight_decay:  # a traced rate (a population's setting) may be 0
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale(-1.0))
     if gen:
         parts.append(
             scale_by_gen(
                 learning_rate, every=gen_every, smoothing=gen_smoothing, clip_factor=gen_clip_factor,
-                axis_name=axis_name,
+                axis_name=axis_name, member_axis=member_axis,
             )
         )
     else:

@@ -283,7 +283,7 @@ def learning_rate_schedule(rule: str, optim: OptimConfig, total_steps: int) -> o
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warm), main], [warm])
 
 
-def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int):
+def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int, *, member_axis=None):
     """The method's optax chain, from :func:`ngdiff_jax.optim.unlearning_optimizer`.
 
     ``combiner -> (Adam) -> weight decay -> -(GeN | fixed/scheduled rate)``: the combiner
@@ -291,7 +291,8 @@ def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int):
     adam_eps, eps_root, mu_dtype``; ``optim.weight_decay`` adds decoupled weight decay
     (``optax.add_decayed_weights``) scaled by the rate, GeN's or the fixed/scheduled one, as in
     AdamW. Call it as ``tx.update(retain_grads, opt_state, params, forget_grads=..., value_fn=...,
-    value=...)``.
+    value=...)``. ``member_axis``: the ``vmap`` axis of a population of runs (GeN's shared probing
+    steps, see `ngdiff_jax.optim.scale_by_gen`).
     """
     from ngdiff_jax import optim as O
 
@@ -320,6 +321,7 @@ def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int):
         eps_root=optim.eps_root,
         mu_dtype=None if optim.mu_dtype is None else jnp.dtype(optim.mu_dtype),
         weight_decay=optim.weight_decay,
+        member_axis=member_axis,
     )
 
 
