@@ -163,6 +163,23 @@ def attach(model, spec: LoraSpec, *, seed: int = 0, dtype=np.float32) -> None:
         dense.lora_scale = spec.scale
 
 
+def initial_adapters(model, spec: LoraSpec, *, seed: int, dtype=np.float32) -> dict:
+    """The adapters :func:`attach` draws with ``seed``, as the pure dict :func:`split` returns for
+    them (per-block layout), without touching ``model`` (which must have adapters attached): a
+    population of runs starts each member from its own seed's adapters."""
+    rng = np.random.default_rng(seed)
+    out = jax.tree.map(lambda x: x, nnx.to_pure_dict(nnx.state(model, LoraParam)))
+    for _, _, path in target_paths(model, spec.targets):
+        k, o = _io_sizes(_module(model, path))
+        bound = 1.0 / math.sqrt(k)
+        node = out
+        for part in path.split("."):
+            node = node[int(part) if part.isdigit() else part]
+        node["lora_a"] = jax.numpy.asarray(rng.uniform(-bound, bound, (k, spec.rank)).astype(dtype))
+        node["lora_b"] = jax.numpy.zeros((spec.rank, o), dtype)
+    return out
+
+
 def add_lora(layers, x: Array, ys: list[Array]) -> list[Array]:
     """``ys[j] + scale_j * (x @ A_j) @ B_j`` for the layers that carry adapters (the hook called by
     ``modeling.dense_many`` and the fused SwiGLU path). ``x`` is the layers' shared input."""

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ngdiff_jax.config_loader import build, load_yaml, resolve_config_path
 from ngdiff_jax.data.formatting import FormatSpec, load_format
+from ngdiff_jax.population.members import PopulationSection
 from ngdiff_jax.training.selection import SelectionSection
 
 FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "idk_nll", "dpo", "wga", "satimp", "ceu", "undial", "rmu", "none")
@@ -431,9 +432,23 @@ class UnlearnConfig:
     distributed: DistributedSection = field(default_factory=DistributedSection)
     selection: SelectionSection = field(default_factory=SelectionSection)  # training/selection.py
     lora: LoraSection = field(default_factory=LoraSection)
+    # seeds x learning rates x settings as one compiled program (ngdiff_jax.population)
+    population: PopulationSection = field(default_factory=PopulationSection)
 
     def __post_init__(self):
         _check_memory_keys(self)
+        if self.population.enabled:
+            if self.mesh.enabled or self.distributed.is_set:
+                raise ValueError(
+                    f"population is set with mesh.preset={self.mesh.preset}: a population spreads its members over "
+                    "the local devices (population.spread) and does not shard one member's weights; set "
+                    "mesh.preset=none and drop the distributed settings."
+                )
+            if self.selection.enabled:
+                raise ValueError(
+                    "population is set with selection: the selection section picks one run's best step; for a "
+                    "population use run.eval_every with `ngdiff sweep` (its selection rule runs per member)."
+                )
         if self.lora.enabled and self.mesh.enabled:
             raise ValueError(
                 f"lora.rank is set with mesh.preset={self.mesh.preset}: LoRA runs on one device for now; "

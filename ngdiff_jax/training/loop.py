@@ -46,11 +46,17 @@ class LoopResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _host(metrics: Mapping[str, Any]) -> dict[str, float]:
+def _host(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON-able Python numbers; a population's ``[K]`` metrics as lists."""
     out = {}
     for k, v in jax.device_get(dict(metrics)).items():
         a = np.asarray(v)
-        out[k] = int(a) if np.issubdtype(a.dtype, np.integer) else float(a)
+        if a.ndim:
+            out[k] = a.tolist()
+        elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
+            out[k] = int(a)
+        else:
+            out[k] = float(a)
     return out
 
 
@@ -88,7 +94,12 @@ def _fmt(metrics: Mapping[str, float], keys: Sequence[str]) -> str:
     for k in keys:
         if k in metrics:
             v = metrics[k]
-            parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
+            if isinstance(v, list):  # a population: the range over its members
+                finite = [x for x in v if isinstance(x, (int, float)) and math.isfinite(x)]
+                v = f"{min(finite):.3g}..{max(finite):.3g}" if finite else "nan"
+                parts.append(f"{k}={v}")
+            else:
+                parts.append(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
 
 

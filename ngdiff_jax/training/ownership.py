@@ -51,7 +51,8 @@ _EXPORT_NAMES = ("config.json", "generation_config.json", "model.safetensors.ind
                  EXPORT_MARKER)  # fmt: skip
 #: What ngdiff itself writes at the top of an output dir.
 _RUN_NAMES = {"config.yaml", "summary.json", "log.jsonl", "eval.jsonl", "checkpoints", "checkpoints.damaged",
-              "model", "adapter", "tokenizer", "diverged.json", LOCK_NAME, RUN_MANIFEST}  # fmt: skip
+              "model", "adapter", "tokenizer", "diverged.json", LOCK_NAME, RUN_MANIFEST,
+              "population.json", "chunks", "members"}  # fmt: skip
 
 
 def _resolve(p: str | Path) -> Path:

@@ -62,6 +62,17 @@ def run_unlearn(
     from ngdiff_jax import models
     from ngdiff_jax import parallel as par
 
+    if cfg.population.enabled:  # many runs as one program (training/population_run.py)
+        from ngdiff_jax.training.population_run import run_population
+
+        if eval_fn is not None:
+            raise ValueError("run_unlearn: with a population, pass eval_fn to population_run.run_population "
+                             "(it takes a population's parameters).")  # fmt: skip
+        (Path(cfg.run.output_dir)).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run.output_dir) / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        pop = run_population(cfg)
+        return None, {"population": pop.summary, "members": pop.results}
+
     mesh, rules, main = precision.run_mesh(cfg.mesh, cfg.distributed)
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
