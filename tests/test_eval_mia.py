@@ -119,8 +119,8 @@ def test_small_split_is_not_padded_to_a_full_batch(tmp_path, monkeypatch):
     seen = []
     real = mia._jitted
 
-    def spy(kind):
-        f = real(kind)
+    def spy(kind, *rest):
+        f = real(kind, *rest)
 
         def call(*args):
             seen.append((kind, args[2].shape[0]))

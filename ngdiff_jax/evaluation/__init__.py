@@ -4,7 +4,8 @@
 * :class:`Scorer` (batched teacher-forced NLL / token log-probs) and
   :func:`generate_texts` (batched greedy generation) run models;
 * :func:`evaluate_tofu` / :func:`evaluate_muse` return an :class:`EvalResult`
-  (aggregates + every per-sample value, saved as JSON);
+  (aggregates + every per-sample value, saved as JSON); :func:`evaluate_tofu_members`
+  evaluates a population's members (:class:`Members`) as one batched evaluation;
 * :func:`write_report` writes ``report.json``, ``report.md`` and ``tradeoff.png``.
 """
 
@@ -19,6 +20,14 @@ def __getattr__(name):  # model-running parts import jax/flax lazily
         from ngdiff_jax.evaluation.tofu import evaluate_tofu
 
         return evaluate_tofu
+    if name == "evaluate_tofu_members":
+        from ngdiff_jax.evaluation.tofu import evaluate_tofu_members
+
+        return evaluate_tofu_members
+    if name == "Members":
+        from ngdiff_jax.evaluation.members import Members
+
+        return Members
     if name == "evaluate_muse":
         from ngdiff_jax.evaluation.muse import evaluate_muse
 
@@ -37,9 +46,11 @@ def __getattr__(name):  # model-running parts import jax/flax lazily
 __all__ = [
     "EvalResult",
     "MODEL_UTILITY_KEYS",
+    "Members",
     "Scorer",
     "evaluate_muse",
     "evaluate_tofu",
+    "evaluate_tofu_members",
     "generate_texts",
     "metrics",
     "reference_stats",

@@ -23,8 +23,6 @@ counted as compile time in :class:`~ngdiff_jax.evaluation.batching.Timings`.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,14 +48,15 @@ def clear_cache() -> None:
     _COMPILED.clear()
 
 
-def _token_stats(model, hidden, labels):
-    """``(nll [B], logp [B, T-1], mask [B, T-1], correct [B, T-1])`` from last-block hidden states."""
+def _token_stats(model, hidden, labels, head_tokens=HEAD_TOKENS):
+    """``(nll [B], logp [B, T-1], mask [B, T-1], correct [B, T-1])`` from last-block hidden states
+    (the LM head on at most ``head_tokens`` rows x positions at a time)."""
     B, T, _ = hidden.shape
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     safe = jnp.where(mask, targets, 0)
     h = hidden[:, :-1]
-    chunk = max(1, HEAD_TOKENS // B)
+    chunk = max(1, head_tokens // B)
     logps, cors = [], []
     for a in range(0, T - 1, chunk):
         b = min(T - 1, a + chunk)
@@ -77,15 +76,14 @@ def _lengths_mask(lengths, T):
     return (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=0, static_argnames=("chunk",))
-def _score_plain(graphdef, state, ids, lengths, labels, *, chunk=None):
+def _score_plain(graphdef, state, ids, lengths, labels, *, chunk=None, head_tokens=HEAD_TOKENS):
     model = nnx.merge(graphdef, state)
     B, T = ids.shape
     valid = _lengths_mask(lengths, T)
     if chunk is None or T <= chunk:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         hidden, _ = model.forward(ids, positions, valid, return_hidden=True)
-        return _token_stats(model, hidden, labels)
+        return _token_stats(model, hidden, labels, head_tokens)
     # causal blocks: the rows are encoded ``chunk`` positions at a time, each block attending to the
     # keys of the blocks before it (a KV cache that grows by one block) and causally to its own: the
     # masked upper triangle of the [T, T] scores is never computed (about half of it is skipped)
@@ -99,11 +97,10 @@ def _score_plain(graphdef, state, ids, lengths, labels, *, chunk=None):
         pos = jnp.broadcast_to(jnp.arange(a, b, dtype=jnp.int32), (B, b - a))
         h, cache = model.forward(ids[:, a:b], pos, valid[:, :b], cache, a, return_hidden=True)
         hs.append(h)
-    return _token_stats(model, jnp.concatenate(hs, axis=1), labels)
+    return _token_stats(model, jnp.concatenate(hs, axis=1), labels, head_tokens)
 
 
-@partial(jax.jit, static_argnums=0)
-def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner):
+def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, head_tokens=HEAD_TOKENS):
     model = nnx.merge(graphdef, state)
     Bp, P = pre_ids.shape
     B, T = ids.shape
@@ -119,7 +116,7 @@ def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner
     # padding past the end may run beyond a learned position table (real tokens never do)
     positions = jnp.minimum(positions, model.config.max_position_embeddings - 1)
     hidden, _ = model.forward(ids, positions, kv_valid, rows, P, return_hidden=True)
-    return _token_stats(model, hidden, labels)
+    return _token_stats(model, hidden, labels, head_tokens)
 
 
 def _prefill(model, ids, positions, kv_valid, cache, start, block):
@@ -142,7 +139,6 @@ def _prefill(model, ids, positions, kv_valid, cache, start, block):
     return out, cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "eos", "n_buf", "block"))
 def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max_new, pad_id, *, eos, n_buf,
               block=None):  # fmt: skip
     model = nnx.merge(graphdef, state)
@@ -192,17 +188,52 @@ def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max
     return carry[-1]
 
 
-def _compiled(name, jitted, graphdef, args, statics, timings: Timings, phase: str):
-    key = (name, graphdef, tuple(getattr(a, "shape", None) for a in args[1:]), tuple(sorted(statics.items())))
+#: the programs: name -> (function of (graphdef, state, *arrays, **statics), static argument names)
+_PROGRAMS = {
+    "score": (_score_plain, ("chunk", "head_tokens")),
+    "score_prefix": (_score_prefix, ("head_tokens",)),
+    "generate": (_generate, ("eos", "n_buf", "block")),
+}
+
+
+def _over_members(fn):
+    """``fn`` for a state with a leading member axis: the same rows for every member (``vmap``)."""
+
+    def run(graphdef, state, *args, **statics):
+        return jax.vmap(lambda st: fn(graphdef, st, *args, **statics))(state)
+
+    return run
+
+
+_JITTED: dict = {}
+
+
+def _program(name: str, members: bool):
+    if (name, members) not in _JITTED:
+        fn, statics = _PROGRAMS[name]
+        _JITTED[name, members] = jax.jit(_over_members(fn) if members else fn, static_argnums=0,
+                                         static_argnames=statics)  # fmt: skip
+    return _JITTED[name, members]
+
+
+def _compiled(name, graphdef, args, statics, timings: Timings, phase: str, members: int | None = None):
+    key = (name, graphdef, members, tuple(getattr(a, "shape", None) for a in args[1:]),
+           tuple(sorted(statics.items())))  # fmt: skip
     fn = _COMPILED.get(key)
     if fn is None:
         with Stopwatch() as sw:
-            fn = jitted.lower(graphdef, *args, **statics).compile()
+            fn = _program(name, members is not None).lower(graphdef, *args, **statics).compile()
         _COMPILED[key] = fn
         timings.add(phase, sw.seconds, compile=True)
     dims = [int(d) for a in args[1:] for d in np.shape(a)]
     timings.add_shape(name, dims + ([statics["n_buf"]] if "n_buf" in statics else []))
     return fn
+
+
+def _head_tokens(members: int | None) -> int:
+    """The LM head's chunk for ``members`` models at once: the members share :data:`HEAD_TOKENS`
+    (a batched head materializes every member's logits chunk together)."""
+    return max(1, HEAD_TOKENS // (members or 1))
 
 
 def _run(fn, args, timings: Timings, phase: str):
@@ -212,23 +243,26 @@ def _run(fn, args, timings: Timings, phase: str):
     return out
 
 
-def score_plain(graphdef, state, ids, lengths, labels, *, timings: Timings, phase: str):
-    """Stats of right-padded rows ``ids [B, T]`` (``lengths`` real tokens each; ``labels`` -100 = not scored)."""
+def score_plain(graphdef, state, ids, lengths, labels, *, timings: Timings, phase: str, members: int | None = None):
+    """Stats of right-padded rows ``ids [B, T]`` (``lengths`` real tokens each; ``labels`` -100 = not scored).
+    ``members``: ``state`` holds that many models (a leading axis), every output gains that axis."""
     args = (state, jnp.asarray(ids, jnp.int32), jnp.asarray(lengths, jnp.int32), jnp.asarray(labels, jnp.int32))
-    fn = _compiled("score", _score_plain, graphdef, args, {"chunk": ATTENTION_BLOCK}, timings, phase)
+    fn = _compiled("score", graphdef, args, {"chunk": ATTENTION_BLOCK, "head_tokens": _head_tokens(members)},
+                   timings, phase, members)  # fmt: skip
     return _run(fn, args, timings, phase)
 
 
-def score_with_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, timings: Timings, phase: str):
+def score_with_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, timings: Timings, phase: str,
+                      members: int | None = None):  # fmt: skip
     """Stats of answer rows ``ids [B, T]`` continuing the right-padded prompts ``pre_ids [Bp, P]``
     (row ``i`` continues prompt ``owner[i]``; ``pre_len`` real prompt tokens each)."""
     args = (state, *(jnp.asarray(a, jnp.int32) for a in (pre_ids, pre_len, ids, lengths, labels, owner)))
-    fn = _compiled("score_prefix", _score_prefix, graphdef, args, {}, timings, phase)
+    fn = _compiled("score_prefix", graphdef, args, {"head_tokens": _head_tokens(members)}, timings, phase, members)
     return _run(fn, args, timings, phase)
 
 
 def generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, *, max_new_tokens, pad_id, eos,
-             n_buf, timings: Timings, phase: str) -> np.ndarray:
+             n_buf, timings: Timings, phase: str, members: int | None = None) -> np.ndarray:
     """Greedy tokens ``[B, n_buf]`` (first ``max_new_tokens`` meaningful) after ``shared + ids[b]``.
 
     ``shared_ids [1, S0]`` (``shared_len`` real tokens, right-padded; ``S0 = 0`` for none) is the
@@ -239,5 +273,5 @@ def generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, *, m
         jnp.asarray(mask, jnp.int32), jnp.asarray(row_valid, bool), jnp.int32(max_new_tokens), jnp.int32(pad_id),
     )  # fmt: skip
     statics = {"eos": tuple(eos), "n_buf": int(n_buf), "block": ATTENTION_BLOCK}
-    fn = _compiled("generate", _generate, graphdef, args, statics, timings, phase)
+    fn = _compiled("generate", graphdef, args, statics, timings, phase, members)
     return _run(fn, args, timings, phase)

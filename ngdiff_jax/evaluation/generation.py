@@ -72,11 +72,12 @@ def generate_texts(
     phase: str = "generate",
     cut_counts: dict | None = None,
     share_prefix: bool = True,
-) -> list[str]:
+) -> list[str] | list[list[str]]:
     """Greedy continuations of token-id ``prompts``, as cleaned strings in input order.
 
     Args:
-      model: a ``CausalLM``; ``ngdiff_jax.models.generate`` runs it.
+      model: a ``CausalLM``; or :class:`~ngdiff_jax.evaluation.members.Members`, decoded by one
+        program, giving one list of strings per member.
       tokenizer: decodes the new tokens (``skip_special_tokens=True``).
       max_new_tokens: tokens generated per prompt (TOFU 200, MUSE VerbMem 128, KnowMem 32).
       stop_strings: cut each text at these (MUSE KnowMem: ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``).
@@ -87,10 +88,11 @@ def generate_texts(
         to fit the context (reported in the result's ``meta``, like scoring cuts).
       share_prefix: encode a prefix common to a batch's prompts once for the batch.
     """
-    from flax import nnx
+    from ngdiff_jax.evaluation.members import split_model
 
+    graphdef, state, members = split_model(model)
     if not prompts:
-        return []
+        return [[] for _ in range(members)] if members is not None else []
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     room = None if max_length is None else max_length - max_new_tokens
@@ -108,15 +110,17 @@ def generate_texts(
     timings = timings if timings is not None else Timings()
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    graphdef, state = nnx.split(model)
     n_buf = _new_tokens_bucket(max_new_tokens)
-    B = min(int(batch_size), -(-len(rows) // 8) * 8)  # no more filler rows than needed
+    # as few batches as batch_size allows, of equal size (multiples of 8): 70 prompts at 64 are two
+    # batches of 40, not 64 + 64 with 58 filler rows
+    n_batches = -(-len(rows) // int(batch_size))
+    B = min(int(batch_size), -(-len(rows) // (8 * n_batches)) * 8)
     cfg = getattr(model, "config", None)
     if cfg is not None:  # keep a batch's KV cache within CACHE_BUDGET bytes
         per_row = (bucket_length(max(len(r) for r in rows)) + n_buf) * cfg.num_layers * 2 * cfg.num_kv_heads
-        per_row *= cfg.head_dim * np.dtype(getattr(model, "dtype", np.float32)).itemsize
+        per_row *= cfg.head_dim * np.dtype(getattr(model, "dtype", None) or np.float32).itemsize * (members or 1)
         B = max(1, min(B, CACHE_BUDGET // per_row))
-    out: list = [None] * len(rows)
+    out: list = [[None] * len(rows) for _ in range(members or 1)]
     for batch in length_sorted_batches([len(r) for r in rows], B):
         real = [rows[i] for i in batch]
         shared = min(_common_prefix_len(real), min(len(r) for r in real) - 1) if share_prefix else 0
@@ -138,13 +142,16 @@ def generate_texts(
         new = engine.generate(
             graphdef, state, shared_ids, shared, ids, mask, np.arange(B) < len(batch),
             max_new_tokens=max_new_tokens, pad_id=int(pad), eos=eos, n_buf=n_buf, timings=timings, phase=phase,
+            members=members,
         )  # fmt: skip
-        for r, i in enumerate(batch):
-            toks = [int(x) for x in new[r][:max_new_tokens]]
-            for j, tok in enumerate(toks):
-                if tok in eos:
-                    toks = toks[:j]
-                    break
-            text = tokenizer.decode(toks, skip_special_tokens=True)
-            out[i] = cut_at_stop_strings(text, stop_strings)
-    return out
+        new = np.asarray(new) if members is not None else np.asarray(new)[None]
+        for m, rows_m in enumerate(new):
+            for r, i in enumerate(batch):
+                toks = [int(x) for x in rows_m[r][:max_new_tokens]]
+                for j, tok in enumerate(toks):
+                    if tok in eos:
+                        toks = toks[:j]
+                        break
+                text = tokenizer.decode(toks, skip_special_tokens=True)
+                out[m][i] = cut_at_stop_strings(text, stop_strings)
+    return out if members is not None else out[0]

@@ -149,13 +149,19 @@ def _gradnorm_fn(graphdef, state, ids, mask, labels, p):
 _JIT: dict = {}
 
 
-def _jitted(kind: str):
+def _jitted(kind: str, members: bool = False):
     import jax
 
-    if kind not in _JIT:  # graphdef (and p) static: models of one architecture share the executables
-        _JIT[kind] = jax.jit(_stats_fn if kind == "stats" else _gradnorm_fn,
-                             static_argnums=(0,) if kind == "stats" else (0, 5))  # fmt: skip
-    return _JIT[kind]
+    if (kind, members) not in _JIT:  # graphdef (and p) static: models of one architecture share the executables
+        fn = _stats_fn if kind == "stats" else _gradnorm_fn
+        if members:  # a leading member axis on the state: the same rows for every member
+            inner = fn
+
+            def fn(graphdef, state, *args):
+                return jax.vmap(lambda st: inner(graphdef, st, *args))(state)
+
+        _JIT[kind, members] = jax.jit(fn, static_argnums=(0,) if kind == "stats" else (0, 5))
+    return _JIT[kind, members]
 
 
 def _batches(examples, batch_size: int, buckets):
@@ -173,8 +179,9 @@ def model_statistics(model, examples, *, batch_size: int = 16, buckets=None, gra
     """Per example of ``model`` (a ``CausalLM``): ``avg_loss``, scored token log-probs and
     ``mu``/``sigma`` with the EOS prediction left out, and (``gradnorm_p`` set) the gradient
     norm. Lists in input order. Rows longer than ``max_length`` (default: the model's context)
-    are cut at the right, as the evaluation's :class:`~ngdiff_jax.evaluation.scoring.Scorer` does."""
-    from flax import nnx
+    are cut at the right, as the evaluation's :class:`~ngdiff_jax.evaluation.scoring.Scorer` does.
+    For :class:`~ngdiff_jax.evaluation.members.Members`, a list with each member's statistics."""
+    from ngdiff_jax.evaluation.members import split_model
 
     if max_length is None:
         max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -182,26 +189,34 @@ def model_statistics(model, examples, *, batch_size: int = 16, buckets=None, gra
         examples = [(list(i)[:max_length], list(y)[:max_length]) for i, y in examples]
     from ngdiff_jax.evaluation.batching import fitted_batch_size
 
-    graphdef, state = nnx.split(model)
+    graphdef, state, members = split_model(model)
     n = len(examples)
     batch_size = fitted_batch_size(n, batch_size)  # padding rows cost a full forward (and backward) each
-    out = {"avg_loss": np.zeros(n), "logp": [None] * n, "mu": [None] * n, "sigma": [None] * n}
-    if gradnorm_p is not None:
-        if gradnorm_p not in (1, 2, float("inf")):
-            raise ValueError(f"gradnorm p must be 1, 2 or inf (open-unlearning), got {gradnorm_p!r}.")
-        out["gradnorm"] = np.zeros(n)
+    if gradnorm_p is not None and gradnorm_p not in (1, 2, float("inf")):
+        raise ValueError(f"gradnorm p must be 1, 2 or inf (open-unlearning), got {gradnorm_p!r}.")
+    outs = []
+    for _ in range(members or 1):
+        o = {"avg_loss": np.zeros(n), "logp": [None] * n, "mu": [None] * n, "sigma": [None] * n}
+        if gradnorm_p is not None:
+            o["gradnorm"] = np.zeros(n)
+        outs.append(o)
+    many = members is not None
     for rows, b in _batches(examples, batch_size, buckets):
         args = (graphdef, state, b["input_ids"], b["attention_mask"], b["labels"])
-        avg, logp, mask, mu, sigma = (np.asarray(x) for x in _jitted("stats")(*args))
+        stats = [np.asarray(x) for x in _jitted("stats", many)(*args)]
         if gradnorm_p is not None:
-            gn = np.asarray(_jitted("gradnorm")(*args, gradnorm_p))
-        for r, i in enumerate(rows):
-            m = mask[r] > 0
-            out["avg_loss"][i] = float(avg[r])
-            out["logp"][i], out["mu"][i], out["sigma"][i] = logp[r][m], mu[r][m], sigma[r][m]
-            if gradnorm_p is not None:
-                out["gradnorm"][i] = float(gn[r])
-    return out
+            stats.append(np.asarray(_jitted("gradnorm", many)(*args, gradnorm_p)))
+        if not many:
+            stats = [x[None] for x in stats]
+        for j, out in enumerate(outs):
+            avg, logp, mask, mu, sigma = (x[j] for x in stats[:5])
+            for r, i in enumerate(rows):
+                m = mask[r] > 0
+                out["avg_loss"][i] = float(avg[r])
+                out["logp"][i], out["mu"][i], out["sigma"][i] = logp[r][m], mu[r][m], sigma[r][m]
+                if gradnorm_p is not None:
+                    out["gradnorm"][i] = float(stats[5][j][r])
+    return outs if many else outs[0]
 
 
 def target_text(tokenizer, labels) -> str:
@@ -230,7 +245,8 @@ def run_attacks(
     open-unlearning's configs) and is skipped (reported in ``skipped``) without one.
 
     Returns ``(aggregates, per_sample, skipped)``: ``mia_<attack>`` / ``privleak_<attack>``,
-    ``{attack: {"forget": scores, "holdout": scores}}`` and ``{attack: reason}``.
+    ``{attack: {"forget": scores, "holdout": scores}}`` and ``{attack: reason}``; for
+    :class:`~ngdiff_jax.evaluation.members.Members`, a list of those, one per member.
     """
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
@@ -240,24 +256,32 @@ def run_attacks(
     if "reference" in attacks and reference_model is None:
         attacks.remove("reference")
         skipped["reference"] = "no reference model given (open-unlearning uses the retain model)"
-    per: dict = {a: {} for a in attacks}
+    from ngdiff_jax.evaluation.members import Members
+
+    many = isinstance(model, Members)
+    pers: list = [{a: {} for a in attacks} for _ in range(model.k if many else 1)]
     for split in ("forget", "holdout"):
         ex = list(examples[split])
-        st = model_statistics(model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length,
-                              gradnorm_p=gradnorm_p if "gradnorm" in attacks else None)  # fmt: skip
-        if "loss" in attacks:
-            per["loss"][split] = [loss_score(v) for v in st["avg_loss"]]
-        if "zlib" in attacks:
-            per["zlib"][split] = [zlib_score(v, target_text(tokenizer, e[1])) for v, e in zip(st["avg_loss"], ex)]
-        if "min_k" in attacks:
-            per["min_k"][split] = [M.min_k_score(lp, k) for lp in st["logp"]]
-        if "min_k_plus_plus" in attacks:
-            per["min_k_plus_plus"][split] = [
-                min_k_plus_plus_score(lp, mu, sg, k) for lp, mu, sg in zip(st["logp"], st["mu"], st["sigma"])
-            ]
-        if "gradnorm" in attacks:
-            per["gradnorm"][split] = [float(v) for v in st["gradnorm"]]
-        if "reference" in attacks:
+        sts = model_statistics(model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length,
+                               gradnorm_p=gradnorm_p if "gradnorm" in attacks else None)  # fmt: skip
+        rs = None
+        if "reference" in attacks:  # the reference model's statistics, once for every member
             rs = model_statistics(reference_model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length)
-            per["reference"][split] = [reference_score(a, b) for a, b in zip(st["avg_loss"], rs["avg_loss"])]
-    return aggregate(per, reference_aucs), per, skipped
+        texts = [target_text(tokenizer, e[1]) for e in ex] if "zlib" in attacks else None
+        for per, st in zip(pers, sts if many else [sts]):
+            if "loss" in attacks:
+                per["loss"][split] = [loss_score(v) for v in st["avg_loss"]]
+            if "zlib" in attacks:
+                per["zlib"][split] = [zlib_score(v, t) for v, t in zip(st["avg_loss"], texts)]
+            if "min_k" in attacks:
+                per["min_k"][split] = [M.min_k_score(lp, k) for lp in st["logp"]]
+            if "min_k_plus_plus" in attacks:
+                per["min_k_plus_plus"][split] = [
+                    min_k_plus_plus_score(lp, mu, sg, k) for lp, mu, sg in zip(st["logp"], st["mu"], st["sigma"])
+                ]
+            if "gradnorm" in attacks:
+                per["gradnorm"][split] = [float(v) for v in st["gradnorm"]]
+            if "reference" in attacks:
+                per["reference"][split] = [reference_score(a, b) for a, b in zip(st["avg_loss"], rs["avg_loss"])]
+    out = [(aggregate(per, reference_aucs), per, skipped) for per in pers]
+    return out if many else out[0]

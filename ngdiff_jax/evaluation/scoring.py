@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from ngdiff_jax.evaluation import engine
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings, bucket_length, length_sorted_batches
+from ngdiff_jax.evaluation.members import split_model
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, token_logprobs
 
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels), labels -100 where not scored
@@ -84,7 +84,9 @@ class Scorer:
 
     Args:
       model: a ``CausalLM`` (compiled code is shared by every model of the same
-        architecture); or pass ``apply_fn(params, ids, mask) -> logits`` and ``params``
+        architecture), or :class:`~ngdiff_jax.evaluation.members.Members` (several models
+        scored by one program; :meth:`score` then returns one :class:`Scores` per member);
+        or pass ``apply_fn(params, ids, mask) -> logits`` and ``params``
         directly (e.g. during training, as from ``ngdiff_jax.models.functional``; rows are
         then always scored whole).
       batch_size: rows per compiled batch (answer rows, with a shared prompt).
@@ -106,8 +108,9 @@ class Scorer:
         timings: Timings | None = None,
         share_prefix: bool = True,
     ):
+        self.members = None
         if model is not None:
-            self.graphdef, self.params = nnx.split(model)
+            self.graphdef, self.params, self.members = split_model(model)
             self._apply = None
             if max_length is None:
                 max_length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -128,8 +131,9 @@ class Scorer:
         t = bucket_length(n, buckets=self.buckets)
         return t if self.max_length is None else min(t, self.max_length)
 
-    def score(self, examples: Sequence[Example], *, phase: str = "score") -> Scores:
-        """Score ``examples`` (pairs of equal-length ``input_ids`` and ``labels`` lists)."""
+    def score(self, examples: Sequence[Example], *, phase: str = "score") -> Scores | list[Scores]:
+        """Score ``examples`` (pairs of equal-length ``input_ids`` and ``labels`` lists); for
+        :class:`~ngdiff_jax.evaluation.members.Members`, a list with each member's scores."""
         n = len(examples)
         rows = []
         for i, (ids, labels) in enumerate(examples):
@@ -141,9 +145,10 @@ class Scorer:
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
                 self.truncated += 1
             rows.append((list(ids), list(labels)))
-        self._nll = np.zeros(n, dtype=np.float64)
-        self._lps: list = [None] * n
-        self._cors: list = [None] * n
+        k = self.members or 1
+        self._nll = np.zeros((k, n), dtype=np.float64)
+        self._lps: list = [[None] * n for _ in range(k)]
+        self._cors: list = [[None] * n for _ in range(k)]
         whole = list(range(n))
         if self.share_prefix:
             groups: dict = {}
@@ -158,19 +163,28 @@ class Scorer:
                 self._score_shared(rows, shared, phase)
         if whole:
             self._score_whole(rows, whole, phase)
-        return Scores(nll=self._nll, token_logprobs=self._lps, correct=self._cors)
+        out = [Scores(nll=self._nll[j], token_logprobs=self._lps[j], correct=self._cors[j])
+               for j in range(self.members or 1)]  # fmt: skip
+        return out if self.members is not None else out[0]
 
-    def _store(self, i, nll, logp, mask, cor):
-        m = mask > 0
-        self._nll[i] = float(nll)
-        self._lps[i] = np.asarray(logp[m], dtype=np.float64)
-        self._cors[i] = np.asarray(cor[m], dtype=bool)
+    def _store_rows(self, out, order):
+        """Row ``r`` of the program's outputs ``out`` is example ``order[r]`` (for every member)."""
+        out = [np.asarray(o) for o in out]
+        if self.members is None:
+            out = [o[None] for o in out]
+        for j in range(self.members or 1):
+            for r, i in enumerate(order):
+                nll, logp, mask, cor = (o[j, r] for o in out)
+                m = mask > 0
+                self._nll[j, i] = float(nll)
+                self._lps[j][i] = np.asarray(logp[m], dtype=np.float64)
+                self._cors[j][i] = np.asarray(cor[m], dtype=bool)
 
     def _score_whole(self, rows, idx, phase):
         B = self.batch_size
         if self._apply is None:  # fewer rows per batch on long texts, no more dummy rows than needed
             longest = self._bucket(max(len(rows[i][0]) for i in idx))
-            B = max(1, min(B, SCORE_TOKENS // longest, len(idx)))
+            B = max(1, min(B, SCORE_TOKENS // longest // (self.members or 1), len(idx)))  # members share it
         used: list[int] = []
         for b in length_sorted_batches([len(rows[i][0]) for i in idx], B):
             batch = [idx[j] for j in b]
@@ -188,11 +202,10 @@ class Scorer:
                 ids[r, : len(x)], labels[r, : len(y)], lengths[r] = x, y, len(x)
             if self._apply is None:
                 out = engine.score_plain(self.graphdef, self.params, ids, lengths, labels,
-                                         timings=self.timings, phase=phase)  # fmt: skip
+                                         timings=self.timings, phase=phase, members=self.members)  # fmt: skip
             else:
                 out = self._score_apply(ids, lengths, labels, phase)
-            for r, i in enumerate(batch):
-                self._store(i, *(o[r] for o in out))
+            self._store_rows(out, batch)
 
     def _score_apply(self, ids, lengths, labels, phase):
         shape = ids.shape
@@ -248,6 +261,5 @@ class Scorer:
                     lengths[r], owner[r] = len(x) - len(pre), g
                     order.append(i)
             out = engine.score_with_prefix(self.graphdef, self.params, pre_ids, pre_len, ids, lengths, labels, owner,
-                                           timings=self.timings, phase=phase)  # fmt: skip
-            for r, i in enumerate(order):
-                self._store(i, *(o[r] for o in out))
+                                           timings=self.timings, phase=phase, members=self.members)  # fmt: skip
+            self._store_rows(out, order)

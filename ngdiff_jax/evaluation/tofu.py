@@ -33,6 +33,7 @@ import numpy as np
 from ngdiff_jax.evaluation import metrics as M
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
 from ngdiff_jax.evaluation.generation import generate_texts
+from ngdiff_jax.evaluation.members import Members
 from ngdiff_jax.evaluation.results import EvalResult, reference_stats
 from ngdiff_jax.evaluation.scoring import Scorer
 
@@ -71,6 +72,14 @@ def _perturbed(rows: list[dict], split: str) -> list[list[str]]:
     return out
 
 
+def evaluate_tofu_members(template, params, tokenizer, data_dir=None, *, names: Sequence[str], meta=None,
+                          **kwargs) -> list[EvalResult]:  # fmt: skip
+    """:func:`evaluate_tofu` of ``K`` models like ``template`` whose (full, per-block) parameters
+    are ``params`` with a leading member axis, as one batched evaluation (equal to evaluating
+    each member alone, up to the rounding of batched matrix products)."""
+    return evaluate_tofu(Members(template, params), tokenizer, data_dir, name=list(names), meta=meta, **kwargs)
+
+
 def _drop_last(a: np.ndarray) -> np.ndarray:
     """open-unlearning's token-level metrics leave out the last scored token (the EOS prediction)."""
     return a[:-1]
@@ -97,11 +106,13 @@ def evaluate_tofu(
     mia_attacks: Sequence[str] = DEFAULT_MIA_ATTACKS,
     forget_truth_ratio: str = "closer_to_1_better",
     utility_truth_ratio: str = "true_better",
-) -> EvalResult:
+) -> EvalResult | list[EvalResult]:
     """Evaluate ``model`` on TOFU and return every aggregate and per-sample value.
 
     Args:
-      model: a ``CausalLM``.
+      model: a ``CausalLM``; or :class:`~ngdiff_jax.evaluation.members.Members` (a population's
+        members, scored and decoded by one program each): then ``name`` and ``meta`` are lists
+        with one entry per member (``meta`` may be one dict for all) and the result is a list.
       tokenizer: its Hugging Face tokenizer.
       data_dir: folder of TOFU JSON-lines files (default ``shared_data_dir()/"tofu"``) or
         anything ``ngdiff_jax.data.load_tofu`` accepts.
@@ -176,15 +187,9 @@ def evaluate_tofu(
         add(("holdout", "answer", i, 0), r["question"], r["answer"])
     sw_tok.__exit__(None, None, None)
     scorer = Scorer(model, batch_size=batch_size, buckets=buckets, timings=timings)
-    scores = scorer.score(examples, phase="score")
+    many = isinstance(model, Members)
+    all_scores = scorer.score(examples, phase="score")
     index = {key: n for n, key in enumerate(keys)}
-
-    def nll(prefix, kind):
-        n_rows = len(data[prefix])
-        if kind == "pert":
-            m = len(pert[prefix][0])
-            return np.array([[scores.nll[index[(prefix, kind, i, jj)]] for jj in range(m)] for i in range(n_rows)])
-        return np.array([scores.nll[index[(prefix, kind, i, 0)]] for i in range(n_rows)])
 
     # ---- greedy answers for the ROUGE metrics ----------------------------------------------
     prompts, gkeys = [], []
@@ -194,7 +199,7 @@ def evaluate_tofu(
             gkeys.append((prefix, i))
     prompt_cuts: dict = {}
     gen_batch = generation_batch_size or max(batch_size, 64)
-    texts = generate_texts(
+    all_texts = generate_texts(
         model,
         tokenizer,
         prompts,
@@ -205,6 +210,65 @@ def evaluate_tofu(
         phase="generate",
         cut_counts=prompt_cuts,
     )
+    ref = None if retain_reference is None else reference_stats(retain_reference)
+    all_mia = None
+    if mia_attacks:  # the other attacks of open-unlearning's MIA suite (evaluation/mia.py)
+        from ngdiff_jax.evaluation import mia
+
+        others = [a for a in mia_attacks if a != "min_k"]
+        mia_ex = {s: [examples[index[(s, "answer", i, 0)]] for i in range(len(data[s]))] for s in ("forget", "holdout")}
+        all_mia = mia.run_attacks(
+            model, tokenizer, mia_ex, attacks=others, reference_model=reference_model,
+            reference_aucs=None if ref is None else ref.get("mia"), k=k, batch_size=batch_size, buckets=buckets,
+        )  # fmt: skip
+    if not many:
+        all_scores, all_texts, all_mia = [all_scores], [all_texts], [all_mia]
+    names = list(name) if many else [name]
+    metas = list(meta) if many and isinstance(meta, (list, tuple)) else [meta] * len(names)
+    if len(names) != len(all_scores) or len(metas) != len(all_scores):
+        raise ValueError(f"evaluate_tofu: {len(all_scores)} members but {len(names)} names and {len(metas)} metas.")
+    t = timings.as_dict()
+    t["load_s"] = round(sw_load.seconds, 4)
+    t["tokenize_s"] = round(sw_tok.seconds, 4)
+    if many:
+        t["members"] = len(names)  # the timings are the whole population's
+    results = []
+    for scores, texts, mia_out, member_name, member_meta in zip(all_scores, all_texts, all_mia, names, metas):
+        results.append(_tofu_result(
+            scores, texts, mia_out, data=data, pert=pert, index=index, gkeys=gkeys, correct_field=correct_field,
+            ref=ref, k=k, forget_truth_ratio=forget_truth_ratio, utility_truth_ratio=utility_truth_ratio,
+            name=member_name, timings=t, info={
+                **dict(member_meta or {}),
+                "forget_split": forget_split,
+                "holdout_split": holdout_split,
+                "rows": {p: len(v) for p, v in data.items()},
+                "retain_reference": None if ref is None else ref["source"],
+                "privleak_reference_auc": 0.5 if ref is None or ref["mia_min_k"] is None else ref["mia_min_k"],
+                "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size,
+                "generation_batch_size": gen_batch,
+                "min_k": k,
+                "mia_attacks": list(mia_attacks),
+                "truth_ratio_aggregators": {"forget": forget_truth_ratio, "utility": utility_truth_ratio},
+                "mia_skipped": {} if mia_out is None else mia_out[2],
+                "truncated_examples": scorer.truncated,
+                "truncated_prompts": prompt_cuts,
+            },
+        ))  # fmt: skip
+    return results if many else results[0]
+
+
+def _tofu_result(scores, texts, mia_out, *, data, pert, index, gkeys, correct_field, ref, k, forget_truth_ratio,
+                 utility_truth_ratio, name, timings, info) -> EvalResult:  # fmt: skip
+    """One model's :class:`EvalResult` from its scores, greedy answers and MIA statistics."""
+
+    def nll(prefix, kind):
+        n_rows = len(data[prefix])
+        if kind == "pert":
+            m = len(pert[prefix][0])
+            return np.array([[scores.nll[index[(prefix, kind, i, jj)]] for jj in range(m)] for i in range(n_rows)])
+        return np.array([scores.nll[index[(prefix, kind, i, 0)]] for i in range(n_rows)])
+
     gen = {p: [None] * len(data[p]) for p in ("forget", "retain", "ra", "wf")}
     for (prefix, i), t in zip(gkeys, texts):
         gen[prefix][i] = t
@@ -263,54 +327,22 @@ def evaluate_tofu(
     per["mia_min_k"] = mink
     agg["mia_min_k"] = M.mia_auc(mink["forget"], mink["holdout"])
 
-    ref = None if retain_reference is None else reference_stats(retain_reference)
     if ref is not None and ref["forget_truth_ratio"] is not None:
         agg["forget_quality"] = M.forget_quality(per["forget_truth_ratio"], ref["forget_truth_ratio"])
     else:
         agg["forget_quality"] = None
     ref_auc = None if ref is None else ref["mia_min_k"]
     agg["privleak"] = M.privleak(agg["mia_min_k"], ref_auc)
-    mia_skipped = {}
-    if mia_attacks:  # the other attacks of open-unlearning's MIA suite (evaluation/mia.py)
-        from ngdiff_jax.evaluation import mia
-
-        others = [a for a in mia_attacks if a != "min_k"]
-        mia_ex = {s: [examples[index[(s, "answer", i, 0)]] for i in range(len(data[s]))] for s in ("forget", "holdout")}
-        m_agg, m_per, mia_skipped = mia.run_attacks(
-            model, tokenizer, mia_ex, attacks=others, reference_model=reference_model,
-            reference_aucs=None if ref is None else ref.get("mia"), k=k, batch_size=batch_size, buckets=buckets,
-        )  # fmt: skip
+    if mia_out is not None:
+        m_agg, m_per, _ = mia_out
         agg.update(m_agg)
         per.update({f"mia_{a}": v for a, v in m_per.items()})
-
-    info = dict(meta or {})
-    info.update(
-        {
-            "forget_split": forget_split,
-            "holdout_split": holdout_split,
-            "rows": {p: len(v) for p, v in data.items()},
-            "retain_reference": None if ref is None else ref["source"],
-            "privleak_reference_auc": 0.5 if ref_auc is None else ref_auc,
-            "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size,
-            "generation_batch_size": gen_batch,
-            "min_k": k,
-            "mia_attacks": list(mia_attacks),
-            "truth_ratio_aggregators": {"forget": forget_truth_ratio, "utility": utility_truth_ratio},
-            "mia_skipped": mia_skipped,
-            "truncated_examples": scorer.truncated,
-            "truncated_prompts": prompt_cuts,
-        }
-    )
-    t = timings.as_dict()
-    t["load_s"] = round(sw_load.seconds, 4)
-    t["tokenize_s"] = round(sw_tok.seconds, 4)
     return EvalResult(
         name=name,
         benchmark="tofu",
         aggregates=agg,
         per_sample=per,
         generations=generations,
-        timings=t,
+        timings=dict(timings),
         meta=info,
     )
