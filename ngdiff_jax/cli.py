@@ -26,13 +26,14 @@ COMMANDS = {
     "bench": "bench",
     "toy": "toy",
     "plan": "plan",
+    "readme": "readme",
 }
 
 
 #: commands whose process never uses torch. transformers imports torch, when it is installed,
 #: for its configuration classes alone (``configuration_utils`` -> ``modeling_rope_utils``):
 #: ~1.2 s and ~250 MB of resident memory that an evaluation or a training step would carry.
-TORCH_FREE_COMMANDS = frozenset({"demo", "study", "finetune", "unlearn", "eval", "report", "toy", "plan"})
+TORCH_FREE_COMMANDS = frozenset({"demo", "study", "finetune", "unlearn", "eval", "report", "toy", "plan", "readme"})
 
 
 def _command(argv: list[str]) -> str | None:

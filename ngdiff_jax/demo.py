@@ -1,24 +1,25 @@
-"""The end-to-end offline demo behind ``ngdiff demo``: synthetic TOFU, tiny Llama, four+ methods.
+"""The study runner behind ``ngdiff demo`` and ``ngdiff study``: data, target and retain models,
+then a sweep of unlearning methods with statistics and verdicts.
 
 Phases (each timed, with a progress display):
 
 1. **data** — the synthetic TOFU-style benchmark (:func:`ngdiff_jax.data.synthetic.prepare`)
-   and a BPE tokenizer trained on its text. Two training splits are added for the demo:
-   ``demo_target_train`` (``full`` + world facts + real authors) and ``demo_retain_train``
-   (``retainNN`` + world facts + real authors). The world-facts / real-authors questions
-   stand in for the general knowledge a pretrained model brings to TOFU; without them
-   the utility splits would score zero and so would ``model_utility``.
-2. **target** / **retain** — a tiny Llama trained from scratch on each split
-   (:func:`ngdiff_jax.training.run_finetune`).
+   and a BPE tokenizer trained on its text, or a subset of the real TOFU files. Two training
+   splits: ``demo_target_train`` (``full`` + world facts + real authors) and
+   ``demo_retain_train`` (``retainNN`` + world facts + real authors); the general-knowledge
+   questions stand in for what a pretrained model brings to TOFU.
+2. **target** / **retain** — a model trained on each split (from scratch, or fine-tuned from
+   ``model_path``) (:func:`ngdiff_jax.training.run_finetune`).
 3. **evaluation** of the retain model, then of the target against it (TOFU metrics with
-   open-unlearning's names, :func:`ngdiff_jax.evaluation.evaluate_tofu`).
-4. **unlearning** — every method of ``unlearn.methods`` from the target model
-   (:func:`ngdiff_jax.training.run_unlearn`; forget set ``forgetNN``, retain set the retain
-   model's training data by default), evaluated every ``unlearn.eval_every`` steps (its
-   trajectory); the last point is the method's final evaluation.
-5. **report** — ``report.json``, ``report.md``, ``tradeoff.png`` and one per-sample JSON
-   per model (:func:`ngdiff_jax.evaluation.write_report`), plus ``demo_summary.json``
-   (settings, acceptance checks, time per phase).
+   open-unlearning's names, :func:`ngdiff_jax.evaluation.evaluate_tofu`). The target must have
+   memorized its forget authors (a hard requirement: the run fails otherwise).
+4. **sweep** — every method of ``sweep.methods`` over initial learning rates x seeds, each as
+   one compiled population (:mod:`ngdiff_jax.sweep`), its members evaluated together; each
+   method's setting selected by the stated rule on the selection seeds and run again on fresh
+   report seeds.
+5. **report** — ``report.json`` / ``report.md`` with intervals, paired comparisons and the
+   verdicts of the paper's two claims, ``sensitivity.png``, ``tradeoff.png`` and
+   ``demo_summary.json`` (settings, checks, verdicts, time per phase).
 
 Settings come from ``configs/demo.yaml``; its ``quick:`` section is merged on top for
 ``--quick`` (a much smaller run for tests).
@@ -31,32 +32,28 @@ import platform
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ngdiff_jax.config_loader import ConfigError, _merge, apply_overrides, build, load_yaml, to_dict
 from ngdiff_jax.data.formatting import FormatSpec, load_format
-from ngdiff_jax.evaluation.report import TOFU_COLUMNS
+from ngdiff_jax.sweep.config import SweepSection
 from ngdiff_jax.training.config_schema import DataConfig, ModelSpec, OptimConfig
 
 __all__ = [
     "BenchmarkSpec",
     "DemoConfig",
     "EvalSpec",
-    "MethodRun",
     "TrainSpec",
     "UnlearnSpec",
-    "acceptance_checks",
+    "hard_checks",
     "load_demo_config",
     "run_demo",
 ]
 
 #: The demo's training splits (written next to the benchmark's files): QA rows + general knowledge.
 TRAIN_SPLITS = {"target": "demo_target_train", "retain": "demo_retain_train"}
-
-#: Aggregates kept for every trajectory point: the report's TOFU columns.
-TRAJECTORY_KEYS = TOFU_COLUMNS
 
 
 # ------------------------------------------------------------------------------------ config
@@ -96,26 +93,13 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
-class MethodRun:
-    """Settings of one unlearning run (``unlearn.runs.<name>``), on top of the shared ones."""
-
-    method: str | None = None  # the config in configs/methods, default: the run's name
-    lr: float | None = None  # default: unlearn.optim.lr
-    steps: int | None = None  # default: unlearn.steps
-    overrides: dict = field(default_factory=dict)  # MethodConfig fields (e.g. beta)
-
-
-@dataclass(frozen=True)
 class UnlearnSpec:
-    """Settings shared by every unlearning run; ``runs`` holds per-run settings (``name -> MethodRun``)."""
+    """Settings shared by every unlearning run of the sweep (its rates come from ``sweep.lr``)."""
 
-    methods: tuple[str, ...] = ("ga", "gdiff", "npo", "ngdiff")  # runs, in order
-    runs: dict = field(default_factory=dict)
     # The retain set of the unlearning runs: "retain_model_data" is what the retain model was
     # trained on (retainNN + the general-knowledge rows), "tofu" is TOFU's retainNN alone.
     retain_set: Literal["retain_model_data", "tofu"] = "retain_model_data"
     steps: int = 40
-    eval_every: int = 5
     batch_size: int = 8
     max_length: int = 64
     buckets: tuple[int, ...] | None = (64,)
@@ -129,9 +113,8 @@ class EvalSpec:
     batch_size: int = 16
     max_new_tokens: int = 32
     buckets: tuple[int, ...] | None = (64,)
-    # Rows per split for the trajectory points (null: all rows, and the last point is the
-    # method's final evaluation, so it is not repeated).
-    trajectory_limit: int | None = None
+    # membership-inference attacks besides min_k (every member of the sweep is evaluated with them)
+    mia_attacks: tuple[str, ...] = ("min_k", "loss", "zlib", "min_k_plus_plus", "reference")
 
 
 @dataclass(frozen=True)
@@ -143,8 +126,11 @@ class DemoConfig:
     format: FormatSpec = field(default="default", metadata={"config_dir": "formats"})  # type: ignore[assignment]
     train: TrainSpec = field(default_factory=TrainSpec)
     unlearn: UnlearnSpec = field(default_factory=UnlearnSpec)
+    sweep: SweepSection = field(default_factory=lambda: SweepSection(methods={"ngdiff": {}}, lr=(1e-4,)))
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     seed: int = 0
+    # the target must have memorized its forget authors (hard requirement; the run fails below it)
+    min_target_forget_rouge: float = 0.6
 
     def __post_init__(self):
         if isinstance(self.format, str):
@@ -164,26 +150,18 @@ class DemoConfig:
                 "study config: benchmark.kind=synthetic trains its own tokenizer and model from scratch; "
                 "use benchmark.kind=tofu with model_path."
             )
-        if not self.unlearn.methods:
-            raise ConfigError(
-                "demo config: unlearn.methods is empty; name at least one method (e.g. ngdiff)."
-            )
-        if not isinstance(self.unlearn.runs, dict):
-            raise ConfigError("demo config: unlearn.runs must map run names to their settings.")
-        if self.unlearn.eval_every < 1:
-            raise ConfigError(
-                f"demo config: unlearn.eval_every must be >= 1, got {self.unlearn.eval_every}."
-            )
 
 
 DEFAULT_CONFIG = "demo.yaml"
 
 
 def load_demo_config(
-    path: str | Path | None = None, *, quick: bool = False, overrides: Sequence[str] = ()
+    path: str | Path | None = None, *, quick: bool = False, overrides: Sequence[str] = (),
+    methods: Sequence[str] | None = None,
 ) -> DemoConfig:
     """``configs/demo.yaml`` (or ``path``), with its ``quick:`` section merged on top if ``quick``,
-    then ``key=value`` overrides (dotted keys, YAML values)."""
+    then ``key=value`` overrides (dotted keys, YAML values); ``methods`` keeps only those of
+    ``sweep.methods`` (claims that name another method drop it)."""
     from ngdiff_jax.config_loader import resolve_config_path
 
     p = (
@@ -198,34 +176,48 @@ def load_demo_config(
     if quick:
         data = _merge(data, quick_section)
     data = apply_overrides(data, overrides)
+    if methods is not None:
+        data = _keep_methods(data, list(methods))
     cfg = build(DemoConfig, data)
-    return resolve_runs(cfg)
+    _check_methods(cfg)
+    return cfg
 
 
-def resolve_runs(cfg: DemoConfig) -> DemoConfig:
-    """Check ``unlearn.methods`` and turn ``unlearn.runs`` into a ``MethodRun`` for every method."""
+def _keep_methods(data: dict, names: list[str]) -> dict:
+    """``data`` with ``sweep.methods`` cut to ``names`` (in that order) and the claims trimmed."""
+    sweep = dict(data.get("sweep") or {})
+    have = dict(sweep.get("methods") or {})
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise ConfigError(f"--methods: {', '.join(unknown)} not in sweep.methods ({', '.join(have)}); add them "
+                          "under sweep.methods in the config.")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--methods lists a method twice: {names}.")
+    sweep["methods"] = {n: have[n] for n in names}
+    compare = dict(sweep.get("compare") or {})
+    if compare.get("method") not in names:
+        compare = {}
+    elif "against" in compare:
+        compare["against"] = [n for n in compare["against"] if n in names]
+    sweep["compare"] = compare
+    rob = dict(sweep.get("robustness") or {})
+    kept = [n for n in rob.get("methods", []) if n in names]
+    rob["methods"] = kept if len(kept) >= 2 and kept[0] == (rob.get("methods") or [None])[0] else []
+    sweep["robustness"] = rob
+    return {**data, "sweep": sweep}
+
+
+def _check_methods(cfg: DemoConfig) -> None:
     from ngdiff_jax.config_loader import resolve_config_path
 
-    u = cfg.unlearn
-    if len(set(u.methods)) != len(u.methods):
-        raise ConfigError(f"unlearn.methods lists a method twice: {list(u.methods)}.")
-    runs = {}
-    for name in u.methods:
-        given = u.runs.get(name, MethodRun())
-        run = (
-            given
-            if isinstance(given, MethodRun)
-            else build(MethodRun, given or {}, where=f"unlearn.runs.{name}")
-        )
+    for name, spec in cfg.sweep.methods.items():
         try:
-            resolve_config_path(run.method or name, "methods")
+            resolve_config_path(spec.method or name, "methods")
         except FileNotFoundError as e:
             raise ConfigError(
-                f"unlearn.methods: {run.method or name!r} is not a method in configs/methods ({e}); "
-                "set unlearn.runs.<name>.method to one, or fix the name."
+                f"sweep.methods.{name}: {spec.method or name!r} is not a method in configs/methods ({e}); "
+                f"set sweep.methods.{name}.method to one, or fix the name."
             ) from None
-        runs[name] = run
-    return replace(cfg, unlearn=replace(u, runs=runs))
 
 
 # ------------------------------------------------------------------------------------ display
@@ -383,7 +375,7 @@ def _train(
 
 
 class _Evaluator:
-    """TOFU evaluation with the demo's settings; compiled code is shared by every model."""
+    """TOFU evaluation with the study's settings; compiled code is shared by every model."""
 
     def __init__(self, cfg: DemoConfig, tokenizer, tofu_dir: Path):
         self.cfg = cfg
@@ -393,172 +385,65 @@ class _Evaluator:
 
     reference_model = None  # the retain model, for the mia_reference attack (set once it is trained)
 
-    def __call__(self, model, name: str, *, reference=None, limit=None, meta=None, mia_attacks=None):
+    def _kwargs(self) -> dict:
         from ngdiff_jax.data import QAFormatter
-        from ngdiff_jax.evaluation import evaluate_tofu
-        from ngdiff_jax.evaluation.tofu import MIA_ATTACKS
 
         e = self.cfg.evaluation
+        return dict(
+            forget_split=self.cfg.benchmark.forget_split, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens,
+            buckets=e.buckets, formatter=QAFormatter(self.tok, spec=self.cfg.format),
+            reference_model=self.reference_model, mia_attacks=tuple(e.mia_attacks),
+        )  # fmt: skip
+
+    def __call__(self, model, name: str, *, reference=None, meta=None):
+        from ngdiff_jax.evaluation import evaluate_tofu
+
         t0 = time.perf_counter()
-        r = evaluate_tofu(
-            model,
-            self.tok,
-            self.tofu_dir,
-            forget_split=self.cfg.benchmark.forget_split,
-            retain_reference=reference,
-            batch_size=e.batch_size,
-            max_new_tokens=e.max_new_tokens,
-            buckets=e.buckets,
-            limit=limit,
-            name=name,
-            meta=meta,
-            formatter=QAFormatter(self.tok, spec=self.cfg.format),
-            reference_model=self.reference_model,
-            mia_attacks=MIA_ATTACKS if mia_attacks is None else mia_attacks,  # all six by default (tiny models)
-        )
+        r = evaluate_tofu(model, self.tok, self.tofu_dir, retain_reference=reference, name=name, meta=meta,
+                          **self._kwargs())  # fmt: skip
+        self.seconds += time.perf_counter() - t0
+        return r
+
+    def members(self, template, params, names, metas, *, reference):
+        """A population's members (full per-block parameters, leading member axis), evaluated together."""
+        from ngdiff_jax.evaluation import evaluate_tofu_members
+
+        t0 = time.perf_counter()
+        r = evaluate_tofu_members(template, params, self.tok, self.tofu_dir, names=names, meta=metas,
+                                  retain_reference=reference, **self._kwargs())  # fmt: skip
         self.seconds += time.perf_counter() - t0
         return r
 
 
-def _unlearn(
-    cfg: DemoConfig,
-    name: str,
-    run: MethodRun,
-    *,
-    target_dir: Path,
-    tofu_dir: Path,
-    out: Path,
-    evaluator: _Evaluator,
-    template,
-    target_result,
-    retain_result,
-    progress: bool,
-):
-    """One method: returns (final EvalResult, trajectory [(step, aggregates)], summary, eval seconds)."""
-    from ngdiff_jax import models
+def hard_checks(cfg: DemoConfig, aggregates: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """What the study needs to mean anything (``{check, value, threshold, ok}``): a failed one fails
+    the run (exit 1). The claims about methods are verdicts in the report, not checks."""
+    t = aggregates.get("target", {}).get("forget_Q_A_ROUGE")
+    need = cfg.min_target_forget_rouge
+    return [{
+        "check": f"the target memorized its forget authors: forget_Q_A_ROUGE >= {need:g}",
+        "value": None if t is None else float(t),
+        "threshold": need,
+        "ok": t is not None and float(t) >= need,
+    }]
+
+
+def _unlearn_base(cfg: DemoConfig, target_dir: Path, tofu_dir: Path, out: Path, progress: bool) -> dict:
+    """The unlearning settings every run of the sweep shares (UnlearnConfig fields)."""
     from ngdiff_jax.data import RETAIN_FOR_FORGET
-    from ngdiff_jax.training import load_method, run_unlearn
-    from ngdiff_jax.training.config_schema import RunConfig, UnlearnConfig
+    from ngdiff_jax.training.config_schema import RunConfig
 
     u = cfg.unlearn
-    method = load_method(run.method or name, **{"name": name, **run.overrides})
-    steps = run.steps if run.steps is not None else u.steps
-    optim = replace(u.optim, lr=run.lr) if run.lr is not None else u.optim
-    ucfg = UnlearnConfig(
-        model_path=str(target_dir),
-        method=method,
-        format=cfg.format,
-        data=_data_config(
-            u,
-            source=str(tofu_dir),
-            forget_split=cfg.benchmark.forget_split,
-            retain_split=(
-                RETAIN_FOR_FORGET[cfg.benchmark.forget_split]
-                if u.retain_set == "tofu"
-                else TRAIN_SPLITS["retain"]
-            ),
-        ),
-        optim=optim,
-        run=RunConfig(
-            output_dir=str(out / "runs" / name),
-            steps=steps,
-            seed=cfg.seed,
-            checkpoint_every=0,
-            log_every=1,
-            eval_every=u.eval_every,
-            progress=progress,
-        ),
-    )
-    limit = cfg.evaluation.trajectory_limit
-    trajectory: list[tuple[int, dict]] = []
-    last: dict[int, Any] = {}
-    eval_before = evaluator.seconds
-
-    def eval_fn(step: int, params) -> dict:
-        if step == 0 and limit is None:
-            agg = dict(target_result.aggregates)  # step 0 is the target model itself
-        else:
-            model = models.with_params(template, params)
-            r = evaluator(
-                model,
-                f"{name}@{step}",
-                reference=retain_result,
-                limit=limit,
-                meta={"role": "method", "method": name, "step": step},
-                # the trajectory keeps TRAJECTORY_KEYS only: the other attacks only for the final point
-                mia_attacks=None if step == steps and limit is None else ("min_k",),
-            )
-            last.clear()
-            last[step] = r
-            agg = r.aggregates
-        point = {k: agg.get(k) for k in TRAJECTORY_KEYS}
-        trajectory.append((step, point))
-        return point
-
-    _, summary = run_unlearn(ucfg, eval_fn=eval_fn)
-    final = last.get(steps) if limit is None else None
-    if final is None:
-        final = evaluator(
-            models.from_pretrained(summary["model_dir"]),
-            name,
-            reference=retain_result,
-            meta={"role": "method", "method": name, "step": steps},
-        )
-    final.name = name
-    final.meta.update(
-        {
-            "role": "method",
-            "method": name,
-            "step": steps,
-            "model_dir": summary["model_dir"],
-            "method_config": to_dict(method),
-            "lr": optim.lr,
-        }
-    )
-    return final, trajectory, summary, evaluator.seconds - eval_before
-
-
-def acceptance_checks(aggregates: Mapping[str, Mapping[str, Any]]) -> list[dict]:
-    """The demo's criteria (issue 5) on ``{model: aggregates}``; each ``{name, value, threshold, ok}``."""
-    checks = []
-
-    def get(model, key):
-        v = aggregates.get(model, {}).get(key)
-        return None if v is None else float(v)
-
-    t_rouge = get("target", "forget_Q_A_ROUGE")
-    checks.append(
-        {
-            "check": "target memorized its forget authors: forget_Q_A_ROUGE >= 0.6",
-            "value": t_rouge,
-            "threshold": 0.6,
-            "ok": t_rouge is not None and t_rouge >= 0.6,
-        }
-    )
-    n_rouge, n_mu, t_mu = (
-        get("ngdiff", "forget_Q_A_ROUGE"),
-        get("ngdiff", "model_utility"),
-        get("target", "model_utility"),
-    )
-    if n_rouge is not None and t_rouge is not None:
-        checks.append(
-            {
-                "check": "ngdiff forgets: forget_Q_A_ROUGE <= 0.5 x target's",
-                "value": n_rouge,
-                "threshold": 0.5 * t_rouge,
-                "ok": n_rouge <= 0.5 * t_rouge,
-            }
-        )
-    if n_mu is not None and t_mu is not None:
-        checks.append(
-            {
-                "check": "ngdiff keeps utility: model_utility >= 0.7 x target's",
-                "value": n_mu,
-                "threshold": 0.7 * t_mu,
-                "ok": n_mu >= 0.7 * t_mu,
-            }
-        )
-    return checks
+    return {
+        "model_path": str(target_dir),
+        "format": cfg.format,
+        "data": _data_config(u, source=str(tofu_dir), forget_split=cfg.benchmark.forget_split,
+                             retain_split=(RETAIN_FOR_FORGET[cfg.benchmark.forget_split] if u.retain_set == "tofu"
+                                           else TRAIN_SPLITS["retain"])),  # fmt: skip
+        "optim": u.optim,
+        "run": RunConfig(output_dir=str(out), steps=u.steps, seed=cfg.seed, checkpoint_every=u.steps, log_every=1,
+                         progress=progress),  # fmt: skip
+    }
 
 
 def _machine() -> dict:
@@ -588,14 +473,15 @@ def run_demo(
     """Run the whole study into ``out_dir``; returns the summary (also ``demo_summary.json``).
 
     With ``resume`` an interrupted run in ``out_dir`` (same config) continues: finished
-    phases (data, each trained model, each evaluation, each unlearning method) are loaded
-    from disk, an unfinished one is run again from its start.
+    phases (data, each trained model, each evaluation) are loaded from disk, and the sweep
+    continues each method's population from its last finished chunk or checkpoint. A failed
+    hard check (:func:`hard_checks`) raises :class:`StudyCheckFailed` before the sweep.
     """
     from rich.console import Console
 
     from ngdiff_jax import models
-    from ngdiff_jax.data import jsonio, synthetic
-    from ngdiff_jax.evaluation import EvalResult, write_report
+    from ngdiff_jax.data import synthetic
+    from ngdiff_jax.evaluation import EvalResult
     from ngdiff_jax.training import model_io
 
     out = Path(out_dir)
@@ -614,8 +500,7 @@ def run_demo(
             )
     out.mkdir(parents=True, exist_ok=True)
     console = console or Console()
-    methods = list(cfg.unlearn.methods)
-    ph = Phases(console, total_phases=4 + len(methods) + 1)
+    ph = Phases(console, total_phases=6)
     (out / "demo_config.yaml").write_text(cfg_text)
     done_results = out / "results"
 
@@ -711,96 +596,82 @@ def run_demo(
         f"target forget ROUGE {ta['forget_Q_A_ROUGE']:.3f}, utility {ta['model_utility']:.3f}, "
         f"forget quality {_g(ta['forget_quality'])}",
     )
+    checks = hard_checks(cfg, {n: results[n].aggregates for n in ("target", "retain")})
+    failed = [c for c in checks if not c["ok"]]
+    if failed:  # before the sweep: nothing it would measure could show forgetting
+        raise StudyCheckFailed(
+            "; ".join(f"{c['check']}: got {_g(c['value'])}" for c in failed)
+            + f" (evaluations in {done_results}); the benchmark setup cannot show forgetting: train the target "
+            "longer (train.steps) or check the data."
+        )
 
-    # 4. unlearning ------------------------------------------------------------------------
-    trajectories: dict[str, list] = {}
-    unlearn_info: dict[str, dict] = {}
-    for name in methods:
-        run = cfg.unlearn.runs[name]
-        steps = run.steps if run.steps is not None else cfg.unlearn.steps
-        t0 = ph.start(
-            f"unlearn with {name} ({steps} steps, evaluated every {cfg.unlearn.eval_every})",
-        )
-        state = out / "runs" / name / "study_state.json"
-        final = cached(name)
-        if final is not None and state.is_file():
-            st = _read_json(state)
-            results[name], trajectories[name], unlearn_info[name] = final, st["trajectory"], st["info"]
-            ph.end(f"unlearn {name}", t0, "done before (resumed)")
-            continue
-        if (out / "runs" / name).exists():
-            import shutil
+    # 4. the sweep -------------------------------------------------------------------------
+    from ngdiff_jax.sweep.analysis import analyze
+    from ngdiff_jax.sweep.report import write_sweep_report
+    from ngdiff_jax.sweep.runner import run_sweep
 
-            shutil.rmtree(out / "runs" / name)  # an interrupted run of this phase: start it again
-        final, traj, summary, eval_s = _unlearn(
-            cfg,
-            name,
-            run,
-            target_dir=model_dirs["target"],
-            tofu_dir=tofu_dir,
-            out=out,
-            evaluator=evaluator,
-            template=template,
-            target_result=results["target"],
-            retain_result=results["retain"],
-            progress=progress,
-        )
-        results[name] = final
-        trajectories[name] = traj
-        unlearn_info[name] = {
-            "steps": summary["steps"],
-            "step_time_s": summary["step_time_s"],
-            "train_s": summary["wall_s"] - eval_s,
-            "eval_s": eval_s,
-            "model_dir": summary["model_dir"],
-        }
-        final.save(done_results / f"{name}.json")
-        jsonio.write_json(state, {"trajectory": [list(p) for p in traj], "info": unlearn_info[name]})
-        write_report(out / "partial_report", results, trajectories, title="(partial: methods done so far)")
-        a = final.aggregates
-        ph.end(
-            f"unlearn {name}",
-            t0,
-            f"forget ROUGE {a['forget_Q_A_ROUGE']:.3f}, utility {a['model_utility']:.3f}, "
-            f"forget quality {_g(a['forget_quality'])}; evaluation {eval_s:.1f} s",
-        )
+    sw = cfg.sweep
+    n_sel = sum(len(sw.rates(n)) * len(sw.selection_seeds) for n in sw.methods)
+    then = (f", then {len(sw.report_seeds)} report seeds at each selected setting" if sw.report_seeds else
+            ", reported cross-fitted (leave one seed out)")  # fmt: skip
+    t0 = ph.start(f"sweep: {len(sw.methods)} methods x {len(sw.lr)} initial rates x {len(sw.selection_seeds)} "
+                  f"seeds ({n_sel} runs){then}")  # fmt: skip
+    reference = results["retain"]
+
+    def evaluate(params, names, metas):
+        return evaluator.members(template, params, names, metas, reference=reference)
+
+    def note(msg):
+        console.print(f"  [dim]{msg}[/]")
+
+    runs = run_sweep(_unlearn_base(cfg, model_dirs["target"], tofu_dir, out / "sweep", progress), sw, out / "sweep",
+                     evaluate, progress=note)  # fmt: skip
+    ph.end("sweep", t0, f"evaluation {evaluator.seconds:.0f} s in all")
 
     # 5. report ----------------------------------------------------------------------------
-    t0 = ph.start("write report.json, report.md, tradeoff.png")
+    t0 = ph.start("write report.json, report.md, sensitivity.png, tradeoff.png")
+    refs = {n: {k: results[n].aggregates.get(k) for k in ("forget_quality", "model_utility", "forget_Q_A_ROUGE",
+                                                           "forget_Q_A_Prob", "retain_Q_A_ROUGE", "privleak")}
+            for n in ("target", "retain")}  # fmt: skip
+    report = analyze(runs, sw, references=refs)
     if b.kind == "synthetic":
-        title = (
-            f"Synthetic TOFU ({b.n_authors} authors, {b.forget_split}), tiny {arch} ({size})"
-        )
+        title = f"Synthetic TOFU ({b.n_authors} authors, {b.forget_split}), tiny {arch} ({size})"
     else:
-        title = (
-            f"TOFU subset ({b.forget_split} + {b.retain_authors} retain authors), {size}, "
-            f"format {cfg.format.name}"
-        )
-    paths = write_report(out, results, trajectories, title=title)
-    aggregates = {n: r.aggregates for n, r in results.items()}
-    checks = acceptance_checks(aggregates)
+        title = (f"TOFU subset ({b.forget_split} + {b.retain_authors} retain authors), {size}, "
+                 f"format {cfg.format.name}")  # fmt: skip
+    report["checks"] = checks
+    report["setup"] = {"unlearn_steps": cfg.unlearn.steps, "batch_size": cfg.unlearn.batch_size,
+                       "max_length": cfg.unlearn.max_length, "eval_max_new_tokens": cfg.evaluation.max_new_tokens}
+    paths = write_sweep_report(out, report, title=title)
     ph.end("report", t0)
 
     total = ph.elapsed()
     summary = {
         "out_dir": str(out.resolve()),
         "report": paths,
-        "models": {n: r.meta.get("model_dir") for n, r in results.items()},
-        "acceptance": checks,
+        "checks": checks,
+        "claims": {k: v["verdict"] for k, v in report["claims"].items()},
+        "selected": runs.selected,
         "total_s": round(total, 2),
         "phases_s": {k: round(v, 2) for k, v in ph.seconds.items()},
+        "sweep_s": runs.seconds,
         "evaluation_s": round(evaluator.seconds, 2),
-        "unlearn": unlearn_info,
         "train": {
             r: {"steps": s["steps"], "step_time_s": s["step_time_s"], "wall_s": s["wall_s"]}
             for r, s in summaries.items()
         },
         "machine": _machine(),
     }
+    from ngdiff_jax.data import jsonio
+
     jsonio.write_json(out / "demo_summary.json", summary)
     _append_markdown(Path(paths["md"]), summary)
-    _print_summary(console, results, checks, summary)
+    _print_summary(console, report, checks, summary)
     return summary
+
+
+class StudyCheckFailed(RuntimeError):
+    """A hard requirement of the study failed (exit 1): see :func:`hard_checks`."""
 
 
 def _read_json(path: Path):
@@ -841,55 +712,55 @@ def _yaml(d) -> str:
 
 
 def _append_markdown(md: Path, summary: dict) -> None:
-    lines = [
-        "",
-        "## Demo run",
-        "",
-        "| acceptance check | value | threshold | ok |",
-        "|---|---|---|---|",
-    ]
-    for c in summary["acceptance"]:
-        lines.append(
-            f"| {c['check']} | {_g(c['value'])} | {_g(c['threshold'])} | {'yes' if c['ok'] else 'NO'} |"
-        )
+    lines = ["", "## Run", "", "| check | value | threshold | ok |", "|---|---|---|---|"]
+    for c in summary["checks"]:
+        lines.append(f"| {c['check']} | {_g(c['value'])} | {_g(c['threshold'])} | {'yes' if c['ok'] else 'NO'} |")
     machine = summary["machine"]
     lines += [
         "",
-        (
-            f"Total time {summary['total_s']:.0f} s on {machine['cpus']} CPUs "
-            f"(load average at the end: {machine.get('load_average_1_5_15')})."
-        ),
+        (f"Total time {summary['total_s']:.0f} s on {machine['cpus']} CPUs "
+         f"(load average at the end: {machine.get('load_average_1_5_15')})."),  # fmt: skip
         "",
         "| phase | seconds |",
         "|---|---|",
     ]
     for k, v in summary["phases_s"].items():
         lines.append(f"| {k} | {v:.1f} |")
+    for rnd, per in summary["sweep_s"].items():
+        for name, v in per.items():
+            lines.append(f"| sweep {rnd}: {name} | {v:.1f} |")
     lines.append("")
     md.write_text(md.read_text() + "\n".join(lines))
 
 
-def _print_summary(console, results, checks, summary) -> None:
+def _print_summary(console, report, checks, summary) -> None:
     from rich.table import Table
 
-    cols = (
-        "forget_Q_A_ROUGE",
-        "forget_quality",
-        "model_utility",
-        "forget_truth_ratio",
-        "retain_Q_A_ROUGE",
-        "privleak",
-    )
-    t = Table(title="TOFU metrics (open-unlearning names)")
+    cols = ("forget_quality", "model_utility", "forget_Q_A_ROUGE", "retain_Q_A_ROUGE")
+    pct = round(report["level"] * 100)
+    which = ("fresh report seeds" if report["reported_round"] == "report" else
+             "cross-fitted runs" if report.get("crossfit") else "selection runs")  # fmt: skip
+    t = Table(title=f"Selected settings, {which}: mean [{pct}% interval]")
     t.add_column("model")
+    t.add_column("setting")
     for c in cols:
         t.add_column(c, justify="right")
-    for n, r in results.items():
-        t.add_row(n, *(_g(r.aggregates.get(c)) for c in cols))
+    from ngdiff_jax.sweep.report import _iv, _setting
+
+    for n, agg in report["references"].items():
+        t.add_row(n, "reference", *(_g(agg.get(c)) for c in cols))
+    for n, m in report["methods"].items():
+        t.add_row(n, _setting(m["selected"]), *(_iv(m["summary"].get(c)) for c in cols))
     console.print(t)
     for c in checks:
         mark = "[green]✓[/]" if c["ok"] else "[red]✗[/]"
         console.print(f"{mark} {c['check']}: {_g(c['value'])} (threshold {_g(c['threshold'])})")
+    for key, claim in report["claims"].items():
+        color = {"supported": "green", "not supported": "red"}.get(claim["verdict"], "yellow")
+        console.print(f"[bold]{key}[/]: [{color}]{claim['verdict']}[/] — {claim['claim']}")
+        for row in claim["comparisons"]:
+            console.print(f"    vs {row['against']}: {row['verdict']} ({row['reason']})")
     phases = ", ".join(f"{k} {v:.0f}s" for k, v in summary["phases_s"].items())
     console.print(f"[bold]total {summary['total_s']:.0f} s[/] ({phases})")
-    console.print(f"report: {summary['report']['md']}, {summary['report']['png']}")
+    r = summary["report"]
+    console.print(f"report: {r['md']}, {r['tradeoff']}, {r['sensitivity']}")

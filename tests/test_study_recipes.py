@@ -80,28 +80,29 @@ def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_p
     args = [
         "study", "--config", "tofu_smollm2", "--out", str(out), "--no-progress",
         f"model_path={tiny_smol}", f"benchmark.source={tofu_dir}", "benchmark.retain_authors=1",
-        "benchmark.eval_rows=2", "train.steps=1", "train.retain_steps=1", "unlearn.steps=1", "unlearn.eval_every=1",
-        "evaluation.max_new_tokens=2", "evaluation.batch_size=4", "train.batch_size=4", "unlearn.methods=[ngdiff]",
+        "benchmark.eval_rows=2", "train.steps=1", "train.retain_steps=1", "unlearn.steps=1",
+        "evaluation.max_new_tokens=2", "evaluation.batch_size=4", "train.batch_size=4", "--methods", "ngdiff",
     ]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err[-3000:]
     capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
-    assert set(report["models"]) == {"retain", "target", "ngdiff"}
-    assert [pt["step"] for pt in report["trajectories"]["ngdiff"]] == [0, 1]
+    assert set(report["methods"]) == {"ngdiff"} and set(report["references"]) == {"retain", "target"}
+    assert report["methods"]["ngdiff"]["runs"] == 1 and report["reported_round"] == "selection"
     (out / "tradeoff.png").stat()
     data = out / "data" / "tofu"
     assert sum(1 for _ in open(data / "demo_target_train.json")) == 60  # forget01 (40) + 1 retain author
     assert sum(1 for _ in open(data / "forget01_perturbed.json")) == 2
-    saved = json.loads((out / "runs" / "ngdiff" / "model" / "ngdiff_format.json").read_text())
-    assert saved["format"]["name"] == "open-unlearning" and saved["forget_split"] == "forget01"
-    assert saved["retain_split"] == "demo_retain_train"
+    saved = json.loads((out / "runs" / "target" / "model" / "ngdiff_format.json").read_text())
+    assert saved["format"]["name"] == "open-unlearning"
+    member = json.loads((out / "sweep" / "selection" / "ngdiff" / "results" / "m000.json").read_text())
+    assert member["meta"]["forget_split"] == "forget01" and member["meta"]["rows"]["forget"] == 2
     # resume: every phase is loaded, not redone; another config is refused
     (out / "report.json").unlink()
     rc = main([*args, "--resume"])
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr[-3000:]
-    assert stdout.count("done before (resumed)") == 3 and (out / "report.json").is_file()
-    rc = main([*args[:-1], "unlearn.methods=[ga]", "--resume"])
+    assert stdout.count("done before (resumed)") == 2 and (out / "report.json").is_file()
+    rc = main([*args, "sweep.lr=[1e-3]", "--resume"])
     assert rc != 0 and "another config" in capsys.readouterr().err
     rc = main(args)
     assert rc != 0 and "--resume" in capsys.readouterr().err
