@@ -640,8 +640,14 @@ def run_demo(
         title = (f"TOFU subset ({b.forget_split} + {b.retain_authors} retain authors), {size}, "
                  f"format {cfg.format.name}")  # fmt: skip
     report["checks"] = checks
+    o = cfg.unlearn.optim
+    per_probe = o.gen_smoothing + (1 - o.gen_smoothing) * o.gen_clip_factor
+    probes = -(-cfg.unlearn.steps // o.gen_every)
     report["setup"] = {"unlearn_steps": cfg.unlearn.steps, "batch_size": cfg.unlearn.batch_size,
-                       "max_length": cfg.unlearn.max_length, "eval_max_new_tokens": cfg.evaluation.max_new_tokens}
+                       "max_length": cfg.unlearn.max_length, "eval_max_new_tokens": cfg.evaluation.max_new_tokens,
+                       "gen": {"every": o.gen_every, "smoothing": o.gen_smoothing, "clip_factor": o.gen_clip_factor,
+                               "max_change_per_probe": per_probe, "probes": probes,
+                               "max_change": per_probe**probes}}  # fmt: skip
     paths = write_sweep_report(out, report, title=title)
     ph.end("report", t0)
 

@@ -59,7 +59,8 @@ def _separate(apply_fn, params, method, optim, member, steps, data, ref=None, mi
     return p, metrics
 
 
-def _population(apply_fn, params, method, optim, members, steps, data, ref=None, micro_batches=1, max_skipped=None):
+def _population(apply_fn, params, method, optim, members, steps, data, ref=None, micro_batches=1, max_skipped=None,
+                at_once=None):  # fmt: skip
     def build(values):
         meth, opt = traced_configs(method, optim, values)
         return make_unlearn_step(apply_fn, meth, make_optimizer(meth, opt, steps, member_axis=MEMBER_AXIS),
@@ -72,7 +73,7 @@ def _population(apply_fn, params, method, optim, members, steps, data, ref=None,
     values = {k: jnp.asarray(v) for k, v in member_values(members).items()}
     P = jax.tree.map(lambda x: jnp.stack([x] * len(members)), params)
     S = jax.jit(lambda v, p: init_member_state(init, p, v, [m.seed for m in members]))(values, P)
-    f = jax.jit(population_step(build, max_skipped=max_skipped))
+    f = jax.jit(population_step(build, max_skipped=max_skipped, at_once=at_once))
     metrics = []
     for t in range(steps):
         fb = stack_batches([data(m.seed, t)[0] for m in members], 0)
@@ -94,19 +95,20 @@ def _assert_member(P, S_metrics, k, sep_params, sep_metrics):
             np.testing.assert_allclose(float(mp[key][k]), float(ms[key]), rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("name,settings", [
-    ("ngdiff", {"optim.gen_every": [1, 2]}),      # GeN, members probing on different schedules
-    ("npo", {"method.beta": [0.1, 0.5]}),          # fixed rate, a traced loss setting, a shared reference
-    ("gdiff", {"method.retain_weight": [1.0, 0.5], "optim.weight_decay": [0.0, 0.1]}),
+@pytest.mark.parametrize("name,settings,at_once", [
+    ("ngdiff", {"optim.gen_every": [1, 2]}, None),   # GeN, members probing on different schedules
+    ("ngdiff", {"optim.gen_every": [1, 2]}, 2),      # the same, two members at a time
+    ("npo", {"method.beta": [0.1, 0.5]}, None),      # fixed rate, a traced loss setting, a shared reference
+    ("gdiff", {"method.retain_weight": [1.0, 0.5], "optim.weight_decay": [0.0, 0.1]}, None),
 ])  # fmt: skip
-def test_each_member_equals_its_separate_run(tiny, name, settings):
+def test_each_member_equals_its_separate_run(tiny, name, settings, at_once):
     apply_fn, params = tiny
     method = load_method(name)
     optim = OptimConfig(lr=1e-3, gen_every=2)
     members = PopulationSection(seeds=(0, 3), lr=(1e-3, 5e-3), settings=settings).members(seed=0, lr=1e-3)
     members = members[:: max(1, len(members) // 4)][:4]  # four members spanning every axis
     ref = params if method.needs_reference else None
-    P, S, metrics, *_ = _population(apply_fn, params, method, optim, members, 4, _data, ref=ref)
+    P, S, metrics, *_ = _population(apply_fn, params, method, optim, members, 4, _data, ref=ref, at_once=at_once)
     for k, m in enumerate(members):
         sep_p, sep_m = _separate(apply_fn, params, method, optim, m, 4, _data, ref=ref)
         _assert_member(P, metrics, k, sep_p, sep_m)
@@ -130,11 +132,12 @@ def test_gen_probes_are_one_branch_of_the_population(tiny):
     assert plain.lower(*args).as_text().count("stablehlo.case") == 0
 
 
-def test_a_diverging_member_is_stopped_and_the_others_continue(tiny):
+@pytest.mark.parametrize("at_once", [None, 1])
+def test_a_diverging_member_is_stopped_and_the_others_continue(tiny, at_once):
     apply_fn, params = tiny
     method, optim = load_method("gdiff"), OptimConfig(lr=1e-3)
     members = PopulationSection(seeds=(0,), lr=(1e-3, 1e30)).members(seed=0, lr=1e-3)
-    P, S, metrics, *_ = _population(apply_fn, params, method, optim, members, 3, _data, max_skipped=0)
+    P, S, metrics, *_ = _population(apply_fn, params, method, optim, members, 3, _data, max_skipped=0, at_once=at_once)
     assert bool(S.alive[0]) and not bool(S.alive[1])
     assert int(S.stopped_at[1]) >= 1 and int(S.stopped_at[0]) == 0
     assert all(bool(jnp.isfinite(x[1]).all()) for x in jax.tree.leaves(P))  # the stopped member keeps finite weights
@@ -169,6 +172,7 @@ def test_population_section_checks_and_grid():
         ({"lr": (0.0,)}, "positive"),
         ({"seeds": (1.5,)}, "integers"),
         ({"chunk_size": 0}, "positive"),
+        ({"at_once": 3, "chunk_size": 4}, "must divide"),
     ]
     for kw, msg in bad:
         with pytest.raises(ValueError, match=msg):

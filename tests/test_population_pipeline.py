@@ -115,8 +115,9 @@ def test_a_killed_population_resumes_chunk_by_chunk(tiny, tmp_path):
 def test_population_config_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="population is set with mesh.preset=fsdp"):
         _cfg(tiny, tmp_path / "x", "population.seeds=[0, 1]", "mesh.preset=fsdp")
-    with pytest.raises(ValueError, match="population is set with selection"):
-        _cfg(tiny, tmp_path / "x", "population.seeds=[0, 1]", "selection.every=1", "selection.maximize=forget_prob")
+    with pytest.raises(ValueError, match="lora and selection.tofu"):
+        _cfg(tiny, tmp_path / "x", "population.seeds=[0, 1]", "lora.rank=2", "selection.every=1", "selection.tofu=true",
+             "selection.maximize=model_utility")
     with pytest.raises(ValueError, match="population member m001 .*beta"):
         run_population(_cfg(tiny, tmp_path / "x", "method=npo", "population.settings={method.beta: [0.1, -1.0]}"))
 
@@ -177,3 +178,35 @@ def test_population_evaluation_equals_member_by_member(tiny):
             if isinstance(v, float):
                 assert res.aggregates[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
     assert both[0].aggregates["forget_Q_A_Prob"] != both[1].aggregates["forget_Q_A_Prob"]
+
+
+def test_each_member_keeps_its_best_step(tiny, tmp_path):
+    """`selection` in a population: every member's own selection state and best model, as its own
+    run's; early stopping (patience) is refused for a population."""
+    from ngdiff_jax.training import run_unlearn
+
+    sel = ["selection.every=1", "selection.maximize=retain_prob", "run.steps=3"]
+    res = run_population(_cfg(tiny, tmp_path / "pop", *sel, "population.lr=[1e-3, 3e-3]"))
+    run_unlearn(_cfg(tiny, tmp_path / "one", *sel, "optim.lr=3e-3"))
+    one = json.loads((tmp_path / "one" / "selection.json").read_text())
+    mine = json.loads((tmp_path / "pop" / "members" / "m001" / "selection.json").read_text())
+    assert mine["best"]["step"] == one["best"]["step"] == res.results[1]["selection"]["best_step"]
+    assert [h["step"] for h in mine["history"]] == [0, 1, 2, 3]
+    np.testing.assert_allclose([h["retain_prob"] for h in mine["history"]], [h["retain_prob"] for h in one["history"]],
+                               rtol=1e-5)  # fmt: skip
+    _close(_weights(tmp_path / "pop" / "members" / "m001" / "best_model"), _weights(tmp_path / "one" / "best_model"))
+    with pytest.raises(ValueError, match="selection.patience=2"):
+        _cfg(tiny, tmp_path / "x", *sel, "selection.patience=2", "population.seeds=[0, 1]")
+
+
+def test_a_population_whose_every_member_diverged_fails(tiny, tmp_path):
+    from ngdiff_jax.cli import main
+
+    rc = main(["unlearn", "--config", "synthetic_ngdiff", f"model_path={tiny['model']}", f"data.source={tiny['bench']}",
+               f"run.output_dir={tmp_path / 'pop'}", "run.steps=2", "run.eval_every=0", "run.progress=false",
+               "data.batch_size=4", "data.max_length=128", "data.buckets=[128]", "method=gdiff",
+               "population.lr=[1e30, 1e31]"])  # fmt: skip
+    assert rc == 1
+    saved = json.loads((tmp_path / "pop" / "population.json").read_text())
+    assert all(m["diverged"] for m in saved["members"])
+    assert not (tmp_path / "pop" / "members" / "m000" / "model").exists()

@@ -10,7 +10,10 @@ side by side with the load average. Target: population <= 0.4x the sequential ru
 
 ``python -m ngdiff_jax.bench.population memory --model <SmolLM2 dir>`` — the peak RSS (``VmHWM``,
 compile included) of ``ngdiff unlearn`` with LoRA r8 (``--config tofu_ngdiff``, TOFU forget10 /
-retain90, batch 4 x 128) as a population of ``--members`` (4) against one member. Target: <= 1.3x.
+retain90, batch 4 x 128; by default the memory-lean run of docs/LORA.md: bfloat16 base, remat,
+scanned blocks) as a population of ``--members`` (4) against the single run. Target: <= 1.3x.
+Each member computes on its own batch, so activations grow with the members; remat keeps them
+to the blocks' inputs.
 
 Wrap it in ``flock <lockfile>`` on a shared machine so that no other large job runs beside it.
 """
@@ -26,17 +29,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from ngdiff_jax.bench.real_memory import _peak_mb
+
 DEMO_MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
               "rms_norm_eps": 1e-6, "tie_word_embeddings": True}  # fmt: skip
-
-
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _load() -> list[float]:
@@ -76,14 +73,16 @@ def _unlearn_overrides(model: Path, data: Path, out: Path, steps: int) -> list[s
 def child_speed(side: str, root: Path, members: int, steps: int) -> dict:
     seeds, rates = _members(members)
     data, model = root / "tofu", root / "model"
+    runs_dir = Path(tempfile.mkdtemp(dir=root, prefix=f"{side}-"))  # every side writes its own runs
     t0 = time.perf_counter()
     if side == "jax_population":
         from ngdiff_jax.config_loader import load_config
         from ngdiff_jax.training import UnlearnConfig
         from ngdiff_jax.training.population_run import run_population
 
-        cfg = load_config(UnlearnConfig, "synthetic_ngdiff", _unlearn_overrides(model, data, root / "pop", steps) + [
-            f"population.seeds={seeds}", f"population.lr={rates}"], subdir="experiments")  # fmt: skip
+        overrides = _unlearn_overrides(model, data, runs_dir / "pop", steps)
+        overrides += [f"population.seeds={seeds}", f"population.lr={rates}"]
+        cfg = load_config(UnlearnConfig, "synthetic_ngdiff", overrides, subdir="experiments")
         res = run_population(cfg)
         runs = len(res.results)
     elif side == "jax_sequential":
@@ -94,12 +93,12 @@ def child_speed(side: str, root: Path, members: int, steps: int) -> dict:
         for lr in rates:
             for s in seeds:
                 cfg = load_config(UnlearnConfig, "synthetic_ngdiff", _unlearn_overrides(
-                    model, data, root / f"seq_{lr:g}_{s}", steps) + [f"run.seed={s}", f"optim.lr={lr}"],
+                    model, data, runs_dir / f"seq_{lr:g}_{s}", steps) + [f"run.seed={s}", f"optim.lr={lr}"],
                     subdir="experiments")  # fmt: skip
                 run_unlearn(cfg)
                 runs += 1
     elif side == "torch_sequential":
-        runs = _torch_runs(model, data, seeds, rates, steps, root)
+        runs = _torch_runs(model, data, seeds, rates, steps, runs_dir)
     else:
         raise SystemExit(f"unknown side {side!r}")
     return {"side": side, "runs": runs, "wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_peak_mb(), 1)}
@@ -136,16 +135,22 @@ def _torch_runs(model: Path, data: Path, seeds, rates, steps: int, root: Path) -
     return runs
 
 
-def child_memory(model: str, data: str | None, members: int, steps: int, out: Path) -> dict:
+#: the memory-lean LoRA run of docs/LORA.md: a bfloat16 base, remat of every block, the blocks scanned
+LEAN_LORA = ("lora.rank=8", "precision.params=bfloat16", "precision.compute=bfloat16", "precision.export=float32",
+             "run.remat=full", "run.scan_layers=true")  # fmt: skip
+
+
+def child_memory(model: str, data: str | None, members: int, steps: int, out: Path, extra: list[str],
+                 at_once: int) -> dict:  # fmt: skip
     from ngdiff_jax.cli import console
 
     o = [f"model_path={model}", f"run.output_dir={out}", f"run.steps={steps}", "run.checkpoint_every=0",
          "run.eval_every=0", "run.progress=false", "data.batch_size=4", "data.max_length=128", "data.buckets=[128]",
-         "lora.rank=8", "population.export=false" if members > 1 else "run.log_every=1"]  # fmt: skip
+         *extra, "population.export=false" if members > 1 else "run.log_every=1"]  # fmt: skip
     if data:
         o.append(f"data.source={data}")
     if members > 1:
-        o.append(f"population.seeds={list(range(members))}")
+        o += [f"population.seeds={list(range(members))}"] + ([f"population.at_once={at_once}"] if at_once else [])
     t0 = time.perf_counter()
     rc = console(["unlearn", "--config", "tofu_ngdiff", *o])
     return {"members": members, "rc": rc, "wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_peak_mb(), 1)}
@@ -166,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--members", type=int, default=8)
     sp.add_argument("--steps", type=int, default=40)
     sp.add_argument("--no-torch", action="store_true", help="leave out the PyTorch side")
+    sp.add_argument("--cpu-devices", type=int, default=0,
+                    help="also run the population with the host's cores as this many XLA:CPU devices "
+                         "(--xla_force_host_platform_device_count; members spread over them)")
     sp.add_argument("--out", default=None, help="write the figures as JSON here")
     mp = sub.add_parser("memory")
     mp.add_argument("--model", required=True, help="SmolLM2-135M-Instruct HF directory (`ngdiff convert`)")
@@ -173,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--members", type=int, default=4)
     mp.add_argument("--steps", type=int, default=4)
     mp.add_argument("--out", default=None)
+    mp.add_argument("--at-once", type=int, default=1,
+                    help="population.at_once: members computed together (0: all of them)")
+    mp.add_argument("--lora", default=",".join(LEAN_LORA),
+                    help="comma-separated overrides of the LoRA run (default: %(default)s)")
     ch = sub.add_parser("_child")
     ch.add_argument("args", nargs="+")
     args = ap.parse_args(argv)
@@ -181,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if kind == "speed":
             res = child_speed(rest[0], Path(rest[1]), int(rest[2]), int(rest[3]))
         else:
-            res = child_memory(rest[0], rest[1] or None, int(rest[2]), int(rest[3]), Path(rest[4]))
+            res = child_memory(rest[0], rest[1] or None, int(rest[2]), int(rest[3]), Path(rest[4]),
+                               [x for x in rest[5].split(",") if x], int(rest[6]))  # fmt: skip
         print(json.dumps(res))
         return 0
     env = dict(os.environ, NGDIFF_COMPILATION_CACHE="0")  # every side compiles, as a first run does
@@ -190,28 +203,35 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         if args.what == "speed":
             _prepare(root)
-            sides = ["jax_population", "jax_sequential"] + ([] if args.no_torch else ["torch_sequential"])
-            for side in sides:
+            sides = [("jax_population", env)]
+            if args.cpu_devices > 1:
+                flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+                sides.append(("jax_population", {**env, "XLA_FLAGS": flags.strip()}))
+            sides += [("jax_sequential", env)] + ([] if args.no_torch else [("torch_sequential", env)])
+            for side, side_env in sides:
                 before = _load()
-                r = _child(["_child", "speed", side, str(root), str(args.members), str(args.steps)], env)
+                r = _child(["_child", "speed", side, str(root), str(args.members), str(args.steps)], side_env)
+                if side_env is not env:
+                    r["side"] += f" ({args.cpu_devices} CPU devices)"
                 rows.append({**r, "load_before": before, "load_after": _load()})
             seq = next(r for r in rows if r["side"] == "jax_sequential")["wall_s"]
             print(f"{args.members} runs x {args.steps} steps (demo-size Llama, NGDiff + GeN; "
                   "PyTorch: NGDiff, fixed rate)")
-            head = f"{'side':18s} {'runs':>4s} {'wall s':>8s} {'/ sequential':>12s} {'peak MB':>8s}"
+            head = f"{'side':32s} {'runs':>4s} {'wall s':>8s} {'/ sequential':>12s} {'peak MB':>8s}"
             print(head + "  load before -> after")
             for r in rows:
-                print(f"{r['side']:18s} {r['runs']:4d} {r['wall_s']:8.1f} {r['wall_s'] / seq:12.2f} {r['peak_mb']:8.0f}"
+                print(f"{r['side']:32s} {r['runs']:4d} {r['wall_s']:8.1f} {r['wall_s'] / seq:12.2f} {r['peak_mb']:8.0f}"
                       f"  {r['load_before']} -> {r['load_after']}")  # fmt: skip
         else:
             for k in (1, args.members):
                 before = _load()
                 r = _child(["_child", "memory", args.model, args.data or "", str(k), str(args.steps),
-                            str(root / f"m{k}")], env)  # fmt: skip
+                            str(root / f"m{k}"), args.lora, str(args.at_once)], env)  # fmt: skip
                 rows.append({**r, "load_before": before, "load_after": _load()})
             one = rows[0]["peak_mb"]
-            print(f"ngdiff unlearn, LoRA r8, {Path(args.model).name}, TOFU forget10/retain90, batch 4 x 128, "
-                  f"{args.steps} steps")  # fmt: skip
+            print(f"ngdiff unlearn --config tofu_ngdiff {args.lora.replace(',', ' ')}: {Path(args.model).name}, "
+                  f"TOFU forget10/retain90, batch 4 x 128, {args.steps} steps; population.at_once="
+                  f"{args.at_once or 'all'}")  # fmt: skip
             print(f"{'members':>7s} {'peak MB':>8s} {'x one':>6s} {'wall s':>7s}  load before -> after")
             for r in rows:
                 print(f"{r['members']:7d} {r['peak_mb']:8.0f} {r['peak_mb'] / one:6.2f} {r['wall_s']:7.1f}"

@@ -116,6 +116,18 @@ def paired_difference(a: Sequence, b: Sequence, *, level: float = 0.95) -> Paire
                             losses=int((d < 0).sum()), ties=int((d == 0).sum()))  # fmt: skip
 
 
+def _table(runs: Mapping[Any, Sequence]) -> np.ndarray:
+    """``{setting: [value per seed]}`` as a float array ``[settings, seeds]`` (None -> NaN)."""
+    return np.asarray([[np.nan if v is None else float(v) for v in runs[k]] for k in runs], dtype=np.float64)
+
+
+def _spread(table: np.ndarray) -> float:
+    """``max - min`` of the per-setting means (NaN runs left out; NaN with fewer than two settings)."""
+    with np.errstate(all="ignore"):
+        means = np.nanmean(table, axis=1)
+    return float(np.nanmax(means) - np.nanmin(means)) if np.isfinite(means).sum() >= 2 else np.nan
+
+
 def spread_interval(
     runs: Mapping[Any, Sequence], *, level: float = 0.95, resamples: int = 2000, seed: int = 0
 ) -> Interval:
@@ -123,17 +135,11 @@ def spread_interval(
     learning rates; ``runs[s]`` one value per seed, NaN/None for a run that gave none), with a
     percentile bootstrap interval: seeds are resampled with replacement, the same draw for every
     setting (runs of one seed share its data order). ``n`` is the number of seeds."""
-    keys = list(runs)
-    table = np.asarray([[np.nan if v is None else float(v) for v in runs[k]] for k in keys], dtype=np.float64)
+    table = _table(runs)
     if table.ndim != 2 or table.shape[0] < 2:
         raise ValueError("spread_interval needs at least two settings with one value per seed each.")
     n = table.shape[1]
-
-    def spread(t):
-        with np.errstate(all="ignore"):
-            means = np.nanmean(t, axis=1)
-        return float(np.nanmax(means) - np.nanmin(means)) if np.isfinite(means).sum() >= 2 else np.nan
-
+    spread = _spread
     point = spread(table)
     if not math.isfinite(point):
         return Interval(None, None, None, n, level)
@@ -150,17 +156,11 @@ def spread_difference(
 ) -> Interval:
     """``spread(a) - spread(b)`` (see :func:`spread_interval`) with a paired percentile bootstrap
     interval: one draw of seeds serves both (their runs share each seed's data order)."""
-    ta = np.asarray([[np.nan if v is None else float(v) for v in a[k]] for k in a], dtype=np.float64)
-    tb = np.asarray([[np.nan if v is None else float(v) for v in b[k]] for k in b], dtype=np.float64)
+    ta, tb = _table(a), _table(b)
     if ta.shape[1] != tb.shape[1]:
         raise ValueError("spread_difference needs the same seeds on both sides.")
     n = ta.shape[1]
-
-    def spread(t):
-        with np.errstate(all="ignore"):
-            means = np.nanmean(t, axis=1)
-        return float(np.nanmax(means) - np.nanmin(means)) if np.isfinite(means).sum() >= 2 else np.nan
-
+    spread = _spread
     point = spread(ta) - spread(tb)
     if not math.isfinite(point):
         return Interval(None, None, None, n, level)

@@ -95,16 +95,19 @@ class PopulationSection:
     ``seeds``: run seeds (data order, RNG, LoRA initialization; default ``run.seed`` alone);
     ``lr``: learning rates (GeN's initial rate, or the fixed/peak rate; default ``optim.lr``
     alone); ``settings``: ``{dotted key: [values]}`` for the keys of :data:`SETTINGS`;
-    ``chunk_size``: members per compiled program (null: all of them; lower it when they do not
-    fit in memory together); ``spread``: members spread over every local device (a ``member``
-    mesh axis), else one device; ``export``: write each member's model. Off when none of
-    seeds/lr/settings is given.
+    ``chunk_size``: members per compiled program (null: all of them; lower it when their state
+    does not fit in memory together); ``at_once``: members computed together inside the program,
+    the groups one after the other (null: the whole chunk; lower it when activations dominate,
+    e.g. LoRA on a large model); ``spread``: members spread over every local device (a
+    ``member`` mesh axis), else one device; ``export``: write each member's model. Off when none
+    of seeds/lr/settings is given.
     """
 
     seeds: tuple[int, ...] | None = None
     lr: tuple[float, ...] | None = None
     settings: dict = field(default_factory=dict)
     chunk_size: int | None = None
+    at_once: int | None = None
     spread: bool = True
     export: bool = True
 
@@ -137,9 +140,14 @@ class PopulationSection:
                 if key in _INTEGER and int(v) != v:
                     raise ValueError(f"population.settings.{key}: {v!r} must be an integer.")
             _unique(f"population.settings.{key}", values)
-        if self.chunk_size is not None and (isinstance(self.chunk_size, bool) or self.chunk_size < 1):
-            raise ValueError(f"population.chunk_size={self.chunk_size!r}: use a positive number of members, "
-                             "or null for all of them at once.")  # fmt: skip
+        for key in ("chunk_size", "at_once"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"population.{key}={v!r}: use a positive number of members, or null for all of "
+                                 "them at once.")  # fmt: skip
+        if self.at_once is not None and self.chunk_size is not None and self.chunk_size % self.at_once:
+            raise ValueError(f"population.at_once={self.at_once} must divide population.chunk_size="
+                             f"{self.chunk_size}.")  # fmt: skip
 
     @property
     def enabled(self) -> bool:

@@ -19,6 +19,10 @@ A member whose weights become non-finite, or whose skipped (non-finite) steps pa
 ``max_skipped`` (a single run would be declared diverged), is *stopped*: from that step on
 its parameters and optimizer state are kept as they were (``state.alive[k]`` false,
 ``state.stopped_at[k]`` the step), while the other members go on.
+
+``at_once`` trades speed for memory: members are computed ``at_once`` at a time (``vmap``), the
+groups one after the other in a loop that updates the carried state in place, so activations
+and temporaries are those of ``at_once`` members while the state is every member's.
 """
 
 from __future__ import annotations
@@ -73,20 +77,13 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-def _keep(alive, new, old):
-    """``new`` where ``alive[k]``, else ``old``, leaf by leaf along the member axis."""
-    def leaf(n, o):
-        return jnp.where(alive.reshape(alive.shape + (1,) * (n.ndim - 1)), n, o)
-
-    return jax.tree.map(leaf, new, old)
-
-
 def population_step(
     build: Callable[[dict], Callable],
     *,
     max_skipped: int | None = None,
     member_axis: str = MEMBER_AXIS,
     extra_axes: Sequence[int | None] = (),
+    at_once: int | None = None,
 ):
     """The population step of ``build`` (see the module doc).
 
@@ -98,33 +95,80 @@ def population_step(
       member_axis: the ``vmap`` axis name (GeN's ``member_axis``).
       extra_axes: for each trailing ``extra`` argument, 0 if it has a member axis, None if shared
         (missing entries: shared).
+      at_once: members computed together (``vmap``); the ``K / at_once`` groups run one after the
+        other in a loop (None: all ``K`` at once). Activations and temporaries scale with
+        ``at_once``, the carried state with ``K``: with LoRA on a large model the population then
+        costs little more memory than one run. ``at_once`` must divide ``K``; group ``i`` holds
+        members ``i, i + K/at_once, ...`` (members spread over devices stay on their device).
     """
 
-    def member(params, opt_state, key, forget_batch, retain_batch, values, *extra):
+    def member(params, opt_state, key, alive, forget_batch, retain_batch, values, *extra):
         key, sub = jax.random.split(key)
-        params, opt_state, metrics = build(values)(params, opt_state, forget_batch, retain_batch, sub, *extra)
-        return params, opt_state, key, metrics
+        new_params, new_opt, metrics = build(values)(params, opt_state, forget_batch, retain_batch, sub, *extra)
+        ok = _all_finite(new_params)
+        if max_skipped is not None and "skipped" in metrics:
+            ok = ok & (metrics["skipped"] <= max_skipped)
+        keep = alive & ok
+        new_params = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_params, params)
+        new_opt = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_opt, opt_state)
+        return new_params, new_opt, key, keep, metrics
 
     def step(params, state: MemberState, batches, rng, values, *extra):
         del rng  # each member's key is in the state
         forget_batch, retain_batch = batches
         axes = tuple(extra_axes) + (None,) * (len(extra) - len(extra_axes))
-        mapped = jax.vmap(member, in_axes=(0, 0, 0, 0, 0, 0, *axes), axis_name=member_axis)
-        new_params, new_opt, new_key, metrics = mapped(params, state.opt_state, state.key, forget_batch,
-                                                       retain_batch, values, *extra)  # fmt: skip
-        ok = jax.vmap(_all_finite)(new_params)
-        if max_skipped is not None and "skipped" in metrics:
-            ok = ok & (metrics["skipped"] <= max_skipped)
-        alive = state.alive & ok
+        mapped = jax.vmap(member, in_axes=(0, 0, 0, 0, 0, 0, 0, *axes), axis_name=member_axis)
+        args = (params, state.opt_state, state.key, state.alive, forget_batch, retain_batch, values)
+        k = state.alive.shape[0]
+        if at_once is None or at_once >= k:
+            new_params, new_opt, new_key, alive, metrics = mapped(*args, *extra)
+        else:
+            new_params, new_opt, new_key, alive, metrics = _in_groups(mapped, args, extra, axes, k, at_once)
         count = state.count + 1
         new_state = MemberState(
-            opt_state=_keep(alive, new_opt, state.opt_state),
+            opt_state=new_opt,
             key=new_key,
             alive=alive,
             stopped_at=jnp.where(state.alive & ~alive, count, state.stopped_at),
             count=count,
         )
-        metrics = {**metrics, "alive": alive}
-        return _keep(alive, new_params, params), new_state, metrics
+        return new_params, new_state, {**metrics, "alive": alive}
 
     return step
+
+
+def _in_groups(mapped, args, extra, axes, k: int, g: int):
+    """``mapped`` over ``k`` members, ``g`` at a time: a loop over ``k // g`` groups whose carried
+    outputs are updated in place, group by group."""
+    if k % g:
+        raise ValueError(f"population: {g} members at once do not divide the {k} members of the step.")
+    n = k // g
+
+    def view(x):  # member j * n + i -> [j, i]: group i takes one member of every block of n
+        return x.reshape((g, n) + x.shape[1:])
+
+    def take(tree, i):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False), tree)
+
+    def put(tree, part, i):
+        return jax.tree.map(lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, axis=1), tree, part)
+
+    carried, read = jax.tree.map(view, args[:4]), jax.tree.map(view, args[4:])
+    extra_v = tuple(jax.tree.map(view, e) if a == 0 else e for e, a in zip(extra, axes))
+
+    def group_args(i, carry):
+        ex = tuple(take(e, i) if a == 0 else e for e, a in zip(extra_v, axes))
+        return (*take(carry, i), *take(read, i), *ex)
+
+    shapes = jax.eval_shape(lambda c: mapped(*group_args(0, c)), carried)
+    metrics0 = jax.tree.map(lambda s: jnp.zeros((g, n) + s.shape[1:], s.dtype), shapes[4])
+
+    def body(i, state):
+        carry, metrics = state
+        p, o, key, alive, m = mapped(*group_args(i, carry))
+        return put(carry, (p, o, key, alive), i), put(metrics, m, i)
+
+    carry, metrics = jax.lax.fori_loop(0, n, body, (carried, metrics0))
+    unview = lambda x: x.reshape((k,) + x.shape[2:])  # noqa: E731
+    p, o, key, alive = jax.tree.map(unview, carry)
+    return p, o, key, alive, jax.tree.map(unview, metrics)

@@ -81,6 +81,13 @@ def markdown_summary(report: dict, *, columns=("forget_quality", "model_utility"
         for row in c["comparisons"]:
             lines.append(f"- vs {row['against']}" + (f" ({row['metric']})" if key == "robustness" else "")
                          + f": {row['verdict']} — {row['reason']}.")  # fmt: skip
+        gen = (report.get("setup") or {}).get("gen")
+        if key == "robustness" and gen:
+            lines.append(f"- GeN's bound (every {gen['every']}, smoothing {gen['smoothing']:g}, clip factor "
+                         f"{gen['clip_factor']:g}): its rate moves by at most {gen['max_change_per_probe']:.2f}x per "
+                         f"probe, {gen['max_change']:.2f}x over the {gen['probes']} probes of a "
+                         f"{report['setup']['unlearn_steps']}-step run, against a {c['range']:.0f}x range of "
+                         "initial rates.")  # fmt: skip
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -83,7 +83,7 @@ def _round(base, sweep: SweepSection, round_name: str, members_of: dict, out: Pa
                 res.save(rdir / f"{members[i].key}.json")
 
         progress(f"{round_name}: {name} ({len(cfg.population.members(seed=cfg.run.seed, lr=cfg.optim.lr))} members)")
-        pop = run_population(cfg, on_chunk=on_chunk, export=False)
+        pop = run_population(cfg, on_chunk=on_chunk, export=False, all_diverged_fails=False)
         recs = []
         for r in pop.results:
             f = rdir / f"{r['key']}.json"

@@ -81,6 +81,16 @@ def print_config(cfg) -> None:
 
 
 def print_summary(summary: dict) -> None:
+    if "population" in summary:  # one line per member
+        pop = summary["population"]
+        print(f"population: {pop['members']} members in {pop['chunks']} chunk(s) on {pop['devices']} device(s), "
+              f"{pop['num_steps']} steps, {pop['wall_s']:.1f} s")  # fmt: skip
+        for r in summary["members"]:
+            m = r["last_metrics"]
+            state = f"DIVERGED (stopped at step {r['stopped_at']})" if r["diverged"] else "ok"
+            print(f"  {r['key']}  {r['name']:40s}  forget_loss {m.get('forget_loss', float('nan')):.4g}  "
+                  f"retain_loss {m.get('retain_loss', float('nan')):.4g}  {state}  {r.get('model_dir', '')}")
+        return
     keep = {k: v for k, v in summary.items() if k != "evals"}
     if summary.get("evals"):
         keep["first_eval"] = summary["evals"][0]

@@ -444,10 +444,17 @@ class UnlearnConfig:
                     "the local devices (population.spread) and does not shard one member's weights; set "
                     "mesh.preset=none and drop the distributed settings."
                 )
-            if self.selection.enabled:
+            if self.selection.tofu and self.lora.enabled:
                 raise ValueError(
-                    "population is set with selection: the selection section picks one run's best step; for a "
-                    "population use run.eval_every with `ngdiff sweep` (its selection rule runs per member)."
+                    "population is set with lora and selection.tofu: a population's batched TOFU evaluation takes "
+                    "full weights; select on the probability hook (selection.tofu=false) or run the members "
+                    "one by one (drop the population section)."
+                )
+            if self.selection.patience:
+                raise ValueError(
+                    f"population is set with selection.patience={self.selection.patience}: the members of a "
+                    "population train together, so none stops early; set selection.patience=0 (each member "
+                    "still keeps its best step in members/<key>/best_model)."
                 )
         if self.lora.enabled and self.mesh.enabled:
             raise ValueError(

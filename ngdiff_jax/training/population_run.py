@@ -164,6 +164,26 @@ class _Setup:
         return self.to_full(params) if self.to_full is not None else params
 
 
+class _CompileFirst:
+    """A jitted step that compiles each new batch shape before running it and hands the compiler's
+    freed memory back first (`ngdiff_jax.host_memory`), as the single run's sharded step does: the
+    step's buffers then reuse those pages instead of adding to them."""
+
+    def __init__(self, fn):
+        self.fn, self.shapes = fn, set()
+
+    def __call__(self, *args):
+        from ngdiff_jax.host_memory import release_freed_memory
+
+        shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[2]))
+        if shapes not in self.shapes:
+            release_freed_memory()
+            self.fn.lower(*args).compile()
+            release_freed_memory()
+            self.shapes.add(shapes)
+        return self.fn(*args)
+
+
 def _devices(cfg) -> list:
     return list(jax.local_devices()) if cfg.population.spread else list(jax.local_devices()[:1])
 
@@ -204,6 +224,7 @@ def run_population(
     eval_fn: Callable[[int, Any], dict] | None = None,
     on_chunk: OnChunk | None = None,
     export: bool | None = None,
+    all_diverged_fails: bool = True,
 ) -> PopulationRun:
     """Train every member of ``cfg.population`` (validated and owned by the caller, as
     :func:`ngdiff_jax.training.run_unlearn` does; see the module doc).
@@ -212,7 +233,9 @@ def run_population(
     steps on the chunk's parameters (leading member axis, the training layout; default: the
     mean answer probability of the forget and retain batches, per member). ``on_chunk`` sees
     each finished chunk (see :data:`OnChunk`). ``export`` (default ``population.export``)
-    writes each member's model to ``members/<key>/model``.
+    writes each member's model to ``members/<key>/model``. A population whose every member
+    diverged raises :class:`~ngdiff_jax.errors.DivergedError` (exit 1) unless
+    ``all_diverged_fails`` is false (a sweep reports it as a finding).
     """
     from jax.sharding import Mesh
 
@@ -237,13 +260,17 @@ def run_population(
     extra_axes = ((None,) if shared_ref else (0,)) if cfg.method.needs_reference else ()
     extra_axes = extra_axes + ((None,) if setup.lora_run is not None else ())
     per, rep, state_sh, extra_sh = _shardings(mesh, extra_axes)
-    step = population_step(setup.build, max_skipped=max_skipped, extra_axes=extra_axes)
-    jitted = jax.jit(
+    at_once = pop.at_once
+    if at_once is not None and at_once % len(devices):
+        raise ValueError(f"population.at_once={at_once} is not a multiple of the {len(devices)} devices the members "
+                         "are spread over; use a multiple, or population.spread=false.")  # fmt: skip
+    step = population_step(setup.build, max_skipped=max_skipped, extra_axes=extra_axes, at_once=at_once)
+    jitted = _CompileFirst(jax.jit(
         step,
         in_shardings=(per, state_sh, (per, per), rep, per, *extra_sh),
         out_shardings=(per, state_sh, per),
         donate_argnums=(0, 1),
-    )
+    ))
     init = jax.jit(lambda values, params, seeds: init_member_state(
         lambda v: setup.optimizer(v)[1].init, params, values, seeds), out_shardings=state_sh)  # fmt: skip
     jsonio.write_json(out / "population.json", {"members": [m.to_dict() for m in members],
@@ -260,7 +287,7 @@ def run_population(
             if [r["index"] for r in saved["members"]] == [m.index for m in chunk]:
                 results.extend(saved["members"])
                 continue
-        ghosts = (-len(chunk)) % len(devices)
+        ghosts = (-len(chunk)) % (at_once if at_once is not None and at_once < len(chunk) else len(devices))
         padded = chunk + [chunk[-1]] * ghosts
         k = len(padded)
         values = {key: jnp.asarray(v) for key, v in member_values(padded).items()}
@@ -275,20 +302,31 @@ def run_population(
         if setup.lora_run is not None:
             extra += (jax.device_put(setup.lora_run.base, rep),)
         state = init(jax.device_put(values, per), params, jnp.asarray(seeds, jnp.uint32))
+        from ngdiff_jax.host_memory import release_freed_memory
+
+        release_freed_memory()  # what loading, stacking and compiling the initial state freed
         streams = setup.streams(padded)
         hook = eval_fn if eval_fn is not None else _default_eval(setup, cfg)
         chunk_eval = None if hook is None else (lambda s, p, fn=hook: fn(s, p))
+        eval_every = cfg.run.eval_every
+        selection = None
+        if cfg.selection.enabled:  # each member's best step, as a single run's selection keeps it
+            selection = _MemberSelection(cfg, setup, chunk, out, hook)
+            chunk_eval, eval_every = selection, cfg.selection.every
         result = run_loop(
             jitted, params, state, streams=streams, num_steps=setup.num_steps,
             rng=jax.random.PRNGKey(0), out_dir=cdir, extra_args=(jax.device_put(values, per), *extra),
             checkpoint_every=cfg.run.checkpoint_every, max_checkpoints=cfg.run.max_checkpoints,
-            log_every=cfg.run.log_every, eval_fn=chunk_eval, eval_every=cfg.run.eval_every,
+            log_every=cfg.run.log_every, eval_fn=chunk_eval, eval_every=eval_every,
             progress=cfg.run.progress, meta={**settings, "chunk": [m.index for m in chunk], "ghosts": ghosts},
             jit=False,
         )  # fmt: skip
         evals = jsonio.read_records(cdir / "eval.jsonl") if (cdir / "eval.jsonl").is_file() else []
         chunk_results = [_member_result(m, i, result.last_metrics, result.opt_state, evals, setup.num_steps)
                          for i, m in enumerate(chunk)]  # fmt: skip
+        if selection is not None:
+            for r, sel in zip(chunk_results, selection.selectors):
+                r["selection"] = sel.summary()
         n = len(chunk)
         final = jax.tree.map(lambda x, n=n: x[:n], result.params)
         if on_chunk is not None:
@@ -313,7 +351,81 @@ def run_population(
     jsonio.write_json(out / "population.json", {"members": results, "num_steps": setup.num_steps,
                                                 "devices": len(devices), "summary": summary})  # fmt: skip
     jsonio.write_json(out / "summary.json", {"population": summary})
+    if all_diverged_fails and results and all(r["diverged"] for r in results):
+        from ngdiff_jax.errors import DivergedError
+
+        raise DivergedError(
+            f"every member of the population diverged (details in {out / 'population.json'}); lower the rates "
+            f"(population.lr, now {sorted({r['values']['optim.lr'] for r in results})}) and use a new run.output_dir."
+        )
     return PopulationRun(members, results, summary)
+
+
+class _MemberSelection:
+    """The loop's ``eval_fn`` for a population with a ``selection`` section: one evaluation of all
+    members per point (the probability hook, or ``selection.tofu``'s batched TOFU evaluation),
+    then each member's own :class:`~ngdiff_jax.training.selection.Selector` (its ``selection.json``
+    and ``best_model`` under ``members/<key>/``, kept across a resume)."""
+
+    def __init__(self, cfg, setup: _Setup, chunk: list[Member], out: Path, hook):
+        from ngdiff_jax.training import model_io
+        from ngdiff_jax.training.selection import Selector
+
+        sel = cfg.selection
+        self.setup, self.k = setup, len(chunk)
+        if sel.tofu:
+            self.hook = _tofu_members(cfg, setup, [m.key for m in chunk])
+        elif hook is not None:
+            self.hook = hook
+        else:
+            raise ValueError("selection needs an evaluation: set selection.tofu=true or run.eval_every for the "
+                             "probability hook.")  # fmt: skip
+        self.cache: dict = {}
+
+        def export(params, directory):
+            model_io.save_model(setup.model, setup.full_params(params), directory, setup.tok)
+
+        self.selectors = []
+        for i, m in enumerate(chunk):
+            d = out / "members" / m.key
+            d.mkdir(parents=True, exist_ok=True)
+            self.selectors.append(Selector(sel.criterion(), lambda step, p, i=i: self.cache[i], d,
+                                           export=export if sel.export_best else None))  # fmt: skip
+
+    should_stop = False  # selection.patience is refused for populations (members stop together or not at all)
+
+    def __call__(self, step: int, params) -> dict:
+        metrics = self.hook(step, params)
+        out: dict = {}
+        for i, sel in enumerate(self.selectors):
+            self.cache[i] = {k: (v[i] if isinstance(v, list) else v) for k, v in metrics.items()}
+            for k, v in sel(step, _index(params, i)).items():
+                out.setdefault(k, []).append(v)
+        return out
+
+
+def _tofu_members(cfg, setup: _Setup, keys: list[str]):
+    """``evaluate(step, params)``: every member's TOFU aggregates (lists), one batched evaluation."""
+    from ngdiff_jax.data import QAFormatter
+    from ngdiff_jax.evaluation import evaluate_tofu_members
+    from ngdiff_jax.training import data_assembly
+
+    sel = cfg.selection
+
+    def evaluate(step, params):
+        k = len(keys)
+        full = _full_members(setup, jax.tree.map(lambda x: x[:k], params), k)
+        rs = evaluate_tofu_members(
+            setup.model, full, setup.tok, data_assembly.resolve_source(cfg.data.source), names=keys,
+            forget_split=cfg.data.forget_split, retain_reference=sel.retain_eval, batch_size=cfg.data.batch_size,
+            buckets=list(cfg.data.buckets) if cfg.data.buckets else None, limit=sel.tofu_limit,
+            formatter=QAFormatter(setup.tok, spec=setup.spec), mia_attacks=("min_k",),
+            max_new_tokens=sel.tofu_max_new_tokens,
+        )  # fmt: skip
+        names = [n for n, v in rs[0].aggregates.items() if v is None or isinstance(v, (int, float))]
+        return {n: [r.aggregates.get(n) for r in rs] for n in names}
+
+    return evaluate
 
 
 def _full_members(setup: _Setup, params, k: int):
@@ -324,8 +436,9 @@ def _full_members(setup: _Setup, params, k: int):
 
 
 def _default_eval(setup: _Setup, cfg):
-    """Per-member mean answer probabilities of fixed forget/retain batches (``run.eval_every``)."""
-    if cfg.run.eval_every <= 0:
+    """Per-member mean answer probabilities of fixed forget/retain batches (``run.eval_every``, or
+    the ``selection`` hook)."""
+    if cfg.run.eval_every <= 0 and not cfg.selection.enabled:
         return None
     from ngdiff_jax.data import make_batches
     from ngdiff_jax.training import eval_hook
