@@ -441,7 +441,9 @@ def _unlearn_base(cfg: DemoConfig, target_dir: Path, tofu_dir: Path, out: Path, 
                              retain_split=(RETAIN_FOR_FORGET[cfg.benchmark.forget_split] if u.retain_set == "tofu"
                                            else TRAIN_SPLITS["retain"])),  # fmt: skip
         "optim": u.optim,
-        "run": RunConfig(output_dir=str(out), steps=u.steps, seed=cfg.seed, checkpoint_every=u.steps, log_every=1,
+        # no checkpoints: a killed study resumes method by method (a population chunk is done once its
+        # members are evaluated), and writing every member's state costs seconds per method
+        "run": RunConfig(output_dir=str(out), steps=u.steps, seed=cfg.seed, checkpoint_every=0, log_every=1,
                          progress=progress),  # fmt: skip
     }
 

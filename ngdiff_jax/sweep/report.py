@@ -177,9 +177,10 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
         yerr = [[mu["mean"] - mu["low"]], [mu["high"] - mu["mean"]]] if mu["low"] is not None else None
         ax.errorbar([x], [mu["mean"]], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
                     label=f"{name} ({_setting(m['selected'])})")  # fmt: skip
-    for name, agg in report.get("references", {}).items():
+    for (name, agg), color in zip(report.get("references", {}).items(), ("black", "grey", "silver")):
         if agg.get("forget_quality") is not None and agg.get("model_utility") is not None:
-            ax.scatter([max(agg["forget_quality"], FQ_FLOOR)], [agg["model_utility"]], marker="*", s=120, label=name)
+            ax.scatter([max(agg["forget_quality"], FQ_FLOOR)], [agg["model_utility"]], marker="*", s=140,
+                       color=color, label=f"{name} model")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("forget_quality (KS p-value vs the retain model)")
     ax.set_ylabel("model_utility")

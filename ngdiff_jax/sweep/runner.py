@@ -45,7 +45,7 @@ def _unlearn_config(base, name: str, spec, population, out: Path):
 
     fields = {f.name for f in dataclasses.fields(UnlearnConfig)}
     kw = {k: v for k, v in base.items() if k in fields}
-    run = dataclasses.replace(kw["run"], output_dir=str(out), eval_every=0, checkpoint_every=kw["run"].checkpoint_every)
+    run = dataclasses.replace(kw["run"], output_dir=str(out), eval_every=0)
     return UnlearnConfig(**{**kw, "method": method_config(name, spec), "run": run, "population": population})
 
 
