@@ -18,6 +18,7 @@ import traceback
 COMMANDS = {
     "demo": "demo",
     "study": "study",
+    "sweep": "sweep",
     "convert": "convert",
     "finetune": "finetune",
     "unlearn": "unlearn",
@@ -33,7 +34,8 @@ COMMANDS = {
 #: commands whose process never uses torch. transformers imports torch, when it is installed,
 #: for its configuration classes alone (``configuration_utils`` -> ``modeling_rope_utils``):
 #: ~1.2 s and ~250 MB of resident memory that an evaluation or a training step would carry.
-TORCH_FREE_COMMANDS = frozenset({"demo", "study", "finetune", "unlearn", "eval", "report", "toy", "plan", "readme"})
+TORCH_FREE_COMMANDS = frozenset({"demo", "study", "sweep", "finetune", "unlearn", "eval", "report", "toy", "plan",
+                                 "readme"})  # fmt: skip
 
 
 def _command(argv: list[str]) -> str | None:
