@@ -21,6 +21,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 import typing
@@ -350,16 +351,23 @@ def load_config(
     return build(cls, data)
 
 
-def _load_with_base(path: Path, subdir: str | None = None) -> dict[str, Any]:
+def _load_with_base(path: Path, subdir: str | None = None, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    here = Path(os.path.abspath(path)).resolve()
+    if here in chain:
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(here):], here))
+        raise ConfigError(f"_base in {chain[-1]} makes a cycle ({loop}); a config cannot extend itself: "
+                          "point _base at another file.")  # fmt: skip
     data = load_yaml(path)
     base = data.pop("_base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise ConfigError(f"_base in {path} is {base!r}; it must be a config name or file path.")
     base_path = Path(base)
     if not base_path.is_absolute():
         cand = path.parent / base_path
         base_path = cand if cand.is_file() else resolve_config_path(base, subdir)
-    return _merge(_load_with_base(base_path, subdir), data)
+    return _merge(_load_with_base(base_path, subdir, (*chain, here)), data)
 
 
 def to_dict(cfg: Any) -> Any:

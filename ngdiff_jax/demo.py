@@ -479,16 +479,11 @@ def run_demo(
     continues each method's population from its last finished chunk or checkpoint. A failed
     hard check (:func:`hard_checks`) raises :class:`StudyCheckFailed` before the sweep.
     """
-    from rich.console import Console
-
-    from ngdiff_jax import models
-    from ngdiff_jax.data import synthetic
-    from ngdiff_jax.evaluation import EvalResult
-    from ngdiff_jax.training import model_io
+    from ngdiff_jax.training.ownership import LOCK_NAME, OutputLock
 
     out = Path(out_dir)
     cfg_text = _yaml(to_dict(cfg))
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         if not resume:
             raise FileExistsError(
                 f"output directory {out} is not empty; pass a new --out directory, or --resume to "
@@ -501,6 +496,23 @@ def run_demo(
                 "same --config and overrides, or use a new --out directory."
             )
     out.mkdir(parents=True, exist_ok=True)
+    # one study per directory: a second demo (or --resume) into a directory a live demo writes
+    # stops here (OutputDirBusy, exit 1) instead of rerunning its methods beside it
+    lock = OutputLock(out, "demo").acquire()
+    try:
+        return _study(cfg, out, cfg_text, progress=progress, console=console, resume=resume)
+    finally:
+        lock.release()
+
+
+def _study(cfg: DemoConfig, out: Path, cfg_text: str, *, progress: bool, console, resume: bool) -> dict:
+    from rich.console import Console
+
+    from ngdiff_jax import models
+    from ngdiff_jax.data import synthetic
+    from ngdiff_jax.evaluation import EvalResult
+    from ngdiff_jax.training import model_io
+
     console = console or Console()
     ph = Phases(console, total_phases=6)
     (out / "demo_config.yaml").write_text(cfg_text)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import re
 
-__all__ = ["DivergedError", "InputError", "NgdiffError", "OutputDirBusy", "describe"]
+__all__ = ["DivergedError", "InputError", "NgdiffError", "OutputDirBusy", "describe", "require_counts"]
 
 
 class NgdiffError(Exception):
@@ -36,9 +36,28 @@ class DivergedError(NgdiffError):
     """The run diverged (skipped steps, non-finite losses or weights); its export was refused (exit code 1)."""
 
 
+def require_counts(**counts) -> None:
+    """Each named value is None or an integer >= 1; else an :class:`InputError` naming it
+    (``limit=-1`` would drop the last row, ``batch_size=0`` divide by zero)."""
+    for name, v in counts.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InputError(f"{name}={v!r} is not allowed: give a whole number >= 1 (or leave it unset).")
+
+
 _DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "file size limit reached",
               errno.EDQUOT: "disk quota exceeded"}  # fmt: skip
 _DISK_FULL_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|ENOSPC|EFBIG", re.I)
+
+
+#: JAX's runtime error: ``JaxRuntimeError`` since JAX 0.4.36 (``XlaRuntimeError`` before), matched by
+#: name so that neither import is needed here.
+_RUNTIME_ERRORS = ("JaxRuntimeError", "XlaRuntimeError")
+_OOM_TEXT = re.compile(r"RESOURCE_EXHAUSTED|Out of memory|out of memory", re.I)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return one_line(text[0] if text else type(e).__name__, 300)
 
 
 def _chain(exc: BaseException):
@@ -94,8 +113,10 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
         return 1, _os_message(exc)
     if isinstance(exc, MemoryError):
         return 1, "out of host memory; use a smaller data.batch_size / data.max_length or a smaller model."
-    if type(exc).__name__ == "XlaRuntimeError" and "RESOURCE_EXHAUSTED" in str(exc):
-        return 1, one_line(f"out of device memory ({exc}); lower data.batch_size or data.max_length, or use a mesh.")
+    for e in _chain(exc):
+        if type(e).__name__ in _RUNTIME_ERRORS and _OOM_TEXT.search(str(e)):
+            return 1, one_line(f"out of device memory ({_first_line(e)}); lower data.batch_size or data.max_length, "
+                               "set run.remat=full or data.micro_batches, or use a mesh.")  # fmt: skip
     if isinstance(exc, (ValueError, KeyError)):  # raised on purpose with a message (model/data/config checks)
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         return 1, one_line(str(msg))

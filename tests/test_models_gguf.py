@@ -178,18 +178,82 @@ def test_convert_cli_errors(tiny, tmp_path):
     assert main(["convert", str(tiny[0]), str(tmp_path / "full")]) == 2
 
 
-def test_unsupported_architecture_is_refused(tmp_path):
+def _one_tensor_gguf(path: Path, arch: str) -> Path:
+    """A GGUF of ``arch`` with one tensor and no other metadata."""
     import gguf
 
-    from ngdiff_jax.models.gguf import convert_gguf
-
-    p = tmp_path / "phi.gguf"
-    w = gguf.GGUFWriter(str(p), "phi2")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+def test_damaged_gguf_files_are_one_line_errors(tiny, tmp_path, capsys):
+    """Issue 26: a file with only the magic, a GGUF cut at 2/3 and one without tokenizer metadata."""
+    from ngdiff_jax.cli import main
+
+    magic = tmp_path / "magic.gguf"
+    magic.write_bytes(b"GGUF")
+    cut = tmp_path / "cut.gguf"
+    data = tiny[0].read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    notok = _one_tensor_gguf(tmp_path / "notok.gguf", "llama")
+    for f, says in ((magic, "less than a GGUF header"), (cut, "truncated or damaged"), (notok, "has no tokenizer")):
+        assert main(["convert", str(f), str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert str(f) in err and says in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "o").exists()
+
+
+def test_overwrite_replaces_an_older_sharded_conversion_whole(tiny, tmp_path):
+    from ngdiff_jax import models
+    from ngdiff_jax.models.gguf import convert_gguf
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"old")
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert_gguf(tiny[0], out)
+    convert_gguf(tiny[0], out, overwrite=True)
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    models.from_pretrained(str(out))  # loads the new weights
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="no model"):
+        convert_gguf(tiny[0], mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "x"
+
+
+def test_a_conversion_cut_short_leaves_nothing_and_runs_again(tiny, tmp_path, monkeypatch):
+    from ngdiff_jax.models import gguf as G
+
+    out = tmp_path / "hf"
+    real = G._write
+
+    def killed(d, *a):
+        (d / "config.json").write_text("{}")
+        raise KeyboardInterrupt  # as a SIGTERM/SIGINT would, after part of the files
+
+    monkeypatch.setattr(G, "_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        G.convert_gguf(tiny[0], out)
+    assert not out.exists() and not list(tmp_path.glob(".hf.*"))
+    (tmp_path / ".hf.tmp-999999999").mkdir()  # left by a process killed with SIGKILL
+    monkeypatch.setattr(G, "_write", real)
+    G.convert_gguf(tiny[0], out)
+    assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".hf.*"))
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    from ngdiff_jax.models.gguf import convert_gguf
+
+    p = _one_tensor_gguf(tmp_path / "phi.gguf", "phi2")
     with pytest.raises(ValueError, match="'phi2' is not supported"):
         convert_gguf(p, tmp_path / "o")
 

@@ -361,6 +361,8 @@ DAMAGE = {
     "deleted_state": lambda d: shutil.rmtree(d / "state"),
     "garbage_meta": lambda d: (d / "meta" / "metadata").write_text("{not json"),
     "garbage_state_metadata": lambda d: (d / "state" / "_METADATA").write_text("\x00garbage"),
+    # issue 26: step 6's directory holding step 4's meta (resuming it would replay steps 5-6 on step 6's state)
+    "meta_of_another_step": lambda d: shutil.copy(d.parent / "4" / "meta" / "metadata", d / "meta" / "metadata"),
 }
 
 

@@ -129,7 +129,8 @@ def test_eval_reads_the_saved_format_and_split(tmp_path, monkeypatch, tofu_dir):
 
     def fake_evaluate_tofu(model, tokenizer, data_dir=None, **kw):
         seen.update(kw)
-        return EvalResult(name=kw["name"], benchmark="tofu", aggregates={"model_utility": 0.5})
+        return EvalResult(name=kw["name"], benchmark="tofu",
+                          aggregates={"model_utility": 0.5, "forget_Q_A_ROUGE": 0.4, "forget_Q_A_Prob": 0.3})
 
     monkeypatch.setattr(tofu_eval, "evaluate_tofu", fake_evaluate_tofu)
     args = ["eval", "--model", str(model_dir), "--data", str(tofu_dir), "--out", str(tmp_path / "r.json")]

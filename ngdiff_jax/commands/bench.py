@@ -15,6 +15,8 @@ def _csv(s: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ngdiff_jax.commands.argtypes import positive_int
+
     parser.add_argument("--sizes", type=_csv, default=None,
                         help="comma-separated step sizes among micro, 6m, 30m, 1b "
                              "(default: 6m,30m on CPU, 1b on GPU)")
@@ -23,23 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-size", default=None, help="size of the memory section (default: first size)")
     parser.add_argument("--sections", type=_csv, default=("step", "overhead", "generate", "memory"),
                         help="comma-separated among step, overhead, generate, memory (default: all)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; figures are medians (default: 5)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed repeats; figures are medians (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (default: 2)")
-    parser.add_argument("--gen-every", type=int, default=4, help="GeN probes every N steps (default: 4)")
-    parser.add_argument("--gen-batch", type=int, default=8, help="generation batch (default: 8)")
-    parser.add_argument("--gen-prompt-len", type=int, default=32, help="generation prompt length (default: 32)")
-    parser.add_argument("--gen-new-tokens", type=int, default=64, help="generated tokens per row (default: 64)")
+    parser.add_argument("--gen-every", type=positive_int, default=4, help="GeN probes every N steps (default: 4)")
+    parser.add_argument("--gen-batch", type=positive_int, default=8, help="generation batch (default: 8)")
+    parser.add_argument("--gen-prompt-len", type=positive_int, default=32,
+                        help="generation prompt length (default: 32)")
+    parser.add_argument("--gen-new-tokens", type=positive_int, default=64,
+                        help="generated tokens per row (default: 64)")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                         help="run on cpu or gpu; auto picks a GPU when JAX sees one (default: auto)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype; params and optimizer state stay float32 "
                              "(default: float32 on CPU, bfloat16 on GPU)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch threads (default: the usable cores; XLA's CPU client uses them all)")
-    parser.add_argument("--matmul-n", type=int, default=None,
+    parser.add_argument("--matmul-n", type=positive_int, default=None,
                         help="size of the square matmul giving the MFU reference rate "
                              "(default: 1024 on CPU, 8192 on GPU)")
-    parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory process (default: 3)")
+    parser.add_argument("--memory-steps", type=positive_int, default=3, help="steps per memory process (default: 3)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout (the table goes to stderr)")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")

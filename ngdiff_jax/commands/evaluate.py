@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +16,16 @@ HEADLINE = {
     "muse": ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak"),
 }
 
+#: Metrics every evaluation has (the others need --retain-eval): None here means NaN scores.
+REQUIRED = {
+    "tofu": ("model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob"),
+    "muse": ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE"),
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ngdiff_jax.commands.argtypes import positive_int
+
     parser.add_argument(
         "--model", required=True, help="saved model dir (HF layout, as save_pretrained writes) or hub id."
     )
@@ -61,10 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=("method", "target", "retain"), default=None,
                         help="mark the target / retain model for the report.")  # fmt: skip
     parser.add_argument("--step", type=int, default=None, help="training step of this checkpoint (trajectories).")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="TOFU answer length (default 200); MUSE VerbMem length (default 128).")  # fmt: skip
-    parser.add_argument("--limit", type=int, default=None, help="only the first N rows of every split (quick check).")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="only the first N rows of every split (quick check).")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="parameter and compute dtype of the evaluated model (logits and scores stay float32).")
 
@@ -76,10 +87,6 @@ def _dtype(name: str):
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
-    from ngdiff_jax.models import from_pretrained
-
     name = args.name or Path(str(args.model).rstrip("/")).name
     out = Path(args.out) if args.out else Path("eval_results") / f"{name}.json"
     from ngdiff_jax.data import read_format as _read_format
@@ -91,7 +98,15 @@ def run(args) -> int:
         _saved = None  # reported by resolve_format below
     # every input checked before the model is loaded or anything is evaluated (exit code 2)
     validate_eval(args, args.forget_split or (_saved or {}).get("forget_split") or "forget10")
+    with _result_lock(out):
+        return _load_and_evaluate(args, name, out)
+
+
+def _load_and_evaluate(args, name: str, out: Path) -> int:
+    from transformers import AutoTokenizer
+
     from ngdiff_jax.evaluation.tofu import DEFAULT_MIA_ATTACKS, MIA_ATTACKS
+    from ngdiff_jax.models import from_pretrained
 
     attacks = DEFAULT_MIA_ATTACKS
     if args.mia_attacks is not None:
@@ -107,7 +122,7 @@ def run(args) -> int:
     except (OSError, ValueError) as e:
         print(f"error: cannot load model/tokenizer from {args.model} (or --reference-model): {e}", file=sys.stderr)
         return 2
-    from ngdiff_jax.data import QAFormatter, load_format, read_format
+    from ngdiff_jax.data import load_format, read_format
     from ngdiff_jax.training.unlearn import resolve_format
 
     try:
@@ -123,13 +138,44 @@ def run(args) -> int:
         meta["role"] = args.role
     if args.step is not None:
         meta["step"] = args.step
+    return _evaluate(args, model, tokenizer, reference_model, spec, forget_split, meta, attacks, name, out)
+
+
+@contextlib.contextmanager
+def _result_lock(out: Path):
+    """Hold an exclusive lock on ``.<out>.lock`` while evaluating: a second ``ngdiff eval`` into the
+    same ``--out`` stops at once instead of one result silently replacing the other."""
+    import fcntl
+
+    from ngdiff_jax.errors import OutputDirBusy
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputDirBusy(f"--out {out}: another ngdiff eval is writing this result now; wait for it or "
+                                "pass another --out.") from None  # fmt: skip
+        yield
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+    finally:
+        os.close(fd)
+
+
+def _evaluate(args, model, tokenizer, reference_model, spec, forget_split, meta, attacks, name, out) -> int:
+    from ngdiff_jax.data import QAFormatter
+
     if args.benchmark == "tofu":
         from ngdiff_jax.evaluation.tofu import TOFU_MAX_NEW_TOKENS, evaluate_tofu
 
         result = evaluate_tofu(
             model, tokenizer, args.data, forget_split=forget_split, formatter=QAFormatter(tokenizer, spec=spec),
             retain_reference=args.retain_eval, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens or TOFU_MAX_NEW_TOKENS, limit=args.limit, name=name, meta=meta,
+            max_new_tokens=TOFU_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+            limit=args.limit, name=name, meta=meta,
             reference_model=reference_model, mia_attacks=attacks,
             forget_truth_ratio=args.forget_truth_ratio, utility_truth_ratio=args.utility_truth_ratio,
         )  # fmt: skip
@@ -138,11 +184,18 @@ def run(args) -> int:
 
         result = evaluate_muse(
             model, tokenizer, args.data, retain_reference=args.retain_eval, batch_size=args.batch_size,
-            verbmem_max_new_tokens=args.max_new_tokens or VERBMEM_MAX_NEW_TOKENS, limit=args.limit,
+            verbmem_max_new_tokens=VERBMEM_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+            limit=args.limit,
             name=name, meta=meta, reference_model=reference_model,
             mia_attacks=("min_k",) if args.mia_attacks is None else attacks,
         )  # fmt: skip
     path = result.save(out)
+    missing = [k for k in REQUIRED[args.benchmark] if result.aggregates.get(k) is None]
+    if missing:
+        print(f"error: {', '.join(missing)} came out NaN or empty for {args.model} (result kept in {path}): the "
+              "model's scores are not finite; check its weights and --dtype (bfloat16 overflow).",
+              file=sys.stderr)  # fmt: skip
+        return 1
     summary = {k: result.aggregates.get(k) for k in HEADLINE[args.benchmark]}
     summary["compile_s"] = result.timings.get("total_compile_s")
     summary["run_s"] = result.timings.get("total_run_s")

@@ -25,19 +25,21 @@ def _csv(s: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ngdiff_jax.commands.argtypes import positive_int
     from ngdiff_jax.parallel.plan import MODEL_PRESETS
 
     parser.add_argument("--model", default="llama2-7b",
                         help=f"a preset ({', '.join(MODEL_PRESETS)}) or a config.json path (default: %(default)s)")
-    parser.add_argument("--batch", type=int, default=4, help="global batch (rows per task) (default: %(default)s)")
-    parser.add_argument("--seq", type=int, default=512, help="sequence length (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, default=4,
+                        help="global batch (rows per task) (default: %(default)s)")
+    parser.add_argument("--seq", type=positive_int, default=512, help="sequence length (default: %(default)s)")
     parser.add_argument("--precision", default="f32,bf16",
                         help=f"comma-separated among {', '.join(PRECISIONS)} (default: %(default)s)")
     parser.add_argument("--remat", default="none,full", help="comma-separated remat policies (default: %(default)s)")
     parser.add_argument("--lora", default="0", help="comma-separated LoRA ranks, 0 = full finetuning (default: 0)")
     parser.add_argument("--mesh", default="none",
                         help="comma-separated meshes: none (one device) or PRESET=N, e.g. fsdp=8 (default: none)")
-    parser.add_argument("--micro-batches", type=int, default=1)
+    parser.add_argument("--micro-batches", type=positive_int, default=1)
     parser.add_argument("--layers", default="extrapolate",
                         help="extrapolate (compile 2 and 4 blocks, scale to the depth), full, or a number of blocks")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")  # fmt: skip

@@ -49,7 +49,14 @@ def _parse_trajectories(items: list[str]) -> dict:
         if not sep or not paths:
             raise ValueError(f"--trajectory expects METHOD=R1.json,R2.json, got {item!r}.")
         results = [EvalResult.load(p) for p in paths.split(",") if p]
-        out[method] = [(r.meta.get("step", i), r) for i, r in enumerate(results)]
+        points = []
+        for i, r in enumerate(results):
+            step = r.meta.get("step", i) if isinstance(r.meta, dict) else i
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise ValueError(f"{r.path}: meta.step={step!r} is not a whole number; set it to the training "
+                                 "step of that checkpoint (ngdiff eval --step N) or remove it.")  # fmt: skip
+            points.append((step, r))
+        out[method] = points
     return out
 
 

@@ -9,6 +9,8 @@ HELP = "Run the toy two-task unlearning problem and print forget/retain losses p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ngdiff_jax.commands.argtypes import positive_float, positive_int
+
     parser.add_argument(
         "--methods",
         default="gdiff,ngdiff+gen,mgda,pcgrad",
@@ -16,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=int, default=100, help="unlearning steps (default: %(default)s)"
+        "--steps", type=positive_int, default=100, help="unlearning steps (default: %(default)s)"
     )
     parser.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         default=0.05,
         help="learning rate, initial rate for GeN (default: %(default)s)",
     )

@@ -63,6 +63,9 @@ class FormatSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "format") -> FormatSpec:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where} is {d!r} ({type(d).__name__}); it must be a mapping of format keys "
+                             f"({', '.join(f.name for f in dataclasses.fields(cls))}) or a preset name.")  # fmt: skip
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(
@@ -119,14 +122,17 @@ def save_format(spec: FormatSpec, model_dir, **extra) -> None:
 
 def read_format(model_dir) -> dict | None:
     """The ``ngdiff_format.json`` beside a model (``{"format": {...}, ...}``), or None if absent."""
-    import json
     from pathlib import Path
 
     p = Path(model_dir) / FORMAT_FILE
     if not p.is_file():
         return None
-    d = json.loads(p.read_text())
-    d["format"] = FormatSpec.from_dict(d["format"], where=str(p))
+    from ngdiff_jax.data.jsonio import read_json
+
+    d = read_json(p)
+    if not isinstance(d, dict) or "format" not in d:
+        raise ValueError(f"{p} has no 'format' mapping; remove it or re-export the model (ngdiff writes it).")
+    d["format"] = FormatSpec.from_dict(d["format"], where=f"{p}: format")
     return d
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ngdiff_jax.errors import require_counts
 from ngdiff_jax.evaluation import metrics as M
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
 from ngdiff_jax.evaluation.generation import generate_texts
@@ -164,6 +165,9 @@ def evaluate_muse(
         from ngdiff_jax.paths import shared_data_dir
 
         data_dir = shared_data_dir() / "muse_news"
+    require_counts(batch_size=batch_size, generation_batch_size=generation_batch_size, limit=limit,
+                   verbmem_max_new_tokens=verbmem_max_new_tokens, knowmem_max_new_tokens=knowmem_max_new_tokens,
+                   knowmem_max_length=knowmem_max_length, max_length=max_length)  # fmt: skip
     cut = (lambda rows: rows[:limit]) if limit is not None else (lambda rows: rows)
     timings = Timings()
     with Stopwatch() as sw_load:

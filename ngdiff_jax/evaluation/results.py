@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ngdiff_jax.data.jsonio import read_json
+
 
 def _clean(x):
     """JSON-safe copy: numpy -> python, NaN/inf -> None."""
@@ -82,8 +84,8 @@ class EvalResult:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"No evaluation result at {path}; run `ngdiff eval` to write one.")
-        d = json.loads(path.read_text())
-        if "aggregates" not in d or "benchmark" not in d:
+        d = read_json(path)
+        if not isinstance(d, dict) or "aggregates" not in d or "benchmark" not in d:
             raise ValueError(
                 f"{path} is not an ngdiff evaluation result (no 'aggregates'/'benchmark'); "
                 "for open-unlearning logs use reference_stats()."
@@ -123,7 +125,10 @@ def reference_stats(ref) -> dict:
             f"Retain-model evaluation {path} does not exist; evaluate the retain model first "
             "(`ngdiff eval --model <retain> --out <file>`) and pass that file."
         )
-    d = json.loads(path.read_text())
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} holds a {type(d).__name__}, not an evaluation result; pass the JSON that "
+                         "ngdiff eval wrote for the retain model (or an open-unlearning *_EVAL.json).")  # fmt: skip
     if "aggregates" in d and "benchmark" in d:
         return reference_stats(EvalResult.load(path))
     out = {"forget_truth_ratio": None, "mia_min_k": None, "source": str(path)}

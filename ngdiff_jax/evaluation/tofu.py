@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ngdiff_jax.errors import require_counts
 from ngdiff_jax.evaluation import metrics as M
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
 from ngdiff_jax.evaluation.generation import generate_texts
@@ -147,6 +148,8 @@ def evaluate_tofu(
         data_dir = shared_data_dir() / "tofu"
     fmt = formatter if formatter is not None else QAFormatter(tokenizer)
     holdout_split = holdout_split or holdout_split_for(forget_split)
+    require_counts(batch_size=batch_size, generation_batch_size=generation_batch_size,
+                   max_new_tokens=max_new_tokens, limit=limit)  # fmt: skip
     for what, v in (("forget_truth_ratio", forget_truth_ratio), ("utility_truth_ratio", utility_truth_ratio)):
         if v not in M.TRUTH_RATIO_AGGREGATORS:
             raise ValueError(f"{what}={v!r}: choose one of {', '.join(M.TRUTH_RATIO_AGGREGATORS)}.")

@@ -339,6 +339,12 @@ def _open_files(d: Path) -> dict[str, SafetensorsFile]:
             wm = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read the shard index {index}: {e}") from e
+        absent = sorted({fn for fn in wm.values() if not (d / fn).is_file()})
+        if absent:
+            from ngdiff_jax.errors import InputError
+
+            raise InputError(f"{index} names shard(s) {', '.join(absent[:3])} that are not in {d}; copy the "
+                             "missing shards or remove the stale index.")  # fmt: skip
         files = {fn: SafetensorsFile(d / fn) for fn in sorted(set(wm.values()))}
         out = {}
         for f in files.values():
@@ -384,6 +390,13 @@ def load_params(model_dir, cfg: ModelConfig, abstract_flat: dict[str, Any], *, m
         raise ValueError(
             f"checkpoint {d} has tensors of the wrong shape for config.json: " + "; ".join(sorted(set(bad)))
         )
+    not_float = sorted({f"{s.hf_name} ({files[s.hf_name].dtype(s.hf_name)})" for s in specs.values()
+                        if not jnp.issubdtype(files[s.hf_name].dtype(s.hf_name), jnp.floating)})  # fmt: skip
+    if not_float:
+        from ngdiff_jax.errors import InputError
+
+        raise InputError(f"checkpoint {d} stores weights as integers: {', '.join(not_float[:3])}; a float model is "
+                         "needed (dequantize or re-export it in float32/bfloat16).")  # fmt: skip
     shardings = None
     if mesh is not None:
         shardings = _flat_params(shd.param_shardings(_unflatten_abstract(abstract_flat), mesh, rules))
@@ -458,6 +471,13 @@ def save_pretrained(model: CausalLM, path, *, tokenizer=None, max_shard_size: in
     ``generation_config.json`` (the loaded one, so multi-EOS models keep their stop tokens, or
     one from the config's token ids) and a short model card ``README.md`` (`model_card`, with
     what ``card`` gives: base model, method, data, metrics)."""
+    from ngdiff_jax.models.lora import LoraParam
+
+    if jax.tree_util.tree_leaves(nnx.state(model, LoraParam)):
+        raise ValueError("save_pretrained: the model has LoRA adapters attached, which a Hugging Face model "
+                         "directory has no place for (only the base weights would be written); save "
+                         "lora.merged_model(...) for a full model, or lora.save_peft_adapter(...) for the "
+                         "adapter.")  # fmt: skip
     cfg: ModelConfig = model.config
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

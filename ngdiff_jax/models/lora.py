@@ -264,7 +264,18 @@ def _get(tree, path: str):
     return tree
 
 
+def _per_block(**trees) -> None:
+    """Refuse trees in the stacked layout (``split(model, stacked=True)``): these functions index blocks."""
+    from ngdiff_jax.models.stacked import is_stacked
+
+    for name, tree in trees.items():
+        if isinstance(tree, dict) and is_stacked(tree):
+            raise ValueError(f"{name} are in the stacked layout (from lora.split(model, stacked=True) or "
+                             f"scan_layers); pass models.stacked.unstack({name}) (one tree per block).")  # fmt: skip
+
+
 def _adapter_pairs(model, adapters, targets) -> list[tuple[int, str, str, np.ndarray, np.ndarray]]:
+    _per_block(adapters=adapters)
     out = []
     for i, t, path in target_paths(model, targets):
         node = _get(adapters, path)
@@ -297,6 +308,7 @@ def merge_params(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: di
 
     ``lazy=True`` (the export): every cast or merged leaf is a placeholder made when it is read
     (`save_pretrained` reads one tensor at a time), so merging holds no second model."""
+    _per_block(base=base, adapters=adapters)
     dt = None if dtype is None else np.dtype(dtype)
 
     def cast(x):

@@ -270,6 +270,12 @@ class CausalLM(nnx.Module):
                                  rngs=rngs, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype)
 
     # ------------------------------------------------------------------
+    def _require_weights(self) -> None:
+        if isinstance(self.embed.get_value(), jax.ShapeDtypeStruct):
+            raise ValueError("this CausalLM holds no weights, only their shapes: it gave its arrays away "
+                             "(functional/lora.split with stacked=True, or abstract_model); call the apply_fn "
+                             "those returned with the params, or models.with_params(model, params).")  # fmt: skip
+
     def forward(self, input_ids: Array, positions: Array, kv_valid: Array, cache=None, write_index=None,
                 last_only: bool = False, return_hidden: bool = False, stacked=None):
         """Core forward. ``kv_valid [B, S]`` marks attendable key slots (S = T without a cache,
@@ -280,6 +286,8 @@ class CausalLM(nnx.Module):
         stacked on a leading layer axis, indices of the frozen ones)`` runs the decoder blocks from
         those weights as one scan instead of from ``self.layers`` (`_scan_stacked`,
         `ngdiff_jax.models.stacked`; no KV cache)."""
+        if stacked is None:
+            self._require_weights()
         with kernels_lib.use(self.kernels):
             return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden,
                                  stacked)  # fmt: skip
@@ -380,6 +388,7 @@ class CausalLM(nnx.Module):
         """Logits ``[B, T, V]`` (float32). Positions default to ``0..T-1`` for every row, as
         transformers' forward does when no ``position_ids`` are given (right-padded batches
         are then exact; pass ``positions`` for left-padded input)."""
+        self._require_weights()
         input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
         graphdef, state = nnx.split(self)
         return _jit_call(graphdef, state, input_ids, attention_mask, positions)
@@ -757,5 +766,10 @@ def abstract_model(model: CausalLM) -> CausalLM:
 
 def with_params(model: CausalLM, params) -> CausalLM:
     """A new `CausalLM` like ``model`` holding ``params`` (a pure dict as from `functional`)."""
+    layers = params.get("layers") if isinstance(params, dict) else None
+    if isinstance(layers, dict) and layers and not any(isinstance(k, int) for k in layers):
+        raise ValueError("with_params: params are in the stacked layout (params['layers'] is one tree of "
+                         "[num_layers, ...] arrays, as from functional(model, stacked=True) or scan_layers); a "
+                         "CausalLM holds one tree per block: pass models.stacked.unstack(params).")  # fmt: skip
     graphdef, state = nnx.split(model)
     return _merge(graphdef, state, params)

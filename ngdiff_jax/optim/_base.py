@@ -212,13 +212,59 @@ def tree_scaled_vdot(a: Any, b: Any, a_scale: jax.Array, b_scale: jax.Array,
         ys = y.astype(dt) / b_scale.astype(dt)
         return jnp.sum(xs * ys).astype(jnp.float32)
 
-    parts = jax.tree.leaves(jax.tree.map(leaf, a, b))
-    return psum(sum(parts, jnp.zeros((), jnp.float32)), axis_name)
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    parts = [leaf(x, y) for x, y in zip(la, lb)]
+    return shard_sum(parts, list(zip(la, lb)), axis_name, jnp.zeros((), jnp.float32))
 
 
 def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
     """``jax.lax.psum(x, axis_name)``, or ``x`` for ``axis_name=None``."""
     return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def axis_names(axis_name: AxisName) -> tuple:
+    """``axis_name`` as a tuple of mapped-axis names (``()`` for None)."""
+    if axis_name is None:
+        return ()
+    return tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+
+
+def varying_axes(x) -> frozenset:
+    """The mapped axes over which ``x`` may differ between shards (``shard_map`` tracks them;
+    empty outside it, under ``pmap`` and with ``check_vma=False``)."""
+    try:
+        t = jax.typeof(x)
+    except TypeError:
+        return frozenset()
+    mat = getattr(t, "manual_axis_type", None)  # JAX >= 0.9; `vma` before
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()) or ())
+
+
+def tracks_varying(axis_name: AxisName) -> bool:
+    """Whether values here say which of ``axis_name``'s axes they vary over (``shard_map`` with
+    ``check_vma``, JAX's default); under ``pmap`` or ``check_vma=False`` nothing is known."""
+    return all(a in varying_axes(jax.lax.axis_index(a)) for a in axis_names(axis_name))
+
+
+def shard_sum(parts: list, leaves: list, axis_name: AxisName, zero: jax.Array) -> jax.Array:
+    """``sum(parts)`` where ``parts[i]`` is a partial sum over ``leaves[i]`` (a tuple of arrays), summed
+    over the shards of the axes of ``axis_name`` that those leaves vary over. A leaf replicated over
+    an axis (a gradient of replicated params, already averaged) counts once, not once per shard;
+    where variation is not tracked (``pmap``), every part is summed over every axis."""
+    axes = axis_names(axis_name)
+    tracked = bool(axes) and tracks_varying(axis_name)
+    groups: dict[tuple, jax.Array] = {}
+    for part, xs in zip(parts, leaves):
+        if not tracked:
+            over = axes
+        else:
+            vary = frozenset().union(*(varying_axes(x) for x in xs))
+            over = tuple(a for a in axes if a in vary)
+        groups[over] = groups.get(over, zero) + part
+    total = zero
+    for over, part in groups.items():
+        total = total + (jax.lax.psum(part, over) if over else part)
+    return total
 
 
 def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None, axis_name: AxisName = None) -> jax.Array:
@@ -260,10 +306,8 @@ def _hypot(a: jax.Array | None, b: jax.Array) -> jax.Array:
 def _blue_norm(leaves: list, axis_name: AxisName) -> jax.Array:
     """The L2 norm of ``leaves`` from Blue's accumulators (LAPACK's ``dnrm2`` combination)."""
     _, _, s_small, s_big = _blue(jnp.float32)
-    acc = [jnp.zeros((), jnp.float32)] * 3
-    for x in leaves:
-        acc = [a + p.astype(jnp.float32) for a, p in zip(acc, _leaf_moments(x)[1])]
-    small, medium, big = (psum(a, axis_name) for a in acc)
+    parts = [jnp.stack([p.astype(jnp.float32) for p in _leaf_moments(x)[1]]) for x in leaves]
+    small, medium, big = shard_sum(parts, [(x,) for x in leaves], axis_name, jnp.zeros((3,), jnp.float32))
     # big dominates medium; small and medium are merged with care
     big_norm = _root(big + (medium * s_big) * s_big) / s_big
     m = jnp.where(medium > 0, _root(medium), 0.0)
@@ -293,6 +337,31 @@ def _check_pair(retain_grads: Any, forget_grads: Any, name: str) -> None:
                 f"({jnp.shape(r)} vs {jnp.shape(f)}); both must be gradients with "
                 f"respect to the same params."
             )
+
+
+def _require_leaves(tree: Any, name: str, what: str) -> None:
+    """A tree with no arrays would train nothing, silently (e.g. an NNX filter that selects nothing)."""
+    if tree is not None and not jax.tree.leaves(tree):
+        raise ValueError(
+            f"{name}: {what} holds no arrays, so nothing would be trained. With Flax NNX check the filter: the "
+            "LoRA adapters of ngdiff_jax.models.lora are lora.LoraParam (nnx.Optimizer(model, tx, "
+            "wrt=lora.LoraParam), nnx.DiffState(0, lora.LoraParam)); nnx.LoRAParam selects nothing in our models."
+        )
+
+
+def _check_shards(retain_grads: Any, forget_grads: Any, axis_name: AxisName, name: str) -> None:
+    """Inside ``shard_map``, gradients that differ between shards (a gradient cut into shards)
+    need ``axis_name``: without it every norm and inner product would be one shard's. (Gradients
+    of replicated params are summed over the shards by ``jax.grad`` itself and vary nowhere.)"""
+    grads = jax.tree.leaves(retain_grads) + jax.tree.leaves(forget_grads)
+    vary = frozenset().union(*(varying_axes(g) for g in grads)) if grads else frozenset()
+    missing = sorted(vary - set(axis_names(axis_name)))
+    if missing:
+        raise ValueError(
+            f"{name}: the gradients differ between the shards of the mapped axes {missing} (inside shard_map), but "
+            f"axis_name={axis_name!r}: the norms and inner products would be one shard's. Pass axis_name="
+            f"{missing[0]!r} (the combiner sums them over the shards of the leaves that vary there)."
+        )
 
 
 def _clip(tree: Any, max_abs: jax.Array, clip_norm: float, axis_name: AxisName):
@@ -342,7 +411,7 @@ def two_task_combiner(
         raise ValueError(f"{name}: clip_norm must be > 0 or None, got {clip_norm!r}.")
 
     def init_fn(params):
-        del params
+        _require_leaves(params, name, "params")
         # One buffer per field: a state whose leaves share a buffer cannot be
         # donated to a jitted step ("donate the same buffer twice").
         return CombinerState(
@@ -355,7 +424,9 @@ def two_task_combiner(
 
     def update_fn(retain_grads, state, params=None, *, forget_grads=None, **extra_args):
         del params, extra_args
+        _require_leaves(retain_grads, name, "retain_grads")
         _check_pair(retain_grads, forget_grads, name)
+        _check_shards(retain_grads, forget_grads, axis_name, name)
         _guard.combiner_called(name, retain_grads)
         m_r = tree_max_abs(retain_grads, axis_name)
         m_f = tree_max_abs(forget_grads, axis_name)

@@ -8,6 +8,7 @@ traced (Python-side, no cost in the compiled step) and raise instead:
 * a combiner called (directly or through its chain) by ``optax.MultiSteps`` (accumulates only
   ``retain_grads``; ``forget_grads`` would come from the last micro-batch) or by
   ``optax.apply_if_finite`` (checks only ``retain_grads``);
+* a combiner after another combiner (it would add ``forget_grads`` a second time);
 * a combiner that is not the first member of an ``optax.chain`` (the members before it saw only
   ``retain_grads``: ``optax.clip_by_global_norm`` there would clip only the retain gradient);
 * inside `two_task`: a combiner that received something else than the ``retain_grads`` given to
@@ -53,6 +54,11 @@ _NOT_FIRST = (
     "the combiner's clip_norm= option."
 )
 
+_TWICE = (
+    "{name}: a second combiner after a combiner in one chain; the first already combined both tasks "
+    "(its output is one direction), so this one would add forget_grads again. Use one combiner per chain."
+)
+
 
 def mark(tx: optax.GradientTransformation, kind: str) -> optax.GradientTransformation:
     """Marks ``tx`` as two-task aware (``kind``: "combiner" or "wrapper")."""
@@ -94,6 +100,8 @@ def _check_chain_position(frame, name: str) -> None:
             return
         if getattr(prev, MARK, None) is None:
             raise ValueError(_NOT_FIRST.format(name=name))
+        if getattr(prev, MARK, None) == "combiner":
+            raise ValueError(_TWICE.format(name=name))
 
 
 def combiner_called(name: str, retain_grads) -> None:
@@ -111,6 +119,8 @@ def combiner_called(name: str, retain_grads) -> None:
             "use the combiner's clip_norm= for per-task clipping and run.micro_batches=k for "
             "accumulation."
         )
+    if call.seen:
+        raise ValueError(_TWICE.format(name=name))
     call.seen.append(name)
 
 

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.bits import from_bits, opaque, to_bits
+from ngdiff_jax.optim._base import varying_axes
 from ngdiff_jax.shifted import Shifted, accepts_shifted
 
 __all__ = ["GeNState", "gen_rate_estimate", "scale_by_gen"]
@@ -212,7 +213,16 @@ def scale_by_gen(
         return jnp.asarray(m, jnp.float32)
 
     def reduce(loss):
-        return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
+        if axis_name is not None:
+            return jax.lax.pmean(loss, axis_name)
+        vary = sorted(varying_axes(loss))
+        if vary:  # each shard would fit its own rate from its own batch, and the rates would part
+            raise ValueError(
+                f"scale_by_gen: value_fn's loss differs between the shards of the mapped axes {vary} (a batch "
+                f"sharded inside shard_map), but axis_name=None: pass axis_name={vary[0]!r} so that GeN "
+                "averages its probe losses over the shards and every shard adapts the same rate."
+            )
+        return loss
 
     def init_fn(params):
         del params
@@ -244,6 +254,14 @@ def scale_by_gen(
         if params is None:
             raise ValueError(
                 "scale_by_gen needs params: call update(updates, state, params, value_fn=...)."
+            )
+        masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+        if any(masked(x) for x in jax.tree.leaves(params, is_leaf=masked)):
+            raise ValueError(
+                "scale_by_gen under optax.masked / optax.multi_transform: the params it would pass "
+                "to value_fn lack the masked-out leaves, so the loss cannot be evaluated; keep GeN "
+                "outside the mask (mask the transformations inside the chain, e.g. "
+                "unlearning_optimizer(..., optimizer=optax.multi_transform(...))) or use gen=False."
             )
         lr = state.learning_rate
         # The branches read the parameters and the bfloat16 update through their bits: a

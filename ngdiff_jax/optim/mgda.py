@@ -40,7 +40,7 @@ from ngdiff_jax.optim._base import (
     TwoTaskWeights,
     _acc_dtype,
     _safe_scale,
-    psum,
+    shard_sum,
     tree_scaled_norm,
     two_task_combiner,
 )
@@ -58,8 +58,9 @@ def _numerators(g_r, g_f, s, axis_name):
         diff = r - f
         return jnp.stack([jnp.sum(r * diff), -jnp.sum(f * diff)]).astype(jnp.float32)
 
-    parts = jax.tree.leaves(jax.tree.map(leaf, g_r, g_f))
-    total = psum(sum(parts, jnp.zeros((2,), jnp.float32)), axis_name)
+    lr, lf = jax.tree.leaves(g_r), jax.tree.leaves(g_f)
+    parts = [leaf(r, f) for r, f in zip(lr, lf)]
+    total = shard_sum(parts, list(zip(lr, lf)), axis_name, jnp.zeros((2,), jnp.float32))
     return total[0], total[1]
 
 

@@ -286,7 +286,9 @@ def unlearning_optimizer(
     parts = [combine]
     if optimizer is not None:
         parts.append(optimizer)
-    if not concrete(weight_decay) or weight_decay:  # a traced rate (a population's setting) may be 0
+    # the chain's shape must not depend on the value: an array (inject_hyperparams' init) or a tracer
+    # (its update under jit, a population's setting) may be 0 and still gets the member
+    if not isinstance(weight_decay, (int, float)) or weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale(-1.0))
     if gen:

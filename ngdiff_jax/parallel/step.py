@@ -181,6 +181,7 @@ def shard_unlearn_step(
     that a loop slices (`ngdiff_jax.models.kernels.remat_scan`): a copy of every stacked weight
     for the whole step (SmolLM2 in bfloat16: 266 MB), which bits arriving as bits do not need.
     """
+    _require_auto_axes(mesh)
     rules = resolve_rules(rules)
     p_sh = param_shardings(params, mesh, rules) if shardings is None else shardings
     o_sh = opt_state_shardings(opt_state, params, p_sh, mesh)
@@ -229,6 +230,22 @@ def shard_unlearn_step(
 
 
 # In place: the outputs reuse the donated inputs' buffers (same sizes).
+def _require_auto_axes(mesh: Mesh) -> None:
+    """The models place their intermediates by XLA's sharding propagation (``Auto`` axes); with
+    ``Explicit`` axes (sharding in types) their gathers and reshapes would need an output sharding
+    each, which they do not give: refuse such a mesh, naming the fix."""
+    from jax.sharding import AxisType
+
+    explicit = [n for n, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ())) if t == AxisType.Explicit]
+    if explicit:
+        raise ValueError(
+            f"mesh axes {explicit} are Explicit (sharding in types, the default of jax.make_mesh in recent JAX): "
+            "the models are written for XLA's sharding propagation. Make the mesh with Auto axes: "
+            "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)), or "
+            "ngdiff_jax.parallel.make_mesh(...) / mesh.axis_types=auto (the default)."
+        )
+
+
 _encode = jax.jit(lambda tree: jax.tree_util.tree_map(to_bits, tree), donate_argnums=0)
 _decode = jax.jit(lambda tree: jax.tree_util.tree_map(from_bits, tree), donate_argnums=0)
 

@@ -19,7 +19,9 @@ deleted) and the next older one is tried.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import os
 import shutil
 import sys
@@ -61,13 +63,29 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Save ``state`` (pytree of arrays) and ``meta`` (JSON-able) as checkpoint ``step``."""
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        """Save ``state`` (pytree of arrays) and ``meta`` (JSON-able) as checkpoint ``step``.
+
+        A disk without room for it fails before orbax writes anything (``ENOSPC``, one line at
+        the CLI): a write that runs out of space midway ends in orbax's and tensorstore's writer
+        threads printing hundreds of lines of tracebacks."""
+        need = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        if free < need + need // 20 + (1 << 20):
+            raise OSError(errno.ENOSPC, f"checkpoint step {step} needs ~{need / 2**20:.1f} MiB, "
+                          f"{free / 2**20:.1f} MiB free", str(self.directory))  # fmt: skip
+        try:
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except BaseException:
+            # a failed write (a full disk): stop orbax's writer threads now, so that they do not
+            # print their own tracebacks at exit after the one-line error
+            with contextlib.suppress(Exception):
+                self._manager.close()
+            raise
 
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict[str, Any]]:
         """Restore checkpoint ``step`` (default: latest) into the structure of ``target``.
@@ -106,6 +124,8 @@ class Checkpointer:
                 meta = dict(self._manager.restore(int(step), args=args)["meta"])
                 if not isinstance(meta.get("step"), int):
                     raise ValueError(f"its meta has no integer 'step' (keys: {sorted(meta)})")
+                if meta["step"] != int(step):  # a directory renamed or a meta copied from another step
+                    raise ValueError(f"its meta says step {meta['step']}, its directory step {step}")
             except Exception as e:
                 moved.append(self._set_aside(step, e))
                 continue

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from pathlib import Path
 
 from ngdiff_jax.config_loader import ConfigError, load_config, to_dict
 
@@ -35,10 +37,20 @@ def resolve(cls, args):
     if args.no_progress:
         overrides.append("run.progress=false")
     try:
-        return load_config(cls, args.config, overrides, subdir="experiments")
+        cfg = load_config(cls, args.config, overrides, subdir="experiments")
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
+    out_dir = getattr(getattr(cfg, "run", None), "output_dir", None)
+    if out_dir is None:
+        return cfg
+    written = Path(os.path.abspath(Path(out_dir).expanduser() / "config.yaml")).resolve()
+    if args.config and Path(args.config).is_file() and Path(os.path.abspath(args.config)).resolve() == written:
+        print(f"error: --config {args.config} is the config.yaml this run writes into run.output_dir "
+              f"({out_dir}) and would be overwritten: copy it elsewhere (e.g. configs/) and pass "
+              "that copy.", file=sys.stderr)  # fmt: skip
+        return None
+    return cfg
 
 
 def _model_source_wins(overrides: list[str]) -> list[str]:

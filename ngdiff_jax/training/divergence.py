@@ -20,15 +20,55 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ngdiff_jax.errors import DivergedError
+from ngdiff_jax.errors import DivergedError, NgdiffError
 
-__all__ = ["check_run", "first_bad_step", "params_finite"]
+__all__ = ["UnchangedError", "check_changed", "check_run", "first_bad_step", "fingerprint", "params_finite"]
+
+
+class UnchangedError(NgdiffError):
+    """The run's weights did not move (exit code 1): its export was refused."""
 
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
+
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+@jax.jit
+def _fingerprint(tree) -> jax.Array:
+    total = jnp.zeros((), jnp.uint32)
+    for x in jax.tree.leaves(tree):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            x = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize])
+        elif not jnp.issubdtype(x.dtype, jnp.integer):
+            continue
+        total = total + jnp.sum(x.astype(jnp.uint32), dtype=jnp.uint32)  # wraps: a checksum
+    return total
+
+
+def fingerprint(params: Any) -> int:
+    """A checksum of the numeric leaves of ``params`` (weights stored as bits included): the sum of
+    their bit patterns modulo 2**32, independent of the leaves' layout; equal before and after a
+    run only if no weight moved (barring a 2**-32 coincidence)."""
+    return int(_fingerprint(params))
+
+
+def check_changed(before: int, result, out_dir: str | Path, cfg) -> None:
+    """Raise :class:`UnchangedError` if the trained weights are bit-identical to the initial ones
+    (``before`` = :func:`fingerprint` of the initial params): e.g. a rate so small that every update
+    rounds away. An unchanged model is never exported as a result."""
+    if int(result.step) < 1 or fingerprint(result.params) != before:
+        return
+    lr = cfg.optim.lr
+    raise UnchangedError(
+        f"the run left every weight bit-identical to the input after {int(result.step)} steps "
+        f"(optim.lr={lr:g}): each update rounded away, so there is nothing to export to {Path(out_dir) / 'model'}; "
+        f"raise optim.lr (e.g. optim.lr={lr * 1000:g}) and use a new run.output_dir."
+    )
 
 
 def params_finite(params: Any) -> bool:

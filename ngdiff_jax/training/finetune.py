@@ -135,6 +135,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     settings = checkpoint.resume_settings(cfg, ignore=("mesh", "distributed"))
     t0 = time.perf_counter()
     # The loop owns (and donates) params and opt_state from here on.
+    before = divergence.fingerprint(params)  # an unchanged model is a failure, not a result
     result = run_loop(
         sharded.loop_step,
         params,
@@ -158,6 +159,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     wall = time.perf_counter() - t0
     result.opt_state = None  # not needed for the export: free it first
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
+    divergence.check_changed(before, result, out, cfg)
     card = {"base_model": cfg.model_path, "method": "fine-tuning (ngdiff-jax)",
             "data": {"source": cfg.data.source or "TOFU", "split": cfg.data.split},
             "metrics": {"steps": result.step, **(result.last_metrics or {})}}

@@ -210,6 +210,8 @@ def run_loop(
         rec = {"step": step, **{k: _jsonable(v) for k, v in dict(eval_fn(step, params)).items()}}
         result.evals.append(rec)
         if main:
+            if step <= start:  # a finished run run again evaluates its last step again: replace that row
+                _truncate_log(eval_path, step - 1)
             with open(eval_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 

@@ -66,6 +66,16 @@ def export_run(out: Path, model, params, tokenizer, *, lora_run, card: dict, dty
     PEFT adapter in ``out/adapter``), each written aside and swapped in whole
     (:func:`ngdiff_jax.training.ownership.atomic_dir`); ``write_format(dir)`` adds the format file.
     Returns ``(model_dir, adapter_dir or None)``."""
+    model_dir = out / "model"
+    try:
+        return _export(out, model, params, tokenizer, lora_run, card, dtype, main, write_format)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # safetensors/transformers name no file
+            raise OSError(e.errno, e.strerror, str(model_dir)) from e
+        raise
+
+
+def _export(out: Path, model, params, tokenizer, lora_run, card, dtype, main, write_format):
     from ngdiff_jax import parallel as par
     from ngdiff_jax.training import ownership
 

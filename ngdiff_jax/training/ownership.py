@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ngdiff_jax.errors import InputError, OutputDirBusy
+from ngdiff_jax.processes import pid_alive
 
 __all__ = ["OutputLock", "atomic_dir", "check_output_dir", "claim", "guarded"]
 
@@ -73,7 +74,7 @@ def _inputs(cfg) -> list[tuple[str, Path]]:
             elif isinstance(v, str) and (k.endswith("_path") or k in ("tokenizer", "source")):
                 p = Path(v).expanduser()
                 if p.exists():
-                    found.append((key, _resolve(p if p.is_dir() else p.parent)))
+                    found.append((key, _resolve(p)))  # a file stays a file: a sibling output dir is fine
 
     walk(to_dict(cfg), "")
     return found
@@ -95,16 +96,6 @@ def check_output_dir(cfg) -> list[str]:
 
 
 # -- the lock --------------------------------------------------------------------------------
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class OutputLock:
@@ -136,7 +127,7 @@ class OutputLock:
         prev = _read_owner(fd)
         if prev:
             self.stale = prev
-            alive = prev.get("host") == socket.gethostname() and _pid_alive(int(prev.get("pid", -1)))
+            alive = prev.get("host") == socket.gethostname() and pid_alive(int(prev.get("pid", -1)))
             note = " (that PID is now another process)" if alive else ""
             print(f"note: stale lock {self.path} from PID {prev.get('pid')} on host {prev.get('host')} "
                   f"(started {prev.get('started')}; it ended without releasing it{note}); taking it over.",
@@ -192,11 +183,16 @@ def _has_results(out: Path) -> bool:
     return ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
 
 
+#: Settings that may differ between a run and its resume: a run directory moved or copied
+#: elsewhere (as the disk-full advice suggests) is the same run.
+_MOVABLE = frozenset({"run.output_dir"})
+
+
 def settings_diff(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ. A key only one side has is not a difference: it was
     added or removed by another ngdiff version (its value then is the default of the version
     that has it), so runs stay resumable across versions."""
-    return sorted(k for k in set(saved) & set(current) if saved[k] != current[k])
+    return sorted(k for k in set(saved) & set(current) if saved[k] != current[k] and k not in _MOVABLE)
 
 
 def _check_same_run(out: Path, command: str, settings: dict) -> None:
@@ -224,9 +220,17 @@ def _check_same_run(out: Path, command: str, settings: dict) -> None:
                     f"run.output_dir, or set {diff[0]}={a.get(diff[0])!r} to resume that run."
                 )
             return
-    foreign = sorted(
-        p.name for p in out.iterdir() if p.name not in _RUN_NAMES and not p.name.startswith((".model.", ".adapter."))
-    )
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    if manifest.exists() or any(n in _RUN_NAMES for n in present):
+        # files with our names but no readable record of the run that wrote them: a user's own
+        # config.yaml / log.jsonl / model, or a run whose .ngdiff-run.json was deleted or damaged
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        state = "is damaged" if manifest.exists() else "is missing"
+        raise InputError(
+            f"run.output_dir {out} holds {shown} but its {RUN_MANIFEST} {state}, so ngdiff cannot tell whether "
+            "they are its own: choose a new or empty run.output_dir (or move those files away)."
+        )
+    foreign = sorted(n for n in present if not n.startswith((".model.", ".adapter.")))
     if foreign:
         raise InputError(
             f"run.output_dir {out} already holds files ngdiff did not write ({', '.join(foreign[:5])}"

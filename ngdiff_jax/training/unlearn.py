@@ -171,6 +171,7 @@ def run_unlearn(
         selector = _selector(cfg, eval_fn, model=model, tok=tok, spec=spec, out=out, main=main, mesh=mesh, par=par,
                              to_full=to_full)  # fmt: skip
         eval_fn, eval_every = selector, cfg.selection.every
+    before = divergence.fingerprint(params)  # an unchanged model is a failure, not a result
     t0 = time.perf_counter()
     # The loop owns (and donates) params and opt_state from here on.
     result = run_loop(
@@ -195,6 +196,7 @@ def run_unlearn(
     wall = time.perf_counter() - t0
     result.opt_state = None  # not needed for the export: free it first
     divergence.check_run(result, out, cfg, params=result.params)  # a diverged run is not exported
+    divergence.check_changed(before, result, out, cfg)
     card = {"base_model": cfg.model_path, "method": f"{cfg.method.name} (ngdiff-jax unlearning)",
             "data": {"source": cfg.data.source or "TOFU", "forget": cfg.data.forget_split, "retain": retain_split},
             "metrics": {"steps": result.step, **(result.evals[-1] if result.evals else result.last_metrics or {})}}

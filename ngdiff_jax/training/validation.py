@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ngdiff_jax.config_loader import to_dict
+from ngdiff_jax.data.jsonio import read_json
 from ngdiff_jax.errors import InputError
 
 __all__ = ["check_config_values", "hub_cached", "validate_run"]
@@ -188,6 +190,53 @@ def _model_config(key: str, path: str, errors: list[str]):
         return None, None
 
 
+def _model_section_errors(hf: dict, tokenizer_vocab_size: int | None) -> list[str]:
+    """A ``model.hf`` section transformers accepts (e.g. heads that divide the hidden size)."""
+    from ngdiff_jax.models.config import ModelConfig
+
+    if "model_type" not in hf:
+        return ["model.hf needs a `model_type` (e.g. llama) and the sizes of the model."]
+    try:
+        ModelConfig.from_hf({**hf, "vocab_size": hf.get("vocab_size") or tokenizer_vocab_size or 1024})
+    except Exception as e:  # transformers' config validation raises its own error classes
+        return [f"model.hf: transformers refuses this {hf['model_type']} config ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}); fix the sizes in model.hf."]  # fmt: skip
+    return []
+
+
+def check_model_files(model_dir: Path, vocab_size: int | None) -> list[str]:
+    """A shard index whose shards are all there, and an embedding with ``vocab_size`` rows (config.json's),
+    read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    d, errors = Path(model_dir), []
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(read_json(index)["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            return [f"{index}: not a shard index ({' '.join(str(e).split())[:160]}); restore it or remove it."]
+        absent = sorted(fn for fn in shards if not (d / fn).is_file())
+        if absent:
+            errors.append(f"{index} names shard(s) {', '.join(absent[:3])} that are not in {d}; copy the missing "
+                          "shards or remove the stale index.")  # fmt: skip
+    if vocab_size is None:
+        return errors
+    for f in sorted(d.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="numpy") as st:
+                for name in st.keys():
+                    if name.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight")):
+                        rows = st.get_slice(name).get_shape()[0]
+                        if rows != vocab_size:
+                            errors.append(f"{d / 'config.json'}: vocab_size={vocab_size} but {f.name} tensor {name} "
+                                          f"has {rows} rows; fix vocab_size to {rows} or use the config.json that "
+                                          "came with these weights.")  # fmt: skip
+        except Exception:  # a damaged file: check_weights_finite names it
+            continue
+    return errors
+
+
 def check_weights_finite(model_dir: Path) -> list[str]:
     """Scan every ``*.safetensors`` tensor of a model dir for NaN/Inf (memory-mapped, one tensor at a time)."""
     import numpy as np
@@ -283,6 +332,28 @@ def _split_files(data, splits: list[str], errors: list[str]) -> dict[str, list]:
     return good
 
 
+def _row_errors(splits: dict[str, str], rows: dict[str, list]) -> list[str]:
+    """A split whose every answer is empty (nothing to learn or unlearn), and forget rows that are
+    also retain rows (the run would push the same question both ways)."""
+    errors = []
+    for key, split in splits.items():
+        got = rows.get(split)
+        if got and not any(str(r.get("answer", "")).strip() for r in got):
+            errors.append(f"{key}={split}: every one of its {len(got)} answers is empty; there is nothing to "
+                          "train on: fix the split's file or choose another split.")  # fmt: skip
+    forget, retain = rows.get(splits.get("data.forget_split")), rows.get(splits.get("data.retain_split"))
+    if forget and retain and splits["data.forget_split"] != splits["data.retain_split"]:
+        kept = {(r["question"], r["answer"]) for r in retain}
+        shared = [r["question"] for r in forget if (r["question"], r["answer"]) in kept]
+        if shared:
+            errors.append(f"data.forget_split={splits['data.forget_split']} and data.retain_split="
+                          f"{splits['data.retain_split']} share {len(shared)} of {len(forget)} forget rows (e.g. "
+                          f"{shared[0][:60]!r}): they would be unlearned and retained at once; pair the forget "
+                          "split with its own retain split (forget01/retain99, forget05/retain95, forget10/retain90)"
+                          " or leave data.retain_split null.")  # fmt: skip
+    return errors
+
+
 def _positions(mc) -> int:
     return int(mc.max_position_embeddings)
 
@@ -304,7 +375,10 @@ def validate_run(cfg, command: str) -> None:
     if model_path:
         mc, model_dir = _model_config("model_path", model_path, errors)
         if model_dir is not None:
+            errors += check_model_files(model_dir, int(mc.vocab_size))
             errors += check_weights_finite(model_dir)
+    if not model_path and getattr(cfg, "model", None) is not None:
+        errors += _model_section_errors(dict(cfg.model.hf), cfg.model.tokenizer_vocab_size)
     positions = vocab = None
     if mc is not None:
         positions, vocab = _positions(mc), int(mc.vocab_size)
@@ -350,16 +424,28 @@ def validate_run(cfg, command: str) -> None:
             except (ValueError, KeyError, OSError) as e:
                 errors.append(" ".join(str(e).split()))
                 tok = None
-    rows = _split_files(cfg.data, list(splits.values()), errors)
-    if tok is not None and getattr(cfg.data, "overlong", "truncate") == "error" and not errors:
+    if command != "finetune" and splits.get("data.retain_split") == cfg.data.forget_split:
+        errors.append(f"data.retain_split={cfg.data.forget_split!r} is the forget split: the run would unlearn and "
+                      "retain the same rows; set data.retain_split to the rows to keep (e.g. retain90 for "
+                      "forget10) or null for the paired TOFU split.")  # fmt: skip
+    rows = _split_files(cfg.data, list(dict.fromkeys(splits.values())), errors)
+    errors += _row_errors(splits, rows)
+    if tok is not None and not errors:
+        import warnings
+
         from ngdiff_jax.training import data_assembly
 
-        for key, split in splits.items():  # rows too long for data.max_length, found before loading weights
-            if split in rows:
-                try:
-                    data_assembly.encode_split(rows[split], tok, cfg.data, spec, where=f"{key}={split}")
-                except ValueError as e:
-                    errors.append(" ".join(str(e).split()))
+        # rows that cannot fit data.max_length (a prompt with no room for an answer token; every
+        # overlong row with data.overlong=error), found before any weight is loaded
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # truncation warnings come once, from the run itself
+            for key, split in splits.items():
+                if split in rows:
+                    try:
+                        data_assembly.encode_split(rows[split], tok, cfg.data, spec, where=f"{key}={split}")
+                    except ValueError as e:
+                        msg = " ".join(str(e).split())
+                        errors.append(msg if key in msg else f"{key}={split}: {msg}")
     if errors:
         raise InputError("\n".join(f"error: {e}" if i else e for i, e in enumerate(errors)))
 
@@ -379,6 +465,13 @@ def validate_eval(args, forget_split: str) -> None:
     if p.is_dir():
         if not (p / "config.json").is_file():
             errors.append(f"--model {model}: no config.json in {p.absolute()}; pass a saved model directory.")
+        else:
+            try:
+                vocab = int(read_json(p / "config.json").get("vocab_size"))
+            except (ValueError, TypeError, AttributeError):
+                vocab = None  # reported when the model loads
+            errors += check_model_files(p, vocab)
+            errors += check_weights_finite(p)
     elif not (looks_like_hub_id(model) and hub_cached(model)):
         errors.append(not_local_message("--model", model, p, "model directory"))
     if args.tokenizer is not None:
@@ -418,8 +511,29 @@ def validate_eval(args, forget_split: str) -> None:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         errors.append(f"--out {out} is a directory; pass the result file to write (e.g. {out / 'result.json'}).")
+    elif out is not None:
+        errors += _eval_out_errors(out, {"--model": p, "--tokenizer": args.tokenizer, "--data": d,
+                                         "--retain-eval": args.retain_eval,
+                                         "--reference-model": getattr(args, "reference_model", None)})  # fmt: skip
     if errors:
         raise InputError("\n".join(f"error: {e}" if i else e for i, e in enumerate(errors)))
+
+
+def _eval_out_errors(out: Path, inputs: dict) -> list[str]:
+    """``--out`` must not be one of the evaluation's inputs, nor lie inside an input folder (a
+    model's config.json, a benchmark split): the result would overwrite what it was computed from."""
+    target = Path(os.path.abspath(out.expanduser())).resolve()
+    for flag, value in inputs.items():
+        if value is None:
+            continue
+        inp = Path(os.path.abspath(Path(value).expanduser())).resolve()
+        if not inp.exists():
+            continue
+        if target == inp or (inp.is_dir() and target.is_relative_to(inp)):
+            where = "is" if target == inp else "is inside"
+            return [f"--out {out} {where} the input {flag} {value}; writing the result there would overwrite "
+                    "an input: pass a result file outside it (e.g. eval_results/<name>.json)."]  # fmt: skip
+    return []
 
 
 def _retain_eval_errors(path: str) -> list[str]:
