@@ -250,6 +250,28 @@ def test_a_conversion_cut_short_leaves_nothing_and_runs_again(tiny, tmp_path, mo
     assert (out / "tokenizer.json").is_file() and not list(tmp_path.glob(".hf.*"))
 
 
+def test_a_file_size_limit_during_convert_then_the_same_command_runs(tiny, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from ngdiff_jax.cli import main
+    from ngdiff_jax.models import gguf as G
+
+    out = tmp_path / "hf"
+    real = G._write
+
+    def limited(d, *a):
+        (d / "config.json").write_text("{}")
+        raise OSError(errno.EFBIG, "File too large", str(d / "model.safetensors"))
+
+    monkeypatch.setattr(G, "_write", limited)
+    assert main(["convert", str(tiny[0]), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "file size limit reached" in err[0] and not out.exists()
+    monkeypatch.setattr(G, "_write", real)
+    assert main(["convert", str(tiny[0]), str(out)]) == 0  # the same command, as the message says
+    assert (out / "tokenizer.json").is_file()
+
+
 def test_unsupported_architecture_is_refused(tmp_path):
     from ngdiff_jax.models.gguf import convert_gguf
 

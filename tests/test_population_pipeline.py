@@ -210,3 +210,17 @@ def test_a_population_whose_every_member_diverged_fails(tiny, tmp_path):
     saved = json.loads((tmp_path / "pop" / "population.json").read_text())
     assert all(m["diverged"] for m in saved["members"])
     assert not (tmp_path / "pop" / "members" / "m000" / "model").exists()
+
+
+def test_a_member_whose_weights_never_move_is_flagged_and_not_exported(tiny, tmp_path):
+    """Issue 26: a rate whose every update rounds away leaves the member bit-identical to the input;
+    it is flagged ``unchanged`` and not exported, and a population of only such members fails."""
+    from ngdiff_jax.training.divergence import UnchangedError
+
+    res = run_population(_cfg(tiny, tmp_path / "pop", "method=gdiff", "population.lr=[1e-15, 1e-3]"))
+    flags = {r["values"]["optim.lr"]: r["unchanged"] for r in res.results}
+    assert flags == {1e-15: True, 1e-3: False}, flags
+    assert res.summary["unchanged"] == [r["key"] for r in res.results if r["unchanged"]]
+    assert [r.get("model_dir") is None for r in res.results] == [True, False]
+    with pytest.raises(UnchangedError, match="every member of the population ended with weights bit-identical"):
+        run_population(_cfg(tiny, tmp_path / "tiny", "method=gdiff", "population.lr=[1e-15, 1e-16]"))

@@ -374,6 +374,12 @@ def test_inject_hyperparams_of_the_whole_optimizer_under_jit():
     plain = unlearning_optimizer("ngdiff", 1e-2, gen=False)
     u, _ = jax.jit(lambda s: tx.update(g, s, p, forget_grads=f))(tx.init(p))
     want, _ = plain.update(g, plain.init(p), p, forget_grads=f)
+    from ngdiff_jax.optim import ngdiff
+
+    combiner = optax.inject_hyperparams(ngdiff)()  # a combiner alone, under jit (was TracerBoolConversionError)
+    d, _ = jax.jit(lambda s: combiner.update(g, s, p, forget_grads=f))(combiner.init(p))
+    ref, _ = ngdiff().update(g, ngdiff().init(p), p, forget_grads=f)
+    np.testing.assert_allclose(d["w"], ref["w"], rtol=1e-6)
     # equal up to b2 held as a float32 array (1 - b2 in float32: 1.3e-5 relative, 6.5e-6 after the sqrt)
     np.testing.assert_allclose(u["w"], want["w"], rtol=2e-5)
 
@@ -507,6 +513,19 @@ with pytest.raises(ValueError, match="differ between the shards of the mapped ax
 got = comb(ngdiff(axis_name="x"))   # the replicated leaf counts once, not 8 times
 for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+# 4. pmap data parallelism: GeN without axis_name is refused (the replicas fitted 8 different rates)
+Xp = X.reshape(8, 8, 3)
+u = jax.tree.map(lambda x: -x, jax.grad(retain)(p, X))
+def rate(tx):
+    return jax.pmap(lambda Xs: tx.update(u, tx.init(p), p, value_fn=lambda q: retain(q, Xs))[1].learning_rate,
+                    axis_name="b")(Xp)
+with pytest.raises(ValueError, match="under the mapped axes \\['b'\\] with axis_name=None"):
+    rate(scale_by_gen(0.1, every=1))
+rates = np.asarray(rate(scale_by_gen(0.1, every=1, axis_name="b")))
+ref = scale_by_gen(0.1, every=1)
+np.testing.assert_allclose(rates, ref.update(u, ref.init(p), p, value_fn=lambda q: retain(q, X))[1].learning_rate,
+                           rtol=1e-5)
 print("OK")
 '''
 
@@ -566,3 +585,68 @@ def test_nnx_lora_idiom_with_flax_lora_param_is_refused_naming_ours(tiny_adapted
         nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)  # Flax's class: selects nothing in our models
     opt = nnx.Optimizer(model, tx, wrt=lora.LoraParam)  # ours: the adapters
     assert len(jax.tree.leaves(nnx.state(opt, nnx.optimizer.OptState))) > 0
+
+
+def test_setting_the_fixed_rate_in_the_state_takes_effect():
+    import optax
+
+    from ngdiff_jax.optim import unlearning_optimizer
+
+    p, g, f = _grads()
+    tx = unlearning_optimizer("ngdiff", 1e-2, gen=False)
+    state = tx.init(p)
+    u, _ = tx.update(g, optax.tree.set(state, learning_rate=0.0), p, forget_grads=f)
+    assert not np.asarray(u["w"]).any()  # was a full 1e-2 step: the state's rate was only a record
+    u2, _ = tx.update(g, optax.tree.set(state, learning_rate=2e-2), p, forget_grads=f)
+    u1, _ = tx.update(g, state, p, forget_grads=f)
+    np.testing.assert_allclose(u2["w"], 2 * u1["w"], rtol=1e-6)
+
+
+def test_inject_hyperparams_of_gen_a_new_rate_takes_effect():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from ngdiff_jax.optim import scale_by_gen
+
+    loss = lambda q: 0.5 * jnp.sum(jnp.array([1.0, 3.0]) * q["w"] ** 2)  # noqa: E731
+    p = {"w": jnp.array([1.0, 1.0])}
+    u = {"w": -jax.grad(loss)(p)["w"]}
+    tx = optax.inject_hyperparams(scale_by_gen)(learning_rate=0.05, every=4)
+    step = jax.jit(lambda s: tx.update(u, s, p, value_fn=loss))
+    _, s = step(tx.init(p))  # step 1 probes and adapts the rate
+    assert float(s.inner_state.learning_rate) != 0.05
+    s.hyperparams["learning_rate"] = jnp.asarray(1e-6)
+    out, s = step(s)  # step 2 does not probe: the new rate is used as it is
+    np.testing.assert_allclose(out["w"], 1e-6 * u["w"], rtol=1e-6)  # was the adapted ~0.05 rate
+    out, s = step(s)  # and it stays (adapted from there on, not reset again)
+    np.testing.assert_allclose(out["w"], 1e-6 * u["w"], rtol=1e-6)
+
+
+def test_forward_mode_through_the_default_cpu_kernels():
+    """Issue 26 crash 8: jax.jvp (and a Hessian-vector product) through the CPU default kernels,
+    whose custom_vjp's have no forward mode: the model takes its plain path then, same values."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ngdiff_jax import models
+    from ngdiff_jax.models.testing import tiny_hf_config
+
+    cfg = tiny_hf_config("llama")
+    fast = models.from_config(cfg, rngs=nnx.Rngs(0), kernels="cpu_fast")
+    plain = models.from_config(cfg, rngs=nnx.Rngs(0), kernels="xla")
+    ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 50
+    labels = ids.at[:, :2].set(-100)
+    outs = []
+    for m in (fast, plain):
+        apply_fn, params = models.functional(m)
+        t = jax.tree.map(jnp.ones_like, params)
+        logits = lambda p, f=apply_fn: jnp.sum(f(p, ids) ** 2)  # noqa: E731
+        nll = lambda p, f=apply_fn: -jnp.sum(f.token_logprobs(p, ids, labels).logp)  # noqa: E731
+        _, jv = jax.jvp(logits, (params,), (t,))
+        _, hvp = jax.jvp(jax.grad(nll), (params,), (t,))  # forward over reverse
+        outs.append((jv, jax.tree.leaves(hvp)))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
+    for a, b in zip(outs[0][1], outs[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -346,7 +346,7 @@ class CausalLM(nnx.Module):
         recomputed in the backward pass: one more head matmul). Plain JAX: jit, vmap and both
         modes of differentiation work as for the logits."""
         input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
-        graphdef, state = nnx.split(self)
+        graphdef, state = _split_for_mode(self)
         return _jit_logprobs(graphdef, state, input_ids, jnp.asarray(labels), attention_mask, positions)
 
     def _head_logprobs(self, x: Array, labels: Array) -> TokenLogprobs:
@@ -390,7 +390,7 @@ class CausalLM(nnx.Module):
         are then exact; pass ``positions`` for left-padded input)."""
         self._require_weights()
         input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
-        graphdef, state = nnx.split(self)
+        graphdef, state = _split_for_mode(self)
         return _jit_call(graphdef, state, input_ids, attention_mask, positions)
 
     def hidden_state(self, input_ids: Array, attention_mask: Array | None = None, *, layer: int,
@@ -405,7 +405,8 @@ class CausalLM(nnx.Module):
             raise ValueError(f"layer={layer} is out of range for a model with {n} layers; use 0..{n - 1} "
                              f"(or -{n}..-1).")
         input_ids, mask, positions = _inputs(input_ids, attention_mask, positions)
-        with kernels_lib.use(self.kernels):
+        forward = self.kernels == "cpu_fast" and kernels_lib.forward_mode(nnx.state(self))
+        with kernels_lib.use("xla" if forward else self.kernels):
             x = _rows(self.embed[...], input_ids).astype(self.dtype)
             if self.pos_embed is not None:
                 x = x + _rows(self.pos_embed[...], positions).astype(self.dtype)
@@ -655,6 +656,18 @@ def set_remat(model: CausalLM, policy: str) -> CausalLM:
         raise ValueError(f"remat policy {policy!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}.")
     model.remat = policy
     return model
+
+
+def _split_for_mode(model: CausalLM):
+    """``nnx.split(model)``; under forward-mode autodiff (``jax.jvp``, Hessian-vector products) a
+    ``cpu_fast`` model is split as an ``xla`` one: its ``custom_vjp`` kernels have no forward mode,
+    and the jitted call would only meet them after tracing (the same values either way)."""
+    graphdef, state = nnx.split(model)
+    if model.kernels == "cpu_fast" and kernels_lib.forward_mode(state):
+        twin = nnx.merge(graphdef, state)
+        twin.kernels = "xla"
+        graphdef, state = nnx.split(twin)
+    return graphdef, state
 
 
 @partial(jax.jit, static_argnums=0)

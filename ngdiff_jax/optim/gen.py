@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.bits import from_bits, opaque, to_bits
-from ngdiff_jax.optim._base import varying_axes
+from ngdiff_jax.optim._base import tracks_varying, varying_axes
 from ngdiff_jax.shifted import Shifted, accepts_shifted
 
 __all__ = ["GeNState", "gen_rate_estimate", "scale_by_gen"]
@@ -85,6 +85,46 @@ class GeNState(NamedTuple):
 
     count: jax.Array
     learning_rate: jax.Array
+
+
+def _bound_axes() -> tuple:
+    """The names of the mapped axes (``pmap``, ``shard_map``, named ``vmap``) being traced under."""
+    try:
+        from jax._src import core  # no public accessor; without it the check below is skipped
+
+        return tuple(core.get_axis_env().axis_names())
+    except Exception:
+        return ()
+
+
+def _vmapped(axis) -> bool:
+    """Whether ``axis`` is a ``vmap`` axis (independent computations: each its own rate is right)."""
+    return type(jax.lax.axis_index(axis)).__name__ == "BatchTracer"
+
+
+def _refuse_unnamed_mapped_axes(member_axis) -> None:
+    """GeN with no ``axis_name`` under a device axis whose values do not say whether they differ
+    between its shards (``pmap``, ``shard_map`` without ``check_vma``): each replica would adapt
+    its own rate and the replicas of one model would part silently. A ``vmap`` axis is left alone
+    (independent runs, each its own rate; ``member_axis`` makes that cheaper), and under
+    ``shard_map`` with ``check_vma`` the loss's type decides (see ``reduce``)."""
+    names = [a for a in _bound_axes() if a != member_axis and not _vmapped(a) and not tracks_varying(a)]
+    if names:
+        raise ValueError(
+            f"scale_by_gen runs under the mapped axes {names} with axis_name=None: each shard or replica would "
+            f"adapt its own rate and the replicas of one model would part. Pass axis_name={names[0]!r} (data "
+            "parallelism: GeN averages its probe losses over the replicas and all adapt one rate)."
+        )
+
+
+class GivenRateGeNState(NamedTuple):
+    """State of :func:`scale_by_gen` given its rate as an array (``optax.inject_hyperparams``, a
+    population's traced setting): :class:`GeNState`'s fields and ``given``, the rate it was given
+    last; a different value given later replaces the adapted rate."""
+
+    count: jax.Array
+    learning_rate: jax.Array
+    given: jax.Array
 
 
 def _shifted(params: Any, updates: Any, step: jax.Array, lazy: bool = False) -> Any:
@@ -224,12 +264,17 @@ def scale_by_gen(
             )
         return loss
 
+    # A rate given as an array (optax.inject_hyperparams' value, a population's setting) may be
+    # changed between updates: the state then also keeps the value it was given last, and a new
+    # value replaces the adapted rate (as setting it in the state does). A number cannot change.
+    given = not isinstance(learning_rate, (int, float))
+
     def init_fn(params):
         del params
-        return GeNState(
-            count=jnp.zeros((), jnp.int32),
-            learning_rate=jnp.asarray(learning_rate, jnp.float32) + jnp.zeros((), jnp.float32),
-        )
+        lr0 = jnp.asarray(learning_rate, jnp.float32) + jnp.zeros((), jnp.float32)
+        if given:
+            return GivenRateGeNState(count=jnp.zeros((), jnp.int32), learning_rate=lr0, given=lr0 + 0.0)
+        return GeNState(count=jnp.zeros((), jnp.int32), learning_rate=lr0)
 
     def update_fn(
         updates,
@@ -263,7 +308,12 @@ def scale_by_gen(
                 "outside the mask (mask the transformations inside the chain, e.g. "
                 "unlearning_optimizer(..., optimizer=optax.multi_transform(...))) or use gen=False."
             )
-        lr = state.learning_rate
+        if axis_name is None:
+            _refuse_unnamed_mapped_axes(member_axis)
+        lr = jnp.asarray(state.learning_rate, jnp.float32)
+        if given:
+            new_given = jnp.asarray(learning_rate, jnp.float32)
+            lr = jnp.where(new_given != state.given, new_given, lr)
         # The branches read the parameters and the bfloat16 update through their bits: a
         # bfloat16 operand of a `lax.cond` is materialized, which for parameters passed to the
         # step as bits (see ngdiff_jax.models.kernels.remat_scan) is a bfloat16 copy of all of
@@ -325,6 +375,8 @@ def scale_by_gen(
         after, inside = iter(scaled(new_lr, True)), iter(inside)
         new_updates = tree.unflatten([next(after) if b else next(inside) for b in bits])
         new_state = GeNState(count=optax.safe_increment(state.count), learning_rate=new_lr)
+        if given:
+            new_state = GivenRateGeNState(new_state.count, new_state.learning_rate, new_given)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

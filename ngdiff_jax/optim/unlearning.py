@@ -107,7 +107,10 @@ def scale_by_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransf
     """``updates -> lr(count) * updates`` (no negation), recording the rate.
 
     Like ``optax.scale_by_schedule`` but the state keeps the rate used last, so
-    :func:`~ngdiff_jax.optim.inject_stats` can report it.
+    :func:`~ngdiff_jax.optim.inject_stats` can report it. A constant given as a number is read
+    from the state at each step, so ``optax.tree.set(state, learning_rate=x)`` changes it; a
+    schedule (or an array, e.g. from ``optax.inject_hyperparams``) decides the rate itself and
+    the state only records it.
 
     Args:
       learning_rate: a float or an optax schedule ``count -> rate``.
@@ -126,7 +129,13 @@ def scale_by_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransf
 
     def update_fn(updates, state, params=None):
         del params
-        lr = rate(state.count)
+        if isinstance(learning_rate, (int, float)):
+            # a constant given as a number: the state holds the rate, so that setting it there
+            # (optax.tree.set(state, learning_rate=x)) takes effect; a schedule, or an array
+            # (inject_hyperparams' value, a population's setting) gives the rate itself
+            lr = jnp.asarray(state.learning_rate, jnp.float32)
+        else:
+            lr = rate(state.count)
         updates = jax.tree.map(lambda u: lr.astype(jnp.result_type(u)) * u, updates)
         return updates, RateState(count=optax.safe_increment(state.count), learning_rate=lr)
 

@@ -234,8 +234,9 @@ def run_population(
     mean answer probability of the forget and retain batches, per member). ``on_chunk`` sees
     each finished chunk (see :data:`OnChunk`). ``export`` (default ``population.export``)
     writes each member's model to ``members/<key>/model``. A population whose every member
-    diverged raises :class:`~ngdiff_jax.errors.DivergedError` (exit 1) unless
-    ``all_diverged_fails`` is false (a sweep reports it as a finding).
+    diverged raises :class:`~ngdiff_jax.errors.DivergedError` (exit 1), and one whose every member
+    ended bit-identical to its input (``unchanged``: not exported) raises ``UnchangedError``
+    (exit 1), unless ``all_diverged_fails`` is false (a sweep reports it as a finding).
     """
     from jax.sharding import Mesh
 
@@ -313,6 +314,7 @@ def run_population(
         if cfg.selection.enabled:  # each member's best step, as a single run's selection keeps it
             selection = _MemberSelection(cfg, setup, chunk, out, hook)
             chunk_eval, eval_every = selection, cfg.selection.every
+        before = np.asarray(_member_fingerprints(params))  # a member whose weights never move is no result
         result = run_loop(
             jitted, params, state, streams=streams, num_steps=setup.num_steps,
             rng=jax.random.PRNGKey(0), out_dir=cdir, extra_args=(jax.device_put(values, per), *extra),
@@ -328,12 +330,15 @@ def run_population(
             for r, sel in zip(chunk_results, selection.selectors):
                 r["selection"] = sel.summary()
         n = len(chunk)
+        after = np.asarray(_member_fingerprints(result.params))
+        for i, r in enumerate(chunk_results):
+            r["unchanged"] = bool(r["steps"] >= 1 and before[i] == after[i] and not r["diverged"])
         final = jax.tree.map(lambda x, n=n: x[:n], result.params)
         if on_chunk is not None:
             on_chunk(chunk, _full_members(setup, final, len(chunk)), chunk_results)
         if export:
             for i, (m, r) in enumerate(zip(chunk, chunk_results)):
-                if not r["diverged"]:
+                if not (r["diverged"] or r["unchanged"]):
                     r["model_dir"] = str(_export_member(cfg, setup, out / "members" / m.key, _index(final, i), m))
         jsonio.write_json(done, {"members": chunk_results, "wall_s": round(time.perf_counter() - t_start, 2),
                                  "step_time_s": result.step_time_s})  # fmt: skip
@@ -346,6 +351,7 @@ def run_population(
         "devices": len(devices),
         "num_steps": setup.num_steps,
         "diverged": [r["key"] for r in results if r["diverged"]],
+        "unchanged": [r["key"] for r in results if r.get("unchanged")],
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
     jsonio.write_json(out / "population.json", {"members": results, "num_steps": setup.num_steps,
@@ -358,7 +364,22 @@ def run_population(
             f"every member of the population diverged (details in {out / 'population.json'}); lower the rates "
             f"(population.lr, now {sorted({r['values']['optim.lr'] for r in results})}) and use a new run.output_dir."
         )
+    if all_diverged_fails and results and all(r.get("unchanged") for r in results):
+        from ngdiff_jax.training.divergence import UnchangedError
+
+        raise UnchangedError(
+            f"every member of the population ended with weights bit-identical to the input (details in "
+            f"{out / 'population.json'}): each update rounded away; raise the rates (population.lr, now "
+            f"{sorted({r['values']['optim.lr'] for r in results})}) and use a new run.output_dir."
+        )
     return PopulationRun(members, results, summary)
+
+
+def _member_fingerprints(params) -> jax.Array:
+    """Each member's :func:`~ngdiff_jax.training.divergence.fingerprint` (a leading member axis)."""
+    from ngdiff_jax.training.divergence import _fingerprint
+
+    return jax.vmap(_fingerprint)(params)
 
 
 class _MemberSelection:
