@@ -68,11 +68,15 @@ def test_cpu_fast_equals_xla_logits_and_grads(family):
         assert float(jnp.max(jnp.abs(x - y))) / scale < 1e-5
 
 
-def test_cpu_fast_refuses_forward_mode():
+def test_cpu_fast_forward_mode_takes_the_xla_path():
+    """The ``custom_vjp`` kernels have no forward mode; a ``cpu_fast`` model traced under ``jax.jvp``
+    takes the ``xla`` path (issue 26), so the tangents equal the ``xla`` model's."""
     ids, mask = _batch()
-    fn, params = functional(_model("llama", "cpu_fast"))
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(_loss_fn(fn, ids, mask), (params,), (params,))
+    out = []
+    for kernels in ("cpu_fast", "xla"):
+        fn, params = functional(_model("llama", kernels))
+        out.append(jax.jvp(_loss_fn(fn, ids, mask), (params,), (params,))[1])
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
 def test_xla_forward_mode_matches_finite_differences():
