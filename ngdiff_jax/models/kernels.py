@@ -16,7 +16,7 @@ input projections). What they compile to depends on the model's ``kernels`` sett
     its backward. Same values as ``"xla"`` (to float rounding), faster reverse mode on CPU. They
     are ``jax.custom_vjp`` functions (reverse mode only): under forward-mode autodiff
     (`forward_mode`: ``jax.jvp``, ``jacfwd``, Hessian-vector products) a model call takes the
-    ``"xla"`` path instead (``modeling._split_for_mode``), so forward mode works by default.
+    ``"xla"`` path instead (``CausalLM._active_kernels``), so forward mode works by default.
 
 The setting is fixed when a model is built (``CausalLM(..., kernels=)``, ``from_config(...,
 kernels=)``, ``from_pretrained(..., kernels=)``); ``None`` means `default_kernels`: the
@@ -89,8 +89,8 @@ def current() -> str:
 
 def forward_mode(*trees) -> bool:
     """Whether forward-mode autodiff (``jax.jvp``, ``jacfwd``, a Hessian-vector product) traces
-    any array of ``trees``: the ``custom_vjp`` kernels support reverse mode only, so their callers
-    take the plain path then (the same values). Reverse mode alone (``jax.grad``) keeps them."""
+    any array of ``trees``: the ``custom_vjp`` kernels support reverse mode only, so a model then
+    runs as ``"xla"`` (``CausalLM._active_kernels``). Reverse mode alone (``jax.grad``) keeps them."""
     for x in jax.tree.leaves(trees):
         depth = 0
         while isinstance(x, jax.core.Tracer) and depth < 16:
@@ -111,14 +111,14 @@ def einsums(eqs, x: Array, ws, preferred_element_type=None, *, late: bool = True
     matmul only once ``x`` is ready (see `_fresh`); the LM head, called in a loop over token chunks,
     passes ``False``.
     """
-    if current() == "cpu_fast" and not forward_mode(x, ws):
+    if current() == "cpu_fast":
         return token_einsums(eqs, x, ws, preferred_element_type, late=late)
     return [jnp.einsum(eq, x, w, preferred_element_type=preferred_element_type) for eq, w in zip(eqs, ws)]
 
 
 def gated_down(act, gate: Array, up: Array, w: Array) -> Array:
     """``einsum("btm,me->bte", act(gate) * up, w)``: a gated MLP's down projection."""
-    if current() == "cpu_fast" and act is jax.nn.silu and not forward_mode(gate, up, w):
+    if current() == "cpu_fast" and act is jax.nn.silu:
         B, T, M = gate.shape
         return _swiglu_down(gate.reshape(B * T, M), up.reshape(B * T, M), w).reshape(B, T, -1)
     return jnp.einsum("btm,me->bte", act(gate) * up, w)
@@ -520,7 +520,7 @@ def lookup(table: Array, ids: Array) -> Array:
     summed rows into a table of zeros, in the table's dtype (as bits for bfloat16: an integer
     scatter). Autodiff's scatter-add of a bfloat16 table ran in float32 on XLA:CPU, into float32
     zeros that XLA made at the start of the step and kept (SmolLM2: 2 x 108 MB)."""
-    if current() != "cpu_fast" or table.ndim != 2 or forward_mode(table):
+    if current() != "cpu_fast" or table.ndim != 2:
         return jnp.take(table, ids, axis=0)
     return _lookup((table.shape, jnp.dtype(table.dtype)), table, ids)
 

@@ -270,6 +270,14 @@ class CausalLM(nnx.Module):
                                  rngs=rngs, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype)
 
     # ------------------------------------------------------------------
+    def _active_kernels(self, *extra) -> str:
+        """``self.kernels``, or ``"xla"`` for a ``cpu_fast`` model traced in forward mode (``jax.jvp``,
+        Hessian-vector products) through its weights or ``extra`` arrays: the ``cpu_fast`` kernels are
+        ``custom_vjp``s, which have no forward mode (the same values either way)."""
+        if self.kernels == "cpu_fast" and kernels_lib.forward_mode(nnx.state(self), extra):
+            return "xla"
+        return self.kernels
+
     def _require_weights(self) -> None:
         if isinstance(self.embed.get_value(), jax.ShapeDtypeStruct):
             raise ValueError("this CausalLM holds no weights, only their shapes: it gave its arrays away "
@@ -288,7 +296,7 @@ class CausalLM(nnx.Module):
         `ngdiff_jax.models.stacked`; no KV cache)."""
         if stacked is None:
             self._require_weights()
-        with kernels_lib.use(self.kernels):
+        with kernels_lib.use(self._active_kernels(stacked)):
             return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden,
                                  stacked)  # fmt: skip
 
@@ -322,7 +330,7 @@ class CausalLM(nnx.Module):
 
     def head(self, x: Array) -> Array:
         """Final norm + LM head on hidden states from ``forward(..., return_hidden=True)``: float32 logits."""
-        with kernels_lib.use(self.kernels):
+        with kernels_lib.use(self._active_kernels(x)):
             return self._head(x)
 
     def _head(self, x):
@@ -405,8 +413,7 @@ class CausalLM(nnx.Module):
             raise ValueError(f"layer={layer} is out of range for a model with {n} layers; use 0..{n - 1} "
                              f"(or -{n}..-1).")
         input_ids, mask, positions = _inputs(input_ids, attention_mask, positions)
-        forward = self.kernels == "cpu_fast" and kernels_lib.forward_mode(nnx.state(self))
-        with kernels_lib.use("xla" if forward else self.kernels):
+        with kernels_lib.use(self._active_kernels()):
             x = _rows(self.embed[...], input_ids).astype(self.dtype)
             if self.pos_embed is not None:
                 x = x + _rows(self.pos_embed[...], positions).astype(self.dtype)
@@ -663,7 +670,7 @@ def _split_for_mode(model: CausalLM):
     ``cpu_fast`` model is split as an ``xla`` one: its ``custom_vjp`` kernels have no forward mode,
     and the jitted call would only meet them after tracing (the same values either way)."""
     graphdef, state = nnx.split(model)
-    if model.kernels == "cpu_fast" and kernels_lib.forward_mode(state):
+    if model._active_kernels() != model.kernels:
         twin = nnx.merge(graphdef, state)
         twin.kernels = "xla"
         graphdef, state = nnx.split(twin)
@@ -779,8 +786,9 @@ def abstract_model(model: CausalLM) -> CausalLM:
 
 def with_params(model: CausalLM, params) -> CausalLM:
     """A new `CausalLM` like ``model`` holding ``params`` (a pure dict as from `functional`)."""
-    layers = params.get("layers") if isinstance(params, dict) else None
-    if isinstance(layers, dict) and layers and not any(isinstance(k, int) for k in layers):
+    from ngdiff_jax.models.stacked import is_stacked
+
+    if is_stacked(params):
         raise ValueError("with_params: params are in the stacked layout (params['layers'] is one tree of "
                          "[num_layers, ...] arrays, as from functional(model, stacked=True) or scan_layers); a "
                          "CausalLM holds one tree per block: pass models.stacked.unstack(params).")  # fmt: skip

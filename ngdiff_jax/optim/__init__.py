@@ -13,7 +13,7 @@ combiner, accumulation, masking, sharding, meta-gradients).
 from ngdiff_jax.optim._base import CombinerState, TwoTaskWeights, two_task_combiner
 from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
-from ngdiff_jax.optim.gen import GeNState, gen_rate_estimate, scale_by_gen
+from ngdiff_jax.optim.gen import GeNState, GivenRateGeNState, gen_rate_estimate, scale_by_gen
 from ngdiff_jax.optim.guarded_adam import scale_by_guarded_adam
 from ngdiff_jax.optim.mgda import mgda
 from ngdiff_jax.optim.ngdiff import ngdiff
@@ -32,6 +32,7 @@ __all__ = [
     "COMBINERS",
     "CombinerState",
     "GeNState",
+    "GivenRateGeNState",
     "RateState",
     "SkipNonFiniteState",
     "TwoTaskWeights",

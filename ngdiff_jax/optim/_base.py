@@ -26,10 +26,11 @@ inner products over all leaves). This module holds what they share:
 Sharding: under ``jax.shard_map`` (or ``pmap``) with gradients split over a
 mesh axis, every norm and inner product must be summed over the shards. Pass
 that axis as ``axis_name=`` (as optax.contrib's SAM takes ``batch_axis_name``):
-max-abs scales are ``pmax``-ed and sums ``psum``-ed over it, so every shard
-computes the same weights as the unsharded combiner. Leave it ``None`` for
-replicated gradients and under ``jit`` with sharded arrays (GSPMD reduces
-globally by itself).
+max-abs scales are ``pmax``-ed and sums ``psum``-ed over it (`shard_sum`: under
+``shard_map``, whose values say which axes they vary over, a leaf that is the
+same on every shard counts once), so every shard computes the same weights as
+the unsharded combiner. Leave it ``None`` for replicated gradients and under
+``jit`` with sharded arrays (GSPMD reduces globally by itself).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "tree_scaled_norm",
     "tree_scaled_vdot",
     "psum",
+    "shard_sum",
     "shared_reductions",
     "two_task_combiner",
 ]
@@ -236,7 +238,7 @@ def varying_axes(x) -> frozenset:
         t = jax.typeof(x)
     except TypeError:
         return frozenset()
-    mat = getattr(t, "manual_axis_type", None)  # JAX >= 0.9; `vma` before
+    mat = getattr(t, "manual_axis_type", None)  # newer JAX; older versions call it `vma`
     return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, "vma", ()) or ())
 
 
@@ -249,7 +251,8 @@ def tracks_varying(axis_name: AxisName) -> bool:
 def shard_sum(parts: list, leaves: list, axis_name: AxisName, zero: jax.Array) -> jax.Array:
     """``sum(parts)`` where ``parts[i]`` is a partial sum over ``leaves[i]`` (a tuple of arrays), summed
     over the shards of the axes of ``axis_name`` that those leaves vary over. A leaf replicated over
-    an axis (a gradient of replicated params, already averaged) counts once, not once per shard;
+    an axis (a gradient of replicated params, which ``jax.grad`` already reduced) counts once, not
+    once per shard;
     where variation is not tracked (``pmap``), every part is summed over every axis."""
     axes = axis_names(axis_name)
     tracked = bool(axes) and tracks_varying(axis_name)
@@ -392,7 +395,7 @@ def two_task_combiner(
         forget_max_abs, axis_name) -> TwoTaskWeights``; the max-abs values are the
         global ``max |g|`` of each input (finite when it is called for real; on a
         skipped step its result is discarded). Its reductions must pass
-        ``axis_name`` on (`tree_scaled_norm`, `tree_scaled_vdot`, `psum`).
+        ``axis_name`` on (`tree_scaled_norm`, `tree_scaled_vdot`, `shard_sum`).
       name: used in error messages.
       clip_norm: if set, each task's gradient is first clipped to this global
         L2 norm, separately (``optax.clip_by_global_norm`` per task); the state's

@@ -68,10 +68,10 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.bits import from_bits, opaque, to_bits
-from ngdiff_jax.optim._base import tracks_varying, varying_axes
+from ngdiff_jax.optim._base import concrete, tracks_varying, varying_axes
 from ngdiff_jax.shifted import Shifted, accepts_shifted
 
-__all__ = ["GeNState", "gen_rate_estimate", "scale_by_gen"]
+__all__ = ["GeNState", "GivenRateGeNState", "gen_rate_estimate", "scale_by_gen"]
 
 
 class GeNState(NamedTuple):
@@ -180,10 +180,6 @@ def gen_rate_estimate(
     return jnp.where(ok & jnp.isfinite(new_lr), new_lr, lr)
 
 
-def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def scale_by_gen(
     learning_rate: float,
     *,
@@ -237,13 +233,13 @@ def scale_by_gen(
             "unlearning_optimizer(..., gen=False) for a scheduled rate."
         )
     # Checked when concrete; traced values (inject_hyperparams under jit, vmap over rates) pass.
-    if _concrete(learning_rate) and not float(learning_rate) > 0:
+    if concrete(learning_rate) and not float(learning_rate) > 0:
         raise ValueError(f"scale_by_gen: learning_rate must be > 0, got {learning_rate!r}.")
-    if _concrete(every) and (int(every) != every or every < 1):
+    if concrete(every) and (int(every) != every or every < 1):
         raise ValueError(f"scale_by_gen: every must be an integer >= 1, got {every!r}.")
-    if _concrete(smoothing) and not 0.0 <= float(smoothing) < 1.0:
+    if concrete(smoothing) and not 0.0 <= float(smoothing) < 1.0:
         raise ValueError(f"scale_by_gen: smoothing must be in [0, 1), got {smoothing!r}.")
-    if _concrete(clip_factor) and not float(clip_factor) >= 1.0:
+    if concrete(clip_factor) and not float(clip_factor) >= 1.0:
         raise ValueError(f"scale_by_gen: clip_factor must be >= 1, got {clip_factor!r}.")
     if isinstance(every, (int, float)):
         every = int(every)
@@ -273,6 +269,7 @@ def scale_by_gen(
         del params
         lr0 = jnp.asarray(learning_rate, jnp.float32) + jnp.zeros((), jnp.float32)
         if given:
+            # `given` its own buffer: a state whose leaves share one cannot be donated
             return GivenRateGeNState(count=jnp.zeros((), jnp.int32), learning_rate=lr0, given=lr0 + 0.0)
         return GeNState(count=jnp.zeros((), jnp.int32), learning_rate=lr0)
 
@@ -374,9 +371,8 @@ def scale_by_gen(
             new_lr, inside = jax.lax.cond(anyone, probing_members, lambda: (lr, scaled(lr, False)))
         after, inside = iter(scaled(new_lr, True)), iter(inside)
         new_updates = tree.unflatten([next(after) if b else next(inside) for b in bits])
-        new_state = GeNState(count=optax.safe_increment(state.count), learning_rate=new_lr)
-        if given:
-            new_state = GivenRateGeNState(new_state.count, new_state.learning_rate, new_given)
+        count = optax.safe_increment(state.count)
+        new_state = GivenRateGeNState(count, new_lr, new_given) if given else GeNState(count, new_lr)
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

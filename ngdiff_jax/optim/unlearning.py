@@ -129,10 +129,7 @@ def scale_by_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransf
 
     def update_fn(updates, state, params=None):
         del params
-        if isinstance(learning_rate, (int, float)):
-            # a constant given as a number: the state holds the rate, so that setting it there
-            # (optax.tree.set(state, learning_rate=x)) takes effect; a schedule, or an array
-            # (inject_hyperparams' value, a population's setting) gives the rate itself
+        if isinstance(learning_rate, (int, float)):  # the state holds the rate (see the docstring)
             lr = jnp.asarray(state.learning_rate, jnp.float32)
         else:
             lr = rate(state.count)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -44,8 +43,10 @@ def resolve(cls, args):
     out_dir = getattr(getattr(cfg, "run", None), "output_dir", None)
     if out_dir is None:
         return cfg
-    written = Path(os.path.abspath(Path(out_dir).expanduser() / "config.yaml")).resolve()
-    if args.config and Path(args.config).is_file() and Path(os.path.abspath(args.config)).resolve() == written:
+    from ngdiff_jax.training.ownership import resolve_path
+
+    written = resolve_path(Path(out_dir).expanduser() / "config.yaml")
+    if args.config and Path(args.config).is_file() and resolve_path(args.config) == written:
         print(f"error: --config {args.config} is the config.yaml this run writes into run.output_dir "
               f"({out_dir}) and would be overwritten: copy it elsewhere (e.g. configs/) and pass "
               "that copy.", file=sys.stderr)  # fmt: skip

@@ -35,7 +35,8 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.array(True)
 
 
-_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+#: Unsigned type of each float width; 8-byte floats are read as two uint32 words (no bit dropped).
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 
 
 @jax.jit

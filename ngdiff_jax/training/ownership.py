@@ -56,7 +56,8 @@ _RUN_NAMES = {"config.yaml", "summary.json", "log.jsonl", "eval.jsonl", "checkpo
               "population.json", "chunks", "members"}  # fmt: skip
 
 
-def _resolve(p: str | Path) -> Path:
+def resolve_path(p: str | Path) -> Path:
+    """``p`` absolute, ``~`` expanded and symlinks resolved: ``./x``, ``x`` and a link to it compare equal."""
     return Path(os.path.abspath(os.path.expanduser(str(p)))).resolve()
 
 
@@ -74,7 +75,7 @@ def _inputs(cfg) -> list[tuple[str, Path]]:
             elif isinstance(v, str) and (k.endswith("_path") or k in ("tokenizer", "source")):
                 p = Path(v).expanduser()
                 if p.exists():
-                    found.append((key, _resolve(p)))  # a file stays a file: a sibling output dir is fine
+                    found.append((key, resolve_path(p)))  # a file stays a file: a sibling output dir is fine
 
     walk(to_dict(cfg), "")
     return found
@@ -82,7 +83,7 @@ def _inputs(cfg) -> list[tuple[str, Path]]:
 
 def check_output_dir(cfg) -> list[str]:
     """Errors (one line each) if ``run.output_dir`` contains or is inside an input directory."""
-    out = _resolve(cfg.run.output_dir)
+    out = resolve_path(cfg.run.output_dir)
     errors = []
     for key, inp in _inputs(cfg):
         if out == inp or inp.is_relative_to(out):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -522,11 +521,13 @@ def validate_eval(args, forget_split: str) -> None:
 def _eval_out_errors(out: Path, inputs: dict) -> list[str]:
     """``--out`` must not be one of the evaluation's inputs, nor lie inside an input folder (a
     model's config.json, a benchmark split): the result would overwrite what it was computed from."""
-    target = Path(os.path.abspath(out.expanduser())).resolve()
+    from ngdiff_jax.training.ownership import resolve_path
+
+    target = resolve_path(out)
     for flag, value in inputs.items():
         if value is None:
             continue
-        inp = Path(os.path.abspath(Path(value).expanduser())).resolve()
+        inp = resolve_path(value)
         if not inp.exists():
             continue
         if target == inp or (inp.is_dir() and target.is_relative_to(inp)):
