@@ -39,7 +39,7 @@ from typing import Any, Literal
 from ngdiff_jax.config_loader import ConfigError, _merge, apply_overrides, build, load_yaml, to_dict
 from ngdiff_jax.data.formatting import FormatSpec, load_format
 from ngdiff_jax.sweep.config import SweepSection
-from ngdiff_jax.training.config_schema import DataConfig, ModelSpec, OptimConfig
+from ngdiff_jax.training.config_schema import DataConfig, LoraSection, ModelSpec, OptimConfig, PrecisionSection
 
 __all__ = [
     "BenchmarkSpec",
@@ -72,16 +72,21 @@ class BenchmarkSpec:
     vocab_size: int = 1024  # synthetic: the trained tokenizer's size
     forget_split: str = "forget10"
     source: str | None = None  # tofu: folder of TOFU files (null: the shared copy)
-    retain_authors: int = 8  # tofu: retain authors trained on (20 questions each)
+    retain_authors: int | None = 8  # tofu: retain authors trained on (20 questions each; null: every one)
     eval_rows: int | None = None  # tofu: rows per evaluation split (null: all of the subset's)
+    # tofu: rows of the forget split's evaluation (<forget>_perturbed) and of its holdout split
+    # (null: eval_rows), e.g. all 40 of forget01 while the other splits keep eval_rows
+    forget_eval_rows: int | None = None
 
 
 @dataclass(frozen=True)
 class TrainSpec:
     """Training of the target and retain models (the same settings for both)."""
 
-    steps: int = 300
+    steps: int | None = 300
     retain_steps: int | None = None  # the retain model's steps (default: steps)
+    # or epochs over each model's own training split (steps then null): the step counts follow the split
+    epochs: float | None = None
     # The world-facts / real-authors rows appear this many times in both training splits: the
     # general knowledge a pretrained model would have learned well (a handful of rows among
     # hundreds is otherwise barely learned, and model_utility is their harmonic mean).
@@ -90,6 +95,9 @@ class TrainSpec:
     max_length: int = 64
     buckets: tuple[int, ...] | None = (64,)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.01))
+    precision: PrecisionSection = field(default_factory=PrecisionSection)  # the `precision:` of ngdiff finetune
+    micro_batches: int = 1  # run.micro_batches: the batch as this many accumulated micro-batches
+    remat: str = "none"  # run.remat: recompute activations in the backward pass (none, full, ...)
 
 
 @dataclass(frozen=True)
@@ -99,11 +107,16 @@ class UnlearnSpec:
     # The retain set of the unlearning runs: "retain_model_data" is what the retain model was
     # trained on (retainNN + the general-knowledge rows), "tofu" is TOFU's retainNN alone.
     retain_set: Literal["retain_model_data", "tofu"] = "retain_model_data"
-    steps: int = 40
+    steps: int | None = 40
+    epochs: float | None = None  # or epochs over the forget split (steps then null)
     batch_size: int = 8
     max_length: int = 64
     buckets: tuple[int, ...] | None = (64,)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: PrecisionSection = field(default_factory=PrecisionSection)  # the `precision:` of ngdiff unlearn
+    micro_batches: int = 1  # run.micro_batches (open-unlearning: 8 rows per device x 4 accumulation steps)
+    remat: str = "none"  # run.remat
+    lora: LoraSection = field(default_factory=LoraSection)  # LoRA adapters instead of every weight (off)
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,21 @@ class DemoConfig:
                 "study config: set model_path (a pretrained model directory) or model.hf with a "
                 "model_type (e.g. llama) and the model's sizes."
             )
+        for section in ("train", "unlearn"):
+            spec = getattr(self, section)
+            if (spec.steps is None) == (spec.epochs is None):
+                raise ConfigError(f"{section}.steps={spec.steps} and {section}.epochs={spec.epochs}: set exactly one "
+                                  f"(e.g. {section}.epochs=10 {section}.steps=null).")  # fmt: skip
+            if spec.epochs is not None and not spec.epochs > 0:
+                raise ConfigError(f"{section}.epochs={spec.epochs}: must be > 0, e.g. {section}.epochs=10.")
+        if self.train.epochs is not None and self.train.retain_steps is not None:
+            raise ConfigError("train.retain_steps is set with train.epochs: the retain model trains the same epochs "
+                              "over its own split; drop train.retain_steps.")  # fmt: skip
+        for key in ("eval_rows", "forget_eval_rows"):
+            n = getattr(self.benchmark, key)
+            if n is not None and (not isinstance(n, int) or n < 1):
+                raise ConfigError(f"benchmark.{key}={n!r}: must be a whole number >= 1, or null for every row; "
+                                  f"set e.g. benchmark.{key}=20.")  # fmt: skip
         if self.benchmark.kind == "synthetic" and self.model_path is not None:
             raise ConfigError(
                 "study config: benchmark.kind=synthetic trains its own tokenizer and model from scratch; "
@@ -302,8 +330,8 @@ def _write_tofu_subset(cfg: DemoConfig, dest: Path) -> dict[str, str]:
     forget = load_tofu(b.forget_split, src)
     forget_q = {r["question"] for r in forget}
     retain_pool = [r for r in full if r["question"] not in forget_q]
-    n_retain = 20 * b.retain_authors
-    if b.retain_authors < 1 or n_retain > len(retain_pool):
+    n_retain = len(retain_pool) if b.retain_authors is None else 20 * b.retain_authors
+    if n_retain < 20 or n_retain > len(retain_pool):
         raise ValueError(
             f"benchmark.retain_authors={b.retain_authors}: choose 1..{len(retain_pool) // 20} (20 questions each)."
         )
@@ -328,10 +356,12 @@ def _write_tofu_subset(cfg: DemoConfig, dest: Path) -> dict[str, str]:
             "authors; benchmark.retain_authors must be >= 1."
         )
     write_jsonl(dest / "retain_perturbed.json", cut(retain_eval))
-    first = lambda rows: rows if b.eval_rows is None else rows[: b.eval_rows]  # noqa: E731
-    write_jsonl(dest / f"{b.forget_split}_perturbed.json", first(load_tofu(f"{b.forget_split}_perturbed", src)))
+    first = lambda rows, n=b.eval_rows: rows if n is None else rows[:n]  # noqa: E731
+    n_forget = b.eval_rows if b.forget_eval_rows is None else b.forget_eval_rows
+    write_jsonl(dest / f"{b.forget_split}_perturbed.json",
+                first(load_tofu(f"{b.forget_split}_perturbed", src), n_forget))  # fmt: skip
     holdout = HOLDOUT_FOR_FORGET[b.forget_split]
-    write_jsonl(dest / f"{holdout}.json", first(load_tofu(holdout, src)))
+    write_jsonl(dest / f"{holdout}.json", first(load_tofu(holdout, src), n_forget))
     for split in ("real_authors_perturbed", "world_facts_perturbed"):
         write_jsonl(dest / f"{split}.json", first(load_tofu(split, src)))
     return dict(TRAIN_SPLITS)
@@ -340,6 +370,34 @@ def _write_tofu_subset(cfg: DemoConfig, dest: Path) -> dict[str, str]:
 def _train_steps(cfg: DemoConfig, role: str) -> int:
     t = cfg.train
     return t.retain_steps if role == "retain" and t.retain_steps is not None else t.steps
+
+
+def _epochs_to_steps(epochs: float, rows: int, batch_size: int) -> int:
+    """Steps of ``epochs`` passes over ``rows`` rows at ``batch_size`` per step (the last batch of
+    an epoch may be short, as the Trainer's: ``ceil(rows / batch)`` steps per epoch)."""
+    import math
+
+    return max(1, round(epochs * math.ceil(rows / batch_size)))
+
+
+def _resolve_epochs(cfg: DemoConfig, tofu_dir: Path, train_splits: dict) -> DemoConfig:
+    """``cfg`` with ``train.epochs`` / ``unlearn.epochs`` turned into step counts of this data."""
+    import dataclasses
+
+    from ngdiff_jax.data import load_tofu
+
+    if cfg.train.epochs is not None:
+        n = {role: len(load_tofu(split, tofu_dir)) for role, split in train_splits.items()}
+        t = cfg.train
+        train = dataclasses.replace(t, steps=_epochs_to_steps(t.epochs, n["target"], t.batch_size), epochs=None,
+                                    retain_steps=_epochs_to_steps(t.epochs, n["retain"], t.batch_size))  # fmt: skip
+        cfg = dataclasses.replace(cfg, train=train)
+    if cfg.unlearn.epochs is not None:
+        u = cfg.unlearn
+        rows = len(load_tofu(cfg.benchmark.forget_split, tofu_dir))
+        steps = _epochs_to_steps(u.epochs, rows, u.batch_size)
+        cfg = dataclasses.replace(cfg, unlearn=dataclasses.replace(u, steps=steps, epochs=None))
+    return cfg
 
 
 def _data_config(spec, **fields) -> DataConfig:
@@ -361,10 +419,13 @@ def _train(
         data=_data_config(cfg.train, source=str(tofu_dir), split=split),
         format=cfg.format,
         optim=cfg.train.optim,
+        precision=cfg.train.precision,
         run=RunConfig(
             output_dir=str(out / "runs" / role),
             steps=_train_steps(cfg, role),
             seed=cfg.seed,
+            micro_batches=cfg.train.micro_batches,
+            remat=cfg.train.remat,
             checkpoint_every=0,
             log_every=10,
             progress=progress,
@@ -441,10 +502,12 @@ def _unlearn_base(cfg: DemoConfig, target_dir: Path, tofu_dir: Path, out: Path, 
                              retain_split=(RETAIN_FOR_FORGET[cfg.benchmark.forget_split] if u.retain_set == "tofu"
                                            else TRAIN_SPLITS["retain"])),  # fmt: skip
         "optim": u.optim,
+        "precision": u.precision,
+        "lora": u.lora,
         # no checkpoints: a killed study resumes method by method (a population chunk is done once its
         # members are evaluated), and writing every member's state costs seconds per method
         "run": RunConfig(output_dir=str(out), steps=u.steps, seed=cfg.seed, checkpoint_every=0, log_every=1,
-                         progress=progress),  # fmt: skip
+                         micro_batches=u.micro_batches, remat=u.remat, progress=progress),  # fmt: skip
     }
 
 
@@ -553,6 +616,7 @@ def _study(cfg: DemoConfig, out: Path, cfg_text: str, *, progress: bool, console
         tok_dir = None
         tok = model_io.load_tokenizer(cfg.model_path)
         ph.end("data", t0, f"files in {tofu_dir}")
+    cfg = _resolve_epochs(cfg, tofu_dir, train_splits)
 
     # 2. target and retain models ----------------------------------------------------------
     hf = cfg.model.hf

@@ -83,6 +83,19 @@ def simnpo(
     return _mean_rows(per_sample, _scored_rows(labels))
 
 
+def batch_positions(attention_mask: jax.Array) -> jax.Array:
+    """``[T]`` bool: the columns of a padded batch that open-unlearning's collator would keep.
+
+    open-unlearning pads each batch to its *own* longest row (``src/data/collators.py``,
+    ``DataCollatorForSupervisedDataset``); ours pads to a fixed bucket length. The columns
+    it keeps run from the first to the last column that any row attends to: ``t < L_batch``
+    under right padding (``L_batch`` = the largest ``last attended position + 1``), the last
+    ``L_batch`` columns under left padding.
+    """
+    c = jnp.asarray(attention_mask).astype(bool).any(0).astype(jnp.int32)
+    return (jnp.cumsum(c) > 0) & (jnp.cumsum(c[::-1])[::-1] > 0)
+
+
 def kl_to_reference(
     logits: jax.Array,
     ref_logits: jax.Array,
@@ -90,18 +103,29 @@ def kl_to_reference(
     *,
     scope: str = "all",
     attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
 ) -> jax.Array:
     """``KL(reference || policy)`` of the next-token distributions, averaged over positions.
 
-    ``scope="all"`` (default) is open-unlearning's ``compute_kl_divergence``
-    (``kl_div(log_policy, log_ref, reduction="batchmean", log_target=True)`` over all
-    ``B*T`` positions, prompt and padding included); with ``attention_mask`` the padding
-    positions are left out of the sum and the count. ``scope="answer"`` averages over
-    the positions that predict a scored label (``labels[:, t+1] != -100``) only.
+    open-unlearning's ``compute_kl_divergence`` (``src/trainer/utils.py``) is
+    ``kl_div(log_policy.view(-1, V), log_ref.view(-1, V), reduction="batchmean",
+    log_target=True)``: the mean of the per-position KL over all ``B * L_batch`` positions of
+    a batch padded to its own longest row, prompt and padding positions included.
+
+    ``scope="batch"`` (what the ``kl`` retain loss uses; needs ``attention_mask``) is that
+    value on our fixed-size batches: the mean over the rows that attend to any token (the
+    all-padding rows that fill a batch are left out) and the columns of
+    :func:`batch_positions` (``t < L_batch`` under right padding, padding positions of the
+    shorter rows included). ``positions`` (``[T]`` bool) overrides those columns: the
+    micro-batches of one batch pass the whole batch's, so that their weighted mean is the
+    whole batch's value. ``scope="all"`` (default) averages over every ``B * T`` position, or
+    with ``attention_mask`` over the attended positions only; it equals open-unlearning's
+    only on a batch without filler rows or extra padding columns. ``scope="answer"``
+    averages over the positions that predict a scored label (``labels[:, t+1] != -100``).
     No gradient flows into ``ref_logits``.
     """
-    if scope not in ("all", "answer"):
-        raise ValueError(f"kl_to_reference scope must be 'all' or 'answer', got {scope!r}.")
+    if scope not in ("all", "answer", "batch"):
+        raise ValueError(f"kl_to_reference scope must be 'all', 'batch' or 'answer', got {scope!r}.")
     logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     logp = jax.nn.log_softmax(jax.lax.stop_gradient(ref_logits).astype(jnp.float32), axis=-1)
     per_position = (jnp.exp(logp) * (logp - logq)).sum(-1)  # [B, T]
@@ -110,6 +134,12 @@ def kl_to_reference(
             raise ValueError("kl_to_reference(scope='answer') needs labels.")
         per_position = per_position[:, :-1]
         weights = (labels[:, 1:] != IGNORE_INDEX).astype(jnp.float32)
+    elif scope == "batch":
+        if attention_mask is None:
+            raise ValueError("kl_to_reference(scope='batch') needs attention_mask.")
+        cols = batch_positions(attention_mask) if positions is None else jnp.asarray(positions).astype(bool)
+        rows = jnp.asarray(attention_mask).astype(bool).any(-1)
+        weights = (rows[:, None] & cols[None, :]).astype(jnp.float32)
     elif attention_mask is not None:
         weights = attention_mask.astype(jnp.float32)
     else:
@@ -244,25 +274,48 @@ def rmu_control_vector(key: jax.Array, dim: int, steering_coeff: float) -> jax.A
     return u / jnp.linalg.norm(u) * steering_coeff
 
 
-def activation_mse(hidden: jax.Array, target: jax.Array, labels: jax.Array) -> jax.Array:
-    """RMU's activation loss (``RMU.compute_activation_loss``): per row, the mean over the
-    hidden dimension of the squared difference, summed over the labelled positions
-    (``labels != -100``, unshifted) and divided by their number; then the mean over rows
-    that have any (open-unlearning divides by zero for a row without one).
+def activation_mse(
+    hidden: jax.Array, target: jax.Array, labels: jax.Array, *, normalization: str = "open_unlearning"
+) -> jax.Array:
+    """RMU's activation loss (open-unlearning ``RMU.compute_activation_loss``,
+    ``src/trainer/unlearn/rmu.py``), over the labelled positions (``labels != -100``,
+    unshifted: the mask open-unlearning builds for both the forget and the EMBED_DIFF retain
+    loss). Per row ``i``, ``s_i`` = the sum over those positions of the mean over the hidden
+    dimension of the squared difference, and ``n_i`` = their number.
+
+    ``normalization="open_unlearning"`` (default) is what its code computes:
+    ``(squared_diff_sum / num_tokens).mean()`` with ``squared_diff_sum`` ``[B]`` and
+    ``num_tokens`` ``[B, 1]`` broadcasts to ``[B, B]``, so the value is
+    ``mean_i(s_i) * mean_j(1 / n_j)``. ``normalization="per_row"`` is the per-row mean
+    ``mean_i(s_i / n_i)`` (the evident intent). The two agree when every row has the same
+    number of labelled positions. Both run over the rows that have a labelled position, so
+    the all-padding rows that fill a batch change nothing (open-unlearning would divide by
+    zero for such a row).
     """
+    if normalization not in ("open_unlearning", "per_row"):
+        raise ValueError(
+            f"activation_mse normalization must be 'open_unlearning' or 'per_row', got {normalization!r}."
+        )
     mask = (labels != IGNORE_INDEX).astype(jnp.float32)
     sq = jnp.square(hidden.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)).mean(-1)
-    per_row = (sq * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
-    return _mean_rows(per_row, mask.sum(-1) > 0)
+    sums, counts = (sq * mask).sum(-1), mask.sum(-1)
+    rows = counts > 0
+    if normalization == "per_row":
+        return _mean_rows(sums / jnp.maximum(counts, 1.0), rows)
+    return _mean_rows(sums, rows) * _mean_rows(1.0 / jnp.maximum(counts, 1.0), rows)
 
 
-def rmu_forget(hidden: jax.Array, control_vec: jax.Array, labels: jax.Array) -> jax.Array:
+def rmu_forget(
+    hidden: jax.Array, control_vec: jax.Array, labels: jax.Array, *, normalization: str = "open_unlearning"
+) -> jax.Array:
     """RMU forget loss: :func:`activation_mse` of the layer's hidden state to the control vector."""
-    return activation_mse(hidden, jnp.broadcast_to(control_vec.astype(jnp.float32), hidden.shape), labels)
+    target = jnp.broadcast_to(control_vec.astype(jnp.float32), hidden.shape)
+    return activation_mse(hidden, target, labels, normalization=normalization)
 
 
 __all__ = [
     "activation_mse",
+    "batch_positions",
     "ce_u",
     "dpo",
     "gradient_ascent",

@@ -181,9 +181,13 @@ def test_knowmem_prompt_keeps_its_first_tokens_like_qa_dataset():
     assert cut and ids == [1] + [ord(c) for c in "Question:"]
     # eval_text_similarity's ground truth: decode(cut prompt+answer + EOS) minus decode(cut prompt)
     assert gt == ""
-    # exactly at the limit: not cut; one token over: cut, and nothing of the answer survives
+    # the prompt exactly at the limit: not cut, but prompt + answer is cut at the same 49 tokens, so
+    # (as in open-unlearning) nothing of the answer is left; 50: its first token; 51: all of it
     ids, gt, cut = knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=49)
-    assert not cut and gt == "A2" and len(ids) == 49
+    assert not cut and gt == "" and len(ids) == 49
+    assert knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=50)[1:] == ("A", False)
+    assert knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=51)[1:] == ("A2", False)
+    # one token over: cut, and nothing of the answer survives
     ids, gt, cut = knowmem_inputs(_CharTokenizer(), "Q2?", "A2", icl, max_length=48)
     assert cut and len(ids) == 48 and gt == ""
 

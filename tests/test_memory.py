@@ -71,7 +71,7 @@ def test_micro_batches_equal_full_batch_step(method, overrides):
     ref = models.functional(models.from_config(HF, rngs=nnx.Rngs(7)))[1] if m.needs_reference else None
     out = {}
     for k in (1, 4):  # 4 micro-batches of one row: one of them all padding (weight 0)
-        tx = make_optimizer(m, optim, 10)
+        tx = make_optimizer(m, optim, 10, steps_per_epoch=2.0)
         step = jax.jit(make_unlearn_step(apply_fn, m, tx, micro_batches=k))
         p, s, metrics = step(params, tx.init(params), fb, rb, jax.random.PRNGKey(0), ref)
         # a second step: the combiner/GeN state carried over from the first must match too
@@ -241,6 +241,14 @@ def test_plan_compiles_from_abstract_shapes_and_the_cli_simulates_a_mesh(tmp_pat
     assert bf16.argument < 0.9 * f32.argument  # bf16 weights, float32 moments
     assert f32.alias > 0.9 * 3 * P  # params and optimizer state donated
     assert bf16.temp < f32.temp
+    # FLOPs per step (XLA's cost_analysis): a fixed-rate step is forward + backward (3x) of both tasks'
+    # batches, 2 FLOPs per weight and token in the matmuls and the (tied) head, plus attention and the rest
+    gd = plan_step(hf, batch=4, seq=64, params_dtype="float32", remat="none", layers="full", method="gdiff")
+    leaves = jax.tree_util.tree_flatten_with_path(models.functional(model)[1])[0]
+    dense = sum(x.size for path, x in leaves if x.ndim == 2 and "embed" not in jax.tree_util.keystr(path))
+    analytic = 2 * 3 * 2 * (4 * 64) * (dense + hf["vocab_size"] * hf["hidden_size"])
+    assert 0.95 * analytic < gd.flops < 1.6 * analytic, (gd.flops, analytic)
+    assert f32.flops > gd.flops  # ngdiff + GeN: the probing branch's forward passes too
     # LoRA: the frozen base is an argument, the adapters and their moments are small
     lora = plan_step(hf, batch=4, seq=64, params_dtype="float32", remat="none", lora_rank=2, layers="full")
     assert P <= lora.argument < 1.3 * P and P <= lora.estimate < 1.3 * P

@@ -150,7 +150,7 @@ def test_inner_optimizer_weight_decay_and_mu_dtype():
 def test_make_optimizer_weight_decay_and_adam_keys():
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer
 
-    method = load_method("gdiff")
+    method = load_method("gdiff", lr_rule="constant", warmup_epochs=0.0)
     cfg = OptimConfig(lr=0.1, weight_decay=0.5, eps_root=1e-16, b1=0.0, adam_eps=1e-8)
     tx = make_optimizer(method, cfg, total_steps=10)  # raised before: weight decay was not supported
     params = {"w": jnp.zeros(2)}
@@ -331,5 +331,14 @@ def g(Xs):
     return tx.update(u, tx.init(p), p, value_fn=lambda q: loss(q, Xs))[1].learning_rate
 lr = jax.jit(jax.shard_map(g, mesh=mesh, in_specs=P("x"), out_specs=P()))(X)
 np.testing.assert_allclose(lr, s_ref.learning_rate, rtol=1e-5)
+# total-norm clipping of the combined direction: the norm is summed over the shards
+from ngdiff_jax.optim import clip_by_total_norm
+import optax
+ref_c, _ = clip_by_total_norm(1.0).update(g_r, optax.EmptyState())
+clip = clip_by_total_norm(1.0, axis_name="x")
+c = jax.jit(jax.shard_map(lambda t: clip.update(t, optax.EmptyState())[0], mesh=mesh, in_specs=(spec,),
+                          out_specs=spec))(g_r)
+for x, y in zip(jax.tree.leaves(c), jax.tree.leaves(ref_c)):
+    np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-9)
 print("OK")
 '''

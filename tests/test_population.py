@@ -45,10 +45,14 @@ def _batch(*seed):
     return {"input_ids": ids, "attention_mask": np.ones((B, T), np.int32), "labels": labels}
 
 
+#: forget rows / batch size of the methods' warm-up (open-unlearning's one epoch: 2 steps here)
+SPE = 2.0
+
+
 def _separate(apply_fn, params, method, optim, member, steps, data, ref=None, micro_batches=1):
     """A member's own run: its concrete configs, its own jitted step and key sequence."""
     meth, opt = concrete_configs(method, optim, member)
-    tx = make_optimizer(meth, opt, steps)
+    tx = make_optimizer(meth, opt, steps, steps_per_epoch=SPE)
     step = jax.jit(make_unlearn_step(apply_fn, meth, tx, micro_batches=micro_batches))
     p, s, key = params, tx.init(params), jax.random.PRNGKey(member.seed)
     metrics = []
@@ -63,12 +67,12 @@ def _population(apply_fn, params, method, optim, members, steps, data, ref=None,
                 at_once=None):  # fmt: skip
     def build(values):
         meth, opt = traced_configs(method, optim, values)
-        return make_unlearn_step(apply_fn, meth, make_optimizer(meth, opt, steps, member_axis=MEMBER_AXIS),
-                                 micro_batches=micro_batches)  # fmt: skip
+        tx = make_optimizer(meth, opt, steps, member_axis=MEMBER_AXIS, steps_per_epoch=SPE)
+        return make_unlearn_step(apply_fn, meth, tx, micro_batches=micro_batches)
 
     def init(values):
         meth, opt = traced_configs(method, optim, values)
-        return make_optimizer(meth, opt, steps, member_axis=MEMBER_AXIS).init
+        return make_optimizer(meth, opt, steps, member_axis=MEMBER_AXIS, steps_per_epoch=SPE).init
 
     values = {k: jnp.asarray(v) for k, v in member_values(members).items()}
     P = jax.tree.map(lambda x: jnp.stack([x] * len(members)), params)

@@ -205,7 +205,7 @@ def test_a_population_whose_every_member_diverged_fails(tiny, tmp_path):
     rc = main(["unlearn", "--config", "synthetic_ngdiff", f"model_path={tiny['model']}", f"data.source={tiny['bench']}",
                f"run.output_dir={tmp_path / 'pop'}", "run.steps=2", "run.eval_every=0", "run.progress=false",
                "data.batch_size=4", "data.max_length=128", "data.buckets=[128]", "method=gdiff",
-               "population.lr=[1e30, 1e31]"])  # fmt: skip
+               "method.warmup_epochs=0", "population.lr=[1e30, 1e31]"])  # fmt: skip
     assert rc == 1
     saved = json.loads((tmp_path / "pop" / "population.json").read_text())
     assert all(m["diverged"] for m in saved["members"])

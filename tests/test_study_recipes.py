@@ -80,7 +80,9 @@ def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_p
     args = [
         "study", "--config", "tofu_smollm2", "--out", str(out), "--no-progress",
         f"model_path={tiny_smol}", f"benchmark.source={tofu_dir}", "benchmark.retain_authors=1",
-        "benchmark.eval_rows=2", "train.steps=1", "train.retain_steps=1", "unlearn.steps=1",
+        "benchmark.eval_rows=2", "benchmark.forget_eval_rows=2", "sweep.lr=[2e-5]", "sweep.selection_seeds=[0]",
+        "train.steps=1", "train.optim.warmup_steps=0",
+        "min_target_forget_rouge=0",  # a tiny random model memorizes nothing "train.retain_steps=1", "unlearn.steps=1",
         "evaluation.max_new_tokens=2", "evaluation.batch_size=4", "train.batch_size=4", "--methods", "ngdiff",
     ]  # fmt: skip
     assert main(args) == 0, capsys.readouterr().err[-3000:]
@@ -102,7 +104,7 @@ def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_p
     stdout, stderr = capsys.readouterr()
     assert rc == 0, stderr[-3000:]
     assert stdout.count("done before (resumed)") == 2 and (out / "report.json").is_file()
-    rc = main([*args, "sweep.lr=[1e-3]", "--resume"])
+    rc = main([*args[:-2], "sweep.lr=[1e-3]", *args[-2:], "--resume"])  # overrides come before --methods
     assert rc != 0 and "another config" in capsys.readouterr().err
     rc = main(args)
     assert rc != 0 and "--resume" in capsys.readouterr().err
@@ -141,3 +143,41 @@ def test_eval_reads_the_saved_format_and_split(tmp_path, monkeypatch, tofu_dir):
     assert main([*args, "--format", "llama2-chat"]) == 2
     assert main([*args, "--format", "llama2-chat", "--allow-format-change"]) == 0
     assert seen["formatter"].spec == load_format("llama2-chat")
+
+
+def test_study_configs_state_open_unlearnings_settings():
+    """The SmolLM2 sweep and the full-size GPU sweep (issue 23): their shape and the settings they claim."""
+    from ngdiff_jax.demo import load_demo_config
+
+    smol = load_demo_config("tofu_smollm2")
+    gpu = load_demo_config("tofu_llama3.2-1b")
+    for cfg in (smol, gpu):
+        sw = cfg.sweep
+        assert set(sw.methods) == {"ngdiff", "ngdiff_fixed", "gdiff", "npo", "simnpo", "rmu"}
+        assert len(sw.lr) >= 3 and len(sw.selection_seeds) >= 3
+        assert cfg.unlearn.optim.weight_decay == 0.01
+    assert (smol.benchmark.forget_eval_rows, smol.benchmark.eval_rows, smol.evaluation.max_new_tokens) == (40, 20, 64)
+    # the GPU recipe: open-unlearning's epochs, batch, rate and answers; precision stated (float32 masters)
+    assert (gpu.train.epochs, gpu.unlearn.epochs, gpu.unlearn.batch_size, gpu.evaluation.max_new_tokens) == (5, 10,
+                                                                                                              32, 200)
+    assert 1e-5 in gpu.sweep.lr and gpu.benchmark.retain_authors is None and gpu.unlearn.retain_set == "tofu"
+    assert (gpu.unlearn.precision.params, gpu.unlearn.precision.compute) == ("float32", "bfloat16")
+
+
+def test_study_epochs_follow_each_split(tofu_dir, tmp_path):
+    from ngdiff_jax.config_loader import ConfigError
+    from ngdiff_jax.demo import _resolve_epochs, _write_tofu_subset, load_demo_config
+
+    for split, retain_rows in (("forget01", 3960), ("forget10", 3600)):
+        cfg = load_demo_config("tofu_llama3.2-1b", overrides=[f"benchmark.forget_split={split}",
+                                                             f"benchmark.source={tofu_dir}"])  # fmt: skip
+        d = tmp_path / split
+        cfg = _resolve_epochs(cfg, d, _write_tofu_subset(cfg, d))
+        forget = {"forget01": 40, "forget10": 400}[split]
+        # ceil(rows / 32) steps per epoch, as the Trainer's dataloader without drop_last
+        assert cfg.train.steps == 5 * -(-4000 // 32) and cfg.train.retain_steps == 5 * -(-retain_rows // 32)
+        assert cfg.unlearn.steps == 10 * -(-forget // 32)
+    with pytest.raises(ConfigError, match="set exactly one"):
+        load_demo_config("tofu_llama3.2-1b", overrides=["unlearn.steps=5"])
+    with pytest.raises(ConfigError, match="forget_eval_rows=0"):
+        load_demo_config("tofu_smollm2", overrides=["benchmark.forget_eval_rows=0"])

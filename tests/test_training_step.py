@@ -54,13 +54,15 @@ def test_every_fixed_rate_method_runs_and_reports_metrics(tiny):
         for name in FIXED_RATE:
             method = load_method(name)
             assert method.lr_rule != "gen"
+            # the wiring at full rate: no warm-up (whose first step has rate 0; tests/test_fidelity_training.py)
+            method = load_method(name, warmup_epochs=0.0)
             tx = make_optimizer(method, OptimConfig(lr=1e-3), total_steps=10)
             step = make_unlearn_step(apply_fn, method, tx)
             ref = params if method.needs_reference else None
             p, _, m = step(params, tx.init(params), fb, rb, jax.random.PRNGKey(0), ref)
             assert set(m) == METRICS, name
             assert all(np.isfinite(float(v)) for v in m.values()), (name, m)
-            assert int(m["skipped"]) == 0 and float(m["learning_rate"]) == pytest.approx(1e-3)
+            assert int(m["skipped"]) == 0 and float(m["learning_rate"]) == pytest.approx(1e-3)  # step 0: the peak
             moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
             assert moved > 0, f"method {name} did not change the parameters"
             if method.retain_loss == "none":
@@ -73,7 +75,7 @@ def test_npo_reference_precomputed_equals_ref_params(tiny):
     apply_fn, params = tiny
     fb, rb = _batch(4), _batch(5)
     method = load_method("npo")
-    tx = make_optimizer(method, OptimConfig(lr=1e-3), total_steps=5)
+    tx = make_optimizer(method, OptimConfig(lr=1e-3), total_steps=5, steps_per_epoch=2.0)
     step = make_unlearn_step(apply_fn, method, tx)
     st = tx.init(params)
     with jax.disable_jit():
@@ -92,7 +94,7 @@ def test_npo_reference_precomputed_equals_ref_params(tiny):
 def test_ngdiff_jitted_unlearns_without_recompiling(tiny):
     apply_fn, params = tiny
     method = load_method("ngdiff")  # GeN probes every 4th step: must be inside the same program
-    tx = make_optimizer(method, OptimConfig(lr=1e-2), total_steps=10)
+    tx = make_optimizer(method, OptimConfig(lr=1e-2), total_steps=10, steps_per_epoch=2.0)
     step = jax.jit(make_unlearn_step(apply_fn, method, tx), donate_argnums=(0, 1))
     p, st = jax.tree.map(jnp.copy, (params, tx.init(params)))
     fb, rb = _batch(2), _batch(3)

@@ -83,7 +83,7 @@ class TorchRunner:
             if t in self.eos:
                 out = out[:j]
                 break
-        return M.cut_at_stop_strings(self.tok.decode(out, skip_special_tokens=True), stop_strings)
+        return M.cut_at_stop_strings(M.decode_text(self.tok, out), stop_strings)
 
 
 def eval_tofu(run: TorchRunner, data_dir, *, forget_split, limit, max_new_tokens, formatter) -> dict:
@@ -101,9 +101,11 @@ def eval_tofu(run: TorchRunner, data_dir, *, forget_split, limit, max_new_tokens
     agg, per, gens = {}, {}, {}
     tokstats = {}
     for prefix in ("forget", "retain", "ra", "wf"):
-        ans, para, pert, texts = [], [], [], []
+        ans, para, pert, texts, truths = [], [], [], [], []
         for i, r in enumerate(data[prefix]):
-            nll, lp, c = run.stats(*formatter.encode(r["question"], r["answer"]))
+            ids, labels = formatter.encode(r["question"], r["answer"])
+            nll, lp, c = run.stats(ids, labels)
+            truths.append(M.rouge_ground_truth(run.tok, ids, formatter.encode_prompt(r["question"])))
             ans.append(nll)
             tokstats[(prefix, i)] = (lp, c)
             if correct_field[prefix] != "answer":
@@ -129,7 +131,7 @@ def eval_tofu(run: TorchRunner, data_dir, *, forget_split, limit, max_new_tokens
         else:
             key = _UTILITY_SPLITS[prefix][2]
             per[key], agg[key] = tr, M.truth_ratio_true_better(tr)
-        rouge = M.rouge_scores(texts, [r["answer"] for r in data[prefix]])
+        rouge = M.rouge_scores(texts, truths)
         per[f"{prefix}_Q_A_ROUGE"] = [s["rougeL_recall"] for s in rouge]
         agg[f"{prefix}_Q_A_ROUGE"] = float(np.mean(per[f"{prefix}_Q_A_ROUGE"]))
         gens[f"{prefix}_Q_A_ROUGE"] = texts
@@ -158,7 +160,9 @@ def eval_muse(run: TorchRunner, data_dir, *, limit) -> dict:
     agg, per, gens = {}, {}, {}
     verbmem = cut(load_muse(data_dir, "verbmem", "forget"))
     texts = [run.generate(mu._encode_text(tok, r["prompt"]), mu.VERBMEM_MAX_NEW_TOKENS) for r in verbmem]
-    per["forget_verbmem_ROUGE"] = [s["rougeL_f1"] for s in M.rouge_scores(texts, [r["gt"] for r in verbmem])]
+    truths = [M.rouge_ground_truth(tok, mu.verbmem_example(tok, r)[1], mu._encode_text(tok, r["prompt"]))
+              for r in verbmem]  # fmt: skip
+    per["forget_verbmem_ROUGE"] = [s["rougeL_f1"] for s in M.rouge_scores(texts, truths)]
     agg["forget_verbmem_ROUGE"] = float(np.mean(per["forget_verbmem_ROUGE"]))
     gens["forget_verbmem_ROUGE"] = texts
     for split in ("forget", "retain"):

@@ -14,7 +14,8 @@ from ngdiff_jax.bench.sizes import BenchSize
 
 #: The step variants: (method config name, overrides, GeN every or None).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "gdiff": ("gdiff", {"lr_rule": "constant"}),
+    # the PyTorch side's step: plain sum, Adam, a fixed rate, no clipping
+    "gdiff": ("gdiff", {"lr_rule": "constant", "warmup_epochs": 0.0, "max_grad_norm": None}),
     "ngdiff": ("ngdiff", {"lr_rule": "constant"}),
     "ngdiff_gen": ("ngdiff", {"lr_rule": "gen", "probe": "retain"}),
 }

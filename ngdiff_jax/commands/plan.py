@@ -16,6 +16,7 @@ HELP = "Compile the unlearning step from abstract shapes and print XLA's per-dev
 PRECISIONS = {  # name -> (params, compute, moments)
     "f32": ("float32", "float32", "float32"),
     "bf16": ("bfloat16", "bfloat16", "float32"),  # bf16 weights and compute, float32 Adam moments
+    "mixed": ("float32", "bfloat16", "float32"),  # float32 master weights and moments, bf16 compute
     "bf16-all": ("bfloat16", "bfloat16", "bfloat16"),
 }
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", default="none",
                         help="comma-separated meshes: none (one device) or PRESET=N, e.g. fsdp=8 (default: none)")
     parser.add_argument("--micro-batches", type=positive_int, default=1)
+    parser.add_argument("--method", default="ngdiff",
+                        help="the unlearning method compiled, a name in configs/methods (default: %(default)s)")
     parser.add_argument("--layers", default="extrapolate",
                         help="extrapolate (compile 2 and 4 blocks, scale to the depth), full, or a number of blocks")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")  # fmt: skip
@@ -59,6 +62,18 @@ def _meshes(spec: str) -> list[tuple[str, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ngdiff_jax.training.config_schema import available_methods
+
+    if args.method not in available_methods():
+        raise ValueError(f"--method {args.method!r}: not a method in configs/methods; choose from "
+                         f"{', '.join(available_methods())}.")  # fmt: skip
+    from ngdiff_jax.training.config_schema import load_method
+
+    m = load_method(args.method)
+    if m.needs_reference or m.needs_hidden:
+        raise ValueError(f"--method {args.method}: its step reads a frozen reference model (or a hidden state), "
+                         "which plan does not compile; use --method gdiff, the same step without the reference's "
+                         "forward pass.")  # fmt: skip
     meshes = _meshes(args.mesh)
     for p in _csv(args.precision):
         if p not in PRECISIONS:
@@ -70,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                    XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={need}"))
         argv = ["plan", "--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
                 "--precision", args.precision, "--remat", args.remat, "--lora", args.lora, "--mesh", args.mesh,
-                "--micro-batches", str(args.micro_batches), "--layers", str(args.layers)]  # fmt: skip
+                "--micro-batches", str(args.micro_batches), "--layers", str(args.layers),
+                "--method", args.method]  # fmt: skip
         if args.json:
             argv += ["--json", args.json]
         return subprocess.call([sys.executable, "-m", "ngdiff_jax.cli", *argv], env=env)
@@ -87,11 +103,13 @@ def run(args: argparse.Namespace) -> int:
         pd, cd, md = PRECISIONS[prec]
         row = plan_step(model, batch=args.batch, seq=args.seq, params_dtype=pd, compute_dtype=cd, moments_dtype=md,
                         remat=remat, lora_rank=rank, mesh_preset=mesh, devices=n, micro_batches=args.micro_batches,
-                        layers=layers)  # fmt: skip
+                        layers=layers, method=args.method)  # fmt: skip
         rows.append(row)
         print(format_rows([row]).splitlines()[-1] if len(rows) > 1 else format_rows([row]), flush=True)
     print("\nGiB per device (XLA:CPU memory_analysis; peak = arguments + outputs - donated + temporaries;"
-          " estimate = params + gradients + optimizer state [+ frozen base])")  # fmt: skip
+          " estimate = params + gradients + optimizer state [+ frozen base]); TFLOP/step: XLA's cost_analysis"
+          f" of one {args.method} step per device (with --micro-batches k > 1 XLA counts the accumulation loop's"
+          " body once: read FLOPs from --micro-batches 1)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.as_dict() for r in rows], f, indent=1)

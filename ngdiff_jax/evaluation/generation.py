@@ -6,8 +6,9 @@ bucket and decoded greedily with a KV cache (:func:`ngdiff_jax.evaluation.engine
 the same algorithm as ``ngdiff_jax.models.generate``); the prefix common to every prompt
 of a batch (a chat template's system prompt, MUSE KnowMem's in-context examples) is
 encoded once for the whole batch. Each generation is decoded with special tokens
-skipped, cut at the stop strings and stripped, as open-unlearning does (it also cuts at
-the EOS token's text; here tokens after EOS are already pad).
+skipped and tokenization spaces cleaned up (:func:`~ngdiff_jax.evaluation.metrics.decode_text`),
+cut at the stop strings and stripped, as open-unlearning does (it also cuts at the EOS
+token's text; here the tokens from the first EOS on are dropped before decoding).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from ngdiff_jax.evaluation import engine
 from ngdiff_jax.evaluation.batching import Timings, bucket_length, length_sorted_batches
-from ngdiff_jax.evaluation.metrics import cut_at_stop_strings
+from ngdiff_jax.evaluation.metrics import cut_at_stop_strings, decode_text
 
 #: shortest common prompt prefix encoded once per batch
 MIN_SHARED_PREFIX = 16
@@ -78,7 +79,7 @@ def generate_texts(
     Args:
       model: a ``CausalLM``; or :class:`~ngdiff_jax.evaluation.members.Members`, decoded by one
         program, giving one list of strings per member.
-      tokenizer: decodes the new tokens (``skip_special_tokens=True``).
+      tokenizer: decodes the new tokens (``metrics.decode_text``: special tokens skipped, cleaned up).
       max_new_tokens: tokens generated per prompt (TOFU 200, MUSE VerbMem 128, KnowMem 32).
       stop_strings: cut each text at these (MUSE KnowMem: ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``).
       max_length: context size (default the model's ``max_position_embeddings``); a prompt
@@ -152,6 +153,6 @@ def generate_texts(
                     if tok in eos:
                         toks = toks[:j]
                         break
-                text = tokenizer.decode(toks, skip_special_tokens=True)
+                text = decode_text(tokenizer, toks)  # as open-unlearning: special tokens skipped, cleaned up
                 out[m][i] = cut_at_stop_strings(text, stop_strings)
     return out if members is not None else out[0]

@@ -14,7 +14,8 @@ numbers can be compared with its TOFU/MUSE evaluations:
   ``mean(max(0, 1 - TR))`` (``true_better``);
 * ROUGE from ``rouge_score.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)``,
   ``scorer.score(target=ground_truth, prediction=generation)``: TOFU reports the
-  ROUGE-L recall, MUSE the ROUGE-L F1;
+  ROUGE-L recall, MUSE the ROUGE-L F1; the ground truth is the row's decoded label tokens
+  (:func:`rouge_ground_truth`), not the dataset's answer string;
 * ``forget_quality``: the two-sample Kolmogorov-Smirnov p-value
   (``scipy.stats.ks_2samp``) between the per-sample forget truth ratios of the model
   and of the retain-only model;
@@ -221,6 +222,43 @@ def rouge_scores(generations: Sequence[str], ground_truths: Sequence[str]) -> li
             }
         )
     return out
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' ``clean_up_tokenization`` (the spaces before punctuation and contractions that
+    ``clean_up_tokenization_spaces=True`` removes; ``" do n't ."`` -> ``" don't."``)."""
+    return (
+        text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
+        .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve").replace(" 're", "'re")
+    )  # fmt: skip
+
+
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    """open-unlearning's decode of generations and ROUGE references:
+    ``tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)``.
+
+    open-unlearning pins transformers 4.45.1, which cleans up for every tokenizer; transformers 5
+    ignores the flag for BPE tokenizers, so the clean-up is applied here explicitly
+    (:func:`clean_up_tokenization`) and the text is the same under either version.
+    """
+    text = tokenizer.decode([int(t) for t in ids], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return clean_up_tokenization(text)
+
+
+def rouge_ground_truth(tokenizer, labels: Sequence[int], input_ids: Sequence[int]) -> str:
+    """The ROUGE reference of one row, as open-unlearning's ``eval_text_similarity``
+    (``src/evals/metrics/utils.py``) computes it from the generation batch: the label tokens
+    (``labels != -100``) decoded, with every occurrence of the decoded prompt ``input_ids``
+    removed, stripped. Both decodes are :func:`decode_text`.
+
+    Its generation datasets (``predict_with_generate``) give as ``labels`` the whole conversation
+    (``QADataset``: prompt + answer + EOS, as tokenized for the row, so cut by ``max_length`` with the
+    answer) or the prefix-masked text (``CompletionDataset``, MUSE VerbMem); ``input_ids`` is the prompt.
+    The result is the decoded answer tokens, not the dataset's answer string: shorter where the row
+    was cut, normalized as the tokenizer normalizes, cleaned up as :func:`clean_up_tokenization`.
+    """
+    tokens = [int(t) for t in labels if int(t) != -100]
+    return decode_text(tokenizer, tokens).replace(decode_text(tokenizer, input_ids), "").strip()
 
 
 def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:

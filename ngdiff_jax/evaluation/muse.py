@@ -5,12 +5,16 @@ Data are read with :func:`ngdiff_jax.data.load_muse` (a local folder such as
 ``knowmem/{forget_qa,retain_qa}`` and their ``*_icl`` in-context examples
 ({question, answer}), ``privleak/{forget,holdout}`` (texts).
 
-* ``forget_verbmem_ROUGE``: greedy 128 new tokens from the prompt, ROUGE-L F1 against ``gt``.
+* ``forget_verbmem_ROUGE``: greedy 128 new tokens from the prompt, ROUGE-L F1 against ``gt`` as
+  open-unlearning's ``eval_text_similarity`` sees it: the scored tokens of ``prompt + " " + gt``
+  (at most 2048, as for ``extraction_strength`` below) decoded, the decoded prompt removed, stripped
+  (:func:`~ngdiff_jax.evaluation.metrics.rouge_ground_truth`).
 * ``forget_knowmem_ROUGE`` / ``retain_knowmem_ROUGE``: the in-context examples as
   ``"Question: {q}\\nAnswer: {a}\\n\\n"`` followed by ``"Question: {q}\\nAnswer: "``,
   tokenized with ``max_length=512, truncation=True`` as open-unlearning's ``QADataset``
   (so a longer prompt keeps its *first* 512 tokens); greedy 32 new tokens cut at
-  ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``; ROUGE-L F1.
+  ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"``; ROUGE-L F1 against the decoded conversation
+  (prompt + answer, tokenized with the same ``max_length=512`` cut, EOS appended) less the decoded prompt.
 * ``extraction_strength`` (open-unlearning's MUSE suite, ``MUSE_forget_verbmem`` as a
   ``CompletionDataset``: ``prompt + " " + gt``, the prompt's tokens not scored, at most 2048
   scored tokens): per text ``1 - k / n`` over the greedy-match flags of its scored tokens
@@ -24,8 +28,8 @@ Data are read with :func:`ngdiff_jax.data.load_muse` (a local folder such as
 Cuts are counted in ``meta``: ``truncated_examples`` (scored texts longer than the
 context, their start kept), ``truncated_prompts`` (generation prompts longer than the
 context minus the new tokens, their end kept; per phase) and ``knowmem_prompts_cut``
-(KnowMem prompts over 512 tokens; open-unlearning's ground truth for such a row is what is
-left of the cut conversation after the cut prompt, usually empty, and so is ours).
+(KnowMem prompts over 512 tokens; the ground truth of such a row is what is left of the cut
+conversation after the cut prompt, usually empty, in open-unlearning and here).
 """
 
 from __future__ import annotations
@@ -102,20 +106,20 @@ def knowmem_inputs(
     """``(prompt_ids, ground_truth, cut)`` of one KnowMem row, as open-unlearning's ``QADataset``.
 
     The prompt is tokenized with ``max_length=max_length, truncation=True`` (a longer prompt
-    keeps its first ``max_length`` tokens with a right-truncating tokenizer). The ground truth
-    is the answer; for a cut row it is what open-unlearning's ``eval_text_similarity`` gets:
-    the decoded (cut, EOS-ended) conversation with the decoded cut prompt removed.
+    keeps its first ``max_length`` tokens with a right-truncating tokenizer; ``cut`` says it
+    was). The ground truth is what open-unlearning's ``eval_text_similarity`` gets
+    (:func:`~ngdiff_jax.evaluation.metrics.rouge_ground_truth`): the conversation tokenized with
+    the same cut, EOS appended, decoded, with the decoded prompt removed, stripped; the answer's
+    decoded tokens, or less of it (nothing, for a cut prompt) where the cut reaches it.
     """
     prompt = knowmem_prompt(question, icl)
     kw = dict(add_special_tokens=True, max_length=max_length, truncation=True)
     ids = list(tokenizer(prompt, **kw)["input_ids"])
-    if len(_encode_text(tokenizer, prompt)) <= max_length:
-        return ids, answer, False
+    cut = len(_encode_text(tokenizer, prompt)) > max_length
     chat = list(tokenizer(prompt + answer, **kw)["input_ids"])
     if chat[-1] != tokenizer.eos_token_id:
         chat.append(tokenizer.eos_token_id)
-    dec = dict(skip_special_tokens=True, clean_up_tokenization_spaces=True)
-    return ids, tokenizer.decode(chat, **dec).replace(tokenizer.decode(ids, **dec), "").strip(), True
+    return ids, M.rouge_ground_truth(tokenizer, chat, ids), cut
 
 
 def evaluate_muse(
@@ -189,11 +193,15 @@ def evaluate_muse(
 
     # ---- VerbMem ----------------------------------------------------------------------------
     prompts = [_encode_text(tokenizer, r["prompt"]) for r in verbmem]
+    # prompt + " " + gt as open-unlearning's CompletionDataset (also scored for extraction strength below);
+    # the ROUGE reference is its decoded scored tokens less the decoded prompt (eval_text_similarity)
+    verb_examples = [verbmem_example(tokenizer, r) for r in verbmem]
+    verb_truths = [M.rouge_ground_truth(tokenizer, labels, p) for (_, labels), p in zip(verb_examples, prompts)]
     texts = generate_texts(
         model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=gen_batch,
         buckets=buckets, max_length=max_length, timings=timings, phase="verbmem_generate", cut_counts=prompt_cuts,
     )  # fmt: skip
-    rouge = M.rouge_scores(texts, [r["gt"] for r in verbmem])
+    rouge = M.rouge_scores(texts, verb_truths)
     per["forget_verbmem_ROUGE"] = [s["rougeL_f1"] for s in rouge]
     agg["forget_verbmem_ROUGE"] = float(np.mean(per["forget_verbmem_ROUGE"]))
     generations["forget_verbmem_ROUGE"] = texts
@@ -220,8 +228,8 @@ def evaluate_muse(
         for text in priv[split]:  # load_muse returns the texts as strings
             examples.append(privleak_example(tokenizer, text))
             owner.append(split)
-    for r in verbmem:
-        examples.append(verbmem_example(tokenizer, r))
+    for ex in verb_examples:
+        examples.append(ex)
         owner.append("verbmem")
     scorer = Scorer(model, batch_size=batch_size, max_length=max_length, buckets=buckets, timings=timings)
     scores = scorer.score(examples, phase="privleak_score")

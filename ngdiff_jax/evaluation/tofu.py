@@ -8,7 +8,8 @@ perturbed_answer[3]) and ``holdout<NN>`` for the membership-inference metrics.
 Aggregates (see :mod:`ngdiff_jax.evaluation.metrics` for the formulas):
 
 * ``forget_Q_A_Prob``, ``forget_Q_A_PARA_Prob``, ``forget_Q_A_PERT_Prob``,
-  ``forget_Q_A_ROUGE`` (ROUGE-L recall of the greedy answer), ``forget_truth_ratio``
+  ``forget_Q_A_ROUGE`` (ROUGE-L recall of the greedy answer against the row's decoded
+  answer tokens, :func:`~ngdiff_jax.evaluation.metrics.rouge_ground_truth`), ``forget_truth_ratio``
   (paraphrased vs perturbed, ``mean(min(TR, 1/TR))``), ``forget_quality`` (KS p-value
   against the retain model's per-sample forget truth ratios; ``None`` without one);
 * ``retain_Q_A_Prob``, ``retain_Q_A_PARA_Prob``, ``retain_Q_A_PERT_Prob``,
@@ -176,12 +177,19 @@ def evaluate_tofu(
     correct_field = {"forget": "paraphrased_answer"}
     correct_field.update({p: f for p, (_, f, _) in _UTILITY_SPLITS.items()})
     pert = {}
+    prompts, gkeys, truths = [], [], {}
     sw_tok = Stopwatch().__enter__()
     for prefix in ("forget", "retain", "ra", "wf"):
         rows = data[prefix]
         pert[prefix] = _perturbed(rows, split_names[prefix])
+        truths[prefix] = []
         for i, r in enumerate(rows):
             add((prefix, "answer", i, 0), r["question"], r["answer"])
+            # the greedy answer's prompt, and its ROUGE reference: open-unlearning's decoded labels (the
+            # whole conversation as encoded for this row) less the decoded prompt, not r["answer"]
+            prompts.append(fmt.encode_prompt(r["question"]))
+            gkeys.append((prefix, i))
+            truths[prefix].append(M.rouge_ground_truth(tokenizer, examples[-1][0], prompts[-1]))
             if correct_field[prefix] != "answer":
                 add((prefix, "para", i, 0), r["question"], r[correct_field[prefix]])
             for j, p in enumerate(pert[prefix][i]):
@@ -194,12 +202,7 @@ def evaluate_tofu(
     all_scores = scorer.score(examples, phase="score")
     index = {key: n for n, key in enumerate(keys)}
 
-    # ---- greedy answers for the ROUGE metrics ----------------------------------------------
-    prompts, gkeys = [], []
-    for prefix in ("forget", "retain", "ra", "wf"):
-        for i, r in enumerate(data[prefix]):
-            prompts.append(fmt.encode_prompt(r["question"]))
-            gkeys.append((prefix, i))
+    # ---- greedy answers for the ROUGE metrics (prompts and references made above) ------------
     prompt_cuts: dict = {}
     gen_batch = generation_batch_size or max(batch_size, 64)
     all_texts = generate_texts(
@@ -238,7 +241,8 @@ def evaluate_tofu(
     results = []
     for scores, texts, mia_out, member_name, member_meta in zip(all_scores, all_texts, all_mia, names, metas):
         results.append(_tofu_result(
-            scores, texts, mia_out, data=data, pert=pert, index=index, gkeys=gkeys, correct_field=correct_field,
+            scores, texts, mia_out, data=data, pert=pert, index=index, gkeys=gkeys, truths=truths,
+            correct_field=correct_field,
             ref=ref, k=k, forget_truth_ratio=forget_truth_ratio, utility_truth_ratio=utility_truth_ratio,
             name=member_name, timings=t, info={
                 **dict(member_meta or {}),
@@ -261,7 +265,7 @@ def evaluate_tofu(
     return results if many else results[0]
 
 
-def _tofu_result(scores, texts, mia_out, *, data, pert, index, gkeys, correct_field, ref, k, forget_truth_ratio,
+def _tofu_result(scores, texts, mia_out, *, data, pert, index, gkeys, truths, correct_field, ref, k, forget_truth_ratio,
                  utility_truth_ratio, name, timings, info) -> EvalResult:  # fmt: skip
     """One model's :class:`EvalResult` from its scores, greedy answers and MIA statistics."""
 
@@ -304,7 +308,7 @@ def _tofu_result(scores, texts, mia_out, *, data, pert, index, gkeys, correct_fi
         agg[key], tr_per = M.truth_ratio(correct, wrong, aggregator)
         if aggregator == "prob_mean":
             per[key + "_prob"] = tr_per
-        rouge = M.rouge_scores(gen[prefix], [r["answer"] for r in data[prefix]])
+        rouge = M.rouge_scores(gen[prefix], truths[prefix])
         per[f"{prefix}_Q_A_ROUGE"] = [s["rougeL_recall"] for s in rouge]
         agg[f"{prefix}_Q_A_ROUGE"] = float(np.mean(per[f"{prefix}_Q_A_ROUGE"]))
         generations[f"{prefix}_Q_A_ROUGE"] = gen[prefix]

@@ -3,7 +3,8 @@
 :func:`unlearning_optimizer` builds, in this order,
 
 1. a two-task combiner (NGDiff by default) turning ``(g_r, g_f)`` into a
-   gradient-like direction ``d``;
+   gradient-like direction ``d``, optionally clipped to a global norm
+   (``max_grad_norm``, :func:`clip_by_total_norm`);
 2. the inner optimizer's preconditioning of ``d``: Adam
    (``optax.scale_by_adam``) by default, or any single-task optax transform
    given as ``optimizer=`` (``optax.scale_by_lion()``, ``optax.identity()``);
@@ -67,7 +68,7 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.optim import _guard
-from ngdiff_jax.optim._base import concrete, tree_max_abs
+from ngdiff_jax.optim._base import concrete, tree_max_abs, tree_scaled_norm
 from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
 from ngdiff_jax.optim.gen import scale_by_gen
@@ -135,6 +136,39 @@ def scale_by_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransf
             lr = rate(state.count)
         updates = jax.tree.map(lambda u: lr.astype(jnp.result_type(u)) * u, updates)
         return updates, RateState(count=optax.safe_increment(state.count), learning_rate=lr)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_total_norm(max_norm: float, axis_name: Any = None) -> optax.GradientTransformation:
+    """Clip the combined direction to global L2 norm ``max_norm`` (Hugging Face Trainer's
+    ``max_grad_norm``: open-unlearning clips the gradient of ``gamma * L_f + alpha * L_r``,
+    which is the gradient-difference direction, before AdamW).
+
+    ``u -> u * min(1, max_norm / (||u|| + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``
+    (which the Trainer calls; ``optax.clip_by_global_norm`` has no ``1e-6``); the norm is
+    :func:`~ngdiff_jax.optim._base.tree_scaled_norm` (no overflow of a large ascent gradient,
+    bf16 leaves summed in float32) and, with ``axis_name``, summed over the shards of that
+    mapped axis (``shard_map``). A non-finite direction passes unchanged (the step is
+    skipped by :func:`skip_if_nonfinite`).
+
+    Args:
+      max_norm: the largest global norm of the direction, > 0.
+      axis_name: the mapped axis of sharded gradients inside ``shard_map``, or None.
+    """
+    if concrete(max_norm) and not float(max_norm) > 0:
+        raise ValueError(f"clip_by_total_norm: max_norm must be > 0, got {max_norm!r}.")
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = tree_scaled_norm(updates, None, axis_name)
+        factor = jnp.where(jnp.isfinite(norm), jnp.minimum(max_norm / (norm + 1e-6), 1.0), 1.0)
+        clipped = jax.tree.map(lambda u: (u * factor.astype(jnp.result_type(u))).astype(jnp.result_type(u)), updates)
+        return clipped, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -230,6 +264,7 @@ def unlearning_optimizer(
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     clip_norm: float | None = None,
+    max_grad_norm: float | None = None,
     axis_name: Any = None,
     member_axis: Any = None,
     skip_nonfinite: bool = True,
@@ -260,6 +295,10 @@ def unlearning_optimizer(
         (GeN or fixed) rate as in AdamW.
       clip_norm: per-task clipping of a combiner given by name (see
         :func:`~ngdiff_jax.optim.two_task_combiner`).
+      max_grad_norm: clip the combined direction to this global L2 norm before the
+        optimizer (:func:`clip_by_total_norm`; open-unlearning's and Hugging Face
+        Trainer's ``max_grad_norm: 1.0``, which clips the gradient of the summed
+        loss), or None.
       axis_name: mapped axis of sharded gradients for a combiner given by name
         (a combiner object carries its own) and for GeN's probe losses (see
         docs/optim.md, "Sharding").
@@ -290,6 +329,8 @@ def unlearning_optimizer(
         make_adam = scale_by_guarded_adam if skip_nonfinite else optax.scale_by_adam
         optimizer = make_adam(b1=b1, b2=b2, eps=adam_eps, eps_root=eps_root, mu_dtype=mu_dtype) if adam else None
     parts = [combine]
+    if max_grad_norm is not None:
+        parts.append(clip_by_total_norm(max_grad_norm, axis_name))
     if optimizer is not None:
         parts.append(optimizer)
     # the chain's shape must not depend on the value: an array (inject_hyperparams' init) or a tracer

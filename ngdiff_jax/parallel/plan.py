@@ -47,6 +47,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 2048, "layer_norm_eps": 1e-5, "partial_rotary_factor": 0.5,
         "tie_word_embeddings": False, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
     },
+    "llama3.2-1b": {  # meta-llama/Llama-3.2-1B-Instruct's config.json
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True, "head_dim": 64,
+        "rope_parameters": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
+    },
     "smollm2-135m": {
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_act": "silu",
@@ -81,6 +88,8 @@ class PlanRow:
     alias: int
     temp: int
     estimate: int  # params + gradient trees + optimizer state (+ reference) per device
+    flops: int  # XLA's count of one step's floating-point operations per device (cost_analysis)
+    method: str  # the unlearning method compiled (configs/methods)
     how: str  # "compiled" or "extrapolated from 1 and 2 layers"
     compile_s: float
 
@@ -100,7 +109,7 @@ def _dtype(name: str):
 
 def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: str, compute_dtype: str,
                   moments_dtype: str, remat: str, lora_rank: int, mesh_preset: str, devices: int,
-                  micro_batches: int) -> tuple[dict[str, int], int]:  # fmt: skip
+                  micro_batches: int, method: str = "ngdiff") -> tuple[dict[str, int], int]:  # fmt: skip
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -126,8 +135,9 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
         mesh_cfg = par.preset_config(mesh_preset)
     mesh = par.make_mesh(mesh_cfg, devices=devs[:devices])
     rules = mesh_cfg.rules
-    method = load_method("ngdiff")  # GA + NLL, NGDiff, Adam, GeN probing the retain loss
-    tx = make_optimizer(method, OptimConfig(), 100)
+    method_name = method
+    method = load_method(method_name)  # default ngdiff: GA + NLL, NGDiff, Adam, GeN probing the retain loss
+    tx = make_optimizer(method, OptimConfig(), 100, steps_per_epoch=10.0)
     if moments_dtype != params_dtype:
         tx = with_moment_dtype(tx, _dtype(moments_dtype))
 
@@ -158,12 +168,16 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     args += frozen
     compiled = sharded.fn.lower(*args).compile()
     cm = par.compiled_memory(compiled)
+    from ngdiff_jax.bench.jax_side import _cost_flops
+
+    flops = _cost_flops(compiled) or 0.0
     est = sharded.memory.total
     if lora_rank:  # the frozen base is resident too
         from ngdiff_jax.parallel.memory import tree_shard_bytes
 
         est += tree_shard_bytes(frozen[0], jax.tree.map(lambda x: x.sharding, frozen[0]))
-    return {"argument": cm.argument, "output": cm.output, "alias": cm.alias, "temp": cm.temp}, est
+    return {"argument": cm.argument, "output": cm.output, "alias": cm.alias, "temp": cm.temp,
+            "flops": int(flops)}, est
 
 
 def plan_step(
@@ -180,6 +194,7 @@ def plan_step(
     devices: int = 1,
     micro_batches: int = 1,
     layers: str | int = "extrapolate",
+    method: str = "ngdiff",
 ) -> PlanRow:
     """Compile the unlearning step for ``model`` (a preset name or HF config dict) and return
     XLA's per-device memory figures (see the module doc for ``layers``)."""
@@ -190,7 +205,7 @@ def plan_step(
     depth = int(hf["num_hidden_layers"])
     kw = dict(batch=batch, seq=seq, params_dtype=params_dtype, compute_dtype=compute_dtype or params_dtype,
               moments_dtype=moments_dtype, remat=remat, lora_rank=lora_rank, mesh_preset=mesh_preset,
-              devices=devices, micro_batches=micro_batches)  # fmt: skip
+              devices=devices, micro_batches=micro_batches, method=method)  # fmt: skip
     t0 = time.perf_counter()
     if layers == "extrapolate" and depth > EXTRAPOLATE_FROM[1]:
         lo, hi = EXTRAPOLATE_FROM
@@ -208,7 +223,7 @@ def plan_step(
     return PlanRow(
         model=name, layers=depth, mesh=mesh_preset, devices=devices, batch=batch, seq=seq,
         params_dtype=params_dtype, compute_dtype=kw["compute_dtype"], moments_dtype=moments_dtype, remat=remat,
-        lora_rank=lora_rank, micro_batches=micro_batches, estimate=est, how=how,
+        lora_rank=lora_rank, micro_batches=micro_batches, estimate=est, method=method, how=how,
         compile_s=round(time.perf_counter() - t0, 1), **figs,
     )  # fmt: skip
 
@@ -216,7 +231,7 @@ def plan_step(
 def format_rows(rows: list[PlanRow]) -> str:
     """A plain-text table, GiB per device, with fit marks for 80 and 40 GB devices."""
     head = ("model", "mesh", "params", "compute", "moments", "remat", "lora", "mb", "batch",
-            "args", "temp", "peak", "estimate", "80GB", "40GB", "how")  # fmt: skip
+            "args", "temp", "peak", "estimate", "80GB", "40GB", "TFLOP/step", "how")  # fmt: skip
     lines = [" | ".join(head)]
     for r in rows:
         mesh = "1 device" if r.mesh == "none" else f"{r.mesh}={r.devices}"
@@ -225,5 +240,5 @@ def format_rows(rows: list[PlanRow]) -> str:
             r.model, mesh, r.params_dtype, r.compute_dtype, r.moments_dtype, r.remat, r.lora_rank or "-",
             r.micro_batches, f"{r.batch}x{r.seq}", f"{r.argument / GIB:.2f}", f"{r.temp / GIB:.2f}", f"{peak:.2f}",
             f"{r.estimate / GIB:.2f}", "yes" if r.peak <= 80 * GIB else "no", "yes" if r.peak <= 40 * GIB else "no",
-            r.how)))  # fmt: skip
+            f"{r.flops / 1e12:.2f}", r.how)))  # fmt: skip
     return "\n".join(lines)

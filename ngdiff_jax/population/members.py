@@ -41,6 +41,7 @@ SETTINGS: dict[str, str] = {
     "optim.adam_eps": "Adam's epsilon",
     "optim.eps": "NGDiff's normalization epsilon",
     "optim.clip_norm": "per-task gradient clipping norm",
+    "method.max_grad_norm": "total-norm clipping of the combined direction",
     "method.beta": "NPO / SimNPO / DPO / WGA / UNDIAL beta",
     "method.retain_weight": "GDiff's retain weight",
     "method.forget_weight": "GDiff's forget weight",

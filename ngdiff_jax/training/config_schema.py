@@ -69,6 +69,13 @@ class MethodConfig:
     rmu_layer: int = 7
     rmu_steering_coeff: float = 2.0
     rmu_seed: int = 0  # seed of the fixed random control vector
+    # Fixed-rate rules only (constant / linear / cosine), open-unlearning's trainer settings: linear
+    # warm-up over this many epochs of the forget set (its ``warmup_epochs``: steps = int(epochs *
+    # forget rows // batch size)), and the combined direction clipped to this global norm before
+    # Adam (Hugging Face Trainer's ``max_grad_norm``). The fixed-rate methods' YAMLs set 1.0 / 1.0 /
+    # lr_rule linear (the Trainer's default scheduler); GeN methods keep the paper's rule.
+    warmup_epochs: float = 0.0
+    max_grad_norm: float | None = None
     # refusal answers for idk_nll / dpo: a JSON-lines file of strings (null: configs/data/idk.jsonl)
     idk_path: str | None = None
 
@@ -86,6 +93,11 @@ class MethodConfig:
                 "forget_loss=none; set probe=retain or a forget loss."
             )
 
+        if self.warmup_epochs and self.lr_rule == "gen":
+            raise ValueError(
+                f"method {self.name!r}: warmup_epochs={self.warmup_epochs} with lr_rule=gen: GeN sets its own "
+                "rate; set method.warmup_epochs=0 or a fixed-rate rule (constant, linear, cosine)."
+            )
         if self.ceu_ignore_first_n < 0:
             raise ValueError(f"method {self.name!r}: ceu_ignore_first_n={self.ceu_ignore_first_n} must be >= 0.")
         if self.beta <= 0 and self.forget_loss in ("npo", "simnpo", "dpo"):
@@ -437,6 +449,7 @@ class UnlearnConfig:
 
     def __post_init__(self):
         _check_memory_keys(self)
+        refuse_finetune_only(self.optim, "optim")
         if self.population.enabled:
             if self.mesh.enabled or self.distributed.is_set:
                 raise ValueError(
@@ -483,6 +496,22 @@ class UnlearnConfig:
                 "unlearn needs `model_path`: the directory of the model to unlearn from "
                 "(e.g. the output of `ngdiff finetune`), set it in the YAML or with model_path=..."
             )
+
+
+def refuse_finetune_only(optim: OptimConfig, where: str) -> None:
+    """Unlearning reads neither ``optim.max_grad_norm`` nor ``optim.schedule``: refuse them rather
+    than ignore them, naming the method fields that do the job."""
+    if optim.max_grad_norm is not None:
+        raise ValueError(
+            f"{where}.max_grad_norm={optim.max_grad_norm} is fine-tuning's setting; unlearning clips the combined "
+            f"direction with method.max_grad_norm (e.g. method.max_grad_norm={optim.max_grad_norm}) or each task "
+            f"with {where}.clip_norm."
+        )
+    if optim.schedule != "constant":
+        raise ValueError(
+            f"{where}.schedule={optim.schedule} is fine-tuning's setting; unlearning's rate rule is "
+            f"method.lr_rule (e.g. method.lr_rule={optim.schedule})."
+        )
 
 
 def _resolve_format(cfg) -> None:

@@ -77,6 +77,7 @@ __all__ = [
     "make_finetune_optimizer",
     "make_optimizer",
     "retain_objective",
+    "warmup_steps",
 ]
 
 
@@ -177,6 +178,12 @@ def forget_objective(method: MethodConfig) -> Objective | None:
             reference=_ref_logits,
         )  # fmt: skip
     if kind == "idk_nll":
+        # TOFU's original "idk" loss (locuslab/tofu dataloader.py, CustomTrainerForgetting.compute_loss;
+        # open-unlearning has no IdkNLL) is ONE token-mean NLL over cat(idk batch, retain batch):
+        # (S_f + S_r) / (N_f + N_r). Here, on purpose, the forget task is the refusal answers' token mean
+        # NLL and the retain objective the retain batch's, combined as GradDiff does
+        # (gamma * S_f/N_f + alpha * S_r/N_r): with gamma = alpha = 1 that is twice TOFU's loss when
+        # N_f == N_r, and otherwise weights the two batches equally instead of by token count.
         def idk_nll(model, params, batch, ref):
             alt = _nll(_logprobs(model, params, batch, "alt_"), batch["alt_labels"])
             nll = jax.lax.stop_gradient(_nll(_logprobs(model, params, batch), batch["labels"]))
@@ -221,9 +228,15 @@ def retain_objective(method: MethodConfig) -> Objective | None:
 
         return Objective(nll_loss)
     if kind == "kl":
+        # open-unlearning's compute_kl_divergence on the batch's real rows and its own length
+        # (``kl_positions``: the whole batch's columns, set by the step when it runs micro-batches)
         return _logit_objective(
-            lambda lg, b, ref: losses.kl_to_reference(lg, ref["ref_logits"], b["labels"]), reference=_ref_logits
-        )
+            lambda lg, b, ref: losses.kl_to_reference(
+                lg, ref["ref_logits"], b["labels"], scope="batch", attention_mask=b["attention_mask"],
+                positions=ref.get("kl_positions"),
+            ),
+            reference=_ref_logits,
+        )  # fmt: skip
     if kind == "embed_diff":
         def ref_hidden(model, ref_params, batch):
             return {"ref_hidden": _hidden(model, ref_params, batch, method.rmu_layer)}
@@ -266,9 +279,34 @@ def load_idk_responses(path=None) -> list[str]:
     return out
 
 
-def learning_rate_schedule(rule: str, optim: OptimConfig, total_steps: int) -> optax.Schedule | float:
-    """The fixed-rate rule: ``constant`` / ``linear`` (decay to 0) / ``cosine``, after linear warm-up."""
-    warm = max(0, int(optim.warmup_steps))
+def warmup_steps(method: MethodConfig, optim: OptimConfig, steps_per_epoch: float | None) -> int:
+    """Warm-up steps of a fixed-rate unlearning rule: ``optim.warmup_steps``, or
+    ``method.warmup_epochs`` epochs of the forget set as open-unlearning counts them
+    (``int(warmup_epochs * forget rows) // batch size``, ``src/trainer/__init__.py``), with
+    ``steps_per_epoch = forget rows / batch size``."""
+    if not method.warmup_epochs:
+        return max(0, int(optim.warmup_steps))
+    if optim.warmup_steps:
+        raise ValueError(
+            f"optim.warmup_steps={optim.warmup_steps} and method.warmup_epochs={method.warmup_epochs} both set a "
+            "warm-up; set one of them to 0."
+        )
+    if steps_per_epoch is None:
+        raise ValueError(
+            f"method {method.name!r} warms up over method.warmup_epochs={method.warmup_epochs} epochs: pass "
+            "steps_per_epoch= (forget rows / batch size) to make_optimizer, or set method.warmup_epochs=0."
+        )
+    return int(method.warmup_epochs * steps_per_epoch + 1e-9)
+
+
+def learning_rate_schedule(
+    rule: str, optim: OptimConfig, total_steps: int, warmup: int | None = None
+) -> optax.Schedule | float:
+    """The fixed-rate rule: ``constant`` / ``linear`` (decay to 0) / ``cosine``, after ``warmup``
+    (default ``optim.warmup_steps``) steps of linear warm-up from 0. ``linear`` with warm-up is
+    Hugging Face's ``get_linear_schedule_with_warmup`` (the Trainer's default scheduler, so
+    open-unlearning's): the first step's rate is 0 and the last one's ``lr / (total - warmup)``."""
+    warm = max(0, int(optim.warmup_steps if warmup is None else warmup))
     rest = max(1, int(total_steps) - warm)
     if rule == "constant":
         main = optax.constant_schedule(optim.lr)
@@ -283,11 +321,18 @@ def learning_rate_schedule(rule: str, optim: OptimConfig, total_steps: int) -> o
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warm), main], [warm])
 
 
-def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int, *, member_axis=None):
+def make_optimizer(
+    method: MethodConfig, optim: OptimConfig, total_steps: int, *, steps_per_epoch: float | None = None,
+    member_axis=None,
+):
     """The method's optax chain, from :func:`ngdiff_jax.optim.unlearning_optimizer`.
 
-    ``combiner -> (Adam) -> weight decay -> -(GeN | fixed/scheduled rate)``: the combiner
-    clips each task's gradient to ``optim.clip_norm`` when set; Adam takes ``optim.b1, b2,
+    ``combiner -> (clip) -> (Adam) -> weight decay -> -(GeN | fixed/scheduled rate)``: the
+    combiner clips each task's gradient to ``optim.clip_norm`` when set, the combined direction
+    is clipped to ``method.max_grad_norm`` (open-unlearning's total-gradient clipping); a
+    fixed-rate rule warms up over ``method.warmup_epochs`` epochs of the forget set
+    (``steps_per_epoch`` = forget rows / batch size, see :func:`warmup_steps`) or
+    ``optim.warmup_steps`` steps; Adam takes ``optim.b1, b2,
     adam_eps, eps_root, mu_dtype``; ``optim.weight_decay`` adds decoupled weight decay
     (``optax.add_decayed_weights``) scaled by the rate, GeN's or the fixed/scheduled one, as in
     AdamW. Call it as ``tx.update(retain_grads, opt_state, params, forget_grads=..., value_fn=...,
@@ -297,7 +342,13 @@ def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int, *
     from ngdiff_jax import optim as O
 
     gen = method.lr_rule == "gen"
-    lr = optim.lr if gen else learning_rate_schedule(method.lr_rule, optim, total_steps)
+    warm = 0 if gen else warmup_steps(method, optim, steps_per_epoch)
+    if warm and int(total_steps) <= 1:
+        raise ValueError(
+            f"method {method.name!r} warms up over {warm} step(s) of a {total_steps}-step run: its only step has "
+            "rate 0 (warm-up starts at 0, as Hugging Face's); run more steps or set method.warmup_epochs=0."
+        )
+    lr = optim.lr if gen else learning_rate_schedule(method.lr_rule, optim, total_steps, warm)
     clip = optim.clip_norm
     if method.combiner == "gdiff":
         combiner = O.gdiff(retain_weight=method.retain_weight, forget_weight=method.forget_weight, clip_norm=clip)
@@ -321,12 +372,18 @@ def make_optimizer(method: MethodConfig, optim: OptimConfig, total_steps: int, *
         eps_root=optim.eps_root,
         mu_dtype=None if optim.mu_dtype is None else jnp.dtype(optim.mu_dtype),
         weight_decay=optim.weight_decay,
+        max_grad_norm=method.max_grad_norm,
         member_axis=member_axis,
     )
 
 
 def make_finetune_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """AdamW with the ``optim.schedule`` rate (after warm-up) and optional gradient clipping."""
+    if optim.warmup_steps and int(total_steps) <= 1:
+        raise ValueError(
+            f"optim.warmup_steps={optim.warmup_steps} in a {total_steps}-step run: its only step has rate 0 (warm-up "
+            "starts at 0); run more steps or set optim.warmup_steps=0."
+        )
     lr = learning_rate_schedule(optim.schedule, optim, total_steps)
     parts = []
     if optim.max_grad_norm:

@@ -144,7 +144,8 @@ class _Setup:
         from ngdiff_jax.training.methods import make_optimizer
 
         method, optim = traced_configs(self.cfg.method, self.cfg.optim, values)
-        tx = make_optimizer(method, optim, self.num_steps, member_axis=member_axis)
+        tx = make_optimizer(method, optim, self.num_steps, member_axis=member_axis,
+                            steps_per_epoch=len(self.forget_rows) / self.cfg.data.batch_size)
         prec = self.cfg.precision
         if prec.moments != prec.params:
             tx = precision.with_moment_dtype(tx, prec.jnp("moments"))

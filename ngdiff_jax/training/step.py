@@ -51,7 +51,8 @@ def _stats(opt_state) -> dict[str, jax.Array]:
 def _objective_weight(kind: str, batch) -> jax.Array:
     """The denominator of objective ``kind`` on ``batch`` (float32): these objectives are
     ``numerator / denominator`` with a denominator that does not depend on the parameters (the
-    scored tokens for NLL/GA, the scored rows for NPO/SimNPO, the positions for KL), so the
+    scored tokens for NLL/GA, the scored rows for NPO/SimNPO, the real rows for KL, whose
+    positions per row are the whole batch's: `_whole_batch_ref`), so the
     full-batch loss is the denominator-weighted mean of the micro-batch losses, and so is its
     gradient. That is what keeps accumulation exact. Other objectives are refused."""
     labels = batch["labels"]
@@ -59,12 +60,22 @@ def _objective_weight(kind: str, batch) -> jax.Array:
         return (labels[:, 1:] != IGNORE_INDEX).sum().astype(jnp.float32)
     if kind in ("npo", "simnpo"):
         return (labels[:, 1:] != IGNORE_INDEX).any(-1).sum().astype(jnp.float32)
-    if kind == "kl":
-        return jnp.asarray(labels.shape[0] * labels.shape[1], jnp.float32)
+    if kind == "kl":  # rows x the whole batch's columns (`_whole_batch_ref`), a factor common to all
+        return batch["attention_mask"].astype(bool).any(-1).sum().astype(jnp.float32)
     raise ValueError(
         f"run.micro_batches > 1 does not know how to weight the {kind!r} objective across micro-batches "
         "(exact accumulation is implemented for ga, nll, npo, simnpo, kl); use run.micro_batches=1 for this method."
     )
+
+
+def _whole_batch_ref(kind: str, batch) -> dict:
+    """What objective ``kind`` reads of the whole batch when it runs on micro-batches, merged into
+    each micro-batch's ``ref``: KL counts the whole batch's columns (`ngdiff_jax.losses.batch_positions`)."""
+    if kind == "kl":
+        from ngdiff_jax.losses import batch_positions
+
+        return {"kl_positions": batch_positions(batch["attention_mask"])}
+    return {}
 
 
 def _split(batch, k: int):
@@ -151,7 +162,8 @@ def make_unlearn_step(
     if k > 1:  # fail now, not at the first step, for an objective that cannot be accumulated exactly
         for kind, obj in ((method.forget_loss, f_obj), (method.retain_loss, r_obj)):
             if obj is not None:
-                _objective_weight(kind, {"labels": jnp.zeros((1, 2), jnp.int32)})
+                _objective_weight(kind, {"labels": jnp.zeros((1, 2), jnp.int32),
+                                         "attention_mask": jnp.zeros((1, 2), jnp.int32)})
     hidden_fn = hidden_fn if hidden_fn is not None else getattr(apply_fn, "hidden_state", None)
     if method.needs_hidden and hidden_fn is None:
         raise ValueError(
@@ -206,9 +218,10 @@ def make_unlearn_step(
         kind = method.forget_loss if task == "forget" else method.retain_loss
         mbs = _split(batch, k)
         w_obj, w_nll = _weights(kind, mbs), _weights("nll", mbs)
+        whole = _whole_batch_ref(kind, batch)
 
         def mb_loss(p, mb):
-            return task_loss(obj, view(obj, mb), reference(obj, task, mb, ref_params))(p)
+            return task_loss(obj, view(obj, mb), {**reference(obj, task, mb, ref_params), **whole})(p)
 
         def body(carry, xs):
             loss_acc, nll_acc, g_acc = carry

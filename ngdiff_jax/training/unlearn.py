@@ -118,7 +118,7 @@ def run_unlearn(
     if cfg.method.needs_reference:
         # A separate copy: the step donates `params`, the reference must stay intact.
         ref_params = jax.tree_util.tree_map(jnp.copy, params)
-    tx = make_optimizer(cfg.method, cfg.optim, num_steps)
+    tx = make_optimizer(cfg.method, cfg.optim, num_steps, steps_per_epoch=len(forget_rows) / cfg.data.batch_size)
     if prec.moments != prec.params:
         tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
     k = cfg.run.micro_batches

@@ -79,6 +79,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "method.satimp_beta2": (_nonneg, ">= 0", "1.0"),
     "method.ceu_ignore_first_n": (_nonneg, ">= 0", "1"),
     "method.rmu_steering_coeff": (_pos, "> 0", "2.0"),
+    "method.warmup_epochs": (_nonneg, ">= 0 (0: no warm-up)", "1.0"),
+    "method.max_grad_norm": (_pos, "> 0, or null for no clipping", "1.0"),
     "model.tokenizer_vocab_size": (_ge(2), ">= 2", "384"),
 }
 _NOT_NONE = {"run.max_checkpoints"}
