@@ -81,7 +81,7 @@ def test_study_on_tofu_subset_runs_resumes_and_saves_the_format(tiny_smol, tmp_p
         "study", "--config", "tofu_smollm2", "--out", str(out), "--no-progress",
         f"model_path={tiny_smol}", f"benchmark.source={tofu_dir}", "benchmark.retain_authors=1",
         "benchmark.eval_rows=2", "benchmark.forget_eval_rows=2", "sweep.lr=[2e-5]", "sweep.selection_seeds=[0]",
-        "train.steps=1", "train.optim.warmup_steps=0",
+        "train.steps=1", "train.epochs=null", "train.optim.warmup_steps=0",
         "min_target_forget_rouge=0",  # a tiny random model memorizes nothing "train.retain_steps=1", "unlearn.steps=1",
         "evaluation.max_new_tokens=2", "evaluation.batch_size=4", "train.batch_size=4", "--methods", "ngdiff",
     ]  # fmt: skip
