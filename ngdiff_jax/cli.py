@@ -25,6 +25,7 @@ COMMANDS = {
     "eval": "evaluate",
     "report": "report",
     "bench": "bench",
+    "device-check": "device_check",
     "toy": "toy",
     "plan": "plan",
     "readme": "readme",

@@ -28,13 +28,18 @@ IGNORE = -100
 
 
 class TorchRunner:
-    def __init__(self, model_dir: str, threads: int):
+    """The model on ``device`` (``cpu``, ``cuda``, ``cuda:1``, ...) in ``dtype`` (float32 or bfloat16;
+    log-probs are taken in float32)."""
+
+    def __init__(self, model_dir: str, threads: int, device: str = "cpu", dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval()
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         eos = {self.tok.eos_token_id}
         cfg_eos = self.model.config.eos_token_id
@@ -61,21 +66,22 @@ class TorchRunner:
     def _stats(self, ids, labels):
         torch = self.torch
         with torch.no_grad():
-            logits = self.model(torch.tensor([ids])).logits[0].float()
-        lab = torch.tensor(labels)
+            logits = self.model(torch.tensor([ids], device=self.device)).logits[0].float()
+        lab = torch.tensor(labels, device=self.device)
         logp = torch.log_softmax(logits[:-1], dim=-1)
         tgt = lab[1:]
         m = tgt != IGNORE
         picked = logp[m].gather(-1, tgt[m][:, None])[:, 0]
         greedy = logits[:-1][m].argmax(-1) == tgt[m]
-        return float(-picked.mean()), picked.double().numpy(), greedy.numpy()
+        return float(-picked.mean()), picked.double().cpu().numpy(), greedy.cpu().numpy()
 
     def _generate(self, ids, max_new_tokens, stop_strings=()):
         torch = self.torch
         kw = {"stop_strings": list(stop_strings), "tokenizer": self.tok} if stop_strings else {}
         with torch.no_grad():
             out = self.model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                torch.tensor([ids], device=self.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device),
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tok.eos_token_id,
                 eos_token_id=self.eos, **kw,
             )[0, len(ids):].tolist()  # fmt: skip
@@ -198,10 +204,13 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=200, help="TOFU answer length")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N (default: cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="model dtype, as ngdiff eval --dtype (default: float32)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    run = TorchRunner(a.model, a.threads)
+    run = TorchRunner(a.model, a.threads, device=a.device, dtype=a.dtype)
     if a.benchmark == "tofu":
         from ngdiff_jax.data import QAFormatter
         from ngdiff_jax.training.unlearn import resolve_format

@@ -225,12 +225,12 @@ def rouge_scores(generations: Sequence[str], ground_truths: Sequence[str]) -> li
 
 
 def clean_up_tokenization(text: str) -> str:
-    """transformers' ``clean_up_tokenization`` (the spaces before punctuation and contractions that
-    ``clean_up_tokenization_spaces=True`` removes; ``" do n't ."`` -> ``" don't."``)."""
-    return (
-        text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
-        .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve").replace(" 're", "'re")
-    )  # fmt: skip
+    """transformers' own ``clean_up_tokenization`` (the spaces before punctuation and contractions
+    that ``clean_up_tokenization_spaces=True`` removes; ``" do n't ."`` -> ``" don't."``), called
+    without a tokenizer instance (it reads none of its state)."""
+    from transformers import PreTrainedTokenizerBase
+
+    return PreTrainedTokenizerBase.clean_up_tokenization(PreTrainedTokenizerBase, text)
 
 
 def decode_text(tokenizer, ids: Sequence[int]) -> str:
