@@ -44,7 +44,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,6 @@ class CheckOptions:
     eval_new_tokens: int = 64
     eval_dtype: str = "float32"
     budget_s: float = 450.0  # the subprocesses' timeouts are cut to fit it
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_run(cls, out, *, dry_run: bool = False, **overrides) -> CheckOptions:
@@ -169,6 +168,8 @@ def environment() -> dict[str, Any]:
         "child_jax_platforms": child_platform(d),
         "host_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "env": {k: os.environ.get(k) for k in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_FLAGS")},
+        # the step's compile_s is a cold compile only without a warm persistent cache (NGDIFF_COMPILATION_CACHE=0)
+        "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
     }
 
 
@@ -208,17 +209,29 @@ def run_step(opts: CheckOptions, log: Callable[[str], None]) -> dict[str, Any]:
         "warmup_steps": opts.warmup, "timed_steps": opts.steps,
     }  # fmt: skip
     device = jax.devices()[0]
-    log(f"step: plan of {size.name} {size.batch}x{size.seq_len} per task ({opts.dtype} compute, remat {opts.remat})")
-    try:
-        row = plan_step(size.hf_config().to_dict(), batch=size.batch, seq=size.seq_len, params_dtype="float32",
-                        compute_dtype=opts.dtype, moments_dtype="float32", remat=opts.remat)  # fmt: skip
-        res["plan"] = {"peak_bytes": row.peak, "estimate_bytes": row.estimate, "argument_bytes": row.argument,
-                       "temp_bytes": row.temp, "xla_flops": row.flops, "how": row.how, "compile_s": row.compile_s}
-    except Exception as e:  # the timing still runs
-        res["plan"] = {"error": one_line(f"{type(e).__name__}: {e}", 300)}
+
+    def plan(remat: str) -> dict[str, Any]:
+        log(f"step: plan of {size.name} {size.batch}x{size.seq_len} per task ({opts.dtype} compute, remat {remat})")
+        try:
+            row = plan_step(size.hf_config().to_dict(), batch=size.batch, seq=size.seq_len, params_dtype="float32",
+                            compute_dtype=opts.dtype, moments_dtype="float32", remat=remat)  # fmt: skip
+        except Exception as e:  # the timing still runs
+            return {"error": one_line(f"{type(e).__name__}: {e}", 300)}
+        return {"peak_bytes": row.peak, "estimate_bytes": row.estimate, "argument_bytes": row.argument,
+                "temp_bytes": row.temp, "xla_flops": row.flops, "how": row.how, "compile_s": row.compile_s}
+
+    remat = opts.remat
+    res["plan"] = plan(remat)
+    limit = (_memory_stats(device) or {}).get("bytes_limit")
+    if remat == "none" and limit and res["plan"].get("peak_bytes", 0) > 0.9 * limit:
+        # one try on a lent machine: rather a step with remat than an out-of-memory error
+        res["remat_fallback"] = (f"plan's peak {res['plan']['peak_bytes'] / GIB:.1f} GiB > 90% of the device's "
+                                 f"{limit / GIB:.1f} GiB with remat none: remat full")  # fmt: skip
+        remat = res["remat"] = "full"
+        res["plan"] = plan(remat)
     model = jax_side.build_model(size, opts.dtype)
-    if opts.remat != "none":
-        set_remat(model, opts.remat)
+    if remat != "none":
+        set_remat(model, remat)
     res["kernels"] = getattr(model, "kernels", None)
     apply_fn, params = functional(model)
     del model
@@ -240,6 +253,8 @@ def run_step(opts: CheckOptions, log: Callable[[str], None]) -> dict[str, Any]:
     mean, median = statistics.fmean(times), statistics.median(times)
     model_flops = size.step_flops()
     peak = peak_flops(device.device_kind)
+    n = 128 if opts.dry_run else 8192  # the achievable bf16 matmul rate, for reading the MFU
+    res["measured_matmul_flops"] = {"n": n, "flops": jax_side.matmul_rate(n, "bfloat16", 5)}
     last = {k: float(np.asarray(v)) for k, v in metrics.items() if np.asarray(v).size == 1}
     res.update({
         "step_s_all": [round(t, 5) for t in times],
@@ -305,7 +320,7 @@ def _timed(cmd: list[str], env: dict[str, str], timeout: float) -> float:
 
 def run_eval(opts: CheckOptions, env_info: dict[str, Any], deadline: float,
              log: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """The ``eval`` part (module doc); ``{"skipped": reason}`` when its inputs are missing."""
+    """The ``eval`` part (module doc); ``{"skip_reason": why}`` when its inputs are missing."""
     import importlib.util
 
     from ngdiff_jax.bench.eval_speed import compare
@@ -313,13 +328,13 @@ def run_eval(opts: CheckOptions, env_info: dict[str, Any], deadline: float,
 
     data = Path(opts.data) if opts.data else shared_data_dir() / "tofu"
     if not (data / "forget01_perturbed.json").is_file():
-        return {"skipped": f"TOFU data not found at {data} (forget01_perturbed.json): pass --data DIR"}
+        return {"skip_reason": f"TOFU data not found at {data} (forget01_perturbed.json): pass --data DIR"}
     try:
         import rouge_score.rouge_scorer  # noqa: F401  (imports nltk)
     except ImportError as e:
-        return {"skipped": f"rouge-score not importable ({e}): carry its wheels (docs/PERFORMANCE.md)"}
+        return {"skip_reason": f"rouge-score not importable ({e}): carry its wheels (docs/PERFORMANCE.md)"}
     if importlib.util.find_spec("torch") is None:
-        return {"skipped": "torch is not installed: no transformers side to compare with"}
+        return {"skip_reason": "torch is not installed: no transformers side to compare with"}
     jax_platforms = env_info["child_jax_platforms"]
     torch_device = "cuda" if jax_platforms in ("cuda", "rocm") else "cpu"
     threads = min(16, env_info["host_cores"] or 1)
@@ -368,7 +383,7 @@ def run_tests(opts: CheckOptions, env_info: dict[str, Any], deadline: float,
     """The ``tests`` part (module doc)."""
     files = [f for f in opts.tests if (REPO_ROOT / f).is_file()]
     if not files:
-        return {"skipped": f"none of {', '.join(opts.tests)} found under {REPO_ROOT} (an installed package has no "
+        return {"skip_reason": f"none of {', '.join(opts.tests)} found under {REPO_ROOT} (an installed package has no "
                            "tests: run from a checkout)"}  # fmt: skip
     env = _child_env(env_info["child_jax_platforms"])
     with tempfile.TemporaryDirectory(prefix="ngdiff_device_check_") as tmp:
@@ -438,8 +453,8 @@ def run_check(opts: CheckOptions, log: Callable[[str], None] | None = None) -> d
             res = runners[part]()
         except Exception as e:  # one part's failure is recorded; the others still run
             res = {"error": one_line(f"{type(e).__name__}: {e}", 500)}
-        if "skipped" in res:
-            res = {"status": "skipped", "reason": res.pop("skipped"), **res}
+        if "skip_reason" in res:
+            res = {"status": "skipped", "reason": res.pop("skip_reason"), **res}
         elif "error" in res:
             res = {"status": "failed", **res}
             result["failed"].append({"part": part, "error": res["error"]})
@@ -471,22 +486,24 @@ def format_summary(result: dict[str, Any], path: Path | None = None) -> str:
     lines = [f"device check{' (dry run)' if result['dry_run'] else ''}: {env['device_kind']} x{env['device_count']} "
              f"({env['backend']}), jax {env['packages']['jax']}"]  # fmt: skip
     s = result.get("step", {})
-    if s.get("status") == "ok":
+    if "tokens_per_s" in s:  # also when only its plan or a metric check failed
         mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] is not None else f"n/a ({s.get('mfu_reason', '')})"
         plan = s.get("plan", {})
         lines.append(
             f"  step: {s['size']} ({s['params'] / 1e6:.0f}M params), 2 tasks x {s['batch_per_task']}x{s['seq_len']}, "
-            f"{s['compute_dtype']} compute: compile {s['compile_s']:.1f} s, step {s['mean_step_s'] * 1e3:.1f} ms "
-            f"(median {s['median_step_s'] * 1e3:.1f}), {s['tokens_per_s']:,.0f} tokens/s, MFU {mfu}; "
+            f"{s['compute_dtype']} compute, remat {s['remat']}: compile {s['compile_s']:.1f} s, "
+            f"step {s['mean_step_s'] * 1e3:.1f} ms "
+            f"(median {s['median_step_s'] * 1e3:.1f}), {s['tokens_per_s']:,.0f} tokens/s, MFU {mfu} (bf16 matmul "
+            f"measured {s['measured_matmul_flops']['flops'] / 1e12:.1f} TFLOP/s); "
             f"peak device memory {_gib(s['peak_device_bytes'])} (plan: peak {_gib(plan.get('peak_bytes'))}, "
             f"estimate {_gib(plan.get('estimate_bytes'))})")  # fmt: skip
     e = result.get("eval", {})
-    if e.get("status") == "ok":
+    if "speedup" in e:
         lines.append(f"  eval: ngdiff eval {e['ngdiff_wall_s']:.1f} s, transformers {e['transformers_wall_s']:.1f} s "
                      f"({e['torch_device']}), speedup {e['speedup']:.2f}x, max |metric diff| "
                      f"{e['max_metric_diff']:.2e}")  # fmt: skip
     t = result.get("tests", {})
-    if t.get("status") in ("ok", "failed") and "passed" in t:
+    if "passed" in t:
         lines.append(f"  tests: {t['passed']} passed, {t['failed']} failed, {t['errors']} errors, "
                      f"{t['skipped']} skipped in {t['seconds']:.1f} s ({len(t['files'])} files)")  # fmt: skip
     for part in PARTS:
