@@ -86,6 +86,12 @@ def console(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    from ngdiff_jax import accelerator_check
+
+    if _command(argv) in accelerator_check.COMPUTE_COMMANDS:
+        line = accelerator_check.unused_accelerator_warning()  # starts no JAX backend
+        if line:
+            print(line, file=sys.stderr)
     return main(argv)
 
 

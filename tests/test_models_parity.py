@@ -15,6 +15,16 @@ FAMILIES = list(TINY_CONFIGS)
 RTOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_matmuls():
+    """float32 matmuls at full precision: on a GPU JAX's default (TF32, or bf16 passes on TPU)
+    would miss RTOL by orders of magnitude; on CPU this changes nothing."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _batch(seed=0, B=3, T=10, V=128):
     rs = np.random.RandomState(seed)
     ids = rs.randint(3, V, (B, T)).astype(np.int32)
