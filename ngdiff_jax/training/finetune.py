@@ -8,6 +8,7 @@ pretrained ``model_path``.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,10 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
         model = models.abstract_model(model)  # the structure for the export, without the weights
     tx = make_finetune_optimizer(cfg.optim, num_steps)
     prec = cfg.precision
+    # every process computes it (the weights may be sharded over processes), the first one prints it
+    line = None if lora_run is not None else precision.bf16_rate_warning(params, cfg.optim.lr)
+    if main and line:
+        print(line, file=sys.stderr)
     if prec.moments != prec.params:
         tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
     k = cfg.run.micro_batches

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["run_mesh", "with_moment_dtype"]
+__all__ = ["bf16_rate_warning", "frozen_fraction", "run_mesh", "with_moment_dtype"]
 
 
 def _floating(x) -> bool:
@@ -57,3 +57,34 @@ def run_mesh(mesh_section, distributed_section):
         return par.make_mesh(mesh_cfg), mesh_cfg.rules, par.is_main_process()
     mesh_cfg = par.MeshConfig(data=1, fsdp=1, tensor=1, rules="fsdp")
     return par.make_mesh(mesh_cfg, devices=jax.local_devices()[:1]), mesh_cfg.rules, True
+
+
+def frozen_fraction(params, lr: float) -> float | None:
+    """The fraction of the nonzero bfloat16 weights that an update of size ``lr`` leaves unchanged:
+    ``w + u`` rounds back to ``w`` when ``|u|`` is at most half of ``w``'s spacing,
+    ``2**(floor(log2|w|) - 8)`` (bfloat16 keeps 8 significant bits). None without bfloat16 weights.
+    Adam's update of a coordinate is about ``lr`` in size, so this is the share of the weights
+    its steps cannot move."""
+    leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "dtype") and x.dtype == jnp.bfloat16]
+    if not leaves:
+        return None
+    frozen = total = 0
+    for x in leaves:
+        a = jnp.abs(x.astype(jnp.float32))
+        nz = a > 0
+        half_spacing = jnp.exp2(jnp.floor(jnp.log2(jnp.where(nz, a, 1.0))) - 8.0)
+        frozen += int(jnp.sum(nz & (lr <= half_spacing)))
+        total += int(jnp.sum(nz))
+    return frozen / total if total else None
+
+
+def bf16_rate_warning(params, lr: float, *, threshold: float = 0.5) -> str | None:
+    """One warning line when bfloat16 weights at rate ``lr`` would mostly not move
+    (:func:`frozen_fraction` >= ``threshold``), naming the fix; None otherwise."""
+    frac = frozen_fraction(params, float(lr))
+    if frac is None or frac < threshold:
+        return None
+    return (f"warning: precision.params=bfloat16 with optim.lr={float(lr):g}: an update of that size rounds away "
+            f"for {frac:.0%} of the weights (bfloat16 keeps 8 significant bits), so the run changes the model "
+            "less than its rate says; set precision.params=float32 (float32 master weights; precision.compute="
+            "bfloat16 keeps the speed) or raise optim.lr.")  # fmt: skip

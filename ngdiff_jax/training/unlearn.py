@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +96,10 @@ def run_unlearn(
         apply_fn, params = models.stacked.functional(model, release=True)
     else:
         apply_fn, params = models.functional(model)
+    # every process computes it (the weights may be sharded over processes), the first one prints it
+    line = None if lora_run is not None else precision.bf16_rate_warning(params, cfg.optim.lr)
+    if main and line:
+        print(line, file=sys.stderr)
     if lora_run is None:
         model = models.abstract_model(model)  # the structure for the export, without the weights
     # the export and the best-model hook take the per-block layout
@@ -219,8 +224,6 @@ def run_unlearn(
     if selector is not None:
         summary["selection"] = selector.summary()
         if selector.best is None and main:
-            import sys
-
             print(f"warning: no evaluated point met the selection criterion ({selector.criterion.describe()}); "
                   f"no best_model was written (the last model is in {model_dir}).", file=sys.stderr)  # fmt: skip
     if lora_run is not None:
