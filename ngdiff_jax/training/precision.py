@@ -68,14 +68,17 @@ def frozen_fraction(params, lr: float) -> float | None:
     leaves = [x for x in jax.tree.leaves(params) if hasattr(x, "dtype") and x.dtype == jnp.bfloat16]
     if not leaves:
         return None
-    frozen = total = 0
-    for x in leaves:
-        a = jnp.abs(x.astype(jnp.float32))
-        nz = a > 0
-        half_spacing = jnp.exp2(jnp.floor(jnp.log2(jnp.where(nz, a, 1.0))) - 8.0)
-        frozen += int(jnp.sum(nz & (lr <= half_spacing)))
-        total += int(jnp.sum(nz))
+    counts = [_frozen_and_nonzero(x, jnp.float32(lr)) for x in leaves]  # fused reductions, no full-size copies
+    frozen, total = (sum(int(c[i]) for c in counts) for i in (0, 1))
     return frozen / total if total else None
+
+
+@jax.jit
+def _frozen_and_nonzero(x, lr):
+    a = jnp.abs(x.astype(jnp.float32))
+    nz = a > 0
+    half_spacing = jnp.exp2(jnp.floor(jnp.log2(jnp.where(nz, a, 1.0))) - 8.0)
+    return jnp.sum(nz & (lr <= half_spacing)), jnp.sum(nz)
 
 
 def bf16_rate_warning(params, lr: float, *, threshold: float = 0.5) -> str | None:
