@@ -23,3 +23,15 @@ def test_warning_names_the_key_the_value_and_the_fix():
     assert line.startswith("warning: precision.params=bfloat16 with optim.lr=1e-05") and "100%" in line
     assert "precision.params=float32" in line and "\n" not in line
     assert bf16_rate_warning(w, 1e-3) is None  # 1e-3 moves them
+
+
+def test_gen_on_bfloat16_weights_warns_with_the_fix():
+    from ngdiff_jax.training.precision import gen_bf16_warning
+
+    rng = np.random.default_rng(1)
+    w = {"w": jnp.asarray(rng.normal(0, 0.02, (32, 32)), jnp.bfloat16)}
+    line = gen_bf16_warning(w, 1e-5)
+    assert line.startswith("warning: method.lr_rule=gen with precision.params=bfloat16 at optim.lr=1e-05")
+    assert "precision.params=float32" in line and "\n" not in line
+    assert gen_bf16_warning({"w": w["w"].astype(jnp.float32)}, 1e-5) is None  # float32 master weights
+    assert gen_bf16_warning(w, 1.0) is None  # a rate every weight resolves

@@ -21,6 +21,8 @@ MODULES = (
     "ngdiff_jax.optim.unlearning",
     "ngdiff_jax.optim.stats",
     "ngdiff_jax.models.kernels",
+    "ngdiff_jax.models.attention",
+    "ngdiff_jax.backend",
     "ngdiff_jax.models.hf",
     "ngdiff_jax.models.stacked",
     "ngdiff_jax.bits",

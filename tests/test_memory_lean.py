@@ -21,7 +21,6 @@ import pytest
 from flax import nnx
 
 from ngdiff_jax import losses, models
-from ngdiff_jax.models import modeling
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import TokenLogprobs, token_logprobs
 from ngdiff_jax.models.testing import tiny_hf_config
@@ -49,8 +48,8 @@ def _batch(B=3, T=11, V=128, seed=0):
 @pytest.mark.parametrize("family", ["llama_tied", "phi"])  # tied head; untied head with a bias
 @pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
 def test_chunked_head_equals_the_logits_path(family, kernels, monkeypatch):
-    monkeypatch.setattr(modeling, "HEAD_CHUNK_ELEMENTS", 128 * 8)  # 8-token chunks: 30 tokens = 4 chunks, padded
     model = _model(family, kernels)
+    model.head_chunk_elements = 128 * 8  # 8-token chunks: 30 tokens = 4 chunks, padded
     apply_fn, params = models.functional(model)
     ids, mask, labels = _batch()
     lp = apply_fn.token_logprobs(params, ids, labels, mask)
@@ -77,8 +76,8 @@ def _temp_bytes(fn, *args, donate=()) -> int:
 
 def test_chunked_head_keeps_no_vocabulary_sized_buffer(monkeypatch):
     V, B, T = 4096, 4, 128  # logits: 8 MiB in float32; a head chunk: 64 tokens x 4096 = 1 MiB
-    monkeypatch.setattr(modeling, "HEAD_CHUNK_ELEMENTS", 64 * V)
     model = _model("llama_tied", "xla", vocab_size=V, max_position_embeddings=T)
+    model.head_chunk_elements = 64 * V
     labels = jnp.ones((B, T), jnp.int32)
     x = jnp.ones((B, T, model.config.hidden_size), jnp.float32)  # the last block's output
 
@@ -286,3 +285,40 @@ def test_late_conversion_keeps_the_values():
         jax.clear_caches()
     for a, b in zip(jax.tree.leaves(g_late), jax.tree.leaves(g_barrier)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))  # bit for bit
+
+
+def _float32_sums(jaxpr, shape) -> dict:
+    """Counts of the loops (``scan``) carrying a float32 array of ``shape`` and of the float32
+    ``scatter-add``s into one, in ``jaxpr`` and every sub-jaxpr."""
+    found = {"scan": 0, "scatter-add": 0}
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            name = eqn.primitive.name
+            if name in found and any(getattr(v.aval, "shape", None) == shape and v.aval.dtype == jnp.float32
+                                     for v in eqn.outvars):  # fmt: skip
+                found[name] += 1
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else (p,):
+                    inner = getattr(sub, "jaxpr", None)
+                    if inner is not None:
+                        walk(getattr(inner, "jaxpr", inner))
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def test_bfloat16_head_and_embedding_gradients_sum_in_float32():
+    """bfloat16 weights (plain XLA kernels): the chunked head's loop sums the tied weight's
+    gradient over the chunks in a float32 carry, and the lookup's gradient scatter-adds the rows
+    of repeated ids into float32: one rounding to bfloat16 each, at the end."""
+    cfg = ModelConfig.from_hf(tiny_hf_config("llama_tied"))
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="xla", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model.head_chunk_elements = 128 * 8  # 8-token chunks: several loop iterations
+    apply_fn, params = models.functional(model)
+    ids, mask, labels = _batch()
+    grad = jax.grad(lambda p: losses.nll(apply_fn.token_logprobs(p, ids, labels, mask), labels))
+    found = _float32_sums(jax.make_jaxpr(grad)(params), (cfg.vocab_size, cfg.hidden_size))
+    assert found["scan"] >= 1 and found["scatter-add"] >= 1, found
+    g = grad(params)
+    assert g["embed"].dtype == jnp.bfloat16 and bool(jnp.isfinite(g["embed"].astype(jnp.float32)).all())

@@ -202,3 +202,56 @@ def test_loop_resume_in_process_and_settings_mismatch(tmp_path):
     assert steps == list(range(1, 8))
     with pytest.raises(ValueError, match=r"different settings \(lr: checkpoint 0.1 vs now 0.2\)"):
         _toy_run(tmp_path / "part", 9, {"lr": 0.2})
+
+
+class _Counter:
+    """A batch stream: ``next()`` gives the step's number, as a batch."""
+
+    def __init__(self):
+        self.i = 0
+
+    def next(self):
+        self.i += 1
+        return np.float32(self.i)
+
+    __next__ = next
+
+    def state(self):
+        return {"i": self.i}
+
+    def restore(self, s):
+        self.i = s["i"]
+
+
+def test_loop_syncs_with_the_host_only_on_logged_steps(tmp_path, monkeypatch):
+    """Between logged steps the loop only dispatches (no metric fetch, no block_until_ready);
+    each log line's ``time_s`` is the mean step time of its interval; None means 1 on CPU."""
+    import jax.numpy as jnp
+
+    from ngdiff_jax.training import loop
+
+    fetched = []
+    real_host = loop._host
+    monkeypatch.setattr(loop, "_host", lambda raw: fetched.append(1) or real_host(raw))
+
+    def no_block(*a, **k):
+        raise AssertionError("block_until_ready on an unlogged step")
+
+    monkeypatch.setattr(jax, "block_until_ready", no_block)
+
+    def step(params, opt_state, batches, rng):
+        params = params + batches[0]
+        return params, opt_state, {"loss": params}
+
+    res = loop.run_loop(step, jnp.float32(0), (), streams={"d": _Counter()}, num_steps=7,
+                        rng=jax.random.PRNGKey(0), out_dir=tmp_path, checkpoint_every=0, log_every=3,
+                        progress=False)  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [3, 6, 7] and len(fetched) == 3
+    assert [r["loss"] for r in lines] == [6.0, 21.0, 28.0]  # the logged values are those steps'
+    assert float(res.params) == 28.0 and all(r["time_s"] > 0 for r in lines)
+    assert loop.default_log_every("cpu") == 1 and loop.default_log_every("gpu") == 10
+    res = loop.run_loop(step, jnp.float32(0), (), streams={"d": _Counter()}, num_steps=2,
+                        rng=jax.random.PRNGKey(0), out_dir=tmp_path / "b", checkpoint_every=0, progress=False)
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == (2 if jax.default_backend() == "cpu"
+                                                                             else 1)  # fmt: skip

@@ -55,8 +55,8 @@ PARTS = ("step", "eval", "tests")
 
 #: test files run on the accelerator: model parity with transformers, the two-task combiners,
 #: GeN, the training step and the losses (small models, numerics that a GPU's kernels change)
-GPU_TESTS = ("tests/test_models_parity.py", "tests/test_losses.py", "tests/test_optim_combiners.py",
-             "tests/test_optim_gen.py", "tests/test_training_step.py")  # fmt: skip
+GPU_TESTS = ("tests/test_models_parity.py", "tests/test_models_attention.py", "tests/test_losses.py",
+             "tests/test_optim_combiners.py", "tests/test_optim_gen.py", "tests/test_training_step.py")  # fmt: skip
 DRY_RUN_TESTS = ("tests/test_losses.py",)
 
 #: dense bf16 peak FLOP/s by a substring of ``device_kind`` (first match wins), from the vendors' sheets

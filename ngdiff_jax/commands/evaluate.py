@@ -76,14 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOFU answer length (default 200); MUSE VerbMem length (default 128).")  # fmt: skip
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="only the first N rows of every split (quick check).")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="parameter and compute dtype of the evaluated model (logits and scores stay float32).")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="parameter and compute dtype of the evaluated model (logits and scores stay float32); "
+                             "default the backend's: float32 on CPU, bfloat16 on GPU/TPU (as open-unlearning "
+                             "evaluates).")  # fmt: skip
 
 
-def _dtype(name: str):
+def _dtype(name: str | None):
     import jax.numpy as jnp
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    from ngdiff_jax.backend import defaults
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name or defaults().compute]
 
 
 def run(args) -> int:

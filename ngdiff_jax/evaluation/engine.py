@@ -28,16 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngdiff_jax.backend import defaults as backend_defaults
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 
-#: rows x positions of logits materialized at once by the chunked LM head (~400 MB at a 49k vocabulary).
-HEAD_TOKENS = 2048
+#: rows x positions of logits materialized at once by the chunked LM head; None: the backend's
+#: (`ngdiff_jax.backend`: 2048 on CPU, ~400 MB at a 49k vocabulary; 16384 on accelerators)
+HEAD_TOKENS: int | None = None
 
 #: rows scored whole and generation prompts longer than this are encoded in causal blocks of this many
-#: positions (``_score_plain``, ``_prefill``): XLA:CPU computes every masked attention score, so on
-#: 2048-token texts this halves the attention work (None: one block)
-ATTENTION_BLOCK: int | None = 256
+#: positions (``_score_plain``, ``_prefill``); 0: one block; None: the backend's (256 on CPU, where
+#: XLA:CPU computes every masked attention score, so on 2048-token texts blocks halve the attention
+#: work; one block on accelerators)
+ATTENTION_BLOCK: int | None = None
+
+
+def _attention_block() -> int | None:
+    block = backend_defaults().eval_attention_block if ATTENTION_BLOCK is None else ATTENTION_BLOCK
+    return block or None
 
 # (program name, graphdef, shapes/statics) -> compiled executable
 _COMPILED: dict = {}
@@ -48,7 +56,7 @@ def clear_cache() -> None:
     _COMPILED.clear()
 
 
-def _token_stats(model, hidden, labels, head_tokens=HEAD_TOKENS):
+def _token_stats(model, hidden, labels, head_tokens):
     """``(nll [B], logp [B, T-1], mask [B, T-1], correct [B, T-1])`` from last-block hidden states
     (the LM head on at most ``head_tokens`` rows x positions at a time)."""
     B, T, _ = hidden.shape
@@ -76,7 +84,7 @@ def _lengths_mask(lengths, T):
     return (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
 
 
-def _score_plain(graphdef, state, ids, lengths, labels, *, chunk=None, head_tokens=HEAD_TOKENS):
+def _score_plain(graphdef, state, ids, lengths, labels, *, head_tokens, chunk=None):
     model = nnx.merge(graphdef, state)
     B, T = ids.shape
     valid = _lengths_mask(lengths, T)
@@ -100,7 +108,7 @@ def _score_plain(graphdef, state, ids, lengths, labels, *, chunk=None, head_toke
     return _token_stats(model, jnp.concatenate(hs, axis=1), labels, head_tokens)
 
 
-def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, head_tokens=HEAD_TOKENS):
+def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, head_tokens):
     model = nnx.merge(graphdef, state)
     Bp, P = pre_ids.shape
     B, T = ids.shape
@@ -233,7 +241,8 @@ def _compiled(name, graphdef, args, statics, timings: Timings, phase: str, membe
 def _head_tokens(members: int | None) -> int:
     """The LM head's chunk for ``members`` models at once: the members share :data:`HEAD_TOKENS`
     (a batched head materializes every member's logits chunk together)."""
-    return max(1, HEAD_TOKENS // (members or 1))
+    total = backend_defaults().eval_head_tokens if HEAD_TOKENS is None else HEAD_TOKENS
+    return max(1, total // (members or 1))
 
 
 def _run(fn, args, timings: Timings, phase: str):
@@ -247,7 +256,7 @@ def score_plain(graphdef, state, ids, lengths, labels, *, timings: Timings, phas
     """Stats of right-padded rows ``ids [B, T]`` (``lengths`` real tokens each; ``labels`` -100 = not scored).
     ``members``: ``state`` holds that many models (a leading axis), every output gains that axis."""
     args = (state, jnp.asarray(ids, jnp.int32), jnp.asarray(lengths, jnp.int32), jnp.asarray(labels, jnp.int32))
-    fn = _compiled("score", graphdef, args, {"chunk": ATTENTION_BLOCK, "head_tokens": _head_tokens(members)},
+    fn = _compiled("score", graphdef, args, {"chunk": _attention_block(), "head_tokens": _head_tokens(members)},
                    timings, phase, members)  # fmt: skip
     return _run(fn, args, timings, phase)
 
@@ -272,6 +281,6 @@ def generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, *, m
         state, jnp.asarray(shared_ids, jnp.int32), jnp.int32(shared_len), jnp.asarray(ids, jnp.int32),
         jnp.asarray(mask, jnp.int32), jnp.asarray(row_valid, bool), jnp.int32(max_new_tokens), jnp.int32(pad_id),
     )  # fmt: skip
-    statics = {"eos": tuple(eos), "n_buf": int(n_buf), "block": ATTENTION_BLOCK}
+    statics = {"eos": tuple(eos), "n_buf": int(n_buf), "block": _attention_block()}
     fn = _compiled("generate", graphdef, args, statics, timings, phase, members)
     return _run(fn, args, timings, phase)

@@ -17,14 +17,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ngdiff_jax.backend import kv_cache_budget
 from ngdiff_jax.evaluation import engine
 from ngdiff_jax.evaluation.batching import Timings, bucket_length, length_sorted_batches
 from ngdiff_jax.evaluation.metrics import cut_at_stop_strings, decode_text
 
 #: shortest common prompt prefix encoded once per batch
 MIN_SHARED_PREFIX = 16
-#: most bytes of KV cache one generation batch may hold (bounds the batch on long prompts)
-CACHE_BUDGET = 1 << 30
+#: most bytes of KV cache one generation batch may hold (bounds the batch on long prompts); None:
+#: the device's (`ngdiff_jax.backend.kv_cache_budget`: 1 GiB on CPU, a quarter of the free memory
+#: of an accelerator)
+CACHE_BUDGET: int | None = None
 
 
 def _new_tokens_bucket(n: int) -> int:
@@ -120,7 +123,7 @@ def generate_texts(
     if cfg is not None:  # keep a batch's KV cache within CACHE_BUDGET bytes
         per_row = (bucket_length(max(len(r) for r in rows)) + n_buf) * cfg.num_layers * 2 * cfg.num_kv_heads
         per_row *= cfg.head_dim * np.dtype(getattr(model, "dtype", None) or np.float32).itemsize * (members or 1)
-        B = max(1, min(B, CACHE_BUDGET // per_row))
+        B = max(1, min(B, (kv_cache_budget() if CACHE_BUDGET is None else CACHE_BUDGET) // per_row))
     out: list = [[None] * len(rows) for _ in range(members or 1)]
     for batch in length_sorted_batches([len(r) for r in rows], B):
         real = [rows[i] for i in batch]

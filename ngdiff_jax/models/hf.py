@@ -28,6 +28,7 @@ from flax import nnx
 
 from ngdiff_jax.host_memory import owned
 from ngdiff_jax.models import sharding as shd
+from ngdiff_jax.models.attention import resolve_attention
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, _unsupported_type_error
 from ngdiff_jax.models.kernels import resolve_kernels
 from ngdiff_jax.models.modeling import CausalLM
@@ -434,9 +435,9 @@ def _set_leaves(tree, flat: dict[str, Any]):
 
 
 def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                    rules=None, kernels: str | None = None) -> CausalLM:
+                    rules=None, kernels: str | None = None, attention: str | None = None) -> CausalLM:
     """Load a HF checkpoint directory (or hub id) into a `CausalLM` (``kernels``: see
-    `ngdiff_jax.models.kernels`; default by backend).
+    `ngdiff_jax.models.kernels`, ``attention``: `ngdiff_jax.models.attention`; defaults by backend).
 
     With ``mesh``, every tensor is streamed into its `NamedSharding` (from ``rules``; default
     the FSDP preset), reading only each device's block.
@@ -444,8 +445,9 @@ def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float
     d = _resolve_dir(path_or_repo_id)
     cfg = _read_config(d)
     kernels = resolve_kernels(kernels)
+    attention = resolve_attention(attention, dtype)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                               kernels=kernels))
+                                               kernels=kernels, attention=attention))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     flat_abs = _flat_params(pure)

@@ -43,6 +43,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from ngdiff_jax.backend import defaults as backend_defaults
 from ngdiff_jax.bits import from_bits, to_bits
 
 Array = jax.Array
@@ -59,7 +60,7 @@ def default_kernels() -> str:
         if env not in KERNELS:
             raise ValueError(f"{ENV_VAR}={env!r} is not one of 'xla', 'cpu_fast' (unset it for the backend default)")
         return env
-    return "cpu_fast" if jax.default_backend() == "cpu" else "xla"
+    return backend_defaults().kernels
 
 
 def resolve_kernels(kernels: str | None) -> str:

@@ -6,7 +6,8 @@ The math follows transformers 5.24's PyTorch modeling code exactly:
   first ``rotary_dim`` dims of each head (phi's partial rotary), with ``llama3``/``linear``
   frequency scaling;
 * RMSNorm computed in float32 and cast back before the scale (llama), or LayerNorm (phi, gpt2);
-* grouped-query attention, scores and softmax in float32;
+* grouped-query attention, scores and softmax in float32 (`ngdiff_jax.models.attention`: an
+  einsum reference, or ``jax.nn.dot_product_attention`` with XLA's or cuDNN's kernel);
 * phi's parallel block ``x + attn(ln(x)) + mlp(ln(x))``; gpt2's learned positions.
 
 Weights use einsum layouts (``q: [embed, heads, head_dim]``, ``o: [heads, head_dim, embed]``,
@@ -26,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ngdiff_jax.backend import defaults as backend_defaults
 from ngdiff_jax.bits import from_bits, to_bits
 from ngdiff_jax.models import kernels as kernels_lib
+from ngdiff_jax.models.attention import attend, resolve_attention
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
 from ngdiff_jax.shifted import shift_leaf
@@ -138,7 +141,7 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, rotary_dim: int
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype, attention: str = "einsum"):
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = cfg.initializer_range
         kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
@@ -153,6 +156,7 @@ class Attention(nnx.Module):
         self.inv_freq = tuple(float(v) for v in rope_inv_freq(cfg)) if self.rope else ()
         self.sliding_window = cfg.sliding_window
         self.dtype = dtype
+        self.attention = attention  # static: ngdiff_jax.models.attention
 
     def __call__(self, x, positions, kv_valid, cache=None, write_index=None):
         B, T, _ = x.shape
@@ -176,14 +180,7 @@ class Attention(nnx.Module):
         if self.sliding_window is not None:
             allowed = allowed & (q_slot[:, None] - k_slot[None, :] < self.sliding_window)
         mask = allowed[None, :, :] & kv_valid[:, None, :].astype(bool)  # [B, T, S]
-        G = self.num_heads // self.num_kv_heads
-        qg = q.reshape(B, T, self.num_kv_heads, G, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * self.scale
-        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
-        out = out.reshape(B, T, self.num_heads, self.head_dim)
+        out = attend(q, k, v, mask, self.scale, self.attention, self.dtype)
         return self.o_proj(out), new_cache
 
 
@@ -218,10 +215,10 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype, attention: str = "einsum"):
         nkw = dict(dtype=dtype, param_dtype=param_dtype)
         self.attn_norm = Norm(cfg.hidden_size, cfg.norm_type, cfg.norm_eps, **nkw)
-        self.attn = Attention(cfg, layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(cfg, layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
         self.parallel = cfg.parallel_block
         self.mlp_norm = None if self.parallel else Norm(cfg.hidden_size, cfg.norm_type, cfg.norm_eps, **nkw)
         self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -242,13 +239,20 @@ class CausalLM(nnx.Module):
     the storage dtype of the parameters (e.g. bf16 compute with float32 parameters).
     ``kernels`` (``"xla"``, ``"cpu_fast"`` or ``None`` for the backend default) picks the matmul
     kernels, see `ngdiff_jax.models.kernels`; it is ``model.kernels``, a static attribute.
+    ``attention`` (``"einsum"``, ``"xla"``, ``"cudnn"`` or ``None`` for the backend default, by the
+    compute dtype) picks the attention implementation, see `ngdiff_jax.models.attention`
+    (``model.attention``, static). ``head_chunk_elements`` sizes the chunks of `token_logprobs`'s
+    head (logits per chunk; ``None``: the backend's, `ngdiff_jax.backend`).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, kernels: str | None = None):
+                 param_dtype: Any = jnp.float32, kernels: str | None = None, attention: str | None = None,
+                 head_chunk_elements: int | None = None):
         cfg = config
         self.config = cfg
         self.kernels = kernels_lib.resolve_kernels(kernels)
+        self.attention = resolve_attention(attention, dtype)
+        self.head_chunk_elements = int(head_chunk_elements or backend_defaults().head_chunk_elements)
         self.dtype = dtype
         self.param_dtype = param_dtype
         init = jax.nn.initializers.normal(cfg.initializer_range)
@@ -259,7 +263,8 @@ class CausalLM(nnx.Module):
         else:
             self.pos_embed = None
         self.layers = nnx.List([
-            Block(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for i in range(cfg.num_layers)
+            Block(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=self.attention)
+            for i in range(cfg.num_layers)
         ])
         self.final_norm = Norm(cfg.hidden_size, cfg.norm_type, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
         if cfg.tie_embeddings:
@@ -333,12 +338,13 @@ class CausalLM(nnx.Module):
         with kernels_lib.use(self._active_kernels(x)):
             return self._head(x)
 
-    def _head(self, x):
+    def _head(self, x, head=None):
+        """Logits of ``x``; ``head``: the head weight to use (default the model's own)."""
         x = self.final_norm(x)
         if self.lm_head is None:
-            eq, head = "bte,ve->btv", self.embed[...]
+            eq, head = "bte,ve->btv", self.embed[...] if head is None else head
         else:
-            eq, head = "bte,ev->btv", self.lm_head.kernel[...]
+            eq, head = "bte,ev->btv", self.lm_head.kernel[...] if head is None else head
         logits = kernels_lib.einsums([eq], x, [head.astype(self.dtype)], preferred_element_type=jnp.float32,
                                      late=False)[0]
         if self.lm_head is not None and self.lm_head.bias is not None:
@@ -348,7 +354,7 @@ class CausalLM(nnx.Module):
     def token_logprobs(self, input_ids: Array, labels: Array, attention_mask: Array | None = None,
                        positions: Array | None = None) -> TokenLogprobs:
         """``token_logprobs(self(input_ids, attention_mask, positions), labels)`` without the
-        ``[B, T, V]`` logits: the head runs over chunks of about `HEAD_CHUNK_ELEMENTS` / vocab
+        ``[B, T, V]`` logits: the head runs over chunks of about ``head_chunk_elements / vocab``
         tokens in a ``lax.scan`` whose body is rematerialized (``jax.checkpoint``), so neither the
         forward nor the backward pass holds more than one chunk's logits (the chunk's logits are
         recomputed in the backward pass: one more head matmul). Plain JAX: jit, vmap and both
@@ -365,7 +371,7 @@ class CausalLM(nnx.Module):
         n = B * (T - 1)
         x = x[:, :-1].reshape(n, E)
         tgt = jnp.where(mask, targets, 0).reshape(n)
-        chunk = head_chunk_tokens(n, self.config.vocab_size)
+        chunk = head_chunk_tokens(n, self.config.vocab_size, self.head_chunk_elements)
         pad = (-n) % chunk
         if pad:
             x = jnp.pad(x, ((0, pad), (0, 0)))
@@ -376,17 +382,23 @@ class CausalLM(nnx.Module):
             w = (self.embed[...] if tied else self.lm_head.kernel[...]).astype(self.dtype)
             bias = None if tied or self.lm_head.bias is None else self.lm_head.bias[...]
             lp = kernels_lib.head_logprobs(self.final_norm(x[None])[0], w, bias, tgt, vocab_major=tied,
-                                           token_chunk=chunk, chunk_elements=HEAD_CHUNK_ELEMENTS)
+                                           token_chunk=chunk, chunk_elements=self.head_chunk_elements)
             logp = lp[:n].reshape(B, T - 1)
             return TokenLogprobs(jnp.where(mask, logp, 0.0), mask.astype(jnp.float32))
 
-        def chunk_logp(xc, tc):
-            logits = self._head(xc[None])[0]  # [chunk, V] float32
+        # The head weight enters the loop as a constant, whose gradient the loop sums over the chunks
+        # in the constant's dtype: a float32 view (a no-op for float32 weights) sums in float32 and
+        # rounds a 16-bit weight's gradient once.
+        w = self.embed[...] if self.lm_head is None else self.lm_head.kernel[...]
+        w = w.astype(jnp.promote_types(w.dtype, jnp.float32))
+
+        def chunk_logp(w, xc, tc):
+            logits = self._head(xc[None], w)[0]  # [chunk, V] float32
             picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
             return picked - jax.nn.logsumexp(logits, axis=-1)
 
         body = jax.checkpoint(chunk_logp, prevent_cse=False)
-        _, lp = jax.lax.scan(lambda c, xs: (c, body(*xs)), None,
+        _, lp = jax.lax.scan(lambda c, xs: (c, body(w, *xs)), None,
                              (x.reshape(-1, chunk, E), tgt.reshape(-1, chunk)))  # fmt: skip
         logp = lp.reshape(-1)[:n].reshape(B, T - 1)
         return TokenLogprobs(jnp.where(mask, logp, 0.0), mask.astype(jnp.float32))
@@ -433,11 +445,15 @@ class CausalLM(nnx.Module):
 
 
 def _rows(table: Array, ids: Array) -> Array:
-    """``jnp.take(table, ids, axis=0)``: an embedding lookup; for a bfloat16 table under the
-    ``cpu_fast`` kernels, `kernels.lookup` (its gradient without float32 ``[V, E]`` buffers)."""
-    if table.dtype == jnp.bfloat16:
+    """``jnp.take(table, ids, axis=0)``: an embedding lookup. Its gradient sums the rows of repeated
+    ids in float32 whatever the table's dtype: for a 16-bit table, under the ``cpu_fast`` kernels
+    `kernels.lookup` (no float32 ``[V, E]`` buffers), else a lookup in a float32 view of the
+    table, whose gradient is rounded to the table's dtype once."""
+    if jnp.dtype(table.dtype).itemsize >= 4:
+        return jnp.take(table, ids, axis=0)
+    if kernels_lib.current() == "cpu_fast" and table.ndim == 2:
         return kernels_lib.lookup(table, ids)
-    return jnp.take(table, ids, axis=0)
+    return jnp.take(table.astype(jnp.float32), ids, axis=0).astype(table.dtype)
 
 
 def _inputs(input_ids, attention_mask, positions):
@@ -452,14 +468,10 @@ def _inputs(input_ids, attention_mask, positions):
     return input_ids, jnp.asarray(attention_mask), positions
 
 
-#: elements of one chunk's logits in `CausalLM.token_logprobs` (16 MiB in float32)
-HEAD_CHUNK_ELEMENTS = 1 << 22
-
-
-def head_chunk_tokens(n_tokens: int, vocab: int) -> int:
-    """Tokens per chunk of the chunked head: about ``HEAD_CHUNK_ELEMENTS / vocab``, a multiple of 8
+def head_chunk_tokens(n_tokens: int, vocab: int, chunk_elements: int) -> int:
+    """Tokens per chunk of the chunked head: about ``chunk_elements / vocab``, a multiple of 8
     (at least 8), and never more than ``n_tokens`` rounded up to a multiple of 8."""
-    c = max(8, (HEAD_CHUNK_ELEMENTS // max(vocab, 1)) // 8 * 8)
+    c = max(8, (chunk_elements // max(vocab, 1)) // 8 * 8)
     return min(c, -(-n_tokens // 8) * 8)
 
 
@@ -695,9 +707,9 @@ def _jit_logprobs(graphdef, state, input_ids, labels, attention_mask, positions)
 
 
 def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
-                param_dtype=jnp.float32, kernels: str | None = None) -> CausalLM:
-    """A randomly initialized `CausalLM` for a HF config (or `ModelConfig`); ``kernels`` as for
-    `CausalLM`.
+                param_dtype=jnp.float32, kernels: str | None = None, attention: str | None = None) -> CausalLM:
+    """A randomly initialized `CausalLM` for a HF config (or `ModelConfig`); ``kernels`` and
+    ``attention`` as for `CausalLM`.
 
     Same distributions as the module's initializers (weights N(0, initializer_range), biases
     0, norm scales 1), drawn as one normal vector from ``rngs.params()``: one small compile
@@ -706,8 +718,9 @@ def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
     cfg = ModelConfig.from_hf(hf_config)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     kernels = kernels_lib.resolve_kernels(kernels)
+    attention = resolve_attention(attention, dtype)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                               kernels=kernels))
+                                               kernels=kernels, attention=attention))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     flat, treedef = jax.tree_util.tree_flatten_with_path(pure)

@@ -183,7 +183,7 @@ class RunConfig:
     seed: int = 0
     checkpoint_every: int = 50  # 0 disables checkpoints
     max_checkpoints: int = 2
-    log_every: int = 1
+    log_every: int | None = None  # None: 1 on CPU, 10 on accelerators (each logged step is a host sync)
     eval_every: int = 0  # 0 disables the evaluation hook
     progress: bool = True
     # a run with more than this fraction of skipped (non-finite) steps has diverged: exit 1, no export
@@ -218,9 +218,11 @@ class PrecisionSection:
     """``precision:`` dtypes. ``compute``: matmuls and activations; ``params``: how the trained
     weights are stored; ``moments``: the optimizer's moment estimates (Adam); ``export``: the
     dtype of the exported safetensors (null: the ``params`` dtype). Losses, logits, gradient
-    norms and GeN's probes are float32 whatever these are."""
+    norms and GeN's probes are float32 whatever these are. ``compute: null`` (the default) is
+    the backend's (`ngdiff_jax.backend`): float32 on CPU, bfloat16 on GPU and TPU, with float32
+    parameters and moments (mixed precision: the weights an update moves are float32)."""
 
-    compute: Literal["float32", "bfloat16"] = "float32"
+    compute: Literal["float32", "bfloat16"] | None = None
     params: Literal["float32", "bfloat16"] = "float32"
     moments: Literal["float32", "bfloat16"] = "float32"
     export: Literal["float32", "bfloat16"] | None = None
@@ -231,6 +233,10 @@ class PrecisionSection:
         name = getattr(self, which)
         if which == "export" and name is None:
             name = self.params
+        if which == "compute" and name is None:
+            from ngdiff_jax.backend import defaults
+
+            name = defaults().compute
         return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 

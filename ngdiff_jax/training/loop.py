@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ngdiff_jax.backend import defaults as backend_defaults
 from ngdiff_jax.training.checkpoint import Checkpointer
 
-__all__ = ["LoopResult", "live_device_bytes", "run_loop"]
+__all__ = ["LoopResult", "default_log_every", "live_device_bytes", "run_loop"]
 
 EvalFn = Callable[[int, Any], Mapping[str, Any]]
 
@@ -42,7 +43,8 @@ class LoopResult:
     step: int
     resumed_from: int | None
     last_metrics: dict[str, float] = field(default_factory=dict)
-    step_time_s: float = float("nan")  # median wall time of a step after the first (compiling) one
+    # median over the logged intervals after the first (compiling) one of their mean step time
+    step_time_s: float = float("nan")
     evals: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -115,7 +117,7 @@ def run_loop(
     extra_args: tuple = (),
     checkpoint_every: int = 50,
     max_checkpoints: int | None = 2,
-    log_every: int = 1,
+    log_every: int | None = None,
     eval_fn: EvalFn | None = None,
     eval_every: int = 0,
     progress: bool = True,
@@ -139,6 +141,11 @@ def run_loop(
         copy of the state; pass copies to keep using them.
       extra_args: passed to every step after ``rng`` (e.g. ``(ref_params,)``); not donated.
       checkpoint_every: save every K steps (and after the last); 0 disables checkpoints.
+      log_every: fetch the metrics (a host sync), write a ``log.jsonl`` line and update the
+        progress bar every K steps and at the last; between them the loop only dispatches steps,
+        so the host prepares the next batch while the device computes. ``time_s`` is the mean
+        step time since the last logged step. ``None``: `default_log_every` (1 on CPU, where the
+        device is the host, 10 on accelerators).
       eval_fn: ``eval_fn(step, params) -> dict`` called at step 0, every ``eval_every`` steps
         and at the end (the hook the evaluation code plugs into). If it has a true
         ``should_stop`` attribute the loop stops there (early stopping, ``training/selection.py``).
@@ -149,6 +156,7 @@ def run_loop(
     Checkpoints restore onto the shardings of ``params``/``opt_state``/``rng`` (orbax, sharded). In a
     multi-process run every process calls this; only process 0 writes the log files.
     """
+    log_every = default_log_every() if log_every is None else int(log_every)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
@@ -237,28 +245,30 @@ def run_loop(
     metrics: dict[str, float] = {}
     with bar, (open(log_path, "a") if main else contextlib.nullcontext()) as log:
         task = bar.add_task(out_dir.name or "train", total=num_steps, completed=start, info="")
-        last = start
+        last = synced = start
+        t_sync = time.perf_counter()
         for step in range(start + 1, num_steps + 1):
             if getattr(eval_fn, "should_stop", False):  # early stopping (training/selection.py)
                 break
             last = step
             batches = tuple(next(streams[n]) for n in names)
             rng, sub = jax.random.split(rng)
-            t0 = time.perf_counter()
             params, opt_state, raw = jitted(params, opt_state, batches, sub, *extra_args)
-            if step % log_every == 0 or step == num_steps or progress:
-                metrics = _host(raw)  # blocks: the timing below is the step's real time
-            else:
-                jax.block_until_ready(params)
-            times.append(time.perf_counter() - t0)
-            if main and (step % log_every == 0 or step == num_steps):
-                log.write(json.dumps({"step": step, **metrics, "time_s": round(times[-1], 5)}) + "\n")
-                log.flush()
-            bar.update(task, completed=step, info=_fmt(metrics, show))
+            if step % log_every == 0 or step == num_steps:
+                metrics = _host(raw)  # the only host sync of a step (others are dispatched only)
+                now = time.perf_counter()
+                times.append((now - t_sync) / (step - synced))  # mean step time since the last sync
+                t_sync, synced = now, step
+                if main:
+                    log.write(json.dumps({"step": step, **metrics, "time_s": round(times[-1], 5)}) + "\n")
+                    log.flush()
+                bar.update(task, completed=step, info=_fmt(metrics, show))
             if ckpt is not None and (step % checkpoint_every == 0 or step == num_steps):
                 save(step)
+                t_sync, synced = time.perf_counter(), step  # the save waited for the step: not a step's time
             if eval_fn is not None and eval_every > 0 and step % eval_every == 0 and step != num_steps:
                 evaluate(step)
+                t_sync, synced = time.perf_counter(), step  # the evaluation's time is not a step's
                 if getattr(eval_fn, "should_stop", False) and ckpt is not None and step % checkpoint_every:
                     save(step)  # a resumed run starts from the stop
         stopped = getattr(eval_fn, "should_stop", False)
@@ -276,6 +286,12 @@ def run_loop(
     if len(times) > 1:
         result.step_time_s = float(np.median(times[1:]))
     return result
+
+
+def default_log_every(backend: str | None = None) -> int:
+    """1 on CPU (the device is the host: a sync costs nothing), 10 on accelerators, where fetching
+    a step's metrics stalls the host until the device finishes that step."""
+    return backend_defaults(backend).log_every
 
 
 def _abstract(x):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["bf16_rate_warning", "frozen_fraction", "run_mesh", "with_moment_dtype"]
+__all__ = ["bf16_rate_warning", "frozen_fraction", "gen_bf16_warning", "run_mesh", "with_moment_dtype"]
 
 
 def _floating(x) -> bool:
@@ -71,6 +71,18 @@ def frozen_fraction(params, lr: float) -> float | None:
     counts = [_frozen_and_nonzero(x, jnp.float32(lr)) for x in leaves]  # fused reductions, no full-size copies
     frozen, total = (sum(int(c[i]) for c in counts) for i in (0, 1))
     return frozen / total if total else None
+
+
+def gen_bf16_warning(params, lr: float, *, threshold: float = 0.1) -> str | None:
+    """One warning line when GeN would probe bfloat16 weights: its probe points ``w + t * lr * d``
+    round back to ``w`` for :func:`frozen_fraction` of them (>= ``threshold``), so the losses it
+    fits its parabola to barely differ and the fitted rate is unreliable; None otherwise."""
+    frac = frozen_fraction(params, float(lr))
+    if frac is None or frac < threshold:
+        return None
+    return (f"warning: method.lr_rule=gen with precision.params=bfloat16 at optim.lr={float(lr):g}: GeN's probe "
+            f"points round back to the current weights for {frac:.0%} of them, so the rate it fits is unreliable; "
+            "set precision.params=float32 (float32 master weights; precision.compute=bfloat16 keeps the speed).")
 
 
 @jax.jit

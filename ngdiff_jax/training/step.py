@@ -228,12 +228,11 @@ def make_unlearn_step(
             mb, wo, wn = xs
             (loss, nll), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
             g = constrain(g)
-            g_acc = jax.tree.map(lambda a, x: a + (wo * x.astype(jnp.float32)).astype(a.dtype), g_acc, g)
-            return (loss_acc + wo * loss, nll_acc + wn * nll, constrain(g_acc)), None
+            return (loss_acc + wo * loss, nll_acc + wn * nll, constrain(_accumulate(g_acc, wo, g))), None
 
         zero = jnp.zeros((), jnp.float32)
-        (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, jax.tree.map(jnp.zeros_like, params)),
-                                             (mbs, w_obj, w_nll))  # fmt: skip
+        (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, _accumulators(params)), (mbs, w_obj, w_nll))
+        grads = constrain(_in_dtypes_of(grads, params))
 
         def value_fn(p):
             def vbody(acc, xs):
@@ -313,6 +312,23 @@ def _plain_nll(apply_fn, params, batch):
     return jax.lax.stop_gradient(losses.nll(lp, batch["labels"]))
 
 
+def _accumulators(params):
+    """Zeros for a micro-batch gradient sum: float32 (or wider) whatever the parameters' dtype. A
+    bfloat16 sum rounds every addition to 8 bits of mantissa: a micro-batch's contribution below
+    1/256 of the running sum would be lost."""
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+
+
+def _accumulate(acc, weight, grads):
+    """``acc + weight * grads``, in the accumulators' dtype."""
+    return jax.tree.map(lambda a, g: a + weight.astype(a.dtype) * g.astype(a.dtype), acc, grads)
+
+
+def _in_dtypes_of(grads, params):
+    """The summed gradient in the parameters' dtypes (one rounding, after the whole sum)."""
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def make_finetune_step(
     apply_fn: ApplyFn, tx: optax.GradientTransformation, *, micro_batches: int = 1, grad_sharding=None
 ):
@@ -346,11 +362,11 @@ def make_finetune_step(
                 mb, wi = xs
                 loss, g = jax.value_and_grad(loss_fn)(params, mb)
                 g = constrain(g)
-                g_acc = jax.tree.map(lambda a, x: a + (wi * x.astype(jnp.float32)).astype(a.dtype), g_acc, g)
-                return (loss_acc + wi * loss, g_acc), None
+                return (loss_acc + wi * loss, constrain(_accumulate(g_acc, wi, g))), None
 
-            init = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            init = (jnp.zeros((), jnp.float32), _accumulators(params))
             (loss, grads), _ = jax.lax.scan(body, init, (mbs, w))
+            grads = constrain(_in_dtypes_of(grads, params))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss.astype(jnp.float32), "grad_norm": _norm(grads)}

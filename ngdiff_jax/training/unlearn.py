@@ -97,8 +97,10 @@ def run_unlearn(
     else:
         apply_fn, params = models.functional(model)
     # every process computes it (the weights may be sharded over processes), the first one prints it
-    line = None if lora_run is not None else precision.bf16_rate_warning(params, cfg.optim.lr)
-    if main and line:
+    lines = [] if lora_run is not None else [
+        precision.bf16_rate_warning(params, cfg.optim.lr),
+        precision.gen_bf16_warning(params, cfg.optim.lr) if cfg.method.lr_rule == "gen" else None]
+    for line in filter(None, lines) if main else ():
         print(line, file=sys.stderr)
     if lora_run is None:
         model = models.abstract_model(model)  # the structure for the export, without the weights
