@@ -3,7 +3,7 @@
 XLA:CPU converts a bfloat16 array to float32 wherever an operation on it has no bfloat16
 kernel: a loop that slices it, a ``lax.cond`` that takes it, a dynamic update of it. Carried as
 bits, such an array is only moved, never widened; the computation turns it back into bfloat16
-where it is used. See `ngdiff_jax.models.kernels.remat_scan` and docs/PERFORMANCE.md.
+where it is used. See `ngdiff_jax.backends.cpu.kernels.remat_scan` and docs/PERFORMANCE.md.
 
 >>> import jax.numpy as jnp
 >>> x = jnp.array([1.5, -2.0], jnp.bfloat16)

@@ -31,7 +31,7 @@ from ngdiff_jax.training import step as step_lib
 
 def _model(family: str, kernels: str, **overrides):
     cfg = ModelConfig.from_hf(tiny_hf_config(family, **overrides))
-    return models.CausalLM(cfg, rngs=nnx.Rngs(0), kernels=kernels)
+    return models.CausalLM(cfg, rngs=nnx.Rngs(0), backend=kernels)
 
 
 def _batch(B=3, T=11, V=128, seed=0):
@@ -235,7 +235,7 @@ def _abstract_grad_temps(hf: dict) -> int:
     no remat) for ``hf`` from abstract shapes."""
     cfg = ModelConfig.from_hf(hf)
     model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
-                                                   param_dtype=jnp.bfloat16, kernels="cpu_fast"))  # fmt: skip
+                                                   param_dtype=jnp.bfloat16, backend="cpu_fast"))  # fmt: skip
     fn, params = models.functional(model)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     ids = jax.ShapeDtypeStruct((4, 128), jnp.int32)
@@ -251,7 +251,7 @@ def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_gradien
     # until its peak moved to the two gradient trees and GeN's update (494 -> 467 MB at first,
     # then 272 -> 256 MB; the same since the update is scaled after GeN's probes): the gradient
     # of one task is where the conversions live.
-    from ngdiff_jax.models import kernels
+    from ngdiff_jax.backends.cpu import kernels
 
     late = _abstract_grad_temps(SMOLLM2_2)
     fresh = kernels._fresh
@@ -265,14 +265,14 @@ def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_gradien
 
 def test_late_conversion_keeps_the_values():
     cfg = ModelConfig.from_hf(tiny_hf_config("llama"))
-    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="cpu_fast", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), backend="cpu_fast", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     apply_fn, params = models.functional(model)
     ids, mask, labels = _batch()
 
     def loss(p):
         return losses.nll(apply_fn.token_logprobs(p, ids, labels, mask), labels)
 
-    from ngdiff_jax.models import kernels
+    from ngdiff_jax.backends.cpu import kernels
 
     g_late = jax.jit(jax.grad(loss))(params)
     fresh = kernels._fresh
@@ -313,7 +313,7 @@ def test_bfloat16_head_and_embedding_gradients_sum_in_float32():
     gradient over the chunks in a float32 carry, and the lookup's gradient scatter-adds the rows
     of repeated ids into float32: one rounding to bfloat16 each, at the end."""
     cfg = ModelConfig.from_hf(tiny_hf_config("llama_tied"))
-    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="xla", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), backend="xla", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     model.head_chunk_elements = 128 * 8  # 8-token chunks: several loop iterations
     apply_fn, params = models.functional(model)
     ids, mask, labels = _batch()

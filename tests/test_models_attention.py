@@ -22,7 +22,7 @@ FAMILIES = ("llama", "mistral", "phi")
 
 def _model(family, attention, dtype=jnp.float32):
     return from_config(tiny_hf_config(family), rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                       kernels="xla", attention=attention)
+                       backend="xla", attention=attention)
 
 
 def _batch():

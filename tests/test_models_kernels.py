@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ngdiff_jax import backends
+from ngdiff_jax.backends.cpu import kernels as K
 from ngdiff_jax.models import from_config, functional
-from ngdiff_jax.models import kernels as K
 from ngdiff_jax.models.testing import tiny_hf_config
 
 FAMILIES = ("llama_tied", "phi")  # gated MLP + tied (transposed) head; plain MLP + head bias
@@ -18,7 +19,7 @@ FAMILIES = ("llama_tied", "phi")  # gated MLP + tied (transposed) head; plain ML
 
 def _model(family, kernels, dtype=jnp.float32):
     return from_config(tiny_hf_config(family), rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                       kernels=kernels)
+                       backend=kernels)
 
 
 def _batch(T=6):
@@ -38,10 +39,10 @@ def _loss_fn(apply_fn, ids, mask):
 
 
 def test_switch_values_and_default():
-    assert K.resolve_kernels(None) == ("cpu_fast" if jax.default_backend() == "cpu" else "xla")
-    assert _model("llama", None).kernels == K.resolve_kernels(None)
+    assert backends.resolve(None).name == ("cpu_fast" if jax.default_backend() == "cpu" else "xla")
+    assert _model("llama", None).kernels == backends.resolve(None).name
     assert _model("llama", "xla").kernels == "xla"
-    with pytest.raises(ValueError, match="kernels='fast' is not one of"):
+    with pytest.raises(ValueError, match="backend='fast' is not one of"):
         _model("llama", "fast")
 
 
@@ -50,7 +51,7 @@ def test_env_var_sets_default(monkeypatch):
     assert _model("llama", None).kernels == "xla"
     monkeypatch.setenv("NGDIFF_KERNELS", "gpu")
     with pytest.raises(ValueError, match="NGDIFF_KERNELS='gpu'"):
-        K.default_kernels()
+        backends.for_platform()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -176,9 +177,8 @@ def test_lookup_gradient_sums_repeated_ids(dtype):
     def loss(take):
         return lambda t: jnp.sum(take(t).astype(jnp.float32) * cot)
 
-    with K.use("cpu_fast"):
-        np.testing.assert_array_equal(K.lookup(table, ids), jnp.take(table, ids, axis=0))
-        g = jax.grad(loss(lambda t: K.lookup(t, ids)))(table)
+    np.testing.assert_array_equal(K.lookup(table, ids), jnp.take(table, ids, axis=0))
+    g = jax.grad(loss(lambda t: K.lookup(t, ids)))(table)
     expected = jax.grad(loss(lambda t: jnp.take(t.astype(jnp.float32), ids, axis=0)))(table.astype(jnp.float32))
     assert g.dtype == dtype
     # (bfloat16: the cotangent reaches the lookup rounded to bfloat16, and the sum is rounded once more)

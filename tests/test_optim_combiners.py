@@ -306,7 +306,7 @@ def _blue_reductions(absent_grads) -> int:
     from ngdiff_jax.training import step as step_mod
 
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=1, vocab_size=2048, hidden_size=64))
-    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, kernels="cpu_fast")
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, backend="cpu_fast")
     fn, params = models.functional(model)
     method = dataclasses.replace(load_method("ga"), lr_rule="gen", warmup_epochs=0.0)  # retain_loss: none
     tx = make_optimizer(method, OptimConfig(), 10)

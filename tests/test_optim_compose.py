@@ -173,7 +173,7 @@ def test_meta_gradient_through_unlearning_steps_on_a_tiny_lm_is_finite():
     hf = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
           "max_position_embeddings": 32}  # fmt: skip
-    apply_fn, params = models.functional(models.from_config(hf, rngs=nnx.Rngs(0), kernels="xla"))
+    apply_fn, params = models.functional(models.from_config(hf, rngs=nnx.Rngs(0), backend="xla"))
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 30, (2, 8)).astype(np.int32)  # tokens 30..63 never appear
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}

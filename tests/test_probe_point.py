@@ -23,7 +23,7 @@ from ngdiff_jax.shifted import Shifted, accepts_shifted
 
 def _model(kernels, dtype, layers=3):
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=layers))
-    return M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels=kernels, dtype=dtype, param_dtype=dtype)
+    return M.CausalLM(cfg, rngs=nnx.Rngs(0), backend=kernels, dtype=dtype, param_dtype=dtype)
 
 
 def _ids(vocab, B=2, T=12):

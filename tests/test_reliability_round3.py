@@ -634,8 +634,8 @@ def test_forward_mode_through_the_default_cpu_kernels():
     from ngdiff_jax.models.testing import tiny_hf_config
 
     cfg = tiny_hf_config("llama")
-    fast = models.from_config(cfg, rngs=nnx.Rngs(0), kernels="cpu_fast")
-    plain = models.from_config(cfg, rngs=nnx.Rngs(0), kernels="xla")
+    fast = models.from_config(cfg, rngs=nnx.Rngs(0), backend="cpu_fast")
+    plain = models.from_config(cfg, rngs=nnx.Rngs(0), backend="xla")
     ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 50
     labels = ids.at[:, :2].set(-100)
     outs = []

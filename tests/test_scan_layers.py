@@ -22,9 +22,9 @@ from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.testing import tiny_hf_config
 
 
-def _model(kernels="xla", layers=3, **overrides):
+def _model(backend="xla", layers=3, **overrides):
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=layers, **overrides))
-    return M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels=kernels)
+    return M.CausalLM(cfg, rngs=nnx.Rngs(0), backend=backend)
 
 
 def _ids(vocab, B=2, T=12, seed=1):
@@ -133,7 +133,7 @@ def test_a_frozen_base_is_not_silently_differentiated(dtype):
 
 def test_a_bfloat16_base_is_stored_as_bits():
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=2))
-    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="xla", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), backend="xla", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"])), seed=0)
     _, plain = M.functional(model)
     fn, base, adapters = lora.split(model, stacked=True)
@@ -148,7 +148,7 @@ def test_a_bfloat16_base_is_stored_as_bits():
 
 def test_blocks_that_differ_are_refused_naming_the_key():
     cfg = ModelConfig.from_hf(tiny_hf_config("gpt2", scale_attn_by_inverse_layer_idx=True))
-    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels="xla")
+    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), backend="xla")
     with pytest.raises(ValueError, match="run.scan_layers=false"):
         stacked.functional(model)
 
@@ -238,14 +238,14 @@ def test_scan_without_remat_warns():
 
 def _bf16_stacked(kernels, layers=4, **overrides):
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=layers, **overrides))
-    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), kernels=kernels, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), backend=kernels, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     M.set_remat(model, "full")
     return model
 
 
 def test_bfloat16_stacked_weights_are_not_widened_for_the_scan():
     """XLA:CPU converts a bfloat16 array that a loop slices to float32 before the loop: under a
-    plain scan (``kernels="xla"``) the gradient holds a float32 copy of each stacked weight;
+    plain scan (``backend="xla"``) the gradient holds a float32 copy of each stacked weight;
     cpu_fast's `kernels.remat_scan` slices their bits and holds none, with the same gradients."""
     hlo, grads = {}, {}
     for kernels in ("xla", "cpu_fast"):
@@ -268,7 +268,7 @@ def test_bfloat16_stacked_weights_are_not_widened_for_the_scan():
 
 def _bits_step(bits: bool, steps: int):
     """``(params after `steps` steps, copies, first param donated)`` of a stacked bfloat16 NGDiff
-    step sharded with ``bits_params=bits``; ``copies``: the compiled step's fusions that make a
+    step sharded on the XLA:CPU backend with ``bits_params=bits``; ``copies``: the compiled step's fusions that make a
     bits copy (``u16``) of a stacked weight from its argument."""
     from ngdiff_jax import parallel as par
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
@@ -282,7 +282,10 @@ def _bits_step(bits: bool, steps: int):
     mesh = par.make_mesh(par.MeshConfig(data=1, fsdp=1, tensor=1, rules="fsdp"), devices=jax.devices()[:1])
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
     rng = jax.random.key_data(jax.random.key(0))
-    sharded = par.shard_unlearn_step(step, mesh, "fsdp", p, jax.eval_shape(tx.init, p), bits_params=bits)
+    import dataclasses
+
+    backend = dataclasses.replace(model.backend, bits_params=bits)
+    sharded = par.shard_unlearn_step(step, mesh, "fsdp", p, jax.eval_shape(tx.init, p), backend=backend)
     assert sharded.bits_params is bits
     p, opt = sharded.place_state(p, tx.init(p))
     gate = p["layers"]["mlp"]["gate_proj"]["kernel"]
@@ -294,7 +297,7 @@ def _bits_step(bits: bool, steps: int):
 
 
 def test_bfloat16_params_cross_the_sharded_step_as_bits():
-    """`ShardedStep(bits_params=True)`: the same parameters after two steps, bit for bit, as
+    """`ShardedStep` on a backend with ``bits_params`` (XLA:CPU's): the same parameters after two steps, bit for bit, as
     without; the caller's parameters are donated and come back as bfloat16."""
     (plain, _, _), (bits, _, donated) = _bits_step(False, 2), _bits_step(True, 2)
     assert donated

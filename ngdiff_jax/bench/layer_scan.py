@@ -47,8 +47,7 @@ def child(model_dir: str, scan: bool, steps: int, batch: int, seq: int) -> dict:
     from flax import nnx
 
     from ngdiff_jax import models
-    from ngdiff_jax.host_memory import release_freed_memory
-    from ngdiff_jax.models import kernels
+    from ngdiff_jax.backends.cpu.host_memory import release_freed_memory
 
     model = models.from_pretrained(model_dir)
     block_def, _ = nnx.split(model.layers[0])
@@ -59,27 +58,25 @@ def child(model_dir: str, scan: bool, steps: int, batch: int, seq: int) -> dict:
     params = {"blocks": blocks, "embed": model.embed[...], "norm": nnx.state(model.final_norm, nnx.Param)}
     if not model.config.tie_embeddings:
         raise SystemExit("layer_scan: the script's head is the tied embedding; use a tied-embedding model")
-    kern = model.kernels
-    del model
+    del model  # the blocks' graphdef carries the model's backend (its kernels)
 
     def nll(p, ids):
-        with kernels.use(kern):
-            B, T = ids.shape
-            pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-            valid = jnp.ones((B, T), jnp.int32)
-            x = jnp.take(p["embed"], ids, axis=0)
+        B, T = ids.shape
+        pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+        valid = jnp.ones((B, T), jnp.int32)
+        x = jnp.take(p["embed"], ids, axis=0)
 
-            def block(x, st):
-                return nnx.merge(block_def, st)(x, pos, valid)[0], None
+        def block(x, st):
+            return nnx.merge(block_def, st)(x, pos, valid)[0], None
 
-            if scan:
-                x, _ = jax.lax.scan(block, x, p["blocks"])
-            else:
-                for st in p["blocks"]:
-                    x, _ = block(x, st)
-            x = nnx.merge(norm_def, p["norm"])(x)
-            logp = jax.nn.log_softmax(jnp.einsum("bte,ve->btv", x[:, :-1], p["embed"]))
-            return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
+        if scan:
+            x, _ = jax.lax.scan(block, x, p["blocks"])
+        else:
+            for st in p["blocks"]:
+                x, _ = block(x, st)
+        x = nnx.merge(norm_def, p["norm"])(x)
+        logp = jax.nn.log_softmax(jnp.einsum("bte,ve->btv", x[:, :-1], p["embed"]))
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
 
     tx = optax.adam(1e-5)
 

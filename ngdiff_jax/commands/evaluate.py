@@ -85,9 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _dtype(name: str | None):
     import jax.numpy as jnp
 
-    from ngdiff_jax.backend import defaults
+    from ngdiff_jax.backends import for_platform
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name or defaults().compute]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name or for_platform().compute]
 
 
 def run(args) -> int:

@@ -28,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.backend import defaults as backend_defaults
+from ngdiff_jax.backends import for_platform as backend_defaults
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 
 #: rows x positions of logits materialized at once by the chunked LM head; None: the backend's
-#: (`ngdiff_jax.backend`: 2048 on CPU, ~400 MB at a 49k vocabulary; 16384 on accelerators)
+#: (`ngdiff_jax.backends`: 2048 on CPU, ~400 MB at a 49k vocabulary; 16384 on accelerators)
 HEAD_TOKENS: int | None = None
 
 #: rows scored whole and generation prompts longer than this are encoded in causal blocks of this many

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ngdiff_jax.backend import kv_cache_budget
+from ngdiff_jax.backends import kv_cache_budget
 from ngdiff_jax.evaluation import engine
 from ngdiff_jax.evaluation.batching import Timings, bucket_length, length_sorted_batches
 from ngdiff_jax.evaluation.metrics import cut_at_stop_strings, decode_text
@@ -25,7 +25,7 @@ from ngdiff_jax.evaluation.metrics import cut_at_stop_strings, decode_text
 #: shortest common prompt prefix encoded once per batch
 MIN_SHARED_PREFIX = 16
 #: most bytes of KV cache one generation batch may hold (bounds the batch on long prompts); None:
-#: the device's (`ngdiff_jax.backend.kv_cache_budget`: 1 GiB on CPU, a quarter of the free memory
+#: the device's (`ngdiff_jax.backends.kv_cache_budget`: 1 GiB on CPU, a quarter of the free memory
 #: of an accelerator)
 CACHE_BUDGET: int | None = None
 

@@ -43,8 +43,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from ngdiff_jax.backend import defaults
-from ngdiff_jax.models.kernels import forward_mode
+from ngdiff_jax.backends import Backend, for_platform, forward_mode
 
 __all__ = ["ATTENTION", "attend", "default_attention", "resolve_attention"]
 
@@ -54,16 +53,16 @@ NEG_INF = -1e30
 _warned: set[str] = set()
 
 
-def default_attention(dtype, backend: str | None = None) -> str:
+def default_attention(dtype, platform: str | None = None) -> str:
     """``"einsum"`` on CPU, ``"cudnn"`` on GPU for a 16-bit compute ``dtype``, ``"xla"`` otherwise
-    (``backend``: ``jax.default_backend()`` when None; `ngdiff_jax.backend`)."""
-    return defaults(backend).attention(dtype)
+    (``platform``: ``jax.default_backend()`` when None; `ngdiff_jax.backends.Backend.attention`)."""
+    return for_platform(platform).attention(dtype)
 
 
-def resolve_attention(attention: str | None, dtype) -> str:
-    """``attention`` checked, or `default_attention` for ``None``."""
+def resolve_attention(attention: str | None, dtype, backend: Backend | None = None) -> str:
+    """``attention`` checked, or the ``backend``'s default (the platform's) for ``None``."""
     if attention is None:
-        return default_attention(dtype)
+        return backend.attention(dtype) if backend is not None else default_attention(dtype)
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of 'einsum', 'xla', 'cudnn' "
                          "(or None for the backend default)")  # fmt: skip

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.host_memory import owned
+from ngdiff_jax.backends import Backend
+from ngdiff_jax.backends import resolve as resolve_backend
 from ngdiff_jax.models import sharding as shd
 from ngdiff_jax.models.attention import resolve_attention
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, _unsupported_type_error
-from ngdiff_jax.models.kernels import resolve_kernels
 from ngdiff_jax.models.modeling import CausalLM
 from ngdiff_jax.models.safetensors_io import SafetensorsFile, aligned_empty, write_safetensors
 
@@ -362,8 +362,11 @@ def _open_files(d: Path) -> dict[str, SafetensorsFile]:
     )
 
 
-def load_params(model_dir, cfg: ModelConfig, abstract_flat: dict[str, Any], *, mesh=None, rules=None):
-    """Flat dict path -> jax.Array for every parameter, streamed from the checkpoint."""
+def load_params(model_dir, cfg: ModelConfig, abstract_flat: dict[str, Any], *, mesh=None, rules=None,
+                backend: Backend | None = None):
+    """Flat dict path -> jax.Array for every parameter, streamed from the checkpoint (each in a
+    buffer a training step can donate: ``backend.owned``, default the platform's backend)."""
+    owned = resolve_backend(backend).owned
     d = Path(model_dir)
     files = _open_files(d)
     specs = specs_for(cfg, {k: tuple(v.shape) for k, v in abstract_flat.items()})
@@ -435,23 +438,23 @@ def _set_leaves(tree, flat: dict[str, Any]):
 
 
 def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                    rules=None, kernels: str | None = None, attention: str | None = None) -> CausalLM:
-    """Load a HF checkpoint directory (or hub id) into a `CausalLM` (``kernels``: see
-    `ngdiff_jax.models.kernels`, ``attention``: `ngdiff_jax.models.attention`; defaults by backend).
+                    rules=None, backend: Backend | str | None = None, attention: str | None = None) -> CausalLM:
+    """Load a HF checkpoint directory (or hub id) into a `CausalLM` (``backend``: see
+    `ngdiff_jax.backends`, ``attention``: `ngdiff_jax.models.attention`; defaults by platform).
 
     With ``mesh``, every tensor is streamed into its `NamedSharding` (from ``rules``; default
     the FSDP preset), reading only each device's block.
     """
     d = _resolve_dir(path_or_repo_id)
     cfg = _read_config(d)
-    kernels = resolve_kernels(kernels)
-    attention = resolve_attention(attention, dtype)
+    backend = resolve_backend(backend)
+    attention = resolve_attention(attention, dtype, backend)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                               kernels=kernels, attention=attention))
+                                               backend=backend, attention=attention))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     flat_abs = _flat_params(pure)
-    flat = load_params(d, cfg, flat_abs, mesh=mesh, rules=rules)
+    flat = load_params(d, cfg, flat_abs, mesh=mesh, rules=rules, backend=backend)
     nnx.replace_by_pure_dict(state, _set_leaves(pure, flat))
     return nnx.merge(graphdef, state)
 

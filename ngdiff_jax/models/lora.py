@@ -183,16 +183,15 @@ def initial_adapters(model, spec: LoraSpec, *, seed: int, dtype=np.float32) -> d
 def add_lora(layers, x: Array, ys: list[Array]) -> list[Array]:
     """``ys[j] + scale_j * (x @ A_j) @ B_j`` for the layers that carry adapters (the hook called by
     ``modeling.dense_many`` and the fused SwiGLU path). ``x`` is the layers' shared input."""
-    from ngdiff_jax.models import kernels
-
+    ops = layers[0].backend
     B, T = x.shape[:2]
     x2 = x.reshape(B, T, math.prod(x.shape[2:]))
     idx = [j for j, layer in enumerate(layers) if getattr(layer, "lora_a", None) is not None]
-    hs = kernels.einsums(["btk,kr->btr"] * len(idx), x2, [layers[j].lora_a[...].astype(x.dtype) for j in idx])
+    hs = ops.einsums(["btk,kr->btr"] * len(idx), x2, [layers[j].lora_a[...].astype(x.dtype) for j in idx])
     ys = list(ys)
     for j, h in zip(idx, hs):
         layer = layers[j]
-        d = kernels.einsums(["btr,ro->bto"], h * layer.lora_scale, [layer.lora_b[...].astype(x.dtype)])[0]
+        d = ops.einsums(["btr,ro->bto"], h * layer.lora_scale, [layer.lora_b[...].astype(x.dtype)])[0]
         ys[j] = ys[j] + d.reshape(ys[j].shape).astype(ys[j].dtype)
     return ys
 

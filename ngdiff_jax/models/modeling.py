@@ -11,8 +11,10 @@ The math follows transformers 5.24's PyTorch modeling code exactly:
 * phi's parallel block ``x + attn(ln(x)) + mlp(ln(x))``; gpt2's learned positions.
 
 Weights use einsum layouts (``q: [embed, heads, head_dim]``, ``o: [heads, head_dim, embed]``,
-``mlp: [embed, mlp]``); ``hf.py`` converts to and from HF's tensors. The projections are einsums
-through `ngdiff_jax.models.kernels` (plain XLA, or XLA:CPU workarounds: ``kernels=``). Every parameter is an
+``mlp: [embed, mlp]``); ``hf.py`` converts to and from HF's tensors. The projections, the embedding
+lookup, the LM head and remat are the primitives of the model's `ngdiff_jax.backends.Backend`
+(``backend=``: plain JAX, or the XLA:CPU kernels of `ngdiff_jax.backends.cpu`), a static
+attribute of every module that computes. Every parameter is an
 ``nnx.Param``; there are no other variables, so ``nnx.state(model)`` is exactly the parameters.
 """
 
@@ -27,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.backend import defaults as backend_defaults
+from ngdiff_jax.backends import Backend, forward_mode
+from ngdiff_jax.backends import resolve as resolve_backend
 from ngdiff_jax.bits import from_bits, to_bits
-from ngdiff_jax.models import kernels as kernels_lib
 from ngdiff_jax.models.attention import attend, resolve_attention
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
@@ -55,9 +57,10 @@ class Dense(nnx.Module):
     """``y = einsum(eq, x, kernel) + bias`` with an arbitrary kernel shape."""
 
     def __init__(self, eq: str, kernel_shape, bias_shape, *, rngs: nnx.Rngs, std: float,
-                 dtype, param_dtype):
+                 dtype, param_dtype, backend: Backend):
         self.eq = eq
         self.dtype = dtype
+        self.backend = backend
         init = jax.nn.initializers.normal(std)
         self.kernel = nnx.Param(init(rngs.params(), tuple(kernel_shape), param_dtype))
         self.bias = nnx.Param(jnp.zeros(tuple(bias_shape), param_dtype)) if bias_shape is not None else None
@@ -68,10 +71,10 @@ class Dense(nnx.Module):
 
 def dense_many(layers, x: Array) -> list[Array]:
     """``[layer(x) for layer in layers]`` for `Dense` layers reading the same ``x`` (one kernel
-    call, so ``cpu_fast`` can share their backward)."""
+    call, so a backend can share their backward)."""
     dt = layers[0].dtype
     ws = [layer.kernel[...].astype(dt) for layer in layers]
-    ys = kernels_lib.einsums([layer.eq for layer in layers], x.astype(dt), ws)
+    ys = layers[0].backend.einsums([layer.eq for layer in layers], x.astype(dt), ws)
     ys = [y if layer.bias is None else y + layer.bias[...].astype(dt) for y, layer in zip(ys, layers)]
     if any(getattr(layer, "lora_a", None) is not None for layer in layers):  # adapters from models.lora.attach
         from ngdiff_jax.models.lora import add_lora
@@ -141,10 +144,11 @@ def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, rotary_dim: int
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype, attention: str = "einsum"):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype, backend: Backend,
+                 attention: str = "einsum"):
         E, H, K, D = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = cfg.initializer_range
-        kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype, backend=backend)
         self.q_proj = Dense("bte,ehd->bthd", (E, H, D), (H, D) if cfg.qkv_bias else None, **kw)
         self.k_proj = Dense("bte,ehd->bthd", (E, K, D), (K, D) if cfg.qkv_bias else None, **kw)
         self.v_proj = Dense("bte,ehd->bthd", (E, K, D), (K, D) if cfg.qkv_bias else None, **kw)
@@ -185,9 +189,9 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, param_dtype, backend: Backend):
         E, M = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(rngs=rngs, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, backend=backend)
         b = cfg.mlp_bias
         self.gated = cfg.gated_mlp
         if self.gated:
@@ -205,7 +209,7 @@ class MLP(nnx.Module):
             gate, up = dense_many([self.gate_proj, self.up_proj], x)
             down = self.down_proj
             dt = down.dtype
-            y = kernels_lib.gated_down(f, gate, up, down.kernel[...].astype(dt))
+            y = down.backend.gated_down(f, gate, up, down.kernel[...].astype(dt))
             if getattr(down, "lora_a", None) is not None:  # the fused path must not skip it
                 from ngdiff_jax.models.lora import add_lora
 
@@ -215,13 +219,16 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype, attention: str = "einsum"):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs, dtype, param_dtype, backend: Backend,
+                 attention: str = "einsum"):
         nkw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.backend = backend
         self.attn_norm = Norm(cfg.hidden_size, cfg.norm_type, cfg.norm_eps, **nkw)
-        self.attn = Attention(cfg, layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
+        self.attn = Attention(cfg, layer_idx, rngs=rngs, dtype=dtype, param_dtype=param_dtype, backend=backend,
+                              attention=attention)  # fmt: skip
         self.parallel = cfg.parallel_block
         self.mlp_norm = None if self.parallel else Norm(cfg.hidden_size, cfg.norm_type, cfg.norm_eps, **nkw)
-        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, backend=backend)
 
     def __call__(self, x, positions, kv_valid, cache=None, write_index=None):
         h = self.attn_norm(x)
@@ -237,22 +244,23 @@ class CausalLM(nnx.Module):
 
     ``model.config`` is the `ModelConfig`. ``dtype`` is the compute dtype, ``param_dtype``
     the storage dtype of the parameters (e.g. bf16 compute with float32 parameters).
-    ``kernels`` (``"xla"``, ``"cpu_fast"`` or ``None`` for the backend default) picks the matmul
-    kernels, see `ngdiff_jax.models.kernels`; it is ``model.kernels``, a static attribute.
+    ``backend`` (a `ngdiff_jax.backends.Backend`, ``"xla"``, ``"cpu_fast"`` or ``None`` for the
+    platform's, `ngdiff_jax.backends.for_platform`) supplies the compute primitives and the
+    platform's defaults; it is ``model.backend`` (static), ``model.kernels`` its name.
     ``attention`` (``"einsum"``, ``"xla"``, ``"cudnn"`` or ``None`` for the backend default, by the
     compute dtype) picks the attention implementation, see `ngdiff_jax.models.attention`
     (``model.attention``, static). ``head_chunk_elements`` sizes the chunks of `token_logprobs`'s
-    head (logits per chunk; ``None``: the backend's, `ngdiff_jax.backend`).
+    head (logits per chunk; ``None``: the backend's, `ngdiff_jax.backends`).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, kernels: str | None = None, attention: str | None = None,
-                 head_chunk_elements: int | None = None):
+                 param_dtype: Any = jnp.float32, backend: Backend | str | None = None,
+                 attention: str | None = None, head_chunk_elements: int | None = None):
         cfg = config
         self.config = cfg
-        self.kernels = kernels_lib.resolve_kernels(kernels)
-        self.attention = resolve_attention(attention, dtype)
-        self.head_chunk_elements = int(head_chunk_elements or backend_defaults().head_chunk_elements)
+        self.backend = b = resolve_backend(backend)
+        self.attention = resolve_attention(attention, dtype, b)
+        self.head_chunk_elements = int(head_chunk_elements or b.head_chunk_elements)
         self.dtype = dtype
         self.param_dtype = param_dtype
         init = jax.nn.initializers.normal(cfg.initializer_range)
@@ -263,7 +271,7 @@ class CausalLM(nnx.Module):
         else:
             self.pos_embed = None
         self.layers = nnx.List([
-            Block(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=self.attention)
+            Block(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype, backend=b, attention=self.attention)
             for i in range(cfg.num_layers)
         ])
         self.final_norm = Norm(cfg.hidden_size, cfg.norm_type, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -272,17 +280,15 @@ class CausalLM(nnx.Module):
         else:
             self.lm_head = Dense("bte,ev->btv", (cfg.hidden_size, cfg.vocab_size),
                                  (cfg.vocab_size,) if cfg.lm_head_bias else None,
-                                 rngs=rngs, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype)
+                                 rngs=rngs, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype,
+                                 backend=b)  # fmt: skip
+
+    @property
+    def kernels(self) -> str:
+        """The backend's name: ``"cpu_fast"`` (XLA:CPU kernels) or ``"xla"`` (portable)."""
+        return self.backend.name
 
     # ------------------------------------------------------------------
-    def _active_kernels(self, *extra) -> str:
-        """``self.kernels``, or ``"xla"`` for a ``cpu_fast`` model traced in forward mode (``jax.jvp``,
-        Hessian-vector products) through its weights or ``extra`` arrays: the ``cpu_fast`` kernels are
-        ``custom_vjp``s, which have no forward mode (the same values either way)."""
-        if self.kernels == "cpu_fast" and kernels_lib.forward_mode(nnx.state(self), extra):
-            return "xla"
-        return self.kernels
-
     def _require_weights(self) -> None:
         if isinstance(self.embed.get_value(), jax.ShapeDtypeStruct):
             raise ValueError("this CausalLM holds no weights, only their shapes: it gave its arrays away "
@@ -301,15 +307,13 @@ class CausalLM(nnx.Module):
         `ngdiff_jax.models.stacked`; no KV cache)."""
         if stacked is None:
             self._require_weights()
-        with kernels_lib.use(self._active_kernels(stacked)):
-            return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden,
-                                 stacked)  # fmt: skip
+        return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden, stacked)
 
     def _forward(self, input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden=False,
                  stacked=None):
-        x = _rows(self.embed[...], input_ids).astype(self.dtype)
+        x = self.backend.lookup(self.embed[...], input_ids).astype(self.dtype)
         if self.pos_embed is not None:
-            x = x + _rows(self.pos_embed[...], positions).astype(self.dtype)
+            x = x + self.backend.lookup(self.pos_embed[...], positions).astype(self.dtype)
         new_cache = [] if cache is not None else None
         remat = getattr(self, "remat", "none")
         if stacked is not None:  # the blocks' weights come stacked (ngdiff_jax.models.stacked)
@@ -318,7 +322,7 @@ class CausalLM(nnx.Module):
                                  "unstack the parameters (models.stacked.unstack) for generation.")
             block_def, states, frozen, *shift = stacked
             x = _scan_stacked(block_def, states, x, positions, kv_valid, remat, frozen=frozen,
-                              shift=shift[0] if shift else None)
+                              shift=shift[0] if shift else None, backend=self.backend)
         else:
             for i, layer in enumerate(self.layers):
                 if cache is None and remat != "none":
@@ -335,8 +339,7 @@ class CausalLM(nnx.Module):
 
     def head(self, x: Array) -> Array:
         """Final norm + LM head on hidden states from ``forward(..., return_hidden=True)``: float32 logits."""
-        with kernels_lib.use(self._active_kernels(x)):
-            return self._head(x)
+        return self._head(x)
 
     def _head(self, x, head=None):
         """Logits of ``x``; ``head``: the head weight to use (default the model's own)."""
@@ -345,8 +348,8 @@ class CausalLM(nnx.Module):
             eq, head = "bte,ve->btv", self.embed[...] if head is None else head
         else:
             eq, head = "bte,ev->btv", self.lm_head.kernel[...] if head is None else head
-        logits = kernels_lib.einsums([eq], x, [head.astype(self.dtype)], preferred_element_type=jnp.float32,
-                                     late=False)[0]
+        logits = self.backend.einsums([eq], x, [head.astype(self.dtype)], preferred_element_type=jnp.float32,
+                                      late=False)[0]
         if self.lm_head is not None and self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias[...].astype(jnp.float32)
         return logits.astype(jnp.float32)
@@ -377,12 +380,13 @@ class CausalLM(nnx.Module):
             x = jnp.pad(x, ((0, pad), (0, 0)))
             tgt = jnp.pad(tgt, (0, pad))
 
-        if kernels_lib.current() == "cpu_fast" and self.dtype == jnp.bfloat16:  # see kernels.head_logprobs
-            tied = self.lm_head is None
-            w = (self.embed[...] if tied else self.lm_head.kernel[...]).astype(self.dtype)
-            bias = None if tied or self.lm_head.bias is None else self.lm_head.bias[...]
-            lp = kernels_lib.head_logprobs(self.final_norm(x[None])[0], w, bias, tgt, vocab_major=tied,
-                                           token_chunk=chunk, chunk_elements=self.head_chunk_elements)
+        tied = self.lm_head is None
+        bias = None if tied or self.lm_head.bias is None else self.lm_head.bias[...]
+        lp = self.backend.head_logprobs(  # a backend's fused head (XLA:CPU, bfloat16), or None
+            self.final_norm(x[None])[0], (self.embed[...] if tied else self.lm_head.kernel[...]).astype(self.dtype),
+            bias, tgt, vocab_major=tied, token_chunk=chunk, chunk_elements=self.head_chunk_elements,
+            compute_dtype=self.dtype)  # fmt: skip
+        if lp is not None:
             logp = lp[:n].reshape(B, T - 1)
             return TokenLogprobs(jnp.where(mask, logp, 0.0), mask.astype(jnp.float32))
 
@@ -425,16 +429,15 @@ class CausalLM(nnx.Module):
             raise ValueError(f"layer={layer} is out of range for a model with {n} layers; use 0..{n - 1} "
                              f"(or -{n}..-1).")
         input_ids, mask, positions = _inputs(input_ids, attention_mask, positions)
-        with kernels_lib.use(self._active_kernels()):
-            x = _rows(self.embed[...], input_ids).astype(self.dtype)
-            if self.pos_embed is not None:
-                x = x + _rows(self.pos_embed[...], positions).astype(self.dtype)
-            if stacked is not None:  # see forward
-                block_def, states, frozen, *shift = stacked
-                return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen,
-                                     shift=shift[0] if shift else None)
-            for i in range(idx + 1):
-                x, _ = self.layers[i](x, positions, mask)
+        x = self.backend.lookup(self.embed[...], input_ids).astype(self.dtype)
+        if self.pos_embed is not None:
+            x = x + self.backend.lookup(self.pos_embed[...], positions).astype(self.dtype)
+        if stacked is not None:  # see forward
+            block_def, states, frozen, *shift = stacked
+            return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen,
+                                 shift=shift[0] if shift else None, backend=self.backend)
+        for i in range(idx + 1):
+            x, _ = self.layers[i](x, positions, mask)
         return x
 
     def init_cache(self, batch: int, length: int, dtype=None):
@@ -442,18 +445,6 @@ class CausalLM(nnx.Module):
         dt = dtype or self.dtype
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
-
-
-def _rows(table: Array, ids: Array) -> Array:
-    """``jnp.take(table, ids, axis=0)``: an embedding lookup. Its gradient sums the rows of repeated
-    ids in float32 whatever the table's dtype: for a 16-bit table, under the ``cpu_fast`` kernels
-    `kernels.lookup` (no float32 ``[V, E]`` buffers), else a lookup in a float32 view of the
-    table, whose gradient is rounded to the table's dtype once."""
-    if jnp.dtype(table.dtype).itemsize >= 4:
-        return jnp.take(table, ids, axis=0)
-    if kernels_lib.current() == "cpu_fast" and table.ndim == 2:
-        return kernels_lib.lookup(table, ids)
-    return jnp.take(table.astype(jnp.float32), ids, axis=0).astype(table.dtype)
 
 
 def _inputs(input_ids, attention_mask, positions):
@@ -481,12 +472,9 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 def _remat_block(layer: Block, x: Array, positions: Array, kv_valid: Array, policy: str) -> Array:
     """``layer(x)`` under ``jax.checkpoint``: ``full`` saves only the block's input (everything
     else is recomputed in the backward pass), ``dots_saveable`` / ``dots_with_no_batch_dims_saveable``
-    also keep matmul outputs (``jax.checkpoint_policies``; MaxText's ``remat_policy``).
-
-    With the ``cpu_fast`` kernels the recomputation is also made to wait for the block's
-    cotangent (`_recompute_late`): XLA:CPU drops the optimization barriers ``jax.checkpoint``
-    relies on before it schedules, and then runs every block's recomputation early in the
-    backward pass, so all of them were alive at once and remat saved nothing."""
+    also keep matmul outputs (``jax.checkpoint_policies``; MaxText's ``remat_policy``). The
+    block's backend runs it (`ngdiff_jax.backends.Backend.remat_block`: the XLA:CPU backend makes
+    the recomputation wait for the block's cotangent)."""
     graphdef, state = nnx.split(layer)
     pol = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
 
@@ -495,41 +483,7 @@ def _remat_block(layer: Block, x: Array, positions: Array, kv_valid: Array, poli
         y, _ = nnx.merge(graphdef, state)(x, positions, kv_valid)
         return y
 
-    if kernels_lib.current() == "cpu_fast":  # reverse mode only, as the cpu_fast kernels themselves
-        return _recompute_late(run, state, x, positions, kv_valid)
-    return run(state, x, positions, kv_valid)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recompute_late(f, state, x, positions, kv_valid):
-    """``f(state, x, positions, kv_valid)`` (a ``jax.checkpoint``-ed block) whose backward pass
-    cannot start its recomputation before the cotangent arrives: the saved activations (leaves
-    shaped like ``x``'s leading ``[B, T]``) and the saved weights stored below float32 (which
-    XLA:CPU converts to float32 for its matmuls) pass through a ``select`` on
-    `kernels.never` of the cotangent: a data dependency, which, unlike an optimization barrier,
-    XLA:CPU's scheduler keeps. Values are unchanged."""
-    return f(state, x, positions, kv_valid)
-
-
-def _recompute_late_fwd(f, state, x, positions, kv_valid):
-    y, vjp = jax.vjp(lambda s, h: f(s, h, positions, kv_valid), state, x)
-    return y, (vjp, x.shape[:2])
-
-
-def _recompute_late_bwd(f, res, g):
-    vjp, bt = res
-    never = kernels_lib.never(g)
-
-    def late(r):
-        if not jnp.issubdtype(r.dtype, jnp.floating) or (r.dtype == jnp.float32 and tuple(r.shape[:2]) != bt):
-            return r
-        return jnp.where(never, jnp.zeros_like(r), r)
-
-    d_state, dx = jax.tree.map(late, vjp)(g)
-    return d_state, dx, None, None
-
-
-_recompute_late.defvjp(_recompute_late_fwd, _recompute_late_bwd)
+    return layer.backend.remat_block(run, state, x, positions, kv_valid)
 
 
 def _block_graphdef(layers):
@@ -576,7 +530,8 @@ def _from_bits(a):
 
 
 def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_valid: Array, policy: str,
-                  length: int | None = None, frozen: tuple = (), shift: tuple | None = None) -> Array:
+                  length: int | None = None, frozen: tuple = (), shift: tuple | None = None,
+                  backend: Backend | None = None) -> Array:
     """The first ``length`` (default: all) blocks whose weights are ``states`` (stacked on a leading
     layer axis), applied in order as one ``jax.lax.scan`` (MaxText's ``scan_layers``): XLA compiles
     one block instead of one per layer. ``policy`` (``REMAT_POLICIES``) rematerializes the scanned
@@ -592,7 +547,10 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     ``shift`` (GeN's probe point, `ngdiff_jax.shifted`): per state, ``None`` or ``(direction,
     step)`` with ``direction`` stacked like the state; the blocks then run on ``state + step *
     direction``, each block's weights made inside the scan (`shift_leaf`), so the shifted point
-    never exists as a whole tree."""
+    never exists as a whole tree.
+
+    ``backend``: a backend's fully rematerialized layer scan (`Backend.remat_scan`), where it
+    has one, runs ``policy="full"`` over all blocks."""
     frozen = tuple(frozen)
 
     def encode(a):  # frozen leaves: bfloat16 as bits (uint16 leaves are such bits already)
@@ -608,8 +566,7 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     n = jax.tree_util.tree_leaves(states)[0].shape[0]
     if shift is not None and any(sh is not None for sh in shift):
         return _scan_shifted(block, states, frozen, shift, x, policy, n if length is None else length)
-    if policy == "full" and (length is None or length == n) and kernels_lib.current() == "cpu_fast":
-        # XLA:CPU: the weights cross the loops as bits (see kernels.remat_scan)
+    if policy == "full" and (length is None or length == n) and backend is not None:
         trained = tuple(st for i, st in enumerate(states) if i not in frozen)
         fixed = tuple(st for i, st in enumerate(states) if i in frozen)
 
@@ -619,7 +576,9 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
             y, _ = nnx.merge(block_graphdef, *sts)(h, *aux)
             return y
 
-        return kernels_lib.remat_scan(split_block, trained, fixed, x, (positions, kv_valid))
+        out = backend.remat_scan(split_block, trained, fixed, x, (positions, kv_valid))
+        if out is not None:
+            return out
     if policy != "none":
         block = jax.checkpoint(block, policy=None if policy == "full" else getattr(jax.checkpoint_policies, policy),
                                prevent_cse=False)  # fmt: skip
@@ -677,15 +636,23 @@ def set_remat(model: CausalLM, policy: str) -> CausalLM:
     return model
 
 
+def with_backend(model: CausalLM, backend: Backend) -> CausalLM:
+    """``model`` with ``backend`` in every module that holds one (in place)."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(getattr(module, "backend", None), Backend):
+            module.backend = backend
+    return model
+
+
 def _split_for_mode(model: CausalLM):
-    """``nnx.split(model)``; under forward-mode autodiff (``jax.jvp``, Hessian-vector products) a
-    ``cpu_fast`` model is split as an ``xla`` one: its ``custom_vjp`` kernels have no forward mode,
-    and the jitted call would only meet them after tracing (the same values either way)."""
+    """``nnx.split(model)``; under forward-mode autodiff (``jax.jvp``, Hessian-vector products)
+    with the portable primitives (`Backend.portable`): a backend's ``custom_vjp`` kernels have no
+    forward mode, and inside the jitted call they would meet it only after tracing (the same
+    values either way)."""
     graphdef, state = nnx.split(model)
-    if model._active_kernels() != model.kernels:
-        twin = nnx.merge(graphdef, state)
-        twin.kernels = "xla"
-        graphdef, state = nnx.split(twin)
+    portable = model.backend.portable()
+    if model.backend != portable and forward_mode(state):
+        graphdef, state = nnx.split(with_backend(nnx.merge(graphdef, state), portable))
     return graphdef, state
 
 
@@ -702,13 +669,13 @@ def _jit_call(graphdef, state, input_ids, attention_mask, positions):
 def _jit_logprobs(graphdef, state, input_ids, labels, attention_mask, positions):
     model = nnx.merge(graphdef, state)
     x, _ = model.forward(input_ids, positions, attention_mask, return_hidden=True)
-    with kernels_lib.use(model.kernels):
-        return model._head_logprobs(x, labels)
+    return model._head_logprobs(x, labels)
 
 
 def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
-                param_dtype=jnp.float32, kernels: str | None = None, attention: str | None = None) -> CausalLM:
-    """A randomly initialized `CausalLM` for a HF config (or `ModelConfig`); ``kernels`` and
+                param_dtype=jnp.float32, backend: Backend | str | None = None,
+                attention: str | None = None) -> CausalLM:
+    """A randomly initialized `CausalLM` for a HF config (or `ModelConfig`); ``backend`` and
     ``attention`` as for `CausalLM`.
 
     Same distributions as the module's initializers (weights N(0, initializer_range), biases
@@ -717,10 +684,10 @@ def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
     """
     cfg = ModelConfig.from_hf(hf_config)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
-    kernels = kernels_lib.resolve_kernels(kernels)
-    attention = resolve_attention(attention, dtype)
+    backend = resolve_backend(backend)
+    attention = resolve_attention(attention, dtype, backend)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                               kernels=kernels, attention=attention))
+                                               backend=backend, attention=attention))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
     flat, treedef = jax.tree_util.tree_flatten_with_path(pure)

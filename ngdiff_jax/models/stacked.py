@@ -46,7 +46,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.bits import settled
 from ngdiff_jax.models.modeling import _from_bits, _frozen, _inputs
 from ngdiff_jax.shifted import Shifted, takes_shifted
 
@@ -159,8 +158,8 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
             blocks.append(b)
             shifts.append(shift)
         m = nnx.merge(graphdef, *sts)  # its blocks hold shapes only: the scan reads `blocks`
-        if m.kernels == "cpu_fast" and m.lm_head is None:  # a tied embedding: see ngdiff_jax.bits.settled
-            m.embed.set_value(settled(m.embed[...]))
+        if m.lm_head is None:  # a tied embedding, read twice (XLA:CPU: see ngdiff_jax.bits.settled)
+            m.embed.set_value(m.backend.settle_tied_embedding(m.embed[...]))
         return _METHODS[method](m, (block_def, tuple(blocks), tuple(frozen), tuple(shifts)), *args, **kwargs)
 
     return call, params
@@ -172,12 +171,9 @@ def _call(m, blocks, input_ids, attention_mask=None, positions=None):
 
 
 def _token_logprobs(m, blocks, input_ids, labels, attention_mask=None, positions=None):
-    from ngdiff_jax.models import kernels
-
     input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
     x, _ = m.forward(input_ids, positions, attention_mask, return_hidden=True, stacked=blocks)
-    with kernels.use(m.kernels):
-        return m._head_logprobs(x, jnp.asarray(labels))
+    return m._head_logprobs(x, jnp.asarray(labels))
 
 
 def _hidden_state(m, blocks, input_ids, attention_mask=None, *, layer, positions=None):

@@ -313,7 +313,7 @@ def scale_by_gen(
             lr = jnp.where(new_given != state.given, new_given, lr)
         # The branches read the parameters and the bfloat16 update through their bits: a
         # bfloat16 operand of a `lax.cond` is materialized, which for parameters passed to the
-        # step as bits (see ngdiff_jax.models.kernels.remat_scan) is a bfloat16 copy of all of
+        # step as bits (see ngdiff_jax.backends.cpu.kernels.remat_scan) is a bfloat16 copy of all of
         # them; the update made as bits (`opaque`: one buffer, read by the cond and after it) is
         # read by the layer scan without a copy (ngdiff_jax.shifted).
         carried = jax.tree.map(to_bits, params)

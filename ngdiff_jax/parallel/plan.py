@@ -123,7 +123,7 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     hf = {**hf, "num_hidden_layers": int(layers)}
     cfg = ModelConfig.from_hf(hf)
     pd, cd = _dtype(params_dtype), _dtype(compute_dtype)
-    model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=cd, param_dtype=pd, kernels="xla"))
+    model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=cd, param_dtype=pd, backend="xla"))
     models.set_remat(model, remat)
     devs = jax.devices()
     if devices > len(devs):

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
+from ngdiff_jax.backends import Backend, for_platform
 from ngdiff_jax.bits import from_bits, to_bits
-from ngdiff_jax.host_memory import release_freed_memory
 from ngdiff_jax.parallel.memory import (
     CompiledMemory,
     MemoryEstimate,
@@ -62,6 +62,7 @@ class ShardedStep:
     num_batches: int = 2
     frozen_shardings: tuple = ()  # shardings of the trailing frozen arguments (e.g. a LoRA base)
     bits_params: bool = False  # bfloat16 parameters cross the jit boundary as their bits (see below)
+    backend: Backend = field(default_factory=for_platform, repr=False)  # host-side hooks
     _compiled: set = field(default_factory=set, repr=False)  # batch shapes compiled so far
 
     def place_state(self, params, opt_state, ref_params=None):
@@ -114,15 +115,16 @@ class ShardedStep:
         shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[2:2 + self.num_batches]))
         if shapes not in self._compiled:
             # Compile first (the call below finds it in jax's cache), then hand the compiler's
-            # freed memory back before the step allocates its own (see ngdiff_jax.host_memory).
-            release_freed_memory()  # what loading and converting the weights freed: the compiler can reuse it
+            # freed memory back before the step allocates its own (the backend's hook; XLA:CPU:
+            # ngdiff_jax.backends.cpu.host_memory).
+            self.backend.release_host_memory()  # what loading and converting the weights freed
             self.fn.lower(*args).compile()
-            release_freed_memory()
+            self.backend.release_host_memory()
             self._compiled.add(shapes)
-        # What the last step and the host freed between steps (glibc keeps such pages mapped): the
-        # step's temporaries are mapped afresh each call, on top of whatever is kept (SmolLM2
-        # bfloat16 remat scan: peak RSS 2037 -> 1922 MB; the float32 step time is unchanged).
-        release_freed_memory()
+        # What the last step and the host freed between steps (XLA:CPU: glibc keeps such pages
+        # mapped; the step's temporaries are mapped afresh each call, on top of whatever is kept:
+        # SmolLM2 bfloat16 remat scan: peak RSS 2037 -> 1922 MB; the float32 step time is unchanged).
+        self.backend.release_host_memory()
         out = self.fn(*args)
         return (_decode(out[0]), *out[1:]) if self.bits_params else out
 
@@ -157,7 +159,7 @@ def shard_unlearn_step(
     num_batches: int = 2,
     frozen: tuple = (),
     shardings=None,
-    bits_params: bool = False,
+    backend: Backend | None = None,
 ) -> ShardedStep:
     """Jit ``step_fn`` over ``mesh`` with shardings from ``rules`` (preset name or tuple).
 
@@ -175,10 +177,11 @@ def shard_unlearn_step(
     replicated on that dimension: they are logged as a warning, or with ``strict`` raise.
     ``print_memory`` prints the per-device memory estimate (also in ``.memory``).
 
-    ``bits_params`` (with ``donate``; for the ``cpu_fast`` kernels): the bfloat16 parameters enter
+    ``backend`` (default the platform's, `ngdiff_jax.backends`) supplies the host-side hooks; with
+    its ``bits_params`` (the XLA:CPU backend) and ``donate``, the bfloat16 parameters enter
     and leave the jitted step as their bits (``uint16``), converted in place (donated) around each
     call; the step itself sees bfloat16. XLA:CPU materializes the bits of a bfloat16 *argument*
-    that a loop slices (`ngdiff_jax.models.kernels.remat_scan`): a copy of every stacked weight
+    that a loop slices (`ngdiff_jax.backends.cpu.kernels.remat_scan`): a copy of every stacked weight
     for the whole step (SmolLM2 in bfloat16: 266 MB), which bits arriving as bits do not need.
     """
     _require_auto_axes(mesh)
@@ -202,7 +205,8 @@ def shard_unlearn_step(
         log.warning(msg)
     with_ref = ref_params is not None
     in_sh = (p_sh, o_sh, *([b_sh] * num_batches), rep) + ((p_sh,) if with_ref else ()) + f_sh
-    bits_params = bits_params and donate and any(
+    backend = for_platform() if backend is None else backend
+    bits_params = backend.bits_params and donate and any(
         x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))  # fmt: skip
     fn = jax.jit(
         _bits_boundary(step_fn) if bits_params else step_fn,
@@ -226,6 +230,7 @@ def shard_unlearn_step(
         num_batches=num_batches,
         frozen_shardings=f_sh,
         bits_params=bits_params,
+        backend=backend,
     )
 
 

@@ -219,7 +219,7 @@ class PrecisionSection:
     weights are stored; ``moments``: the optimizer's moment estimates (Adam); ``export``: the
     dtype of the exported safetensors (null: the ``params`` dtype). Losses, logits, gradient
     norms and GeN's probes are float32 whatever these are. ``compute: null`` (the default) is
-    the backend's (`ngdiff_jax.backend`): float32 on CPU, bfloat16 on GPU and TPU, with float32
+    the backend's (`ngdiff_jax.backends`): float32 on CPU, bfloat16 on GPU and TPU, with float32
     parameters and moments (mixed precision: the weights an update moves are float32)."""
 
     compute: Literal["float32", "bfloat16"] | None = None
@@ -234,9 +234,9 @@ class PrecisionSection:
         if which == "export" and name is None:
             name = self.params
         if which == "compute" and name is None:
-            from ngdiff_jax.backend import defaults
+            from ngdiff_jax.backends import for_platform
 
-            name = defaults().compute
+            name = for_platform().compute
         return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 

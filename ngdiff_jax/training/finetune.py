@@ -131,7 +131,7 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     sharded = par.shard_unlearn_step(
         ft_step, mesh, rules, params, jax.eval_shape(tx.init, params), strict=cfg.mesh.strict,
         print_memory=main and cfg.mesh.enabled, num_batches=1, frozen=frozen, shardings=shardings,
-        bits_params=model.kernels == "cpu_fast",
+        backend=model.backend,
     )  # fmt: skip
     opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state_shardings)(params)
     params, opt_state = sharded.place_state(params, opt_state)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ngdiff_jax.backend import defaults as backend_defaults
+from ngdiff_jax.backends import for_platform as backend_defaults
 from ngdiff_jax.training.checkpoint import Checkpointer
 
 __all__ = ["LoopResult", "default_log_every", "live_device_bytes", "run_loop"]

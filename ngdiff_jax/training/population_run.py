@@ -167,20 +167,18 @@ class _Setup:
 
 class _CompileFirst:
     """A jitted step that compiles each new batch shape before running it and hands the compiler's
-    freed memory back first (`ngdiff_jax.host_memory`), as the single run's sharded step does: the
-    step's buffers then reuse those pages instead of adding to them."""
+    freed memory back first (the backend's hook, `Backend.release_host_memory`), as the single
+    run's sharded step does: the step's buffers then reuse those pages instead of adding to them."""
 
-    def __init__(self, fn):
-        self.fn, self.shapes = fn, set()
+    def __init__(self, fn, backend):
+        self.fn, self.shapes, self.backend = fn, set(), backend
 
     def __call__(self, *args):
-        from ngdiff_jax.host_memory import release_freed_memory
-
         shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[2]))
         if shapes not in self.shapes:
-            release_freed_memory()
+            self.backend.release_host_memory()
             self.fn.lower(*args).compile()
-            release_freed_memory()
+            self.backend.release_host_memory()
             self.shapes.add(shapes)
         return self.fn(*args)
 
@@ -272,7 +270,7 @@ def run_population(
         in_shardings=(per, state_sh, (per, per), rep, per, *extra_sh),
         out_shardings=(per, state_sh, per),
         donate_argnums=(0, 1),
-    ))
+    ), setup.model.backend)
     init = jax.jit(lambda values, params, seeds: init_member_state(
         lambda v: setup.optimizer(v)[1].init, params, values, seeds), out_shardings=state_sh)  # fmt: skip
     jsonio.write_json(out / "population.json", {"members": [m.to_dict() for m in members],
@@ -304,9 +302,7 @@ def run_population(
         if setup.lora_run is not None:
             extra += (jax.device_put(setup.lora_run.base, rep),)
         state = init(jax.device_put(values, per), params, jnp.asarray(seeds, jnp.uint32))
-        from ngdiff_jax.host_memory import release_freed_memory
-
-        release_freed_memory()  # what loading, stacking and compiling the initial state freed
+        setup.model.backend.release_host_memory()  # what loading, stacking and compiling the initial state freed
         streams = setup.streams(padded)
         hook = eval_fn if eval_fn is not None else _default_eval(setup, cfg)
         chunk_eval = None if hook is None else (lambda s, p, fn=hook: fn(s, p))

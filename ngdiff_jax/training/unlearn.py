@@ -140,7 +140,7 @@ def run_unlearn(
     sharded = par.shard_unlearn_step(
         unlearn_step, mesh, rules, params, jax.eval_shape(tx.init, params), ref_params=ref_params,
         strict=cfg.mesh.strict, print_memory=main and cfg.mesh.enabled, frozen=frozen, shardings=shardings,
-        bits_params=model.kernels == "cpu_fast",
+        backend=model.backend,
     )  # fmt: skip
     _check_batch_size(cfg, sharded)
     opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state_shardings)(params)

@@ -1,131 +1,32 @@
-"""The model's matrix-multiply kernels, chosen by one switch: ``kernels="xla"`` or ``"cpu_fast"``.
+"""The XLA:CPU kernels behind `ngdiff_jax.backends.cpu.CPUFast` (reverse-mode ``custom_vjp``s).
 
-``modeling.py`` states the architecture with plain einsum equations and calls the two functions
-here, `einsums` (projections that read the same input) and `gated_down` (the gated MLP after its
-input projections). What they compile to depends on the model's ``kernels`` setting:
+Same values as the portable primitives of `ngdiff_jax.backends.Backend` (to float rounding),
+faster or leaner reverse mode on XLA:CPU (docs/PERFORMANCE.md):
 
-``"xla"``
-    Plain ``jnp.einsum``: XLA's own kernels and autodiff. Every JAX transform works, forward-mode
-    included (``jax.jvp``, ``jax.jacfwd``, forward-over-reverse Hessian-vector products). The
-    default on GPU and TPU.
-``"cpu_fast"``
-    Workarounds for XLA:CPU (the default on CPU; see docs/PERFORMANCE.md): token einsums as 2-D
-    ``[B*T, K] @ [K, M]`` matmuls with a hand-written backward whose weight gradients use the
-    row-major layout XLA:CPU's fast matmul takes, one shared backward for weights reading the
-    same input (q/k/v, gate/up), and a SwiGLU down projection that recomputes ``silu(a) * b`` in
-    its backward. Same values as ``"xla"`` (to float rounding), faster reverse mode on CPU. They
-    are ``jax.custom_vjp`` functions (reverse mode only): under forward-mode autodiff
-    (`forward_mode`: ``jax.jvp``, ``jacfwd``, Hessian-vector products) a model call takes the
-    ``"xla"`` path instead (``CausalLM._active_kernels``), so forward mode works by default.
-
-The setting is fixed when a model is built (``CausalLM(..., kernels=)``, ``from_config(...,
-kernels=)``, ``from_pretrained(..., kernels=)``); ``None`` means `default_kernels`: the
-``NGDIFF_KERNELS`` environment variable when set, else ``"cpu_fast"`` on the CPU backend and
-``"xla"`` elsewhere. It is a static attribute of the model (``model.kernels``, part of its graph
-definition), so jitted functions of the model recompile when it changes and never mix the two.
-
->>> resolve_kernels("xla")
-'xla'
->>> resolve_kernels("fast")
-Traceback (most recent call last):
-...
-ValueError: kernels='fast' is not one of 'xla', 'cpu_fast' (or None for the backend default)
+* `token_einsums`: token einsums as 2-D ``[B*T, K] @ [K, M]`` matmuls with a hand-written
+  backward whose weight gradients use the row-major layout XLA:CPU's fast matmul takes, one
+  shared backward for weights reading the same input (q/k/v, gate/up);
+* `swiglu_down`: a SwiGLU down projection that recomputes ``silu(a) * b`` in its backward;
+* `recompute_late`: a remat block whose recomputation waits for its cotangent;
+* `remat_scan`: a fully rematerialized layer scan whose weights cross the loops as bits;
+* `head_logprobs`: the LM head's log-probs over row x vocabulary blocks;
+* `lookup`: an embedding lookup whose gradient writes summed rows (no float32 ``[V, E]`` zeros).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from ngdiff_jax.backend import defaults as backend_defaults
 from ngdiff_jax.bits import from_bits, to_bits
 
 Array = jax.Array
-KERNELS = ("xla", "cpu_fast")
-ENV_VAR = "NGDIFF_KERNELS"
-
-_current: contextvars.ContextVar[str | None] = contextvars.ContextVar("ngdiff_kernels", default=None)
 
 
-def default_kernels() -> str:
-    """``$NGDIFF_KERNELS`` when set, else ``"cpu_fast"`` on the CPU backend and ``"xla"`` elsewhere."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        if env not in KERNELS:
-            raise ValueError(f"{ENV_VAR}={env!r} is not one of 'xla', 'cpu_fast' (unset it for the backend default)")
-        return env
-    return backend_defaults().kernels
-
-
-def resolve_kernels(kernels: str | None) -> str:
-    """``kernels`` checked, or `default_kernels` for ``None``."""
-    if kernels is None:
-        return default_kernels()
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels={kernels!r} is not one of 'xla', 'cpu_fast' (or None for the backend default)")
-    return kernels
-
-
-@contextlib.contextmanager
-def use(kernels: str):
-    """Run the enclosed model code with ``kernels`` (the model's forward sets this itself)."""
-    token = _current.set(resolve_kernels(kernels))
-    try:
-        yield
-    finally:
-        _current.reset(token)
-
-
-def current() -> str:
-    """The kernels in effect: those of the enclosing `use`, else `default_kernels`."""
-    k = _current.get()
-    return k if k is not None else default_kernels()
-
-
-def forward_mode(*trees) -> bool:
-    """Whether forward-mode autodiff (``jax.jvp``, ``jacfwd``, a Hessian-vector product) traces
-    any array of ``trees``: the ``custom_vjp`` kernels support reverse mode only, so a model then
-    runs as ``"xla"`` (``CausalLM._active_kernels``). Reverse mode alone (``jax.grad``) keeps them."""
-    for x in jax.tree.leaves(trees):
-        depth = 0
-        while isinstance(x, jax.core.Tracer) and depth < 16:
-            if type(x).__name__ == "JVPTracer":
-                return True
-            x = getattr(x, "primal", getattr(x, "val", None))
-            depth += 1
-    return False
-
-
-# ---------------------------------------------------------------------- the API modeling.py uses
-def einsums(eqs, x: Array, ws, preferred_element_type=None, *, late: bool = True) -> list[Array]:
-    """``[jnp.einsum(eq, x, w, preferred_element_type=...) for eq, w in zip(eqs, ws)]``.
-
-    The equations' input and output start with ``bt`` (batch, time); the contracted axes are the
-    trailing axes of ``x`` and the leading (or, as for a tied ``[vocab, embed]`` head, trailing)
-    axes of each ``w``. ``late`` (``cpu_fast``, weights below float32): convert each weight for its
-    matmul only once ``x`` is ready (see `_fresh`); the LM head, called in a loop over token chunks,
-    passes ``False``.
-    """
-    if current() == "cpu_fast":
-        return token_einsums(eqs, x, ws, preferred_element_type, late=late)
-    return [jnp.einsum(eq, x, w, preferred_element_type=preferred_element_type) for eq, w in zip(eqs, ws)]
-
-
-def gated_down(act, gate: Array, up: Array, w: Array) -> Array:
-    """``einsum("btm,me->bte", act(gate) * up, w)``: a gated MLP's down projection."""
-    if current() == "cpu_fast" and act is jax.nn.silu:
-        B, T, M = gate.shape
-        return _swiglu_down(gate.reshape(B * T, M), up.reshape(B * T, M), w).reshape(B, T, -1)
-    return jnp.einsum("btm,me->bte", act(gate) * up, w)
-
-
-# ---------------------------------------------------------------------- cpu_fast implementations
+# ---------------------------------------------------------------------- token matmuls
 def _dot_nt(a: Array, b: Array, preferred_element_type=None) -> Array:
     """``a @ b.T`` for 2-D ``a [N, K]``, ``b [M, K]``."""
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type)
@@ -146,7 +47,7 @@ def _weight_grad(x: Array, g: Array, dtype, preferred_element_type=None) -> Arra
 
 
 @jax.custom_vjp
-def _swiglu_down(a: Array, b: Array, w: Array) -> Array:
+def swiglu_down(a: Array, b: Array, w: Array) -> Array:
     """``(silu(a) * b) @ w`` for ``a, b [N, M]``, ``w [M, E]``, with a hand-written backward that
     keeps only ``a`` and ``b`` (and ``w``) as residuals and recomputes ``silu(a) * b`` there. Under
     autodiff the ``[N, M]`` product is a residual of the down projection, which makes XLA:CPU
@@ -157,7 +58,7 @@ def _swiglu_down(a: Array, b: Array, w: Array) -> Array:
 
 
 def _swiglu_down_fwd(a, b, w):
-    return _swiglu_down(a, b, w), (a, b, w)
+    return swiglu_down(a, b, w), (a, b, w)
 
 
 def _swiglu_down_bwd(res, g):
@@ -173,7 +74,7 @@ def _swiglu_down_bwd(res, g):
     return da, db, _weight_grad(h, g, w.dtype)
 
 
-_swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
+swiglu_down.defvjp(_swiglu_down_fwd, _swiglu_down_bwd)
 
 
 def _mm(x: Array, w: Array, w_transposed: bool, preferred_element_type) -> Array:
@@ -288,7 +189,7 @@ def token_einsums(eqs, x: Array, ws, preferred_element_type=None, *, late: bool 
     return [y.reshape((B, T) + p[3]) for y, p in zip(ys, plans)]
 
 
-# ---------------------------------------------------------------------- the layer scan (cpu_fast)
+# ---------------------------------------------------------------------- the layer scan
 def remat_scan(block, trained, frozen, x: Array, aux):
     """``h = block(h, trained[i], frozen[i], aux)`` for every layer ``i`` of the stacked trees
     ``trained`` and ``frozen`` (leading layer axis), fully rematerialized: the forward pass keeps
@@ -354,7 +255,7 @@ def _remat_scan_bwd(block, res, g):
 _remat_scan.defvjp(_remat_scan_fwd, _remat_scan_bwd)
 
 
-# ---------------------------------------------------------------------- the LM head's log-probs (cpu_fast)
+# ---------------------------------------------------------------------- the LM head's log-probs
 def head_logprobs(x: Array, w: Array, bias: Array | None, targets: Array, *, vocab_major: bool,
                   token_chunk: int, chunk_elements: int) -> Array:
     """``log_softmax(x @ W + bias)[targets]`` per row of ``x [n, E]`` (float32 ``[n]``), with
@@ -514,15 +415,13 @@ def _assemble(chunks: Array, V: int, cols: int, axis: int) -> Array:
 _head_lp.defvjp(_head_lp_fwd, _head_lp_bwd)
 
 
-# ---------------------------------------------------------------------- embedding lookups (cpu_fast)
+# ---------------------------------------------------------------------- embedding lookups
 def lookup(table: Array, ids: Array) -> Array:
-    """``jnp.take(table, ids, axis=0)``; under ``cpu_fast``, with a backward pass that sums the
+    """``jnp.take(table, ids, axis=0)`` for a 2-D ``table``, with a backward pass that sums the
     cotangent rows of repeated ids in float32 (sorting the ``n`` ids) and *writes* the ``n``
     summed rows into a table of zeros, in the table's dtype (as bits for bfloat16: an integer
     scatter). Autodiff's scatter-add of a bfloat16 table ran in float32 on XLA:CPU, into float32
     zeros that XLA made at the start of the step and kept (SmolLM2: 2 x 108 MB)."""
-    if current() != "cpu_fast" or table.ndim != 2:
-        return jnp.take(table, ids, axis=0)
     return _lookup((table.shape, jnp.dtype(table.dtype)), table, ids)
 
 
@@ -554,3 +453,38 @@ def _lookup_bwd(spec, ids, g):
 
 
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+# ---------------------------------------------------------------------- remat of one block
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def recompute_late(f, state, x, positions, kv_valid):
+    """``f(state, x, positions, kv_valid)`` (a ``jax.checkpoint``-ed block) whose backward pass
+    cannot start its recomputation before the cotangent arrives: the saved activations (leaves
+    shaped like ``x``'s leading ``[B, T]``) and the saved weights stored below float32 (which
+    XLA:CPU converts to float32 for its matmuls) pass through a ``select`` on `never` of the
+    cotangent: a data dependency, which, unlike an optimization barrier, XLA:CPU's scheduler
+    keeps. XLA:CPU drops the optimization barriers ``jax.checkpoint`` relies on before it
+    schedules, and then ran every block's recomputation early in the backward pass, so all of
+    them were alive at once and remat saved nothing. Values are unchanged."""
+    return f(state, x, positions, kv_valid)
+
+
+def _recompute_late_fwd(f, state, x, positions, kv_valid):
+    y, vjp = jax.vjp(lambda s, h: f(s, h, positions, kv_valid), state, x)
+    return y, (vjp, x.shape[:2])
+
+
+def _recompute_late_bwd(f, res, g):
+    vjp, bt = res
+    late_ = never(g)
+
+    def late(r):
+        if not jnp.issubdtype(r.dtype, jnp.floating) or (r.dtype == jnp.float32 and tuple(r.shape[:2]) != bt):
+            return r
+        return jnp.where(late_, jnp.zeros_like(r), r)
+
+    d_state, dx = jax.tree.map(late, vjp)(g)
+    return d_state, dx, None, None
+
+
+recompute_late.defvjp(_recompute_late_fwd, _recompute_late_bwd)

@@ -11,8 +11,9 @@ Two effects of running on the host that cost a training step memory it does not 
   mapped, so the process's resident memory during the first step is the step's plus the
   compiler's. :func:`release_freed_memory` (``malloc_trim``) returns them to the system; it
   does nothing where the C library has no ``malloc_trim``. ``ShardedStep`` also calls it before
-  each step: the host's and the last step's freed pages would otherwise stay resident under the
-  step's temporaries, which XLA:CPU maps afresh for every call.
+  each step (through `CPUFast.release_host_memory`): the host's and the last step's freed pages
+  would otherwise stay resident under the step's temporaries, which XLA:CPU maps afresh for every
+  call.
 """
 
 from __future__ import annotations
