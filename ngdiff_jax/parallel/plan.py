@@ -13,8 +13,10 @@ figure is extrapolated linearly to the model's depth (``m(L) = m(2) + (L - 2) (m
 parameters, optimizer state and saved activations grow per block; the compiled program's other
 temporaries do not). ``layers="full"`` compiles the real depth.
 
-The model is built with the portable ``xla`` kernels (the CPU-specific matmul layouts are not
-what runs on an accelerator). XLA:CPU's buffer assignment is not a GPU's or TPU's: treat the
+The model is built with the accelerator backend (``backends.for_platform("gpu")``: portable
+kernels, the accelerator's LM-head chunk) and XLA's attention (cuDNN's fused kernel does not
+compile on the planning machine; XLA's stores the ``[B, H, T, S]`` scores, so for a cuDNN run the
+figures are an upper bound). XLA:CPU's buffer assignment is not a GPU's or TPU's: treat the
 figures as an estimate of the same program's footprint (docs/SCALING.md).
 """
 
@@ -114,7 +116,7 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     import jax.numpy as jnp
     from flax import nnx
 
-    from ngdiff_jax import models
+    from ngdiff_jax import backends, models
     from ngdiff_jax import parallel as par
     from ngdiff_jax.models.config import ModelConfig
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
@@ -123,7 +125,11 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     hf = {**hf, "num_hidden_layers": int(layers)}
     cfg = ModelConfig.from_hf(hf)
     pd, cd = _dtype(params_dtype), _dtype(compute_dtype)
-    model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=cd, param_dtype=pd, backend="xla"))
+    # the accelerator backend (its head chunk), with XLA's attention: cuDNN's kernel does not compile
+    # here, and XLA's stores the scores, so the estimate is an upper bound for a cuDNN run
+    accel = backends.for_platform("gpu")
+    model = nnx.eval_shape(lambda: models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=cd, param_dtype=pd, backend=accel,
+                                                   attention="xla"))  # fmt: skip
     models.set_remat(model, remat)
     devs = jax.devices()
     if devices > len(devs):
