@@ -1,7 +1,7 @@
 """jax's persistent compilation cache for ``ngdiff`` runs: the next ``ngdiff eval`` of a model of
 the same architecture loads its compiled programs from disk instead of compiling them again
 (TOFU forget01 on SmolLM2: 15.6 s of compile -> 6.0 s, the rest being tracing and lowering, which
-no cache skips). On XLA:CPU the unlearning step's entry loads no faster than it compiles.
+no cache skips). On the CPU the unlearning step's entry loads no faster than it compiles.
 
 ``NGDIFF_COMPILATION_CACHE`` picks where: unset or ``1`` / ``on`` -> ``$XDG_CACHE_HOME/ngdiff-jax/xla``
 (``~/.cache/ngdiff-jax/xla``); an absolute (or ``~``) path -> that folder; ``0`` / ``off`` -> no

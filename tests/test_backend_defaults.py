@@ -84,19 +84,26 @@ def test_model_takes_the_platforms_defaults_at_construction(platform):
     assert all(layer.backend == b.portable() for layer in m.layers)  # every computing module holds it
 
 
-def _step_results(backend, dtype):
-    """Four NGDiff + GeN unlearning steps (one GeN probe) of a tiny llama with a tied head on
-    ``backend``: the metrics and the new parameters."""
+def _build_step(backend, dtype, stacked=False):
+    """A tiny llama with a tied head on ``backend`` and its NGDiff + GeN unlearning step (model,
+    optimizer and step all given ``backend``); ``stacked``: the scan_layers layout."""
     from ngdiff_jax import models
     from ngdiff_jax.models.testing import tiny_hf_config
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
 
     model = models.from_config(tiny_hf_config("llama_tied"), rngs=nnx.Rngs(0), backend=backend, dtype=dtype,
                                param_dtype=dtype)  # fmt: skip
-    apply_fn, params = models.functional(model)
+    apply_fn, params = models.stacked.functional(model) if stacked else models.functional(model)
     method = load_method("ngdiff")
-    tx = make_optimizer(method, OptimConfig(lr=1e-2), total_steps=10, steps_per_epoch=2.0)
-    step = jax.jit(make_unlearn_step(apply_fn, method, tx))
+    tx = make_optimizer(method, OptimConfig(lr=1e-2), total_steps=10, steps_per_epoch=2.0, backend=backend)
+    return make_unlearn_step(apply_fn, method, tx, backend=backend), params, tx
+
+
+def _step_results(backend, dtype, stacked=False):
+    """Four NGDiff + GeN unlearning steps (one GeN probe) of a tiny llama with a tied head on
+    ``backend``: the metrics and the new parameters."""
+    step, params, tx = _build_step(backend, dtype, stacked)
+    step = jax.jit(step)
     rng = np.random.default_rng(0)
 
     def batch():
@@ -112,20 +119,21 @@ def _step_results(backend, dtype):
     return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), params, initial), history
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["per_block", "stacked"])
 @pytest.mark.parametrize("dtype,rtol,update_tol", [(jnp.float32, 1e-4, 1e-4), (jnp.bfloat16, 3e-2, 0.1)])
-def test_swapping_the_cpu_package_out_gives_the_same_step(monkeypatch, dtype, rtol, update_tol):
+def test_swapping_the_cpu_package_out_gives_the_same_step(monkeypatch, dtype, rtol, update_tol, stacked):
     """The XLA:CPU backend against the portable one built as if ``ngdiff_jax.backends.cpu`` were
     deleted: the model, the unlearning step and the optimizer give the same results (bfloat16:
     the XLA:CPU head, lookup and SwiGLU kernels round differently, within bfloat16's resolution;
     Adam's normalized steps turn such differences in tiny gradients into whole steps, so the
     updates are compared by the norm of their difference)."""
-    fast_update, fast = _step_results(backends.resolve("cpu_fast"), dtype)
+    fast_update, fast = _step_results(backends.resolve("cpu_fast"), dtype, stacked)
     monkeypatch.setitem(sys.modules, "ngdiff_jax.backends.cpu", None)  # an import of it now fails
     plain = backends.for_platform("cpu")
     assert type(plain) is backends.Backend and plain.name == "xla"
     with pytest.raises(ValueError, match="needs the package ngdiff_jax.backends.cpu"):
         backends.resolve("cpu_fast")
-    plain_update, slow = _step_results(plain, dtype)
+    plain_update, slow = _step_results(plain, dtype, stacked)
     assert fast[-1]["forget_loss"] != fast[0]["forget_loss"]  # the steps moved the model
     for a, b in zip(fast, slow):
         assert a.keys() == b.keys()
@@ -155,3 +163,49 @@ def test_jvp_through_the_default_model():
     _, jv = jax.jvp(loss, (params,), (t,))
     _, hv = jax.jvp(jax.grad(loss), (params,), (t,))
     assert np.isfinite(float(jv)) and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(hv))
+
+
+def _primitives(fn, *args) -> set[str]:
+    names = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            names.add(eqn.primitive.name)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return names
+
+
+@pytest.mark.parametrize("backend", [backends.resolve("cpu_fast"), GPU], ids=["cpu_fast", "gpu"])
+def test_after_keeps_values_under_every_transform(backend):
+    """`Backend.after`: the same values under jit, vmap, grad and jvp, ordered by a data dependency
+    (no barrier: XLA:CPU drops it, see tests/test_memory_lean.py)."""
+    tree = {"ids": jnp.arange(4, dtype=jnp.int32), "x": jnp.linspace(-1.0, 1.0, 4)}
+    for done in (jnp.float32(0.5), jnp.float32(jnp.nan), jnp.float32(-jnp.inf)):
+        out = jax.jit(backend.after)(tree, done)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(tree)))
+    xs = jnp.ones((3, 4))
+    np.testing.assert_array_equal(jax.vmap(lambda x: backend.after(x, x.sum()))(xs), xs)
+    np.testing.assert_array_equal(jax.grad(lambda x: backend.after(x, x.sum()).sum())(xs[0]), np.ones(4))
+    _, t = jax.jvp(lambda x: backend.after(x * 2.0, x.sum()), (xs[0],), (jnp.ones(4),))
+    np.testing.assert_array_equal(t, 2.0 * np.ones(4))
+    assert "optimization_barrier" not in _primitives(backend.after, tree, jnp.float32(1.0))
+
+
+@pytest.mark.filterwarnings("ignore:attention='cudnn' cannot run")
+def test_the_step_and_gen_take_the_backend_they_are_given():
+    """Built on this CPU machine with the accelerator backend passed in, the bfloat16 step (model,
+    GeN, step) carries nothing as bits; with the CPU backend it carries bfloat16 as bits through
+    GeN's cond and the layer scan: the backend is an argument, not the platform read while
+    tracing."""
+    def prims(backend):
+        step, params, tx = _build_step(backend, jnp.bfloat16, stacked=True)
+        ids = jnp.ones((2, 8), jnp.int32)
+        batch = {"input_ids": ids, "attention_mask": ids, "labels": ids}
+        return _primitives(step, params, tx.init(params), batch, batch, jax.random.key(0))
+
+    gpu, cpu = prims(GPU), prims(backends.resolve("cpu_fast"))
+    assert "bitcast_convert_type" not in gpu
+    assert "bitcast_convert_type" in cpu

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from ngdiff_jax import models as M
-from ngdiff_jax.bits import settled
+from ngdiff_jax.backends.cpu.ordering import settled
 from ngdiff_jax.models import stacked
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.testing import tiny_hf_config

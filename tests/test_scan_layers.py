@@ -131,13 +131,16 @@ def test_a_frozen_base_is_not_silently_differentiated(dtype):
         jax.grad(loss)(base)
 
 
-def test_a_bfloat16_base_is_stored_as_bits():
+@pytest.mark.parametrize("backend,stored", [("cpu_fast", "uint16"), ("xla", "bfloat16")])
+def test_a_bfloat16_base_is_stored_as_the_backend_carries_it(backend, stored):
+    """The CPU backend stores a stacked frozen bfloat16 base as bits (its layer scan slices them
+    without a float32 copy), the portable one as it is; both read back the same weights."""
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=2))
-    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), backend="xla", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = M.CausalLM(cfg, rngs=nnx.Rngs(0), backend=backend, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"])), seed=0)
     _, plain = M.functional(model)
     fn, base, adapters = lora.split(model, stacked=True)
-    assert {str(x.dtype) for x in jax.tree.leaves(base["layers"])} == {"uint16"}
+    assert {str(x.dtype) for x in jax.tree.leaves(base["layers"])} == {stored}
     back = stacked.unstack(base)["layers"][1]["mlp"]["up_proj"]["kernel"]
     assert back.dtype == jnp.bfloat16
     want = plain["layers"][1]["mlp"]["up_proj"]["kernel"]

@@ -4,13 +4,18 @@ A `Backend` is two things:
 
 * **the platform's defaults** for settings left at ``None`` (table below);
 * **the model's compute primitives** (`Backend.einsums`, `gated_down`, `lookup`, `head_logprobs`,
-  `remat_block`, `remat_scan`), written here once against ``jnp`` / ``lax`` / ``jax.checkpoint``:
-  every transform works, forward-mode autodiff included.
+  `remat_block`, `remat_scan`) and **the step's ordering and carriage** (`Backend.after`,
+  `carry` / `uncarry`: how the step, GeN and the layer scan order their work and pass arrays
+  through conditionals, loops and the jit boundary), written here once against ``jnp`` / ``lax`` /
+  ``jax.checkpoint``: every transform works, forward-mode autodiff included.
 
 `for_platform` picks the object from a platform name (``jax.default_backend()`` by default);
 `resolve` takes what a user passes (``None``, a name, or a `Backend`). A model stores its
 backend at construction (``CausalLM(..., backend=)``, a static attribute of every module that
-computes), so nothing reads the platform or a context variable while tracing.
+computes), and so do the step (`ngdiff_jax.training.make_unlearn_step`), the optimizer
+(`ngdiff_jax.optim.unlearning_optimizer`, `scale_by_gen`) and the sharded step (``backend=``;
+``None`` is `for_platform`'s at construction), so nothing reads the platform or a context
+variable while tracing.
 
 The XLA:CPU workarounds live in one package, `ngdiff_jax.backends.cpu`: its ``CPUFast`` subclass
 overrides the primitives with hand-written ``custom_vjp`` kernels (reverse mode only; under
@@ -140,6 +145,35 @@ class Backend:
     def settle_tied_embedding(self, w: Array) -> Array:
         """The tied embedding of a stacked-layout model before it is read twice (lookup and head)."""
         return w
+
+    # ------------------------------------------------------------------ the step's order and carriage
+    def after(self, tree, done: Array):
+        """``tree``, unchanged in value, computed from only once the scalar ``done`` is: the step
+        runs its second task after the first task's gradient norm (one task's activations alive at
+        a time), GeN its second probe after the first (one shifted point at a time).
+
+        A data dependency: every numeric leaf plus ``where(done < -inf, 1, 0)`` (never true, NaN
+        included), which no compiler can reorder or drop. An ``optimization_barrier`` is not
+        enough: XLA:CPU drops it before scheduling (the step's temporaries: 252 MB with it or
+        without any ordering, 126 MB with this; tests/test_memory_lean.py), and what a GPU
+        compiler does with it has not been measured."""
+        dep = done < -jnp.inf
+
+        def leaf(x):
+            x = jnp.asarray(x)
+            return x + jnp.where(dep, 1, 0).astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.number) else x
+
+        return jax.tree.map(leaf, tree)
+
+    def carry(self, x: Array, dep: Array | None = None) -> Array:
+        """``x`` as it crosses a ``lax.cond``, a loop or a jit boundary (here: as it is). A backend
+        may change its representation (the CPU backend: a bfloat16 array as its bits, made after
+        ``dep`` where given); `uncarry` undoes it."""
+        return x
+
+    def uncarry(self, x: Array) -> Array:
+        """`carry`'s inverse (here: ``x`` as it is)."""
+        return x
 
     # ------------------------------------------------------------------ host-side hooks
     def owned(self, x: Array) -> Array:

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--steps", type=int, default=40)
     sp.add_argument("--no-torch", action="store_true", help="leave out the PyTorch side")
     sp.add_argument("--cpu-devices", type=int, default=0,
-                    help="also run the population with the host's cores as this many XLA:CPU devices "
+                    help="also run the population with the host's cores as this many simulated CPU devices "
                          "(--xla_force_host_platform_device_count; members spread over them)")
     sp.add_argument("--out", default=None, help="write the figures as JSON here")
     mp = sub.add_parser("memory")

@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
                         layers=layers, method=args.method)  # fmt: skip
         rows.append(row)
         print(format_rows([row]).splitlines()[-1] if len(rows) > 1 else format_rows([row]), flush=True)
-    print("\nGiB per device (XLA:CPU memory_analysis; peak = arguments + outputs - donated + temporaries;"
+    print("\nGiB per device (memory_analysis of the program compiled for this host; peak = arguments + outputs"
+          " - donated + temporaries;"
           " estimate = params + gradients + optimizer state [+ frozen base]); TFLOP/step: XLA's cost_analysis"
           f" of one {args.method} step per device (with --micro-batches k > 1 XLA counts the accumulation loop's"
           " body once: read FLOPs from --micro-batches 1)")  # fmt: skip

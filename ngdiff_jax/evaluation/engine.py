@@ -37,9 +37,8 @@ from ngdiff_jax.models.logprobs import IGNORE_INDEX
 HEAD_TOKENS: int | None = None
 
 #: rows scored whole and generation prompts longer than this are encoded in causal blocks of this many
-#: positions (``_score_plain``, ``_prefill``); 0: one block; None: the backend's (256 on CPU, where
-#: XLA:CPU computes every masked attention score, so on 2048-token texts blocks halve the attention
-#: work; one block on accelerators)
+#: positions (``_score_plain``, ``_prefill``); 0: one block; None: the backend's
+#: (`ngdiff_jax.backends.Backend.eval_attention_block`: 256 on CPU, one block on accelerators)
 ATTENTION_BLOCK: int | None = None
 
 

@@ -13,7 +13,7 @@ The math follows transformers 5.24's PyTorch modeling code exactly:
 Weights use einsum layouts (``q: [embed, heads, head_dim]``, ``o: [heads, head_dim, embed]``,
 ``mlp: [embed, mlp]``); ``hf.py`` converts to and from HF's tensors. The projections, the embedding
 lookup, the LM head and remat are the primitives of the model's `ngdiff_jax.backends.Backend`
-(``backend=``: plain JAX, or the XLA:CPU kernels of `ngdiff_jax.backends.cpu`), a static
+(``backend=``: plain JAX, or the CPU kernels of `ngdiff_jax.backends.cpu`), a static
 attribute of every module that computes. Every parameter is an
 ``nnx.Param``; there are no other variables, so ``nnx.state(model)`` is exactly the parameters.
 """
@@ -31,7 +31,7 @@ from flax import nnx
 
 from ngdiff_jax.backends import Backend, forward_mode
 from ngdiff_jax.backends import resolve as resolve_backend
-from ngdiff_jax.bits import from_bits, to_bits
+from ngdiff_jax.bits import from_bits
 from ngdiff_jax.models.attention import attend, resolve_attention
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
@@ -285,7 +285,7 @@ class CausalLM(nnx.Module):
 
     @property
     def kernels(self) -> str:
-        """The backend's name: ``"cpu_fast"`` (XLA:CPU kernels) or ``"xla"`` (portable)."""
+        """The backend's name: ``"cpu_fast"`` (the CPU kernels) or ``"xla"`` (portable)."""
         return self.backend.name
 
     # ------------------------------------------------------------------
@@ -382,7 +382,7 @@ class CausalLM(nnx.Module):
 
         tied = self.lm_head is None
         bias = None if tied or self.lm_head.bias is None else self.lm_head.bias[...]
-        lp = self.backend.head_logprobs(  # a backend's fused head (XLA:CPU, bfloat16), or None
+        lp = self.backend.head_logprobs(  # a backend's fused head (the CPU's, bfloat16), or None
             self.final_norm(x[None])[0], (self.embed[...] if tied else self.lm_head.kernel[...]).astype(self.dtype),
             bias, tgt, vocab_major=tied, token_chunk=chunk, chunk_elements=self.head_chunk_elements,
             compute_dtype=self.dtype)  # fmt: skip
@@ -473,8 +473,7 @@ def _remat_block(layer: Block, x: Array, positions: Array, kv_valid: Array, poli
     """``layer(x)`` under ``jax.checkpoint``: ``full`` saves only the block's input (everything
     else is recomputed in the backward pass), ``dots_saveable`` / ``dots_with_no_batch_dims_saveable``
     also keep matmul outputs (``jax.checkpoint_policies``; MaxText's ``remat_policy``). The
-    block's backend runs it (`ngdiff_jax.backends.Backend.remat_block`: the XLA:CPU backend makes
-    the recomputation wait for the block's cotangent)."""
+    block's backend runs it (`ngdiff_jax.backends.Backend.remat_block`)."""
     graphdef, state = nnx.split(layer)
     pol = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
 
@@ -500,20 +499,19 @@ def _block_graphdef(layers):
     return graphdef
 
 
-@jax.custom_jvp
-def _frozen(w: Array) -> Array:
-    """A weight that must not be differentiated, for carrying through a layer scan: a bfloat16
-    weight as its 16 bits (``uint16``), any other as it is. Differentiating it raises (rather than
-    giving a silent zero gradient)."""
-    return to_bits(w)
+@partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _frozen(backend: Backend, w: Array) -> Array:
+    """A weight that must not be differentiated, as ``backend`` carries it through a layer scan
+    (`Backend.carry`). Differentiating it raises (rather than giving a silent zero gradient)."""
+    return backend.carry(w)
 
 
-def _frozen_jvp(primals, tangents):
+def _frozen_jvp(backend, primals, tangents):
     if not isinstance(tangents[0], jax.custom_derivatives.SymbolicZero):
         raise ValueError("a frozen weight (the base of a LoRA run on stacked blocks) was differentiated; "
                          "differentiate the adapters only, or use the per-block layout (run.scan_layers=false).")
-    out = _frozen(primals[0])
-    if out.dtype == jnp.uint16:
+    out = _frozen(backend, primals[0])
+    if not jnp.issubdtype(out.dtype, jnp.inexact):
         return out, np.zeros(out.shape, jax.dtypes.float0)
     return out, jnp.zeros_like(out)
 
@@ -522,8 +520,8 @@ _frozen.defjvp(_frozen_jvp, symbolic_zeros=True)
 
 
 def _from_bits(a):
-    """`_frozen`'s inverse: ``uint16`` bits as bfloat16 (a NumPy view for a NumPy array); other
-    leaves as they are."""
+    """A frozen weight stored as bfloat16 bits (``uint16``, `_frozen` on a backend that carries
+    bfloat16 so) as bfloat16 (a NumPy view for a NumPy array); other leaves as they are."""
     if isinstance(a, np.ndarray) and a.dtype == jnp.uint16:
         return a.view(jnp.bfloat16)
     return from_bits(a)
@@ -538,23 +536,22 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     block; the scan's backward pass runs (and recomputes) one block at a time by construction.
 
     ``frozen``: indices of ``states`` that are never differentiated (LoRA's base; differentiating
-    them raises). Their bfloat16 leaves enter the scan as their bits (``uint16``; leaves given as
-    such bits, as `ngdiff_jax.models.stacked` stores a frozen tree, pass without a copy) and become
-    bfloat16 again inside the block: XLA:CPU normalizes a bfloat16 array sliced in a loop to
-    float32 *before* the loop, which kept a float32 copy of every stacked weight for the whole
-    step (SmolLM2 LoRA on a bfloat16 base: 540 MB).
+    them raises). Their leaves enter the scan as the backend carries them (`Backend.carry`; the
+    CPU backend: bfloat16 as bits, as `ngdiff_jax.models.stacked` may store a frozen tree already)
+    and are read back inside the block.
 
     ``shift`` (GeN's probe point, `ngdiff_jax.shifted`): per state, ``None`` or ``(direction,
     step)`` with ``direction`` stacked like the state; the blocks then run on ``state + step *
     direction``, each block's weights made inside the scan (`shift_leaf`), so the shifted point
     never exists as a whole tree.
 
-    ``backend``: a backend's fully rematerialized layer scan (`Backend.remat_scan`), where it
-    has one, runs ``policy="full"`` over all blocks."""
+    ``backend`` carries the weights into the loop (`Backend.carry`) and may run ``policy="full"``
+    over all blocks as its own rematerialized scan (`Backend.remat_scan`)."""
     frozen = tuple(frozen)
+    backend = backend if backend is not None else Backend()
 
-    def encode(a):  # frozen leaves: bfloat16 as bits (uint16 leaves are such bits already)
-        return a if a.dtype == jnp.uint16 else _frozen(a)
+    def encode(a):  # frozen leaves as carried (uint16 leaves are stored bfloat16 bits already)
+        return a if a.dtype == jnp.uint16 else _frozen(backend, a)
 
     states = tuple(jax.tree.map(encode, st) if i in frozen else st for i, st in enumerate(states))
 
@@ -565,7 +562,7 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
 
     n = jax.tree_util.tree_leaves(states)[0].shape[0]
     if shift is not None and any(sh is not None for sh in shift):
-        return _scan_shifted(block, states, frozen, shift, x, policy, n if length is None else length)
+        return _scan_shifted(block, states, frozen, shift, x, policy, n if length is None else length, backend)
     if policy == "full" and (length is None or length == n) and backend is not None:
         trained = tuple(st for i, st in enumerate(states) if i not in frozen)
         fixed = tuple(st for i, st in enumerate(states) if i in frozen)
@@ -589,31 +586,31 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
                         jnp.arange(length))[0]  # fmt: skip
 
 
-def _shifted_weight(a, b, step):
-    """One weight of the shifted point from the bits of the weight and of the direction."""
-    return from_bits(to_bits(shift_leaf(from_bits(a), from_bits(b), step)))
+def _shifted_weight(a, b, step, backend):
+    """One weight of the shifted point from the carried weight and direction, rounded to its dtype
+    as the backend carries it (as the whole shifted tree would be)."""
+    return backend.uncarry(backend.carry(shift_leaf(backend.uncarry(a), backend.uncarry(b), step)))
 
 
-def _scan_shifted(block, states: tuple, frozen: tuple, shift: tuple, x: Array, policy: str, length: int) -> Array:
+def _scan_shifted(block, states: tuple, frozen: tuple, shift: tuple, x: Array, policy: str, length: int,
+                  backend: Backend) -> Array:
     """`_scan_stacked` on ``states`` shifted by ``shift`` (see there): the weights and directions
-    enter the loop as their bits (a bfloat16 array a loop slices is widened to float32 before it
-    on XLA:CPU) and each block's shifted weights are made inside the loop body."""
-    dirs = tuple(None if sh is None else jax.tree.map(to_bits, sh[0]) for sh in shift)
+    enter the loop as ``backend`` carries them and each block's shifted weights are made inside
+    the loop body."""
+    dirs = tuple(None if sh is None else jax.tree.map(backend.carry, sh[0]) for sh in shift)
     steps = tuple(None if sh is None else sh[1] for sh in shift)
-    bits = tuple(st if i in frozen else jax.tree.map(to_bits, st) for i, st in enumerate(states))
+    bits = tuple(st if i in frozen else jax.tree.map(backend.carry, st) for i, st in enumerate(states))
 
     def shifted_block(h, xs):
         sts, ds = xs
         made = []
         for i, (st, d, step) in enumerate(zip(sts, ds, steps)):
-            if i in frozen:  # bits, converted by `block`
+            if i in frozen:  # carried, read back by `block`
                 made.append(st)
             elif d is None:
-                made.append(jax.tree.map(from_bits, st))
+                made.append(jax.tree.map(backend.uncarry, st))
             else:
-                # through its bits: rounded to bfloat16 as the made tree is (XLA would keep the
-                # float32 sum for the matmul: a different, if closer, point)
-                made.append(jax.tree.map(partial(_shifted_weight, step=step), st, d))
+                made.append(jax.tree.map(partial(_shifted_weight, step=step, backend=backend), st, d))
         return block(h, tuple(made))
 
     if policy != "none":

@@ -2,9 +2,9 @@
 
 A model's parameters (`ngdiff_jax.models.functional`) hold one subtree per decoder block,
 ``params["layers"][i]``. XLA then compiles every block's operations, and an optimizer's
-element-wise operations, once per block and leaf: a 30-block step on XLA:CPU is tens of
-thousands of kernels, whose compilation takes more memory than the step itself in the lean
-(LoRA, bfloat16) runs. In the *stacked* layout ``params["layers"]`` is one block's subtree whose
+element-wise operations, once per block and leaf: a 30-block step is tens of thousands of
+kernels, whose compilation (on CPU) took more memory than the step itself in the lean (LoRA,
+bfloat16) runs. In the *stacked* layout ``params["layers"]`` is one block's subtree whose
 every leaf has a leading ``[num_layers]`` axis, and the forward pass runs the blocks as one
 ``jax.lax.scan`` over it (MaxText's ``scan_layers``, levanter's ``Stacked``): XLA compiles one
 block, and an optimizer sees one leaf per block parameter.
@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -116,8 +117,8 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     are replaced by their shapes as the blocks are stacked (the model keeps its structure, e.g. for
     an export, but no weights), so the conversion does not hold two copies. ``frozen``: indices
     of ``filters`` whose trees are never differentiated (LoRA's base: a gradient with respect to
-    them raises), which lets their bfloat16 weights pass the layer scan as bits (see
-    ``modeling._scan_stacked``)."""
+    them raises), which lets the backend carry their weights into the layer scan in its own form
+    (``modeling._scan_stacked``, `ngdiff_jax.backends.Backend.carry`)."""
     from ngdiff_jax.models.modeling import _block_graphdef
 
     layers = list(model.layers)
@@ -130,8 +131,9 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     del states, block_states, layers
     if release:
         nnx.update(model, _abstract(nnx.state(model)))
-    # a frozen tree is stored as bits: the scan slices them without a float32 copy (modeling._scan_stacked)
-    params = [stack(p, consume=release, convert=_frozen if i in frozen else None) for i, p in enumerate(pures)]
+    # a frozen tree is stored as the backend carries it into the scan (modeling._scan_stacked)
+    carry = partial(_frozen, model.backend)
+    params = [stack(p, consume=release, convert=carry if i in frozen else None) for i, p in enumerate(pures)]
     del pures
 
     def call(method: str, params_list, *args, **kwargs):
@@ -158,7 +160,7 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
             blocks.append(b)
             shifts.append(shift)
         m = nnx.merge(graphdef, *sts)  # its blocks hold shapes only: the scan reads `blocks`
-        if m.lm_head is None:  # a tied embedding, read twice (XLA:CPU: see ngdiff_jax.bits.settled)
+        if m.lm_head is None:  # a tied embedding, read twice (lookup and head): the backend's hook
             m.embed.set_value(m.backend.settle_tied_embedding(m.embed[...]))
         return _METHODS[method](m, (block_def, tuple(blocks), tuple(frozen), tuple(shifts)), *args, **kwargs)
 

@@ -104,11 +104,13 @@ def shared_reductions():
     computed once per array and trace and reused: a step that logs a gradient's norm and then
     hands the gradient to a combiner reads each leaf once.
 
-    XLA does not merge two reductions of the same leaf (not even identical ones), and on XLA:CPU
-    two reductions of one bfloat16 leaf materialize its float32 conversion, alive from the
-    first reduction to the last: a float32 copy of the whole gradient tree (SmolLM2 in bfloat16,
-    the forget gradient's norm taken before the retain pass: 425 MB through that pass).
-    `ngdiff_jax.training.make_unlearn_step` runs its step inside this block."""
+    XLA does not merge two reductions of the same leaf (not even identical ones): each reads the
+    leaf again (memory traffic on any device), and two reductions of one bfloat16 leaf may share
+    its float32 conversion, alive from the first reduction to the last: a float32 copy of the
+    whole gradient tree (measured on CPU, SmolLM2 in bfloat16, the forget gradient's norm taken
+    before the retain pass: 425 MB through that pass). It holds no platform choice: a cache of
+    values computed in this trace. `ngdiff_jax.training.make_unlearn_step` runs its step inside
+    this block."""
     token = _shared.set({})
     try:
         yield
@@ -150,8 +152,9 @@ def _moments(x: jax.Array):
         return zero, (zero, zero, zero)
     t_small, t_big, s_small, s_big = _blue(dt)
     # Two stages: the pass over the leaf reduces rows of (at most) 128 entries, the partial
-    # results (1/128 of the leaf) are reduced apart. XLA:CPU runs a variadic reduction of a whole
-    # array as one sequential sum (relative error ~1e-4 at 5e5 entries); per row it stays ~1e-7.
+    # results (1/128 of the leaf) are reduced apart. A compiler may run a variadic reduction of a
+    # whole array as one sequential sum (relative error ~1e-4 at 5e5 entries, as measured on CPU);
+    # per row it stays ~1e-7 wherever it runs.
     row = next(k for k in (128, 64, 32, 16, 8, 4, 2, 1) if n % k == 0)
     ax = jnp.abs(jnp.asarray(x).astype(dt).reshape(n // row, row))
     small, big = ax < t_small, ax > t_big

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ngdiff_jax.bits import from_bits, opaque, to_bits
+from ngdiff_jax.backends import Backend, resolve
 from ngdiff_jax.optim._base import concrete, tracks_varying, varying_axes
 from ngdiff_jax.shifted import Shifted, accepts_shifted
 
@@ -132,13 +132,6 @@ def _shifted(params: Any, updates: Any, step: jax.Array, lazy: bool = False) -> 
     return point if lazy else point.materialize()
 
 
-def _after(x: jax.Array, done: jax.Array) -> jax.Array:
-    """``x``, unchanged in value (``done < -inf`` is never true), made to depend on ``done`` so
-    that what is computed from it waits for ``done``: XLA cannot reorder the two, where an
-    ``optimization_barrier`` is dropped by XLA:CPU before scheduling."""
-    return x + jnp.where(done < -jnp.inf, 1, 0).astype(x.dtype)
-
-
 def _scalar(v: Any, what: str) -> jax.Array:
     v = jnp.asarray(v)
     if v.shape != ():
@@ -189,6 +182,7 @@ def scale_by_gen(
     rate_multiplier: optax.ScalarOrSchedule = 1.0,
     axis_name=None,
     member_axis=None,
+    backend: Backend | str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Scales updates by the GeN adaptive learning rate.
 
@@ -214,6 +208,10 @@ def scale_by_gen(
         steps share one schedule unless ``every`` itself differs per member), and
         each member adopts its new rate only on its own probing steps, so every
         member's result is that of its own run.
+      backend: the `ngdiff_jax.backends.Backend` (or its name) that orders the two probes
+        (`Backend.after`: one shifted point at a time) and carries the parameters and update
+        through the probing ``lax.cond`` (`Backend.carry`); ``None``: the default platform's,
+        chosen here. The values do not depend on it.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` with
@@ -243,6 +241,7 @@ def scale_by_gen(
         raise ValueError(f"scale_by_gen: clip_factor must be >= 1, got {clip_factor!r}.")
     if isinstance(every, (int, float)):
         every = int(every)
+    backend = resolve(backend)
 
     def multiplier(count):
         m = rate_multiplier(count) if callable(rate_multiplier) else rate_multiplier
@@ -311,24 +310,22 @@ def scale_by_gen(
         if given:
             new_given = jnp.asarray(learning_rate, jnp.float32)
             lr = jnp.where(new_given != state.given, new_given, lr)
-        # The branches read the parameters and the bfloat16 update through their bits: a
-        # bfloat16 operand of a `lax.cond` is materialized, which for parameters passed to the
-        # step as bits (see ngdiff_jax.backends.cpu.kernels.remat_scan) is a bfloat16 copy of all of
-        # them; the update made as bits (`opaque`: one buffer, read by the cond and after it) is
-        # read by the layer scan without a copy (ngdiff_jax.shifted).
-        carried = jax.tree.map(to_bits, params)
-        carried_updates = jax.tree.map(lambda u: opaque(to_bits(u), lr) if u.dtype == jnp.bfloat16 else u, updates)
+        # The branches read the parameters and the update as the backend carries them through a
+        # `lax.cond` (the CPU backend: bfloat16 as bits, which a cond does not copy; the update
+        # carried after `lr` is one buffer, read by the cond and after it).
+        carried = jax.tree.map(backend.carry, params)
+        carried_updates = jax.tree.map(lambda u: backend.carry(u, lr), updates)
 
         # A value_fn marked `takes_shifted` gets the probe point unmade (ngdiff_jax.shifted) and
         # makes each weight where it reads it: no parameter-sized probe point.
         lazy = accepts_shifted(value_fn)
 
         def probe():
-            params, updates = jax.tree.map(from_bits, (carried, carried_updates))
+            params, updates = jax.tree.map(backend.uncarry, (carried, carried_updates))
             loss_minus = reduce(_scalar(value_fn(_shifted(params, updates, -lr, lazy)), "value_fn(params)"))
-            # The second probe waits for the first (`_after`): one shifted copy of the
+            # The second probe waits for the first (`Backend.after`): one shifted copy of the
             # parameters at a time instead of two.
-            loss_plus = reduce(_scalar(value_fn(_shifted(params, updates, _after(lr, loss_minus), lazy)),
+            loss_plus = reduce(_scalar(value_fn(_shifted(params, updates, backend.after(lr, loss_minus), lazy)),
                                        "value_fn(params)"))
             if value is None:
                 loss_zero = reduce(_scalar(value_fn(params), "value_fn(params)"))
@@ -344,17 +341,20 @@ def scale_by_gen(
             )
 
         leaves, tree = jax.tree.flatten(carried_updates)
-        bits = [u.dtype == jnp.uint16 for u in leaves]
+        # the leaves carried in another form (bfloat16 as bits)
+        bits = [c.dtype != u.dtype for c, u in zip(leaves, jax.tree.leaves(updates))]
 
-        def scaled(rate, which):
+        def scaled(rate, which):  # made where it is called: inside a branch, or after the cond
             step = rate * multiplier(state.count)
-            return [step.astype(from_bits(u).dtype) * from_bits(u) for u, b in zip(leaves, bits) if b == which]
+            return [step.astype(u.dtype) * backend.uncarry(c)
+                    for c, u, b in zip(leaves, jax.tree.leaves(updates), bits) if b == which]
 
         # Other leaves are scaled inside each branch: made after the cond, XLA recomputed them
         # from the previous member's output (e.g. Adam's m / (sqrt(v) + eps)) and kept that alive
         # through the probes, a parameter-sized tree more (SmolLM2 float32 with remat: step
-        # temporaries 1546 -> 1133 MB). The bfloat16 leaves are scaled after it, from their
-        # bits: as the cond's output they were a tree next to the update (SmolLM2: 257 MiB).
+        # temporaries 1546 -> 1133 MB). Leaves carried in another form (bfloat16 bits) are scaled
+        # after it, from that form: as the cond's output they were a tree next to the update
+        # (SmolLM2: 257 MiB).
         def probing():
             rate = probe()
             return rate, scaled(rate, False)

@@ -268,6 +268,7 @@ def unlearning_optimizer(
     axis_name: Any = None,
     member_axis: Any = None,
     skip_nonfinite: bool = True,
+    backend: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The paper's unlearning optimizer: combiner -> optimizer (Adam) -> weight decay -> -(GeN | rate).
 
@@ -306,6 +307,8 @@ def unlearning_optimizer(
         (``ngdiff_jax.population``): GeN's members probe on shared steps (see
         :func:`~ngdiff_jax.optim.scale_by_gen`).
       skip_nonfinite: wrap the chain in :func:`skip_if_nonfinite`.
+      backend: GeN's `ngdiff_jax.backends.Backend` (or its name; see
+        :func:`~ngdiff_jax.optim.scale_by_gen`); ``None``: the default platform's.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs`; ``update(retain_grads,
@@ -342,7 +345,7 @@ def unlearning_optimizer(
         parts.append(
             scale_by_gen(
                 learning_rate, every=gen_every, smoothing=gen_smoothing, clip_factor=gen_clip_factor,
-                axis_name=axis_name, member_axis=member_axis,
+                axis_name=axis_name, member_axis=member_axis, backend=backend,
             )
         )
     else:

@@ -16,7 +16,8 @@ temporaries do not). ``layers="full"`` compiles the real depth.
 The model is built with the accelerator backend (``backends.for_platform("gpu")``: portable
 kernels, the accelerator's LM-head chunk) and XLA's attention (cuDNN's fused kernel does not
 compile on the planning machine; XLA's stores the ``[B, H, T, S]`` scores, so for a cuDNN run the
-figures are an upper bound). XLA:CPU's buffer assignment is not a GPU's or TPU's: treat the
+figures are an upper bound). The program is compiled for the host's CPU, whose buffer
+assignment is not a GPU's or TPU's: treat the
 figures as an estimate of the same program's footprint (docs/SCALING.md).
 """
 
@@ -143,7 +144,7 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     rules = mesh_cfg.rules
     method_name = method
     method = load_method(method_name)  # default ngdiff: GA + NLL, NGDiff, Adam, GeN probing the retain loss
-    tx = make_optimizer(method, OptimConfig(), 100, steps_per_epoch=10.0)
+    tx = make_optimizer(method, OptimConfig(), 100, steps_per_epoch=10.0, backend=accel)
     if moments_dtype != params_dtype:
         tx = with_moment_dtype(tx, _dtype(moments_dtype))
 
@@ -159,14 +160,15 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
         base = sds(run.base, par.param_shardings(run.base, mesh, rules))
         params, frozen = adapters, (base,)
         shardings = jax.tree.map(lambda _: par.replicated(mesh), adapters)
-        step = run.bind(lambda fn: make_unlearn_step(fn, method, tx, micro_batches=micro_batches))
+        step = run.bind(lambda fn: make_unlearn_step(fn, method, tx, micro_batches=micro_batches, backend=accel))
     else:
         apply_fn, params = models.functional(model)
         frozen, shardings = (), None
-        step = make_unlearn_step(apply_fn, method, tx, micro_batches=micro_batches,
+        step = make_unlearn_step(apply_fn, method, tx, micro_batches=micro_batches, backend=accel,
                                  grad_sharding=par.param_shardings(params, mesh, rules))  # fmt: skip
     opt = jax.eval_shape(tx.init, params)
-    sharded = par.shard_unlearn_step(step, mesh, rules, params, opt, frozen=frozen, shardings=shardings)
+    sharded = par.shard_unlearn_step(step, mesh, rules, params, opt, frozen=frozen, shardings=shardings,
+                                     backend=accel)
     b = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sharded.batch_sharding)
     batch_sds = {"input_ids": b, "attention_mask": b, "labels": b}
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=par.replicated(mesh))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import jax
@@ -20,7 +21,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from ngdiff_jax.backends import Backend, for_platform
-from ngdiff_jax.bits import from_bits, to_bits
 from ngdiff_jax.parallel.memory import (
     CompiledMemory,
     MemoryEstimate,
@@ -111,22 +111,21 @@ class ShardedStep:
     def __call__(self, params, opt_state, *rest):
         args = self._args(params, opt_state, *rest)
         if self.bits_params:
-            args = (_encode(args[0]), *args[1:])
+            args = (_encode(self.backend, args[0]), *args[1:])
         shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves(args[2:2 + self.num_batches]))
         if shapes not in self._compiled:
             # Compile first (the call below finds it in jax's cache), then hand the compiler's
-            # freed memory back before the step allocates its own (the backend's hook; XLA:CPU:
-            # ngdiff_jax.backends.cpu.host_memory).
+            # freed memory back before the step allocates its own (the backend's hook,
+            # `Backend.release_host_memory`).
             self.backend.release_host_memory()  # what loading and converting the weights freed
             self.fn.lower(*args).compile()
             self.backend.release_host_memory()
             self._compiled.add(shapes)
-        # What the last step and the host freed between steps (XLA:CPU: glibc keeps such pages
-        # mapped; the step's temporaries are mapped afresh each call, on top of whatever is kept:
-        # SmolLM2 bfloat16 remat scan: peak RSS 2037 -> 1922 MB; the float32 step time is unchanged).
+        # What the last step and the host freed between steps (the backend's hook; see
+        # ngdiff_jax.backends.cpu.host_memory for what it saves on CPU).
         self.backend.release_host_memory()
         out = self.fn(*args)
-        return (_decode(out[0]), *out[1:]) if self.bits_params else out
+        return (_decode(self.backend, out[0]), *out[1:]) if self.bits_params else out
 
     def loop_step(self, params, opt_state, batches, rng, *extra):
         """The calling convention of ``ngdiff_jax.training.run_loop`` (``batches`` a tuple;
@@ -137,7 +136,7 @@ class ShardedStep:
     def lower(self, params, opt_state, *rest):
         args = self._args(params, opt_state, *rest)
         if self.bits_params:
-            args = (jax.tree_util.tree_map(_bits_struct, args[0]), *args[1:])
+            args = (jax.tree_util.tree_map(partial(_carried_struct, self.backend), args[0]), *args[1:])
         return self.fn.lower(*args)
 
     def compiled_memory(self, *args, **kwargs) -> CompiledMemory:
@@ -178,11 +177,10 @@ def shard_unlearn_step(
     ``print_memory`` prints the per-device memory estimate (also in ``.memory``).
 
     ``backend`` (default the platform's, `ngdiff_jax.backends`) supplies the host-side hooks; with
-    its ``bits_params`` (the XLA:CPU backend) and ``donate``, the bfloat16 parameters enter
-    and leave the jitted step as their bits (``uint16``), converted in place (donated) around each
-    call; the step itself sees bfloat16. XLA:CPU materializes the bits of a bfloat16 *argument*
-    that a loop slices (`ngdiff_jax.backends.cpu.kernels.remat_scan`): a copy of every stacked weight
-    for the whole step (SmolLM2 in bfloat16: 266 MB), which bits arriving as bits do not need.
+    its ``bits_params`` (the CPU backend's) and ``donate``, the bfloat16 parameters enter and leave
+    the jitted step as the backend carries them (`Backend.carry`), converted in place (donated)
+    around each call; the step itself sees bfloat16 (see `ngdiff_jax.backends.cpu.ordering` for
+    what that saves on CPU).
     """
     _require_auto_axes(mesh)
     rules = resolve_rules(rules)
@@ -209,7 +207,7 @@ def shard_unlearn_step(
     bits_params = backend.bits_params and donate and any(
         x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(params))  # fmt: skip
     fn = jax.jit(
-        _bits_boundary(step_fn) if bits_params else step_fn,
+        _carried_boundary(step_fn, backend) if bits_params else step_fn,
         in_shardings=in_sh,
         out_shardings=(p_sh, o_sh, rep),
         donate_argnums=(0, 1) if donate else (),
@@ -251,21 +249,27 @@ def _require_auto_axes(mesh: Mesh) -> None:
         )
 
 
-_encode = jax.jit(lambda tree: jax.tree_util.tree_map(to_bits, tree), donate_argnums=0)
-_decode = jax.jit(lambda tree: jax.tree_util.tree_map(from_bits, tree), donate_argnums=0)
+@partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _encode(backend, tree):
+    return jax.tree_util.tree_map(backend.carry, tree)
 
 
-def _bits_struct(x):
-    return jax.ShapeDtypeStruct(x.shape, jnp.uint16 if x.dtype == jnp.bfloat16 else x.dtype,
-                                sharding=getattr(x, "sharding", None))  # fmt: skip
+@partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _decode(backend, tree):
+    return jax.tree_util.tree_map(backend.uncarry, tree)
 
 
-def _bits_boundary(step_fn):
-    """``step_fn`` taking and returning its parameters (the first argument and output) with
-    bfloat16 leaves as their bits."""
+def _carried_struct(backend, x):
+    out = jax.eval_shape(backend.carry, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return jax.ShapeDtypeStruct(x.shape, out.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _carried_boundary(step_fn, backend):
+    """``step_fn`` taking and returning its parameters (the first argument and output) as
+    ``backend`` carries them (`Backend.carry`)."""
 
     def step(params, *rest):
-        new_params, *out = step_fn(jax.tree_util.tree_map(from_bits, params), *rest)
-        return (jax.tree_util.tree_map(to_bits, new_params), *out)
+        new_params, *out = step_fn(jax.tree_util.tree_map(backend.uncarry, params), *rest)
+        return (jax.tree_util.tree_map(backend.carry, new_params), *out)
 
     return step

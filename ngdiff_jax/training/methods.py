@@ -323,7 +323,7 @@ def learning_rate_schedule(
 
 def make_optimizer(
     method: MethodConfig, optim: OptimConfig, total_steps: int, *, steps_per_epoch: float | None = None,
-    member_axis=None,
+    member_axis=None, backend=None,
 ):
     """The method's optax chain, from :func:`ngdiff_jax.optim.unlearning_optimizer`.
 
@@ -337,7 +337,8 @@ def make_optimizer(
     (``optax.add_decayed_weights``) scaled by the rate, GeN's or the fixed/scheduled one, as in
     AdamW. Call it as ``tx.update(retain_grads, opt_state, params, forget_grads=..., value_fn=...,
     value=...)``. ``member_axis``: the ``vmap`` axis of a population of runs (GeN's shared probing
-    steps, see `ngdiff_jax.optim.scale_by_gen`).
+    steps, see `ngdiff_jax.optim.scale_by_gen`). ``backend``: GeN's `ngdiff_jax.backends.Backend`
+    (the model's; ``None``: the default platform's).
     """
     from ngdiff_jax import optim as O
 
@@ -374,6 +375,7 @@ def make_optimizer(
         weight_decay=optim.weight_decay,
         max_grad_norm=method.max_grad_norm,
         member_axis=member_axis,
+        backend=backend,
     )
 
 

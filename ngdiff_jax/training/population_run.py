@@ -144,7 +144,7 @@ class _Setup:
         from ngdiff_jax.training.methods import make_optimizer
 
         method, optim = traced_configs(self.cfg.method, self.cfg.optim, values)
-        tx = make_optimizer(method, optim, self.num_steps, member_axis=member_axis,
+        tx = make_optimizer(method, optim, self.num_steps, member_axis=member_axis, backend=self.model.backend,
                             steps_per_epoch=len(self.forget_rows) / self.cfg.data.batch_size)
         prec = self.cfg.precision
         if prec.moments != prec.params:
@@ -155,10 +155,10 @@ class _Setup:
         from ngdiff_jax.training.step import make_unlearn_step
 
         method, tx = self.optimizer(values)
-        k = self.cfg.run.micro_batches
+        k, backend = self.cfg.run.micro_batches, self.model.backend
         if self.lora_run is None:
-            return make_unlearn_step(self.apply_fn, method, tx, micro_batches=k)
-        return self.lora_run.bind(lambda fn: make_unlearn_step(fn, method, tx, micro_batches=k))
+            return make_unlearn_step(self.apply_fn, method, tx, micro_batches=k, backend=backend)
+        return self.lora_run.bind(lambda fn: make_unlearn_step(fn, method, tx, micro_batches=k, backend=backend))
 
     def full_params(self, params):
         """One member's parameters in the full model's per-block layout."""

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ngdiff_jax.backends import resolve as resolve_backend
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 from ngdiff_jax.optim._base import shared_reductions, tree_scaled_norm
 from ngdiff_jax.shifted import accepts_shifted, takes_shifted
@@ -96,16 +97,6 @@ def _weights(kind: str, mbs) -> jax.Array:
     return w / jnp.maximum(w.sum(), 1e-30)
 
 
-def _after(batch, done: jax.Array):
-    """``batch`` with its ``input_ids`` made to depend on the scalar ``done`` (unchanged in value:
-    ``done`` is a norm, never negative), so that everything computed from the batch waits for
-    ``done``. It runs the two tasks one after the other: without it XLA interleaves the two forward
-    passes and keeps both tasks' activations alive until the backward passes (an
-    ``optimization_barrier`` does not hold: XLA:CPU drops it before scheduling)."""
-    ids = batch["input_ids"]
-    return {**batch, "input_ids": ids + jnp.where(done < 0, 1, 0).astype(ids.dtype)}
-
-
 def _constrainer(shardings):
     if shardings is None:
         return lambda tree: tree
@@ -127,7 +118,7 @@ def _absent_task_grads(params):
 
 def make_unlearn_step(
     apply_fn: ApplyFn, method: MethodConfig, tx: optax.GradientTransformationExtraArgs, *, hidden_fn=None,
-    micro_batches: int = 1, grad_sharding=None,
+    micro_batches: int = 1, grad_sharding=None, backend=None,
 ):
     """The two-task unlearning step for ``method`` with the optax chain ``tx`` (see module doc).
 
@@ -148,7 +139,13 @@ def make_unlearn_step(
     ``grad_sharding`` (a tree of shardings like the parameters, e.g. a ShardedStep's
     ``param_shardings``) pins both gradient trees to the parameters' sharding: under FSDP the
     gradients are then reduce-scattered as they are made instead of being kept whole.
+
+    ``backend`` (`ngdiff_jax.backends.Backend` or its name; ``None``: the default platform's,
+    chosen here) orders the two tasks: the retain pass starts once the forget gradient's norm is
+    computed (`Backend.after`), so one task's activations are alive at a time instead of XLA
+    interleaving the two forward passes and keeping both until the backward passes.
     """
+    backend = resolve_backend(backend)
     constrain = _constrainer(grad_sharding)
     from ngdiff_jax.optim import two_task
 
@@ -265,7 +262,7 @@ def make_unlearn_step(
             f_nll = plain_nll(params, forget_batch)
             f_grads = _absent_task_grads(params)
         f_norm = _norm(f_grads)
-        retain_batch = _after(retain_batch, f_norm)
+        retain_batch = backend.after(retain_batch, f_norm)
         if r_obj is not None:
             r_loss, r_nll, r_grads, r_fn = one_task(r_obj, "retain", retain_batch, ref_params, params)
         else:

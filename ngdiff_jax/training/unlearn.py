@@ -125,22 +125,25 @@ def run_unlearn(
     if cfg.method.needs_reference:
         # A separate copy: the step donates `params`, the reference must stay intact.
         ref_params = jax.tree_util.tree_map(jnp.copy, params)
-    tx = make_optimizer(cfg.method, cfg.optim, num_steps, steps_per_epoch=len(forget_rows) / cfg.data.batch_size)
+    backend = model.backend  # the model's, chosen once: the step and GeN order and carry their work by it
+    tx = make_optimizer(cfg.method, cfg.optim, num_steps, steps_per_epoch=len(forget_rows) / cfg.data.batch_size,
+                        backend=backend)
     if prec.moments != prec.params:
         tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
     k = cfg.run.micro_batches
     if lora_run is None:
-        unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx, micro_batches=k,
+        unlearn_step = make_unlearn_step(apply_fn, cfg.method, tx, micro_batches=k, backend=backend,
                                          grad_sharding=par.param_shardings(params, mesh, rules))  # fmt: skip
         frozen, shardings = (), None
     else:
-        unlearn_step = lora_run.bind(lambda fn: make_unlearn_step(fn, cfg.method, tx, micro_batches=k))
+        unlearn_step = lora_run.bind(lambda fn: make_unlearn_step(fn, cfg.method, tx, micro_batches=k,
+                                                                  backend=backend))
         frozen = lora_run.frozen
         shardings = jax.tree_util.tree_map(lambda _: par.replicated(mesh), params)  # adapters: no rules
     sharded = par.shard_unlearn_step(
         unlearn_step, mesh, rules, params, jax.eval_shape(tx.init, params), ref_params=ref_params,
         strict=cfg.mesh.strict, print_memory=main and cfg.mesh.enabled, frozen=frozen, shardings=shardings,
-        backend=model.backend,
+        backend=backend,
     )  # fmt: skip
     _check_batch_size(cfg, sharded)
     opt_state = jax.jit(tx.init, out_shardings=sharded.opt_state_shardings)(params)

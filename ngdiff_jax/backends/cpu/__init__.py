@@ -5,7 +5,9 @@ head chunks, a sync per logged step is free, float32 compute, 256-position atten
 evaluation) and the hand-written kernels of `ngdiff_jax.backends.cpu.kernels` (2-D token matmuls
 with row-major weight gradients, a SwiGLU down projection that recomputes its product, an
 embedding lookup and an LM head whose gradients hold no float32 ``[V, E]`` buffers, remat whose
-recomputation waits for its cotangent, a layer scan whose weights cross the loops as bits).
+recomputation waits for its cotangent, a layer scan whose weights cross the loops as bits) and
+the step's order and carriage of `ngdiff_jax.backends.cpu.ordering` (data dependencies where
+XLA:CPU drops barriers; bfloat16 across conditionals, loops and the jit boundary as bits).
 docs/PERFORMANCE.md measures each. They are ``custom_vjp``s: under forward-mode autodiff
 (``jax.jvp``, ``jacfwd``, Hessian-vector products) every method falls back to the portable one
 (the same values), so forward mode works by default.
@@ -22,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from ngdiff_jax.backends import Backend, forward_mode
-from ngdiff_jax.backends.cpu import host_memory, kernels
-from ngdiff_jax.bits import settled
+from ngdiff_jax.backends.cpu import host_memory, kernels, ordering
+from ngdiff_jax.bits import from_bits
 
 __all__ = ["CPUFast"]
 
@@ -73,7 +75,15 @@ class CPUFast(Backend):
         return kernels.remat_scan(block, trained, frozen, x, aux)
 
     def settle_tied_embedding(self, w):
-        return w if forward_mode(w) else settled(w)
+        return w if forward_mode(w) else ordering.settled(w)
+
+    def carry(self, x, dep=None):
+        if forward_mode(x):  # bits carry no derivative
+            return x
+        return ordering.carry(x, dep)
+
+    def uncarry(self, x):
+        return from_bits(x)
 
     def owned(self, x):
         return host_memory.owned(x)
