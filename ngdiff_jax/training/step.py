@@ -262,7 +262,8 @@ def make_unlearn_step(
             f_nll = plain_nll(params, forget_batch)
             f_grads = _absent_task_grads(params)
         f_norm = _norm(f_grads)
-        retain_batch = backend.after(retain_batch, f_norm)
+        # the retain pass reads its token ids only once the forget gradient's norm exists
+        retain_batch = {**retain_batch, "input_ids": backend.after(retain_batch["input_ids"], f_norm)}
         if r_obj is not None:
             r_loss, r_nll, r_grads, r_fn = one_task(r_obj, "retain", retain_batch, ref_params, params)
         else:
