@@ -9,7 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-HELP = "Evaluate a saved model on TOFU or MUSE with open-unlearning's metrics; write a result JSON."
+HELP = ("Evaluate a saved model on TOFU or MUSE with open-unlearning's metrics, or on lm-eval tasks; write a "
+        "result JSON.")
 
 HEADLINE = {
     "tofu": ("forget_quality", "model_utility", "forget_truth_ratio", "forget_Q_A_ROUGE", "privleak"),
@@ -30,7 +31,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="saved model dir (HF layout, as save_pretrained writes) or hub id."
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir or hub id (default: --model).")
-    parser.add_argument("--benchmark", choices=("tofu", "muse"), default="tofu")
+    parser.add_argument("--benchmark", choices=("tofu", "muse", "lm-eval"), default="tofu",
+                        help="tofu / muse (open-unlearning's metrics) or lm-eval (lm-evaluation-harness tasks, "
+                             "--tasks; the optional extra lm-eval).")  # fmt: skip
+    parser.add_argument("--tasks", default=None,
+                        help="lm-eval: comma-separated task or group names (their data from the local cache only).")
+    parser.add_argument("--lm-eval-include", default=None,
+                        help="lm-eval: a folder of task YAMLs to add (e.g. a task on local JSONL files).")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (task default).")
+    parser.add_argument(
+        "--robustness", default=None,
+        help="TOFU: also measure the forget answers after changes that bring hidden knowledge back: 'all' or a "
+        "comma-separated subset of relearn,bf16,int8,int4,paraphrase,formats (docs/METRICS.md); adds "
+        "robust_* aggregates.",
+    )  # fmt: skip
+    parser.add_argument("--relearn-steps", type=positive_int, default=10,
+                        help="--robustness relearn: fine-tuning steps on half the forget rows (default 10).")
+    parser.add_argument("--relearn-lr", type=float, default=1e-5,
+                        help="--robustness relearn: Adam's rate (default 1e-5).")
     parser.add_argument("--data", default=None, help="benchmark folder (default ../shared/data/tofu or muse_news).")
     parser.add_argument(
         "--forget-split", default=None,
@@ -172,6 +190,8 @@ def _result_lock(out: Path):
 def _evaluate(args, model, tokenizer, reference_model, spec, forget_split, meta, attacks, name, out) -> int:
     from ngdiff_jax.data import QAFormatter
 
+    if args.benchmark == "lm-eval":
+        return _evaluate_lm_eval(args, model, tokenizer, meta, name, out)
     if args.benchmark == "tofu":
         from ngdiff_jax.evaluation.tofu import TOFU_MAX_NEW_TOKENS, evaluate_tofu
 
@@ -193,6 +213,8 @@ def _evaluate(args, model, tokenizer, reference_model, spec, forget_split, meta,
             name=name, meta=meta, reference_model=reference_model,
             mia_attacks=("min_k",) if args.mia_attacks is None else attacks,
         )  # fmt: skip
+    if args.robustness:
+        _add_robustness(args, model, tokenizer, spec, forget_split, result)
     path = result.save(out)
     missing = [k for k in REQUIRED[args.benchmark] if result.aggregates.get(k) is None]
     if missing:
@@ -211,3 +233,41 @@ def _evaluate(args, model, tokenizer, reference_model, spec, forget_split, meta,
         print(f"warning: inputs cut to fit the context / open-unlearning's limits: {cuts} (meta of {path})",
               file=sys.stderr)  # fmt: skip
     return 0
+
+
+def _evaluate_lm_eval(args, model, tokenizer, meta, name, out) -> int:
+    """lm-eval's tasks (`ngdiff_jax.integrations.lm_harness`) into our result JSON."""
+    from ngdiff_jax.integrations.lm_harness import evaluate_lm_eval
+
+    tasks = [t.strip() for t in str(args.tasks).split(",") if t.strip()]
+    meta = {k: v for k, v in meta.items() if k not in ("format", "forget_split")}  # TOFU's prompt format: unused
+    result = evaluate_lm_eval(model, tokenizer, tasks, include_path=args.lm_eval_include, num_fewshot=args.num_fewshot,
+                              limit=args.limit, batch_size=args.batch_size, name=name, meta=meta)  # fmt: skip
+    path = result.save(out)
+    missing = sorted(k for k, v in result.aggregates.items() if v is None and not k.endswith("_stderr"))
+    if not result.aggregates or missing:
+        print(f"error: lm-eval gave no finite value for {', '.join(missing) or 'any metric'} of {args.model} (result "
+              f"kept in {path}); check the model's weights and --dtype.", file=sys.stderr)  # fmt: skip
+        return 1
+    print(json.dumps({k: v for k, v in result.aggregates.items() if not k.endswith("_stderr")}, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_robustness(args, model, tokenizer, spec, forget_split, result) -> None:
+    """The robustness checks (`ngdiff_jax.evaluation.robustness`) on the forget split's rows, into
+    ``result``: ``robust_*`` aggregates and the whole record under ``meta["robustness"]``."""
+    from ngdiff_jax.data import QAFormatter, load_tofu
+    from ngdiff_jax.evaluation.robustness import parse_checks, robustness_aggregates, robustness_checks
+    from ngdiff_jax.evaluation.tofu import TOFU_MAX_NEW_TOKENS
+    from ngdiff_jax.paths import shared_data_dir
+
+    rows = load_tofu(f"{forget_split}_perturbed", args.data or shared_data_dir() / "tofu")
+    rows = rows[: args.limit] if args.limit else rows
+    rec = robustness_checks(
+        model, tokenizer, rows, QAFormatter(tokenizer, spec=spec), checks=parse_checks(args.robustness),
+        relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, batch_size=args.batch_size,
+        max_new_tokens=TOFU_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
+    )  # fmt: skip
+    result.aggregates.update(robustness_aggregates(rec))
+    result.meta["robustness"] = rec

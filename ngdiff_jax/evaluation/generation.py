@@ -76,6 +76,7 @@ def generate_texts(
     phase: str = "generate",
     cut_counts: dict | None = None,
     share_prefix: bool = True,
+    decode=None,
 ) -> list[str] | list[list[str]]:
     """Greedy continuations of token-id ``prompts``, as cleaned strings in input order.
 
@@ -91,6 +92,9 @@ def generate_texts(
       cut_counts: if given, ``cut_counts[phase]`` is increased by the number of prompts cut
         to fit the context (reported in the result's ``meta``, like scoring cuts).
       share_prefix: encode a prefix common to a batch's prompts once for the batch.
+      decode: ``token ids -> str`` for the new tokens (before the first EOS), returned as it gives
+        them (cut at ``stop_strings`` and stripped only when some are given); default
+        open-unlearning's (``metrics.decode_text``: special tokens skipped, cleaned up, stripped).
     """
     from ngdiff_jax.evaluation.members import split_model
 
@@ -156,6 +160,9 @@ def generate_texts(
                     if tok in eos:
                         toks = toks[:j]
                         break
-                text = decode_text(tokenizer, toks)  # as open-unlearning: special tokens skipped, cleaned up
-                out[m][i] = cut_at_stop_strings(text, stop_strings)
+                if decode is not None:  # the caller's decoding, as it gives it
+                    out[m][i] = cut_at_stop_strings(decode(toks), stop_strings) if stop_strings else decode(toks)
+                    continue
+                # as open-unlearning: special tokens skipped, cleaned up, cut at the stop strings, stripped
+                out[m][i] = cut_at_stop_strings(decode_text(tokenizer, toks), stop_strings)
     return out if members is not None else out[0]

@@ -195,6 +195,37 @@ def _markdown(entries: dict, traj: dict, title: str | None, curves: dict | None 
                 f"| {n} | {e['role']} | " + " | ".join(_fmt(e["aggregates"].get(c)) for c in cols) + " |"
             )
         lines.append("")
+    robust = {n: e for n, e in entries.items() if e["aggregates"].get("robust_worst_forget_Q_A_ROUGE") is not None}
+    if robust:  # ngdiff eval --robustness: the forget answers after relearning, quantization, rephrasing
+        checks = list(dict.fromkeys(k[len("robust_"):-len("_forget_Q_A_ROUGE")] for e in robust.values()
+                                    for k in e["aggregates"] if k.startswith("robust_")
+                                    and k.endswith("_forget_Q_A_ROUGE") and k != "robust_worst_forget_Q_A_ROUGE"))
+        lines += ["## Robustness of forgetting: forget ROUGE / forget Prob after each check", ""]
+        lines.append("| model | " + " | ".join(checks) + " | worst (check) |")
+        lines.append("|---|" + "---|" * (len(checks) + 1))
+        for n, e in robust.items():
+            agg, rec = e["aggregates"], (e["meta"].get("robustness") or {}).get("worst", {})
+            cells = [f"{_fmt(agg.get(f'robust_{c}_forget_Q_A_ROUGE'))} / {_fmt(agg.get(f'robust_{c}_forget_Q_A_Prob'))}"
+                     for c in checks]  # fmt: skip
+            worst = rec.get("forget_Q_A_ROUGE", {})
+            cells.append(f"{_fmt(agg.get('robust_worst_forget_Q_A_ROUGE'))} ({worst.get('check', '?')})")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", "Each check measures the forget answers again on a changed model or prompt (relearning "
+                  "on half the forget rows, bfloat16, int8/int4 round trips, paraphrased questions, other "
+                  "prompt formats); a model that forgot keeps every column near its baseline "
+                  "(docs/METRICS.md).", ""]
+    general = {n: e for n, e in entries.items() if e["benchmark"] == "lm-eval"}
+    if general:  # lm-evaluation-harness tasks (ngdiff eval --benchmark lm-eval): general utility
+        cols = sorted({k for e in general.values() for k in e["aggregates"] if not k.endswith("_stderr")})
+        lines += ["## General utility (lm-evaluation-harness)", ""]
+        lines.append("| model | role | " + " | ".join(cols) + " |")
+        lines.append("|---|---|" + "---|" * len(cols))
+        for n, e in general.items():
+            agg = e["aggregates"]
+            cells = [_fmt(agg.get(c)) + (f" ± {_fmt(agg[c + '_stderr'])}" if agg.get(c + "_stderr") is not None
+                                         else "") for c in cols]  # fmt: skip
+            lines.append(f"| {n} | {e['role']} | " + " | ".join(cells) + " |")
+        lines += ["", "lm-eval's own metrics per task (value ± its standard error); docs/METRICS.md.", ""]
     attacks = [a for a in MIA_ATTACKS if any(e["aggregates"].get(f"mia_{a}") is not None for e in entries.values())]
     if len(attacks) > 1:
         lines += ["## Membership inference (forget vs holdout): AUC / privleak", ""]

@@ -479,6 +479,23 @@ def validate_eval(args, forget_split: str) -> None:
         t = Path(args.tokenizer).expanduser()
         if not t.exists() and not (looks_like_hub_id(args.tokenizer) and hub_cached(args.tokenizer)):
             errors.append(not_local_message("--tokenizer", args.tokenizer, t, "tokenizer directory"))
+    if getattr(args, "robustness", None):
+        from ngdiff_jax.evaluation.robustness import parse_checks
+
+        if args.benchmark != "tofu":
+            errors.append(f"--robustness applies to --benchmark tofu only (this is --benchmark {args.benchmark}).")
+        try:
+            parse_checks(args.robustness)
+        except ValueError as e:
+            errors.append(str(e))
+        if not getattr(args, "relearn_lr", 1.0) > 0:
+            errors.append(f"--relearn-lr {args.relearn_lr}: must be > 0 (e.g. 1e-5).")
+    if args.benchmark != "lm-eval":
+        for flag, key in (("--tasks", "tasks"), ("--lm-eval-include", "lm_eval_include"),
+                          ("--num-fewshot", "num_fewshot")):  # fmt: skip
+            if getattr(args, key, None) is not None:
+                errors.append(f"{flag} applies to --benchmark lm-eval only (this is --benchmark {args.benchmark}); "
+                              f"drop {flag} or pass --benchmark lm-eval.")  # fmt: skip
     data = args.data
     if args.benchmark == "tofu":
         d = Path(data).expanduser() if data else shared_data_dir() / "tofu"
@@ -498,6 +515,17 @@ def validate_eval(args, forget_split: str) -> None:
         elif not (data and looks_like_hub_id(data) and hub_cached(data, "dataset")):
             errors.append(not_local_message("--data", str(data or d), d, "folder of TOFU <split>.json files",
                                             "dataset"))  # fmt: skip
+    elif args.benchmark == "lm-eval":
+        d = None
+        if not getattr(args, "tasks", None):
+            errors.append("--benchmark lm-eval needs --tasks (comma-separated lm-eval task or group names).")
+        inc = getattr(args, "lm_eval_include", None)
+        if inc is not None and not Path(inc).expanduser().is_dir():
+            errors.append(f"--lm-eval-include {inc}: not a folder; pass the folder that holds the task YAMLs.")
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError:
+            errors.append("--benchmark lm-eval needs the package lm-eval: pip install 'ngdiff-jax[lm-eval]'.")
     else:
         d = Path(data).expanduser() if data else shared_data_dir() / "muse_news"
         if d.is_dir():

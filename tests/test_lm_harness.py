@@ -1,0 +1,153 @@
+"""The lm-evaluation-harness adapter (`ngdiff_jax.integrations.lm_harness`): on a tiny random Llama,
+every log-likelihood, greedy flag, rolling log-likelihood and greedy generation equals lm-eval's
+own transformers backend (``HFLM``) on the same saved model; an offline task (a YAML and a JSONL
+made here) runs end to end through ``lm_eval.simple_evaluate`` and ``ngdiff eval --benchmark
+lm-eval``; bad model arguments and sampling requests fail naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("torch")
+
+from flax import nnx  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+from transformers import LlamaConfig  # noqa: E402
+
+from ngdiff_jax.data import train_tokenizer  # noqa: E402
+from ngdiff_jax.integrations.lm_harness import NgdiffLM  # noqa: E402
+from ngdiff_jax.models import from_config, save_pretrained  # noqa: E402
+
+TEXTS = [
+    "The capital of France is Paris.", "Water boils at one hundred degrees.", "Cats like to sleep in the sun.",
+    "The author wrote three novels about the sea.", "A quick brown fox jumps over the lazy dog.",
+    "Question: What colour is the sky? Answer: blue", "Numbers: one two three four five six seven eight nine ten.",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm_harness")
+    tok = train_tokenizer(TEXTS * 4, path / "tok", vocab_size=300)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    save_pretrained(from_config(cfg, rngs=nnx.Rngs(7)), path / "model", tokenizer=tok)
+    return path / "model"
+
+
+@pytest.fixture(scope="module")
+def both(model_dir):
+    from lm_eval.models.huggingface import HFLM
+
+    ours = NgdiffLM(pretrained=str(model_dir), dtype="float32", batch_size=4)
+    theirs = HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=4)
+    return ours, theirs
+
+
+def _requests(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihoods_equal_lm_evals_hf_backend(both):
+    ours, theirs = both
+    args = [(c, " " + t.split()[-1]) for c in ("The capital of France is", "Cats like to") for t in TEXTS[:4]]
+    args += [("", "Water boils."), ("Question: What colour is the sky? Answer:", " blue"),
+             ("A quick brown fox jumps over the lazy", " dog.")]  # fmt: skip
+    a = ours.loglikelihood(_requests("loglikelihood", args))
+    b = theirs.loglikelihood(_requests("loglikelihood", args))
+    np.testing.assert_allclose([x for x, _ in a], [x for x, _ in b], rtol=1e-4, atol=1e-4)
+    assert [g for _, g in a] == [g for _, g in b]
+
+
+def test_rolling_loglikelihoods_equal_lm_evals_hf_backend(both):
+    ours, theirs = both
+    args = [(t,) for t in TEXTS] + [(" ".join(TEXTS[:3]),)]  # the last one is longer than one window? no: 64 tokens
+    a = ours.loglikelihood_rolling(_requests("loglikelihood_rolling", args))
+    b = theirs.loglikelihood_rolling(_requests("loglikelihood_rolling", args))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_equals_lm_evals_hf_backend(both):
+    ours, theirs = both
+    args = [(t[:12], {"until": ["."], "max_gen_toks": 10, "do_sample": False}) for t in TEXTS]
+    args += [(TEXTS[0], {"max_gen_toks": 6})]
+    assert ours.generate_until(_requests("generate_until", args)) == theirs.generate_until(
+        _requests("generate_until", args))
+
+
+def test_sampling_and_bad_model_args_fail_naming_the_key(model_dir, both):
+    ours, _ = both
+    req = _requests("generate_until", [("The", {"do_sample": True, "temperature": 0.7})])
+    with pytest.raises(ValueError, match="do_sample: false"):
+        ours.generate_until(req)
+    with pytest.raises(ValueError, match="batch_size='x'"):
+        NgdiffLM(pretrained=str(model_dir), batch_size="x")
+    with pytest.raises(ValueError, match="revision='main'"):
+        NgdiffLM(pretrained=str(model_dir), revision="main")
+    with pytest.raises(ValueError, match="not a local model directory"):
+        NgdiffLM(pretrained="some-org/some-model")
+    with pytest.raises(ValueError, match="max_length=4096"):
+        NgdiffLM(pretrained=str(model_dir), max_length=4096)
+
+
+def _local_task(tmp_path) -> str:
+    """A multiple-choice task read from a JSONL file (no network): its include path."""
+    rows = [{"question": "The capital of France is", "choices": [" Paris.", " blue", " dog."], "label": 0},
+            {"question": "Cats like to", "choices": [" sleep in the sun.", " Paris.", " ten."], "label": 0},
+            {"question": "A quick brown fox jumps over the lazy", "choices": [" sea.", " dog."], "label": 1}]
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    return str(tmp_path)
+
+
+def test_an_offline_task_runs_and_equals_the_hf_backend(both, tmp_path, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tm = TaskManager(include_path=_local_task(tmp_path))
+    ours, theirs = both
+    res = [lm_eval.simple_evaluate(model=m, tasks=["tiny_mc"], task_manager=tm, log_samples=False)["results"]
+           ["tiny_mc"] for m in (ours, theirs)]  # fmt: skip
+    for key in ("acc,none", "acc_norm,none"):
+        assert res[0][key] == pytest.approx(res[1][key])
+
+
+def test_ngdiff_eval_lm_eval_writes_a_result(model_dir, tmp_path, monkeypatch, capsys):
+    from ngdiff_jax.cli import main
+
+    include = _local_task(tmp_path)
+    out = tmp_path / "res.json"
+    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc", "--lm-eval-include", include,
+               "--model", str(model_dir), "--dtype", "float32", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr()
+    r = json.loads(out.read_text())
+    assert r["benchmark"] == "lm-eval" and 0.0 <= r["aggregates"]["tiny_mc/acc"] <= 1.0
+    assert "tiny_mc/acc_stderr" in r["aggregates"]
+    from ngdiff_jax.evaluation.report import write_report
+
+    md = open(write_report(tmp_path / "report", {"ngdiff": str(out)})["md"]).read()
+    assert "General utility (lm-evaluation-harness)" in md and "tiny_mc/acc" in md
+
+
+def test_ngdiff_eval_lm_eval_fails_at_once_for_a_task_without_local_data(model_dir, tmp_path, capsys):
+    from ngdiff_jax.cli import main
+
+    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "no_such_task_xyz", "--model", str(model_dir),
+               "--out", str(tmp_path / "r.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "no_such_task_xyz" in err and len(err.strip().splitlines()) == 1
