@@ -151,3 +151,20 @@ def test_ngdiff_eval_lm_eval_fails_at_once_for_a_task_without_local_data(model_d
                "--out", str(tmp_path / "r.json")])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "no_such_task_xyz" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ngdiff_lm_eval_is_lm_evals_cli_with_the_ngdiff_model(model_dir, tmp_path, monkeypatch, capsys):
+    """``ngdiff-lm-eval --model ngdiff ...`` (the console script): lm-eval's own command line, the
+    adapter registered."""
+    import sys
+
+    from ngdiff_jax.integrations.lm_harness import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    out = tmp_path / "out"
+    main(["--model", "ngdiff", "--model_args", f"pretrained={model_dir},dtype=float32", "--batch_size", "2", "--tasks",
+          "tiny_mc", "--include_path", _local_task(tmp_path), "--output_path", str(out)])  # fmt: skip
+    written = list(out.rglob("results*.json"))
+    assert written and "tiny_mc" in json.loads(written[0].read_text())["results"]

@@ -196,6 +196,7 @@ def test_ngdiff_eval_robustness_adds_the_checks_to_the_result_and_report(setup, 
     args = ["eval", "--model", str(model_dir), "--data", str(tofu_dir), "--limit", "4", "--batch-size", "4",
             "--max-new-tokens", "8", "--out", str(res)]  # fmt: skip
     assert main([*args, "--robustness", "relearn,int4,paraphrase", "--relearn-steps", "2", "--relearn-lr", "1e-3"]) == 0
+    assert "inputs cut" not in capsys.readouterr().err  # no warning about cuts when nothing was cut
     r = EvalResult.load(res)
     for key in ("robust_baseline_forget_Q_A_Prob", "robust_relearn_forget_Q_A_ROUGE", "robust_int4_forget_Q_A_Prob",
                 "robust_paraphrase_forget_Q_A_Prob", "robust_worst_forget_Q_A_ROUGE"):  # fmt: skip

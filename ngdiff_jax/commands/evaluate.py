@@ -227,8 +227,11 @@ def _evaluate(args, model, tokenizer, reference_model, spec, forget_split, meta,
     summary["run_s"] = result.timings.get("total_run_s")
     print(json.dumps(summary, indent=2))
     print(f"wrote {path}")
-    cuts = {k: result.meta[k] for k in ("truncated_examples", "truncated_prompts", "knowmem_prompts_cut")
-            if result.meta.get(k)}  # fmt: skip
+    def counted(v):  # a count, or a dict of counts per phase: only what is not zero
+        return {p: n for p, n in v.items() if n} if isinstance(v, dict) else v
+
+    cuts = {k: counted(result.meta[k]) for k in ("truncated_examples", "truncated_prompts", "knowmem_prompts_cut")
+            if counted(result.meta.get(k))}  # fmt: skip
     if cuts:
         print(f"warning: inputs cut to fit the context / open-unlearning's limits: {cuts} (meta of {path})",
               file=sys.stderr)  # fmt: skip

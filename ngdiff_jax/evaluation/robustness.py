@@ -129,8 +129,9 @@ def _relearned(model, tokenizer, rows, formatter, *, steps: int, lr: float, batc
     from ngdiff_jax.training.step import make_finetune_step
 
     apply_fn, params = functional(model)
+    params = jax.tree.map(jnp.copy, params)  # the model's own arrays stay intact: the copy is donated
     tx = optax.adam(lr)
-    step = jax.jit(make_finetune_step(apply_fn, tx))
+    step = jax.jit(make_finetune_step(apply_fn, tx), donate_argnums=(0, 1))
     opt_state = tx.init(params)
     examples = [formatter.encode(r["question"], r["answer"]) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
