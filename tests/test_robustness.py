@@ -208,3 +208,25 @@ def test_ngdiff_eval_robustness_adds_the_checks_to_the_result_and_report(setup, 
     assert main([*args, "--robustness", "tamper"]) == 2
     assert "--robustness 'tamper': unknown check tamper" in capsys.readouterr().err
     assert main([*args, "--benchmark", "muse", "--robustness", "int4"]) == 2
+
+
+def test_ngdiff_eval_loads_the_reference_model_in_the_evaluated_dtype(setup, tofu_dir, tmp_path, monkeypatch):
+    """``--reference-model`` is loaded with ``--dtype`` (it was float32 whatever --dtype said)."""
+    import ngdiff_jax.models as models_pkg
+    from ngdiff_jax.cli import main
+    from ngdiff_jax.models import save_pretrained
+
+    tok, _, _, memorized = setup
+    save_pretrained(memorized, tmp_path / "m", tokenizer=tok)
+    seen = []
+    real = models_pkg.from_pretrained
+
+    def recording(path, **kw):
+        seen.append((str(path), kw.get("dtype")))
+        return real(path, **kw)
+
+    monkeypatch.setattr(models_pkg, "from_pretrained", recording)
+    rc = main(["eval", "--model", str(tmp_path / "m"), "--reference-model", str(tmp_path / "m"), "--data",
+               str(tofu_dir), "--limit", "2", "--batch-size", "2", "--max-new-tokens", "4", "--dtype", "bfloat16",
+               "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert rc == 0 and len(seen) == 2 and all(dt == jnp.bfloat16 for _, dt in seen), seen

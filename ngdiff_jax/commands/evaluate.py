@@ -138,9 +138,12 @@ def _load_and_evaluate(args, name: str, out: Path) -> int:
             print(f"error: --mia-attacks: unknown {bad}; choose from {','.join(MIA_ATTACKS)}.", file=sys.stderr)
             return 2
     try:
-        model = from_pretrained(args.model, dtype=_dtype(args.dtype), param_dtype=_dtype(args.dtype))
+        dt = _dtype(args.dtype)
+        model = from_pretrained(args.model, dtype=dt, param_dtype=dt)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-        reference_model = from_pretrained(args.reference_model) if args.reference_model else None
+        # the reference model in the evaluated model's dtype (open-unlearning evaluates both alike)
+        reference_model = (from_pretrained(args.reference_model, dtype=dt, param_dtype=dt)
+                           if args.reference_model else None)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"error: cannot load model/tokenizer from {args.model} (or --reference-model): {e}", file=sys.stderr)
         return 2
