@@ -320,6 +320,13 @@ def test_check_run_verdicts(tmp_path):
         check_run(SimpleNamespace(step=10, last_metrics={"skipped": 2}), tmp_path, cfg)
     with pytest.raises(DivergedError, match="the weights hold NaN/Inf"):
         check_run(ok, tmp_path, cfg, params={"w": jnp.array([1.0, jnp.inf])})
+    # logged every 10 steps: the first bad step is only known to lie in 11..20, and is reported so
+    (tmp_path / "log.jsonl").write_text('{"step": 10, "loss": 1.0, "skipped": 0}\n'
+                                        '{"step": 20, "loss": 1.0, "skipped": 3}\n{"step": 30, "skipped": 5}\n')
+    with pytest.raises(DivergedError, match=r"first between steps 11 and 20 \(logged every run.log_every"):
+        check_run(SimpleNamespace(step=30, last_metrics={"skipped": 5}), tmp_path, cfg)
+    verdict = json.loads((tmp_path / "diverged.json").read_text())
+    assert verdict["first_bad_step"] is None and verdict["first_bad_between"] == [11, 20]
 
 
 # -- 4. checkpoint fallback ------------------------------------------------------------------------

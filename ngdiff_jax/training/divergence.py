@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from ngdiff_jax.errors import DivergedError, NgdiffError
 
-__all__ = ["UnchangedError", "check_changed", "check_run", "first_bad_step", "fingerprint", "params_finite"]
+__all__ = ["UnchangedError", "check_changed", "check_run", "first_bad_range", "first_bad_step", "fingerprint",
+           "params_finite"]
 
 
 class UnchangedError(NgdiffError):
@@ -82,18 +83,31 @@ def _finite(v) -> bool:
 
 
 def first_bad_step(log_path: str | Path) -> int | None:
-    """The first logged step with a skipped update or a non-finite loss, or None."""
+    """The first logged step with a skipped update or a non-finite loss, or None (with
+    ``run.log_every > 1`` the first bad step lies after the logged step before it: see
+    `first_bad_range`)."""
+    return first_bad_range(log_path)[1]
+
+
+def first_bad_range(log_path: str | Path) -> tuple[int | None, int | None]:
+    """``(first, last)``: the first bad step (a skipped update or a non-finite loss) is one of the
+    steps ``first..last``, where ``last`` is the first logged step that shows it and ``first`` the
+    step after the logged step before it (``first == last`` when every step is logged);
+    ``(None, None)`` when no logged step shows one."""
     p = Path(log_path)
     if not p.is_file():
-        return None
+        return None, None
+    prev = 0
     for line in p.read_text().splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
+        step = int(rec.get("step", 0))
         if rec.get("skipped", 0) > 0 or any("loss" in k and not _finite(v) for k, v in rec.items()):
-            return int(rec.get("step", 0))
-    return None
+            return min(prev + 1, step), step
+        prev = step
+    return None, None
 
 
 def check_run(result, out_dir: str | Path, cfg, *, params: Any | None = None) -> None:
@@ -114,13 +128,16 @@ def check_run(result, out_dir: str | Path, cfg, *, params: Any | None = None) ->
         reasons.append("the weights hold NaN/Inf")
     if not reasons:
         return
-    first = first_bad_step(out / "log.jsonl")
+    lo, hi = first_bad_range(out / "log.jsonl")
     lr = cfg.optim.lr
-    verdict = {"diverged": True, "reasons": reasons, "first_bad_step": first, "steps": steps,
-               "skipped": skipped, "optim.lr": lr}  # fmt: skip
+    # the exact step where every step is logged; with run.log_every > 1 the steps it lies between
+    verdict = {"diverged": True, "reasons": reasons, "first_bad_step": hi if lo == hi else None,
+               "first_bad_between": None if hi is None else [lo, hi], "steps": steps, "skipped": skipped,
+               "optim.lr": lr}  # fmt: skip
     if jax.process_index() == 0:
         (out / "diverged.json").write_text(json.dumps(verdict, indent=2, default=str))
-    at = f", first at step {first}" if first is not None else ""
+    at = "" if hi is None else f", first at step {hi}" if lo == hi else (
+        f", first between steps {lo} and {hi} (logged every run.log_every steps)")
     raise DivergedError(
         f"the run diverged{at}: {'; '.join(reasons)}. The export to {out / 'model'} was refused "
         f"(details in {out / 'diverged.json'}, checkpoints kept); lower the rate (optim.lr={lr:g}, "
