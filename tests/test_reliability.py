@@ -137,6 +137,16 @@ def test_dir_of_another_config_or_command_is_refused_naming_the_key(base, tmp_pa
     manifest["settings"]["optim"]["retired_key"] = 1
     (out / ".ngdiff-run.json").write_text(json.dumps(manifest))
     assert _unlearn(base, out) == 0
+    # precision.compute: null is recorded as what it resolved to (this CPU's float32): a run started
+    # where it meant bfloat16 (a GPU) is not resumed here in float32; an older record (null) still resumes
+    manifest = json.loads((out / ".ngdiff-run.json").read_text())
+    assert manifest["settings"]["precision"]["compute"] == "float32"
+    capsys.readouterr()
+    for recorded, rc in (("bfloat16", 2), (None, 0)):
+        manifest["settings"]["precision"]["compute"] = recorded
+        (out / ".ngdiff-run.json").write_text(json.dumps(manifest))
+        assert _unlearn(base, out) == rc
+    assert "precision.compute='bfloat16' there, 'float32' now" in capsys.readouterr().err
     # a run that stopped before writing anything worth keeping does not block a corrected one
     out2 = tmp_path / "out2"
     out2.mkdir()

@@ -192,6 +192,13 @@ def resume_settings(cfg, *, ignore: Sequence[str] = ()) -> dict:
     for key in ignore:
         d.pop(key, None)
     d["run"] = {k: v for k, v in d["run"].items() if k not in COSMETIC_RUN_KEYS}
+    prec = d.get("precision")
+    if isinstance(prec, dict) and prec.get("compute") is None and hasattr(cfg, "precision"):
+        # `compute: null` is the backend's default (float32 on CPU, bfloat16 on GPU/TPU): record what it
+        # resolved to, so a run started on one platform is not resumed on another in another dtype
+        import jax.numpy as jnp
+
+        prec["compute"] = jnp.dtype(cfg.precision.jnp("compute")).name
     return _resolve_paths(d)
 
 

@@ -192,8 +192,11 @@ _MOVABLE = frozenset({"run.output_dir"})
 def settings_diff(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ. A key only one side has is not a difference: it was
     added or removed by another ngdiff version (its value then is the default of the version
-    that has it), so runs stay resumable across versions."""
-    return sorted(k for k in set(saved) & set(current) if saved[k] != current[k] and k not in _MOVABLE)
+    that has it), so runs stay resumable across versions; so is a saved ``precision.compute: null``
+    (recorded before versions resolved it to the backend's dtype)."""
+    unresolved = {"precision.compute"} if saved.get("precision.compute", "") is None else set()
+    return sorted(k for k in set(saved) & set(current)
+                  if saved[k] != current[k] and k not in _MOVABLE and k not in unresolved)  # fmt: skip
 
 
 def _check_same_run(out: Path, command: str, settings: dict) -> None:
