@@ -95,6 +95,9 @@ def test_sampling_and_bad_model_args_fail_naming_the_key(model_dir, both):
         NgdiffLM(pretrained="some-org/some-model")
     with pytest.raises(ValueError, match="max_length=4096"):
         NgdiffLM(pretrained=str(model_dir), max_length=4096)
+    # a continuation longer than the context is refused, not scored in part
+    with pytest.raises(ValueError, match="continuation of 64 tokens does not fit the context of 64"):
+        ours._loglikelihood_tokens([(None, [1], list(range(3, 67)))])
 
 
 def _local_task(tmp_path) -> str:

@@ -162,6 +162,10 @@ class NgdiffLM(TemplateLM):
         for _, ctx, cont in requests:
             if not cont:
                 raise ValueError("lm-eval asked for the log-likelihood of an empty continuation.")
+            if len(cont) >= self._max_length:  # it would be scored in part: a wrong number, refused
+                raise ValueError(f"a continuation of {len(cont)} tokens does not fit the context of {self._max_length} "
+                                 "tokens with one token to condition on; shorten the task's continuations or raise "
+                                 "--model_args max_length (up to the model's context).")  # fmt: skip
             whole = (list(ctx) + list(cont))[-self._max_length:]
             n = min(len(cont), len(whole) - 1)  # the first token of a row is never scored
             labels = [-100] * (len(whole) - n) + whole[len(whole) - n:]
