@@ -7,6 +7,7 @@ lm-eval``; bad model arguments and sampling requests fail naming the key."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -166,8 +167,28 @@ def test_ngdiff_lm_eval_is_lm_evals_cli_with_the_ngdiff_model(model_dir, tmp_pat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(sys, "argv", list(sys.argv))
+    logger = logging.getLogger("lm_eval")  # lm-eval's CLI adds a handler on this test's stderr: undone after
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "level", logger.level)
     out = tmp_path / "out"
     main(["--model", "ngdiff", "--model_args", f"pretrained={model_dir},dtype=float32", "--batch_size", "2", "--tasks",
           "tiny_mc", "--include_path", _local_task(tmp_path), "--output_path", str(out)])  # fmt: skip
     written = list(out.rglob("results*.json"))
     assert written and "tiny_mc" in json.loads(written[0].read_text())["results"]
+
+
+def test_ngdiff_eval_lm_eval_fails_at_once_for_missing_task_data(model_dir, tmp_path, capsys):
+    """A known task whose data file is missing (offline: nothing downloads) fails before the model
+    runs, in one line naming the task (exit 2); so does a negative --num-fewshot."""
+    from ngdiff_jax.cli import main
+
+    include = _local_task(tmp_path)
+    (tmp_path / "tiny_mc.jsonl").unlink()
+    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc", "--lm-eval-include", include,
+               "--model", str(model_dir), "--out", str(tmp_path / "r.json")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tasks tiny_mc: lm-eval could not load the task data offline" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc", "--num-fewshot", "-1", "--model",
+               str(model_dir), "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert rc == 2 and "--num-fewshot -1: must be >= 0" in capsys.readouterr().err

@@ -208,6 +208,9 @@ def test_ngdiff_eval_robustness_adds_the_checks_to_the_result_and_report(setup, 
     assert main([*args, "--robustness", "tamper"]) == 2
     assert "--robustness 'tamper': unknown check tamper" in capsys.readouterr().err
     assert main([*args, "--benchmark", "muse", "--robustness", "int4"]) == 2
+    capsys.readouterr()
+    assert main([*args, "--robustness", "int4", "--relearn-steps", "3"]) == 2  # a flag of a check not run
+    assert "--relearn-steps sets the relearn check, which this evaluation does not run" in capsys.readouterr().err
 
 
 def test_ngdiff_eval_loads_the_reference_model_in_the_evaluated_dtype(setup, tofu_dir, tmp_path, monkeypatch):

@@ -17,6 +17,9 @@ HEADLINE = {
     "muse": ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak"),
 }
 
+#: ``--robustness relearn``'s defaults (``--relearn-steps``, ``--relearn-lr``)
+RELEARN_STEPS, RELEARN_LR = 10, 1e-5
+
 #: Metrics every evaluation has (the others need --retain-eval): None here means NaN scores.
 REQUIRED = {
     "tofu": ("model_utility", "forget_Q_A_ROUGE", "forget_Q_A_Prob"),
@@ -45,10 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "comma-separated subset of relearn,bf16,int8,int4,paraphrase,formats (docs/METRICS.md); adds "
         "robust_* aggregates.",
     )  # fmt: skip
-    parser.add_argument("--relearn-steps", type=positive_int, default=10,
-                        help="--robustness relearn: fine-tuning steps on half the forget rows (default 10).")
-    parser.add_argument("--relearn-lr", type=float, default=1e-5,
-                        help="--robustness relearn: Adam's rate (default 1e-5).")
+    parser.add_argument("--relearn-steps", type=positive_int, default=None,
+                        help="--robustness relearn: fine-tuning steps on half the forget rows "
+                             f"(default {RELEARN_STEPS}).")  # fmt: skip
+    parser.add_argument("--relearn-lr", type=float, default=None,
+                        help=f"--robustness relearn: Adam's rate (default {RELEARN_LR:g}).")
     parser.add_argument("--data", default=None, help="benchmark folder (default ../shared/data/tofu or muse_news).")
     parser.add_argument(
         "--forget-split", default=None,
@@ -272,7 +276,8 @@ def _add_robustness(args, model, tokenizer, spec, forget_split, result) -> None:
     rows = rows[: args.limit] if args.limit else rows
     rec = robustness_checks(
         model, tokenizer, rows, QAFormatter(tokenizer, spec=spec), checks=parse_checks(args.robustness),
-        relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, batch_size=args.batch_size,
+        relearn_steps=args.relearn_steps or RELEARN_STEPS, relearn_lr=args.relearn_lr or RELEARN_LR,
+        batch_size=args.batch_size,
         max_new_tokens=TOFU_MAX_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens,
     )  # fmt: skip
     result.aggregates.update(robustness_aggregates(rec))

@@ -289,18 +289,17 @@ def evaluate_lm_eval(model, tokenizer, tasks: Sequence[str], *, include_path: st
     _offline()
     tm = _tasks(tasks, include_path)
     lm = NgdiffLM(model=model, tokenizer_obj=tokenizer, batch_size=batch_size)
-    try:
-        lm_eval.tasks.get_task_dict(list(tasks), tm)  # loads the data: fail here, before any model call
-    except Exception as e:  # datasets' offline errors come in several types
+    try:  # lm-eval loads every task's data before the model's first call
+        with Stopwatch() as sw:
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, num_fewshot=num_fewshot,
+                                          limit=limit, log_samples=False)  # fmt: skip
+    except OSError as e:  # offline: ConnectionError (not in the cache), FileNotFoundError (a local file)
         raise InputError(
             f"--tasks {','.join(tasks)}: lm-eval could not load the task data offline ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); put the dataset in the local Hugging Face cache on a "
             "connected machine (datasets.load_dataset with the task's dataset_path/dataset_name) or point a task "
             "YAML at local files (dataset_path: json) and pass its folder with --lm-eval-include."
         ) from None
-    with Stopwatch() as sw:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, num_fewshot=num_fewshot,
-                                      limit=limit, log_samples=False)  # fmt: skip
     agg = {}
     for task, metrics in out["results"].items():
         for key, value in metrics.items():

@@ -563,7 +563,7 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     n = jax.tree_util.tree_leaves(states)[0].shape[0]
     if shift is not None and any(sh is not None for sh in shift):
         return _scan_shifted(block, states, frozen, shift, x, policy, n if length is None else length, backend)
-    if policy == "full" and (length is None or length == n) and backend is not None:
+    if policy == "full" and (length is None or length == n):
         trained = tuple(st for i, st in enumerate(states) if i not in frozen)
         fixed = tuple(st for i, st in enumerate(states) if i in frozen)
 

@@ -341,13 +341,12 @@ def scale_by_gen(
             )
 
         leaves, tree = jax.tree.flatten(carried_updates)
-        # the leaves carried in another form (bfloat16 as bits)
-        bits = [c.dtype != u.dtype for c, u in zip(leaves, jax.tree.leaves(updates))]
+        dtypes = [u.dtype for u in jax.tree.leaves(updates)]
+        bits = [c.dtype != dt for c, dt in zip(leaves, dtypes)]  # the leaves carried in another form
 
         def scaled(rate, which):  # made where it is called: inside a branch, or after the cond
             step = rate * multiplier(state.count)
-            return [step.astype(u.dtype) * backend.uncarry(c)
-                    for c, u, b in zip(leaves, jax.tree.leaves(updates), bits) if b == which]
+            return [step.astype(dt) * backend.uncarry(c) for c, dt, b in zip(leaves, dtypes, bits) if b == which]
 
         # Other leaves are scaled inside each branch: made after the cond, XLA recomputed them
         # from the previous member's output (e.g. Adam's m / (sqrt(v) + eps)) and kept that alive

@@ -479,17 +479,24 @@ def validate_eval(args, forget_split: str) -> None:
         t = Path(args.tokenizer).expanduser()
         if not t.exists() and not (looks_like_hub_id(args.tokenizer) and hub_cached(args.tokenizer)):
             errors.append(not_local_message("--tokenizer", args.tokenizer, t, "tokenizer directory"))
+    checks: tuple = ()
     if getattr(args, "robustness", None):
         from ngdiff_jax.evaluation.robustness import parse_checks
 
         if args.benchmark != "tofu":
             errors.append(f"--robustness applies to --benchmark tofu only (this is --benchmark {args.benchmark}).")
         try:
-            parse_checks(args.robustness)
+            checks = parse_checks(args.robustness)
         except ValueError as e:
             errors.append(str(e))
-        if not getattr(args, "relearn_lr", 1.0) > 0:
-            errors.append(f"--relearn-lr {args.relearn_lr}: must be > 0 (e.g. 1e-5).")
+    for flag, key in (("--relearn-steps", "relearn_steps"), ("--relearn-lr", "relearn_lr")):
+        if getattr(args, key, None) is not None and "relearn" not in checks:
+            errors.append(f"{flag} sets the relearn check, which this evaluation does not run; add "
+                          "--robustness relearn (or all), or drop the flag.")  # fmt: skip
+    if getattr(args, "relearn_lr", None) is not None and not args.relearn_lr > 0:
+        errors.append(f"--relearn-lr {args.relearn_lr}: must be > 0 (e.g. 1e-5).")
+    if getattr(args, "num_fewshot", None) is not None and args.num_fewshot < 0:
+        errors.append(f"--num-fewshot {args.num_fewshot}: must be >= 0 (or left out for each task's default).")
     if args.benchmark != "lm-eval":
         for flag, key in (("--tasks", "tasks"), ("--lm-eval-include", "lm_eval_include"),
                           ("--num-fewshot", "num_fewshot")):  # fmt: skip

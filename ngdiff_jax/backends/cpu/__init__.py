@@ -6,8 +6,8 @@ evaluation) and the hand-written kernels of `ngdiff_jax.backends.cpu.kernels` (2
 with row-major weight gradients, a SwiGLU down projection that recomputes its product, an
 embedding lookup and an LM head whose gradients hold no float32 ``[V, E]`` buffers, remat whose
 recomputation waits for its cotangent, a layer scan whose weights cross the loops as bits) and
-the step's order and carriage of `ngdiff_jax.backends.cpu.ordering` (data dependencies where
-XLA:CPU drops barriers; bfloat16 across conditionals, loops and the jit boundary as bits).
+the carriage of `ngdiff_jax.backends.cpu.ordering` (bfloat16 across GeN's conditional, the layer
+scan and the jit boundary as bits).
 docs/PERFORMANCE.md measures each. They are ``custom_vjp``s: under forward-mode autodiff
 (``jax.jvp``, ``jacfwd``, Hessian-vector products) every method falls back to the portable one
 (the same values), so forward mode works by default.

@@ -1,10 +1,10 @@
 """What keeps XLA:CPU's bfloat16 arrays narrow: bfloat16 carried as bits.
 
-* **Carriage.** XLA:CPU converts a bfloat16 array to float32 wherever an operation on it has no
-  bfloat16 kernel: a loop that slices it, a ``lax.cond`` that takes it, a dynamic update of it.
-  Carried as its bits (`carry`, `ngdiff_jax.bits`), such an array is only moved, never widened;
-  the computation turns it back into bfloat16 where it is used. `opaque` keeps XLA from
-  simplifying the round trip away; `settled` keeps a twice-read weight's cotangent bfloat16.
+XLA:CPU converts a bfloat16 array to float32 wherever an operation on it has no bfloat16 kernel:
+a loop that slices it, a ``lax.cond`` that takes it, a dynamic update of it. Carried as its bits
+(`carry`, `ngdiff_jax.bits`), such an array is only moved, never widened; the computation turns
+it back into bfloat16 where it is used. `opaque` keeps XLA from simplifying the round trip away;
+`settled` keeps a twice-read weight's cotangent bfloat16.
 
 docs/PERFORMANCE.md measures each (GeN's probes, the tied embedding, the layer scan).
 """
