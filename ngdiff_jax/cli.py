@@ -20,6 +20,7 @@ COMMANDS = {
     "study": "study",
     "sweep": "sweep",
     "convert": "convert",
+    "books": "books",
     "finetune": "finetune",
     "unlearn": "unlearn",
     "eval": "evaluate",
@@ -36,7 +37,7 @@ COMMANDS = {
 #: for its configuration classes alone (``configuration_utils`` -> ``modeling_rope_utils``):
 #: ~1.2 s and ~250 MB of resident memory that an evaluation or a training step would carry.
 TORCH_FREE_COMMANDS = frozenset({"demo", "study", "sweep", "finetune", "unlearn", "eval", "report", "toy", "plan",
-                                 "readme"})  # fmt: skip
+                                 "readme", "books"})  # fmt: skip
 
 
 def _command(argv: list[str]) -> str | None:

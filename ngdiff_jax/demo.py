@@ -17,9 +17,13 @@ Phases (each timed, with a progress display):
    one compiled population (:mod:`ngdiff_jax.sweep`), its members evaluated together; each
    method's setting selected by the stated rule on the selection seeds and run again on fresh
    report seeds.
-5. **report** — ``report.json`` / ``report.md`` with intervals, paired comparisons and the
-   verdicts of the paper's two claims, ``sensitivity.png``, ``tradeoff.png`` and
-   ``demo_summary.json`` (settings, checks, verdicts, time per phase).
+5. **robustness of forgetting** (with ``sweep.forgetting_checks``) — each listed method run once
+   more at its selected setting, then relearned, quantized and asked rephrased questions
+   (:mod:`ngdiff_jax.evaluation.robustness`), beside the target and retain models checked the
+   same way.
+6. **report** — ``report.json`` / ``report.md`` with intervals, paired comparisons and the
+   verdicts of the paper's two claims, the robustness table, ``sensitivity.png``,
+   ``tradeoff.png`` and ``demo_summary.json`` (settings, checks, verdicts, time per phase).
 
 Settings come from ``configs/demo.yaml``; its ``quick:`` section is merged on top for
 ``--quick`` (a much smaller run for tests).
@@ -232,6 +236,10 @@ def _keep_methods(data: dict, names: list[str]) -> dict:
     kept = [n for n in rob.get("methods", []) if n in names]
     rob["methods"] = kept if len(kept) >= 2 and kept[0] == (rob.get("methods") or [None])[0] else []
     sweep["robustness"] = rob
+    if sweep.get("forgetting_checks"):
+        checks = dict(sweep["forgetting_checks"])
+        checks["methods"] = [n for n in checks.get("methods", []) if n in names]
+        sweep["forgetting_checks"] = checks
     return {**data, "sweep": sweep}
 
 
@@ -577,7 +585,7 @@ def _study(cfg: DemoConfig, out: Path, cfg_text: str, *, progress: bool, console
     from ngdiff_jax.training import model_io
 
     console = console or Console()
-    ph = Phases(console, total_phases=6)
+    ph = Phases(console, total_phases=7 if cfg.sweep.forgetting_checks.methods else 6)
     (out / "demo_config.yaml").write_text(cfg_text)
     done_results = out / "results"
 
@@ -706,6 +714,18 @@ def _study(cfg: DemoConfig, out: Path, cfg_text: str, *, progress: bool, console
                      evaluate, progress=note)  # fmt: skip
     ph.end("sweep", t0, f"evaluation {evaluator.seconds:.0f} s in all")
 
+    # 5. robustness of forgetting at the selected settings ---------------------------------------
+    forgetting = None
+    if sw.forgetting_checks.methods:
+        t0 = ph.start(f"robustness of forgetting ({sw.forgetting_checks.checks}) at the selected settings of "
+                      f"{', '.join(sw.forgetting_checks.methods)}, and of the target and retain models")  # fmt: skip
+        forgetting = _forgetting_checks(cfg, evaluator, template, {r: model_dirs[r] for r in ("target", "retain")},
+                                        runs.selected, _unlearn_base(cfg, model_dirs["target"], tofu_dir,
+                                                                     out / "sweep", progress), out, note)  # fmt: skip
+        worst = {n: f"{r['aggregates'].get('robust_worst_forget_Q_A_ROUGE', float('nan')):.3f}"
+                 for n, r in forgetting["models"].items()}  # fmt: skip
+        ph.end("robustness", t0, "worst forget ROUGE " + ", ".join(f"{n} {v}" for n, v in worst.items()))
+
     # 5. report ----------------------------------------------------------------------------
     t0 = ph.start("write report.json, report.md, sensitivity.png, tradeoff.png")
     refs = {n: {k: results[n].aggregates.get(k) for k in ("forget_quality", "model_utility", "forget_Q_A_ROUGE",
@@ -718,6 +738,8 @@ def _study(cfg: DemoConfig, out: Path, cfg_text: str, *, progress: bool, console
         title = (f"TOFU subset ({b.forget_split} + {b.retain_authors} retain authors), {size}, "
                  f"format {cfg.format.name}")  # fmt: skip
     report["checks"] = checks
+    if forgetting is not None:
+        report["forgetting_checks"] = forgetting
     o = cfg.unlearn.optim
     per_probe = o.gen_smoothing + (1 - o.gen_smoothing) * o.gen_clip_factor
     probes = -(-cfg.unlearn.steps // o.gen_every)
@@ -752,6 +774,64 @@ def _study(cfg: DemoConfig, out: Path, cfg_text: str, *, progress: bool, console
     _append_markdown(Path(paths["md"]), summary)
     _print_summary(console, report, checks, summary)
     return summary
+
+
+def _forgetting_checks(cfg: DemoConfig, evaluator: _Evaluator, template, reference_dirs: dict, selected: dict,
+                       base: dict, out: Path, note) -> dict:  # fmt: skip
+    """``sweep.forgetting_checks`` (see :func:`ngdiff_jax.sweep.runner.run_forgetting_checks`): the
+    target and retain models and each listed method's run at its selected setting, each checked by
+    :func:`ngdiff_jax.evaluation.robustness.robustness_checks` on the forget split's rows (with
+    their paraphrased questions). Results are saved (``results/checks_<model>.json``,
+    ``sweep/checks/<method>/results``) and read back on resume."""
+    import jax
+
+    from ngdiff_jax import models
+    from ngdiff_jax.data import QAFormatter, load_tofu
+    from ngdiff_jax.evaluation import EvalResult
+    from ngdiff_jax.evaluation.robustness import parse_checks, robustness_aggregates, robustness_checks
+    from ngdiff_jax.sweep.runner import run_forgetting_checks
+
+    fc = cfg.sweep.forgetting_checks
+    rows = load_tofu(f"{cfg.benchmark.forget_split}_perturbed", evaluator.tofu_dir)
+    fmt = QAFormatter(evaluator.tok, spec=cfg.format)
+    kw = {"checks": parse_checks(fc.checks), "relearn_steps": fc.relearn_steps, "relearn_lr": fc.relearn_lr,
+          "max_new_tokens": cfg.evaluation.max_new_tokens, "batch_size": cfg.evaluation.batch_size}  # fmt: skip
+
+    def check(model, name, meta):
+        t0 = time.perf_counter()
+        rec = robustness_checks(model, evaluator.tok, rows, fmt, **kw)
+        evaluator.seconds += time.perf_counter() - t0
+        return EvalResult(name=name, benchmark="tofu", aggregates=robustness_aggregates(rec),
+                          meta={**meta, "robustness": rec})  # fmt: skip
+
+    found: dict = {}
+    for role, mdir in reference_dirs.items():
+        path = out / "results" / f"checks_{role}.json"
+        if path.is_file():
+            found[role] = EvalResult.load(path)
+            continue
+        found[role] = check(models.from_pretrained(mdir), role, {"role": role})
+        found[role].save(path)
+
+    def evaluate(params, names, metas):
+        return [check(models.with_params(template, jax.tree.map(lambda x, i=i: x[i], params)), n, m)
+                for i, (n, m) in enumerate(zip(names, metas))]  # fmt: skip
+
+    recs = run_forgetting_checks(base, cfg.sweep, selected, out / "sweep", evaluate, progress=note)
+    seed = fc.seed if fc.seed is not None else cfg.sweep.selection_seeds[0]
+    models_out = {r: {"setting": None, "aggregates": found[r].aggregates, "record": found[r].meta["robustness"]}
+                  for r in found}  # fmt: skip
+    for name, r in recs.items():
+        if r["diverged"] or r["aggregates"] is None:
+            models_out[name] = {"setting": selected[name], "seed": seed, "diverged": True, "aggregates": {},
+                                "record": None}  # fmt: skip
+            continue
+        res = EvalResult.load(out / "sweep" / "checks" / name / "results" / f"{r['key']}.json")
+        models_out[name] = {"setting": selected[name], "seed": seed, "aggregates": res.aggregates,
+                            "record": res.meta["robustness"]}  # fmt: skip
+    skipped = [n for n in fc.methods if n not in recs]
+    return {"seed": seed, "settings": {k: v for k, v in kw.items() if k != "checks"} | {"checks": list(kw["checks"])},
+            "models": models_out, "no_selected_setting": skipped}  # fmt: skip
 
 
 class StudyCheckFailed(RuntimeError):

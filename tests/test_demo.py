@@ -81,6 +81,25 @@ def test_quick_demo_report_structure(quick_demo):
     assert summary["claims"] == {k: v["verdict"] for k, v in claims.items()}
     assert summary["total_s"] > 0 and "sweep" in summary["phases_s"]
     assert "tradeoff" in stdout and "total" in stdout
+    # robustness of forgetting: the quick config's method rerun at its selected setting, and the references
+    fc = rep["forgetting_checks"]
+    assert set(fc["models"]) == {"target", "retain", "ngdiff"} and fc["seed"] == cfg.sweep.selection_seeds[0]
+    ng = fc["models"]["ngdiff"]
+    assert ng["setting"] == rep["methods"]["ngdiff"]["selected"]
+    for m in fc["models"].values():
+        rec = m["record"]
+        assert set(rec) >= {"baseline", "relearn_baseline", "relearn", "int4", "paraphrase", "worst"}, set(rec)
+        assert 0 <= m["aggregates"]["robust_worst_forget_Q_A_ROUGE"] <= 1
+        assert rec["relearn"]["n"] == rec["relearn_baseline"]["n"] < rec["baseline"]["n"]
+        assert rec["settings"]["relearn_steps"] == 2
+    # the rerun is the selection run of that seed: same forget ROUGE, up to batched-evaluation rounding
+    sel = [json.loads(p.read_text()) for p in (out / "sweep" / "selection" / "ngdiff" / "results").glob("m*.json")]
+    same = [r for r in sel if r["meta"]["member"]["seed"] == fc["seed"]
+            and r["meta"]["member"]["values"] == ng["setting"]]  # fmt: skip
+    assert len(same) == 1
+    assert abs(same[0]["aggregates"]["forget_Q_A_ROUGE"] - ng["record"]["baseline"]["forget_Q_A_ROUGE"]) < 0.05
+    assert "## Robustness of forgetting at the selected settings" in md and "| ngdiff (lr " in md
+    assert "robustness" in summary["phases_s"]
 
 
 def test_quick_demo_resumes_without_rerunning(quick_demo):
@@ -90,6 +109,7 @@ def test_quick_demo_resumes_without_rerunning(quick_demo):
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((out / "report.json").read_text())
     assert after["methods"] == json.loads(before)["methods"]
+    assert after["forgetting_checks"] == json.loads(before)["forgetting_checks"]
     assert "done before (resumed)" in proc.stdout
 
 

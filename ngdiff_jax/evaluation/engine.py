@@ -223,9 +223,15 @@ def _program(name: str, members: bool):
     return _JITTED[name, members]
 
 
+def placement(tree) -> tuple:
+    """Where ``tree``'s arrays live (their shardings): part of a compiled program's key, so a model
+    sharded over a mesh never runs a program compiled for one device (or the reverse)."""
+    return tuple(getattr(x, "sharding", None) for x in jax.tree_util.tree_leaves(tree))
+
+
 def _compiled(name, graphdef, args, statics, timings: Timings, phase: str, members: int | None = None):
     key = (name, graphdef, members, tuple(getattr(a, "shape", None) for a in args[1:]),
-           tuple(sorted(statics.items())))  # fmt: skip
+           tuple(sorted(statics.items())), placement(args[0]))  # fmt: skip
     fn = _COMPILED.get(key)
     if fn is None:
         with Stopwatch() as sw:

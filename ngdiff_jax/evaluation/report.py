@@ -197,19 +197,10 @@ def _markdown(entries: dict, traj: dict, title: str | None, curves: dict | None 
         lines.append("")
     robust = {n: e for n, e in entries.items() if e["aggregates"].get("robust_worst_forget_Q_A_ROUGE") is not None}
     if robust:  # ngdiff eval --robustness: the forget answers after relearning, quantization, rephrasing
-        checks = list(dict.fromkeys(k[len("robust_"):-len("_forget_Q_A_ROUGE")] for e in robust.values()
-                                    for k in e["aggregates"] if k.startswith("robust_")
-                                    and k.endswith("_forget_Q_A_ROUGE") and k != "robust_worst_forget_Q_A_ROUGE"))
+        from ngdiff_jax.evaluation.robustness import robustness_table
+
         lines += ["## Robustness of forgetting: forget ROUGE / forget Prob after each check", ""]
-        lines.append("| model | " + " | ".join(checks) + " | worst (check) |")
-        lines.append("|---|" + "---|" * (len(checks) + 1))
-        for n, e in robust.items():
-            agg, rec = e["aggregates"], (e["meta"].get("robustness") or {}).get("worst", {})
-            cells = [f"{_fmt(agg.get(f'robust_{c}_forget_Q_A_ROUGE'))} / {_fmt(agg.get(f'robust_{c}_forget_Q_A_Prob'))}"
-                     for c in checks]  # fmt: skip
-            worst = rec.get("forget_Q_A_ROUGE", {})
-            cells.append(f"{_fmt(agg.get('robust_worst_forget_Q_A_ROUGE'))} ({worst.get('check', '?')})")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += robustness_table({n: (e["aggregates"], e["meta"].get("robustness")) for n, e in robust.items()})
         lines += ["", "Each check measures the forget answers again on a changed model or prompt (relearning "
                   "on half the forget rows, bfloat16, int8/int4 round trips, paraphrased questions, other "
                   "prompt formats); a model that forgot keeps every column near its baseline "

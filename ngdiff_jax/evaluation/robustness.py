@@ -36,7 +36,7 @@ import numpy as np
 from ngdiff_jax.evaluation import metrics as M
 
 __all__ = ["CHECKS", "QUANT_BLOCK", "forget_probe", "parse_checks", "quantize_roundtrip", "robustness_aggregates",
-           "robustness_checks"]  # fmt: skip
+           "robustness_checks", "robustness_table"]  # fmt: skip
 
 CHECKS = ("relearn", "bf16", "int8", "int4", "paraphrase", "formats")
 #: entries per absmax block of the quantization round trip (bitsandbytes' 4-bit default block size)
@@ -225,3 +225,24 @@ def robustness_aggregates(result: dict) -> dict:
     for metric, w in result.get("worst", {}).items():
         agg[f"robust_worst_{metric}"] = w["value"]
     return agg
+
+
+def _fmt(v) -> str:
+    return "–" if v is None else f"{v:.3g}"
+
+
+def robustness_table(named: dict, *, label: str = "model") -> list[str]:
+    """Markdown lines: one row per ``name -> (aggregates, record)`` (`robustness_aggregates` keys;
+    the `robustness_checks` record names the worst check), a column per check (forget ROUGE /
+    forget Prob), the baseline first and the worst last; a check a model lacks shows ``–``."""
+    checks = list(dict.fromkeys(k[len("robust_"):-len("_forget_Q_A_ROUGE")] for agg, _ in named.values() for k in agg
+                                if k.startswith("robust_") and k.endswith("_forget_Q_A_ROUGE")
+                                and k != "robust_worst_forget_Q_A_ROUGE"))  # fmt: skip
+    lines = [f"| {label} | " + " | ".join(checks) + " | worst (check) |", "|---|" + "---|" * (len(checks) + 1)]
+    for name, (agg, rec) in named.items():
+        cells = [f"{_fmt(agg.get(f'robust_{c}_forget_Q_A_ROUGE'))} / {_fmt(agg.get(f'robust_{c}_forget_Q_A_Prob'))}"
+                 for c in checks]  # fmt: skip
+        worst = ((rec or {}).get("worst") or {}).get("forget_Q_A_ROUGE", {}).get("check", "?")
+        cells.append(f"{_fmt(agg.get('robust_worst_forget_Q_A_ROUGE'))} ({worst})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines

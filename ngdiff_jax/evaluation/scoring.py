@@ -209,7 +209,7 @@ class Scorer:
 
     def _score_apply(self, ids, lengths, labels, phase):
         shape = ids.shape
-        key = (self._apply, shape)
+        key = (self._apply, shape, engine.placement(self.params))
         if key not in _COMPILED:
             spec = jax.ShapeDtypeStruct(shape, jnp.int32)
             with Stopwatch() as sw:

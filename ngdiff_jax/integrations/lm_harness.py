@@ -76,6 +76,9 @@ class NgdiffLM(TemplateLM):
       max_gen_toks: default new tokens of ``generate_until`` (a task's ``max_gen_toks`` wins).
       model, tokenizer_obj: an already built `CausalLM` and tokenizer instead of ``pretrained``
         (e.g. a model being unlearned, evaluated in the same process).
+      mesh: a mesh preset (``fsdp``, ``dp``, ``fsdp_tensor``; `ngdiff_jax.parallel`): the weights
+        are streamed into their shardings over every device and each compiled scoring and decoding
+        program runs sharded (XLA's SPMD partitioning follows the weights); default one device.
       device, max_batch_size: accepted for lm-eval's CLI, which always passes them; JAX places the
         model on its default device (``JAX_PLATFORMS`` picks the platform).
     """
@@ -88,6 +91,7 @@ class NgdiffLM(TemplateLM):
         batch_size: int | str | None = None,
         max_length: int | str | None = None,
         max_gen_toks: int | str = MAX_GEN_TOKS,
+        mesh: str | None = None,
         *,
         model=None,
         tokenizer_obj=None,
@@ -100,13 +104,16 @@ class NgdiffLM(TemplateLM):
             key = sorted(unknown)[0]
             raise ValueError(
                 f"--model_args {key}={unknown[key]!r}: the ngdiff model takes pretrained, tokenizer, dtype, "
-                "batch_size, max_length, max_gen_toks; remove it."
+                "batch_size, max_length, max_gen_toks, mesh; remove it."
             )
         del device, max_batch_size
         if model is None:
             if not pretrained:
                 raise ValueError("--model_args pretrained=DIR is required: a local HF model directory.")
-            model, tokenizer_obj = _load(pretrained, tokenizer, dtype)
+            model, tokenizer_obj = _load(pretrained, tokenizer, dtype, mesh)
+        elif mesh is not None:
+            raise ValueError("NgdiffLM(model=..., mesh=...): a built model keeps its own placement; shard it when "
+                             "building it (models.from_pretrained(mesh=...)) and leave mesh out.")  # fmt: skip
         elif tokenizer_obj is None:
             raise ValueError("NgdiffLM(model=...) needs tokenizer_obj= (the model's tokenizer).")
         self.model, self.tokenizer = model, tokenizer_obj
@@ -315,7 +322,7 @@ def evaluate_lm_eval(model, tokenizer, tasks: Sequence[str], *, include_path: st
                       timings={"total_run_s": round(sw.seconds, 3)})
 
 
-def _load(pretrained: str, tokenizer: str | None, dtype: str | None):
+def _load(pretrained: str, tokenizer: str | None, dtype: str | None, mesh: str | None = None):
     from pathlib import Path
 
     import jax.numpy as jnp
@@ -331,7 +338,15 @@ def _load(pretrained: str, tokenizer: str | None, dtype: str | None):
     if dtype is not None and dtype not in names:
         raise ValueError(f"--model_args dtype={dtype!r}: use float32 or bfloat16.")
     dt = names[dtype or for_platform().compute]
-    return from_pretrained(pretrained, dtype=dt, param_dtype=dt), AutoTokenizer.from_pretrained(tokenizer or pretrained)
+    placement = {}
+    if mesh is not None:
+        from ngdiff_jax.parallel import PRESET_NAMES, make_mesh, preset_config, resolve_rules
+
+        if mesh not in PRESET_NAMES:
+            raise ValueError(f"--model_args mesh={mesh!r}: use one of {', '.join(PRESET_NAMES)}.")
+        placement = {"mesh": make_mesh(mesh), "rules": resolve_rules(preset_config(mesh).rules)}
+    model = from_pretrained(pretrained, dtype=dt, param_dtype=dt, **placement)
+    return model, AutoTokenizer.from_pretrained(tokenizer or pretrained)
 
 
 def main(argv: Any = None) -> None:

@@ -12,6 +12,7 @@ sweep:
   rule: {maximize: model_utility, constraints: ["forget_quality>=0.05"]}
   compare: {method: ngdiff, against: [gdiff], metric: model_utility}
   robustness: {methods: [ngdiff, ngdiff_fixed, gdiff], metrics: [model_utility, forget_quality]}
+  forgetting_checks: {methods: [ngdiff, gdiff], checks: all, relearn_steps: 10, relearn_lr: 1.0e-3}
 ```
 
 Every method runs as one population (:mod:`ngdiff_jax.population`) over its rates x settings x
@@ -19,7 +20,9 @@ selection seeds; the rule (a :class:`ngdiff_jax.training.selection.Criterion`, o
 over the selection seeds) picks each method's setting; with ``report_seeds`` each method
 runs again at that setting on seeds the selection never saw, and those runs are reported
 (without them the selection seeds are reported, and the report says the estimate is
-optimistic).
+optimistic). ``forgetting_checks`` runs each listed method once more at its selected setting
+(seed ``seed``, default the first selection seed) and measures whether its forgetting survives
+relearning, quantization and rephrasing (:mod:`ngdiff_jax.evaluation.robustness`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CompareSpec", "RobustnessSpec", "SweepMethod", "SweepSection"]
+__all__ = ["CompareSpec", "ForgettingChecksSpec", "RobustnessSpec", "SweepMethod", "SweepSection"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,38 @@ class RobustnessSpec:
 
 
 @dataclass(frozen=True)
+class ForgettingChecksSpec:
+    """Robustness of forgetting (:func:`ngdiff_jax.evaluation.robustness.robustness_checks`) for
+    ``methods`` at their selected settings, one run each with ``seed`` (null: the first selection
+    seed); ``checks``: ``all`` or a comma-separated subset of ``relearn,bf16,int8,int4,paraphrase,
+    formats``; ``relearn_steps`` Adam steps at ``relearn_lr`` on half the forget rows. The target
+    and retain models are checked the same way, as references. Off with no methods."""
+
+    methods: tuple[str, ...] = ()
+    seed: int | None = None
+    checks: str = "all"
+    relearn_steps: int = 10
+    relearn_lr: float = 1e-5
+
+    def __post_init__(self):
+        from ngdiff_jax.evaluation.robustness import parse_checks
+
+        try:
+            parse_checks(self.checks)
+        except ValueError as e:
+            raise ValueError(f"sweep.forgetting_checks.checks: {e}".replace("--robustness ", "")) from None
+        if isinstance(self.relearn_steps, bool) or not isinstance(self.relearn_steps, int) or self.relearn_steps < 1:
+            raise ValueError(f"sweep.forgetting_checks.relearn_steps={self.relearn_steps!r}: a whole number >= 1, "
+                             "e.g. 10.")  # fmt: skip
+        if isinstance(self.relearn_lr, bool) or not isinstance(self.relearn_lr, (int, float)) or not (
+                self.relearn_lr > 0 and math.isfinite(self.relearn_lr)):  # fmt: skip
+            raise ValueError(f"sweep.forgetting_checks.relearn_lr={self.relearn_lr!r}: a positive rate, e.g. 1e-5.")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"sweep.forgetting_checks.seed={self.seed!r}: an integer seed, or null for the first "
+                             "selection seed.")  # fmt: skip
+
+
+@dataclass(frozen=True)
 class SweepSection:
     """``sweep:`` see the module doc."""
 
@@ -73,6 +108,7 @@ class SweepSection:
     rule: dict = field(default_factory=lambda: {"maximize": "model_utility"})
     compare: CompareSpec = field(default_factory=CompareSpec)
     robustness: RobustnessSpec = field(default_factory=RobustnessSpec)
+    forgetting_checks: ForgettingChecksSpec = field(default_factory=ForgettingChecksSpec)
     chunk_size: int | None = None  # members per compiled program (null: a method's whole population)
     level: float = 0.95  # intervals' confidence level
 
@@ -86,7 +122,8 @@ class SweepSection:
             methods[name] = spec if isinstance(spec, SweepMethod) else build(
                 SweepMethod, spec or {}, where=f"sweep.methods.{name}")  # fmt: skip
         object.__setattr__(self, "methods", methods)
-        for key, cls in (("compare", CompareSpec), ("robustness", RobustnessSpec)):
+        for key, cls in (("compare", CompareSpec), ("robustness", RobustnessSpec),
+                         ("forgetting_checks", ForgettingChecksSpec)):
             if isinstance(getattr(self, key), dict):
                 object.__setattr__(self, key, build(cls, getattr(self, key), where=f"sweep.{key}"))
         for name, m in methods.items():
@@ -104,10 +141,10 @@ class SweepSection:
                              "seeds must be runs the selection never saw.")  # fmt: skip
         self.criterion()  # the rule parses
         for name in ((self.compare.method,) if self.compare.method else ()) + tuple(self.compare.against) + tuple(
-                self.robustness.methods):  # fmt: skip
+                self.robustness.methods) + tuple(self.forgetting_checks.methods):  # fmt: skip
             if name not in methods:
-                raise ValueError(f"sweep: {name!r} (in compare/robustness) is not one of sweep.methods "
-                                 f"({', '.join(methods)}).")  # fmt: skip
+                raise ValueError(f"sweep: {name!r} (in compare/robustness/forgetting_checks) is not one of "
+                                 f"sweep.methods ({', '.join(methods)}).")  # fmt: skip
         if self.robustness.methods and len(self.robustness.methods) < 2:
             raise ValueError("sweep.robustness.methods: name the adaptive-rate method and at least one other.")
         if not 0 < self.level < 1:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from ngdiff_jax.data import jsonio
-from ngdiff_jax.sweep.report import markdown_summary
+from ngdiff_jax.sweep.report import forgetting_markdown, markdown_summary
 
 __all__ = ["BEGIN", "END", "README_FILES", "readme_block", "sync_readme", "copy_results"]
 
@@ -42,6 +42,8 @@ def readme_block(results_dir: str | Path) -> str:
         "(docs/results/demo/report.md); plots: `sensitivity.png` (each metric against the initial rate), "
         "`tradeoff.png` (forget quality against utility at the selected settings).",
     ]
+    if report.get("forgetting_checks"):
+        lines += ["", "**Robustness of forgetting.** " + forgetting_markdown(report).rstrip()]
     return "\n".join(lines) + "\n"
 
 

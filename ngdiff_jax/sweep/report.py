@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ngdiff_jax.data import jsonio
 
-__all__ = ["markdown_summary", "write_sweep_report"]
+__all__ = ["forgetting_markdown", "markdown_summary", "write_sweep_report"]
 
 FQ_FLOOR = 1e-6  # forget quality (a p-value) is drawn at this floor of the log axis
 
@@ -92,6 +92,34 @@ def markdown_summary(report: dict, *, columns=("forget_quality", "model_utility"
     return "\n".join(lines).rstrip() + "\n"
 
 
+def forgetting_markdown(report: dict) -> str:
+    """The robustness-of-forgetting table (``report["forgetting_checks"]``), or "" without one."""
+    fc = report.get("forgetting_checks")
+    if not fc:
+        return ""
+    from ngdiff_jax.evaluation.robustness import robustness_table
+
+    st = fc["settings"]
+    named = {}
+    for name, m in fc["models"].items():
+        label = f"{name} (reference)" if m["setting"] is None else f"{name} ({_setting(m['setting'])})"
+        if m.get("diverged"):
+            label += ", diverged"
+        named[label] = (m["aggregates"], m["record"])
+    said = {"relearn": f"{st['relearn_steps']} Adam steps at {st['relearn_lr']:g} on half the forget rows (`relearn`, "
+                       "measured on the other half; `relearn_baseline` before them)",
+            "bf16": "bfloat16", "int8": "an int8 weight round trip", "int4": "an int4 weight round trip",
+            "paraphrase": "paraphrased questions", "formats": "the other prompt formats (`format:<preset>`)"}
+    lines = [f"Forget ROUGE / forget Prob of one run per method at its selected setting (seed {fc['seed']}) after "
+             f"each check: {'; '.join(said[c] for c in st['checks'])}. A model that forgot keeps every column near "
+             "its baseline; the retain model (never trained on the forget set) shows how much the checks teach by "
+             "themselves. One run each: an example, not an interval.", ""]  # fmt: skip
+    lines += robustness_table(named)
+    if fc.get("no_selected_setting"):
+        lines += ["", f"Not checked (no setting met the rule): {', '.join(fc['no_selected_setting'])}."]
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(report: dict, title: str) -> str:
     pct = round(report["level"] * 100)
     lines = [f"# {title}", "", markdown_summary(report, columns=report["metrics"]), "## Selection", ""]
@@ -120,6 +148,8 @@ def _markdown(report: dict, title: str) -> str:
             lines.append(f"| {lr:.3g} | {s['diverged'][i]} | "
                          + " | ".join(_iv(s["metrics"][m][i]) for m in report["metrics"][:3]) + " |")  # fmt: skip
         lines.append("")
+    if report.get("forgetting_checks"):
+        lines += ["## Robustness of forgetting at the selected settings", "", forgetting_markdown(report)]
     rob = report["claims"].get("robustness")
     if rob:
         names = list(next(iter(rob["spreads"].values())))

@@ -21,7 +21,7 @@ import numpy as np
 from ngdiff_jax.data import jsonio
 from ngdiff_jax.sweep.config import SweepSection, method_config
 
-__all__ = ["SweepRuns", "run_sweep"]
+__all__ = ["SweepRuns", "run_forgetting_checks", "run_sweep"]
 
 #: ``evaluate(params, names, metas) -> [EvalResult]``: the members' parameters (the full model's
 #: per-block layout, leading member axis) evaluated together.
@@ -101,15 +101,10 @@ def run_sweep(base: dict, sweep: SweepSection, out: str | Path, evaluate: Evalua
     ``model_path``, ``data``, ``format``, ``optim``, ``run`` (steps, batch sizes ...),
     ``precision``, ``lora``... as :class:`~ngdiff_jax.training.UnlearnConfig` fields."""
     from ngdiff_jax.evaluation.statistics import select_setting
-    from ngdiff_jax.population import PopulationSection
 
     out = Path(out)
     crit = sweep.criterion()
-
-    def pop(name, seeds, rates, settings):
-        return PopulationSection(seeds=tuple(seeds), lr=tuple(rates), settings=dict(settings),
-                                 chunk_size=sweep.chunk_size, export=False)  # fmt: skip
-
+    pop = _population(sweep)
     first = {name: pop(name, sweep.selection_seeds, sweep.rates(name), spec.settings)
              for name, spec in sweep.methods.items()}  # fmt: skip
     runs, seconds = {}, {}
@@ -134,12 +129,44 @@ def run_sweep(base: dict, sweep: SweepSection, out: str | Path, evaluate: Evalua
         for name, values in selected.items():
             if values is None:
                 continue
-            settings = {k: [v] for k, v in values.items() if k != "optim.lr"}
-            second[name] = pop(name, sweep.report_seeds, [values["optim.lr"]], settings)
+            second[name] = pop(name, sweep.report_seeds, [values["optim.lr"]], _settings(values))
         runs["report"], seconds["report"] = _round(base, sweep, "report", second, out, evaluate, progress)
     result = SweepRuns(runs=runs, selected=selected, selection_table=tables, seconds=seconds)
     jsonio.write_json(out / "runs.json", dataclasses.asdict(result))
     return result
+
+
+def run_forgetting_checks(base: dict, sweep: SweepSection, selected: dict, out: str | Path, evaluate: Evaluate,
+                          progress: Callable[[str], None] = lambda s: None) -> dict:  # fmt: skip
+    """``sweep.forgetting_checks``: each of its methods with a selected setting run once more there
+    (one member, seed ``forgetting_checks.seed`` or the first selection seed) in
+    ``<out>/checks/<method>``, its parameters handed to ``evaluate`` (as :func:`run_sweep`'s, whose
+    results are saved and read back on resume). Returns ``{method: record}`` (the member's fields,
+    ``aggregates``), a method whose setting nothing met left out."""
+    fc = sweep.forgetting_checks
+    seed = fc.seed if fc.seed is not None else sweep.selection_seeds[0]
+    pop = _population(sweep)
+    members_of = {name: pop(name, [seed], [selected[name]["optim.lr"]], _settings(selected[name]))
+                  for name in fc.methods if selected.get(name) is not None}  # fmt: skip
+    if not members_of:
+        return {}
+    records, _ = _round(base, sweep, "checks", members_of, Path(out), evaluate, progress)
+    return {name: recs[0] for name, recs in records.items()}
+
+
+def _population(sweep: SweepSection):
+    from ngdiff_jax.population import PopulationSection
+
+    def pop(name, seeds, rates, settings):
+        return PopulationSection(seeds=tuple(seeds), lr=tuple(rates), settings=dict(settings),
+                                 chunk_size=sweep.chunk_size, export=False)  # fmt: skip
+
+    return pop
+
+
+def _settings(values: dict) -> dict:
+    """A selected setting (``{key: value}`` with ``optim.lr``) as population settings, the rate left out."""
+    return {k: [v] for k, v in values.items() if k != "optim.lr"}
 
 
 def _setting_key(values: dict) -> tuple:

@@ -150,8 +150,15 @@ class DataConfig:
     ``source``: a directory in the TOFU file layout (relative paths are relative
     to the working directory), a hub id (``locuslab/TOFU``), or null for the
     shared TOFU files (``ngdiff_jax.paths.shared_data_dir() / "tofu"``).
+
+    ``kind: text``: raw text instead of QA rows (MUSE's pretraining-style unlearning):
+    ``source`` is a folder in the MUSE layout (e.g. made by ``ngdiff books``), the splits name
+    its ``raw/<split>.json`` text lists (``forget``, ``retain1``, ...), cut into blocks of
+    ``max_length`` tokens as open-unlearning's ``PretrainingDataset``; ``retain_split`` must
+    be set (there is no TOFU pairing) and ``limit`` counts texts.
     """
 
+    kind: Literal["qa", "text"] = "qa"
     source: str | None = None
     split: str = "full"  # finetune: the training split
     forget_split: str = "forget10"  # unlearn

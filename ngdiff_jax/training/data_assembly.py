@@ -35,10 +35,13 @@ def resolve_source(source: str | None) -> str | Path:
     raise FileNotFoundError(not_local_message("data.source", source, p, "folder of TOFU <split>.json files", "dataset"))
 
 
-def load_split(data: DataConfig, split: str) -> list[dict]:
-    """Rows (``question``, ``answer``) of a split, the first ``data.limit`` of them if set."""
+def load_split(data: DataConfig, split: str) -> list:
+    """Rows (``question``, ``answer``) of a split, the first ``data.limit`` of them if set; with
+    ``data.kind: text`` the texts of ``raw/<split>.json`` (:func:`load_texts`)."""
     from ngdiff_jax.data import load_tofu
 
+    if data.kind == "text":
+        return load_texts(data, split)
     rows = load_tofu(split, resolve_source(data.source))
     if data.limit is not None:
         rows = rows[: data.limit]
@@ -53,11 +56,35 @@ def load_split(data: DataConfig, split: str) -> list[dict]:
     return rows
 
 
-def encode_split(rows: Sequence[Mapping[str, str]], tokenizer, data: DataConfig, spec=None, *, where="data"):
+def load_texts(data: DataConfig, split: str) -> list[str]:
+    """``data.kind: text``: the texts of ``<data.source>/raw/<split>.json`` (the first ``data.limit``)."""
+    from ngdiff_jax.data import load_muse
+
+    if data.source is None or not Path(data.source).expanduser().is_dir():
+        raise FileNotFoundError(f"data.kind=text needs data.source, a folder with raw/<split>.json text lists (e.g. "
+                                f"made by `ngdiff books`); got {data.source!r}.")  # fmt: skip
+    texts = load_muse(Path(data.source).expanduser(), "raw", split)
+    if data.limit is not None:
+        texts = texts[: data.limit]
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"{data.source}/raw/{split}.json: item {bad} is not a string; data.kind=text reads lists of "
+                         "texts: fix that item.")  # fmt: skip
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"{data.source}/raw/{split}.json has no text; choose another split or fix the file.")
+    return texts
+
+
+def encode_split(rows: Sequence, tokenizer, data: DataConfig, spec=None, *, where="data"):
     """``(input_ids, labels)`` examples in format ``spec`` (default: the ``default`` preset); rows over
-    ``data.max_length`` tokens are handled as ``data.overlong`` says (warning with their count)."""
+    ``data.max_length`` tokens are handled as ``data.overlong`` says (warning with their count).
+    With ``data.kind: text`` the texts cut into ``data.max_length``-token blocks (``chunk_corpus``)."""
     from ngdiff_jax.data import QAFormatter
 
+    if data.kind == "text":
+        from ngdiff_jax.data import chunk_corpus
+
+        return chunk_corpus(rows, tokenizer, data.max_length)
     fmt = QAFormatter(tokenizer, max_length=data.max_length, spec=spec)
     return fmt.encode_rows(rows, overlong=data.overlong, where=where)
 
@@ -136,6 +163,9 @@ def forget_stream(rows, examples, tokenizer, data: DataConfig, method, *, seed: 
     main = make_batcher(examples, tokenizer, data, seed=seed)
     if not getattr(method, "needs_alternate", False):
         return main
+    if data.kind == "text":
+        raise ValueError(f"method.forget_loss={method.forget_loss} pairs forget questions with refusal answers; "
+                         "data.kind=text has no questions: choose a method without refusals (e.g. ngdiff, npo).")
     from ngdiff_jax.training.methods import load_idk_responses
 
     alt = alternate_rows(rows, load_idk_responses(method.idk_path), seed=seed)

@@ -59,11 +59,14 @@ def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path, *, mesh=None, 
             if size is None:
                 raise ValueError("set model.tokenizer_vocab_size or model.hf.vocab_size to train a tokenizer.")
             f = cfg.format
-            texts = [t for r in rows for t in (r["question"], r["answer"])]
-            texts += [
-                f.user_start_tag + r["question"] + f.user_end_tag + f.asst_start_tag + f.answer_prefix + r["answer"]
-                for r in rows
-            ]
+            if cfg.data.kind == "text":
+                texts = list(rows)
+            else:
+                texts = [t for r in rows for t in (r["question"], r["answer"])]
+                texts += [
+                    f.user_start_tag + r["question"] + f.user_end_tag + f.asst_start_tag + f.answer_prefix
+                    + r["answer"] for r in rows
+                ]
             tok = train_tokenizer(texts, tok_dir, vocab_size=int(size))
     hf["vocab_size"] = len(tok)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -145,7 +145,7 @@ class _Setup:
 
         method, optim = traced_configs(self.cfg.method, self.cfg.optim, values)
         tx = make_optimizer(method, optim, self.num_steps, member_axis=member_axis, backend=self.model.backend,
-                            steps_per_epoch=len(self.forget_rows) / self.cfg.data.batch_size)
+                            steps_per_epoch=len(self.forget_ex) / self.cfg.data.batch_size)
         prec = self.cfg.precision
         if prec.moments != prec.params:
             tx = precision.with_moment_dtype(tx, prec.jnp("moments"))

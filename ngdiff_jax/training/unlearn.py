@@ -126,7 +126,7 @@ def run_unlearn(
         # A separate copy: the step donates `params`, the reference must stay intact.
         ref_params = jax.tree_util.tree_map(jnp.copy, params)
     backend = model.backend  # the model's, chosen once: the step and GeN order and carry their work by it
-    tx = make_optimizer(cfg.method, cfg.optim, num_steps, steps_per_epoch=len(forget_rows) / cfg.data.batch_size,
+    tx = make_optimizer(cfg.method, cfg.optim, num_steps, steps_per_epoch=len(forget_ex) / cfg.data.batch_size,
                         backend=backend)
     if prec.moments != prec.params:
         tx = precision.with_moment_dtype(tx, prec.jnp("moments"))
@@ -282,6 +282,8 @@ def resolve_retain_split(data) -> str:
 
     if data.retain_split is not None:
         return data.retain_split
+    if getattr(data, "kind", "qa") == "text":
+        raise ValueError("data.kind=text: data.retain_split is not set; name the raw split to keep (e.g. retain1).")
     if data.forget_split not in RETAIN_FOR_FORGET:
         raise ValueError(
             f"data.retain_split is not set and data.forget_split={data.forget_split!r} has no paired TOFU "

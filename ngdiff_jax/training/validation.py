@@ -282,8 +282,20 @@ def _tokenizer(key: str, path: str, errors: list[str]):
 
 def _split_files(data, splits: list[str], errors: list[str]) -> dict[str, list]:
     """Every row of every split has string ``question``/``answer`` (the file and row are named);
-    returns the rows of the splits that passed."""
+    returns the rows of the splits that passed. ``data.kind: text``: each split's ``raw/<split>.json``
+    is a list of texts."""
     from ngdiff_jax.paths import shared_data_dir
+
+    if data.kind == "text":
+        from ngdiff_jax.training.data_assembly import load_texts
+
+        texts = {}
+        for split in splits:
+            try:
+                texts[split] = load_texts(data, split)
+            except (OSError, ValueError) as e:
+                errors.append(" ".join(str(e).split()))
+        return texts
 
     source = data.source
     if source is None:
@@ -337,6 +349,14 @@ def _row_errors(splits: dict[str, str], rows: dict[str, list]) -> list[str]:
     """A split whose every answer is empty (nothing to learn or unlearn), and forget rows that are
     also retain rows (the run would push the same question both ways)."""
     errors = []
+    if any(isinstance(r, str) for got in rows.values() for r in got[:1]):  # data.kind=text
+        forget, retain = rows.get(splits.get("data.forget_split")), rows.get(splits.get("data.retain_split"))
+        shared = set(forget or ()) & set(retain or ())
+        if shared and splits["data.forget_split"] != splits["data.retain_split"]:
+            errors.append(f"data.forget_split={splits['data.forget_split']} and data.retain_split="
+                          f"{splits['data.retain_split']} share {len(shared)} texts: they would be unlearned and "
+                          "retained at once; choose disjoint splits.")  # fmt: skip
+        return errors
     for key, split in splits.items():
         got = rows.get(split)
         if got and not any(str(r.get("answer", "")).strip() for r in got):
@@ -425,6 +445,9 @@ def validate_run(cfg, command: str) -> None:
             except (ValueError, KeyError, OSError) as e:
                 errors.append(" ".join(str(e).split()))
                 tok = None
+    if command != "finetune" and cfg.data.kind == "text" and getattr(cfg.method, "needs_alternate", False):
+        errors.append(f"method.forget_loss={cfg.method.forget_loss} pairs forget questions with refusal answers; "
+                      "data.kind=text has no questions: choose a method without refusals (e.g. ngdiff, npo).")
     if command != "finetune" and splits.get("data.retain_split") == cfg.data.forget_split:
         errors.append(f"data.retain_split={cfg.data.forget_split!r} is the forget split: the run would unlearn and "
                       "retain the same rows; set data.retain_split to the rows to keep (e.g. retain90 for "
