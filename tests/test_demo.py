@@ -128,6 +128,9 @@ def test_demo_refuses_non_empty_out_and_bad_config(tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path / "a"), "unlearn.stepz=3"]) == 2
     assert main(["demo", "--quick", "--out", str(tmp_path / "b"), "--methods", "ga,nosuch"]) == 2
     assert main(["demo", "--quick", "--out", str(tmp_path / "c"), "sweep.report_seeds=[0]"]) == 2
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "sweep.forgetting_checks.checks=relearn,nosuch"]) == 2
+    assert main(["demo", "--quick", "--out", str(tmp_path / "e"), "sweep.forgetting_checks.relearn_lr=-1"]) == 2
+    assert main(["demo", "--quick", "--out", str(tmp_path / "f"), "sweep.forgetting_checks.methods=[nosuch]"]) == 2
 
 
 def test_demo_config_quick_and_methods():
