@@ -134,3 +134,45 @@ def test_small_split_is_not_padded_to_a_full_batch(tmp_path, monkeypatch):
     st = mia.model_statistics(model, ex, batch_size=16, gradnorm_p=2)
     assert seen == [("stats", 4), ("gradnorm", 4)]
     assert len(st["avg_loss"]) == 3 and np.isfinite(st["gradnorm"]).all()
+
+
+def test_statistics_from_the_scorer_equal_their_own_pass(tmp_path, monkeypatch):
+    """The evaluation's scoring pass (rows sharing a prompt scored from its KV cache, others whole)
+    gives the attacks the numbers `model_statistics` computes; `run_attacks` given them runs no pass."""
+    from ngdiff_jax.evaluation.scoring import Scorer
+
+    tiny_hf_model("llama", tmp_path / "hf")
+    model = M.from_pretrained(tmp_path / "hf")
+    rs = np.random.RandomState(3)
+    prompt = rs.randint(3, 128, 6).tolist()
+    examples = [(prompt + (a := rs.randint(3, 128, n).tolist()), [-100] * 6 + a) for n in (4, 7, 5)]  # shared
+    examples += [((ids := rs.randint(3, 128, n).tolist()), [-100] * 2 + ids[2:]) for n in (9, 12)]  # whole
+    scores = Scorer(model, batch_size=4, distribution_stats=True).score(examples)
+    rows = {"forget": [0, 1, 3], "holdout": [2, 4]}
+    for split, idx in rows.items():
+        got = mia.statistics_from_scores(scores, idx)
+        want = mia.model_statistics(model, [examples[i] for i in idx], batch_size=4)
+        np.testing.assert_allclose(got["avg_loss"], want["avg_loss"], rtol=1e-5, atol=1e-6)
+        for key in ("logp", "mu", "sigma"):
+            for g, w in zip(got[key], want[key]):
+                # sigma = E[lsm^2] - mu^2 as open-unlearning: ~1e-5 of float32 cancellation either way
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=5e-5 if key == "sigma" else 1e-5,
+                                           err_msg=f"{split} {key}")
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    ex = {s: [examples[i] for i in idx] for s, idx in rows.items()}
+    want = mia.run_attacks(model, Tok(), ex, attacks=["loss", "zlib", "min_k_plus_plus"])
+    monkeypatch.setattr(mia, "model_statistics", lambda *a, **k: pytest.fail("a second pass ran"))
+    got = mia.run_attacks(model, Tok(), ex, attacks=["loss", "zlib", "min_k_plus_plus"],
+                          statistics={s: mia.statistics_from_scores(scores, idx) for s, idx in rows.items()})
+    for key, v in want[0].items():
+        assert got[0][key] == pytest.approx(v, abs=1e-6), key
+    # without mu/sigma (a Scorer made without distribution_stats), Min-K%++ runs its own pass
+    bare = {s: mia.statistics_from_scores(Scorer(model, batch_size=4).score(examples), idx) for s, idx in rows.items()}
+    assert bare["forget"]["mu"] is None
+    monkeypatch.undo()
+    again = mia.run_attacks(model, Tok(), ex, attacks=["loss", "min_k_plus_plus"], statistics=bare)
+    assert again[0]["mia_min_k_plus_plus"] == pytest.approx(want[0]["mia_min_k_plus_plus"], abs=1e-6)

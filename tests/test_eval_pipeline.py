@@ -94,10 +94,10 @@ def test_shared_prompt_scoring_matches_whole_rows(tok, cfg):
     fmt = QAFormatter(tok)
     q = "What is the full name of the author born in Baku, Azerbaijan?"
     ex = [fmt.encode(q, a) for a in ("Anara Yusifova.", "A writer from Baku called Anara.", "Basil.")]
-    ex.append(fmt.encode("Who?", "Nobody at all."))  # alone: scored whole
+    ex.append(fmt.encode("Who?", "Nobody at all."))  # a prompt of its own, packed in the same row
     scorer = Scorer(model, batch_size=4)
     s = scorer.score(ex)
-    assert scorer.timings.shapes.get("score_prefix") and scorer.timings.shapes.get("score")
+    assert scorer.timings.shapes.get("score_packed") and not scorer.timings.shapes.get("score")
     for i, (x, y) in enumerate(ex):
         ids, lab = np.asarray([x], np.int32), np.asarray([y], np.int32)
         logits = model(ids)
@@ -169,7 +169,7 @@ def test_tofu_pipeline(tofu_results):
     assert agg["model_utility"] == pytest.approx(metrics.model_utility({k: agg[k] for k in MODEL_UTILITY_KEYS}))
     assert agg["privleak"] == pytest.approx(metrics.privleak(agg["mia_min_k"], retain.aggregates["mia_min_k"]))
     assert len(target.generations["forget_Q_A_ROUGE"]) == ROWS
-    assert target.timings["total_compile_s"] >= 0 and target.timings["shapes"]["score"]
+    assert target.timings["total_compile_s"] >= 0 and target.timings["shapes"]["score_packed"]
     back = EvalResult.load(target.save(out / "target.json"))
     assert back.aggregates == pytest.approx(target.to_dict()["aggregates"])
     paths = write_report(out / "report", {"retain": retain, "target": target})
@@ -221,3 +221,81 @@ def test_cli_eval_and_report(tok, cfg, tofu_dir, tmp_path, capsys):
     assert (tmp_path / "rep" / "tradeoff.png").is_file()
     assert main(["eval", "--model", str(model_dir), "--retain-eval", str(tmp_path / "nope.json")]) == 2
     assert "evaluate the retain model first" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["mistral", "gpt2"])  # a sliding window of 6; learned positions
+def test_packed_rows_equal_whole_rows(family, monkeypatch):
+    """Short examples packed several to a row (a shared prompt once, continuations after it, a group
+    split over rows when longer than a row) give every example's numbers as its own forward does;
+    an example longer than a row is scored whole."""
+    from ngdiff_jax.evaluation import engine, scoring
+    from ngdiff_jax.models.testing import tiny_hf_config
+
+    monkeypatch.setattr(scoring, "PACK_TOKENS", 32)
+    model = from_config(tiny_hf_config(family), rngs=nnx.Rngs(1))
+    rs = np.random.RandomState(0)
+    prompt = rs.randint(3, 128, 9).tolist()
+    ex = [(prompt + (a := rs.randint(3, 128, n).tolist()), [-100] * 9 + a) for n in (5, 8, 3, 7, 6)]  # split
+    ex += [((x := rs.randint(3, 128, n).tolist()), [-100] * 2 + x[2:]) for n in (4, 11, 40)]  # 40: whole
+    ex.append(([5, 6, 7], [-100, -100, -100]))  # nothing scored
+    scorer = Scorer(model, batch_size=4, distribution_stats=True)
+    s = scorer.score(ex)
+    assert scorer.timings.shapes["score_packed"] and scorer.timings.shapes["score"]  # the 40-token row
+    for i, (x, y) in enumerate(ex):
+        ids, lab = np.asarray([x], np.int32), np.asarray([y], np.int32)
+        logits = model(ids)
+        lsm = np.asarray(jax.nn.log_softmax(logits[0, :-1], -1))
+        scored = lab[0, 1:] != -100
+        ref_lp = lsm[np.arange(len(x) - 1), ids[0, 1:]][scored]
+        np.testing.assert_allclose(s.token_logprobs[i], ref_lp, rtol=1e-5, atol=1e-5, err_msg=str(i))
+        assert s.nll[i] == pytest.approx(float(sequence_nll(logits, lab)[0]), rel=1e-5, abs=1e-6)
+        assert (s.correct[i] == (lsm.argmax(-1) == ids[0, 1:])[scored]).all()
+        mu, sigma = (np.asarray(v)[scored] for v in engine.distribution_stats(logits[0, :-1]))
+        np.testing.assert_allclose(s.mu[i], mu, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(s.sigma[i], sigma, rtol=1e-4, atol=5e-5)
+
+
+def test_packed_mask_by_hand():
+    from ngdiff_jax.evaluation.engine import packed_mask
+
+    # one row: group 0 = prompt (2 tokens), continuation 1 (2), continuation 2 (1); group 1 = one token; padding
+    group = np.array([[0, 0, 0, 0, 0, 1, -1]])
+    part = np.array([[0, 0, 1, 1, 2, 0, 0]])
+    pos = np.array([[0, 1, 2, 3, 2, 0, 0]])
+    m = np.asarray(packed_mask(group, part, pos))[0].astype(int)
+    np.testing.assert_array_equal(m, [[1, 0, 0, 0, 0, 0, 0],
+                                      [1, 1, 0, 0, 0, 0, 0],
+                                      [1, 1, 1, 0, 0, 0, 0],
+                                      [1, 1, 1, 1, 0, 0, 0],
+                                      [1, 1, 0, 0, 1, 0, 0],  # continuation 2 sees the prompt, not continuation 1
+                                      [0, 0, 0, 0, 0, 1, 0],
+                                      [0, 0, 0, 0, 0, 0, 1]])  # fmt: skip
+    w = np.asarray(packed_mask(group, part, pos, sliding_window=2))[0].astype(int)
+    assert w[3].tolist() == [0, 0, 1, 1, 0, 0, 0] and w[4].tolist() == [0, 1, 0, 0, 1, 0, 0]
+
+
+def test_teacher_forced_continuations_equal_scoring(tok, cfg):
+    """Continuations teacher-forced on the generation prompt's cache (MUSE's extraction strength)
+    give the scorer's log-probs and greedy-match flags; the texts are those generated without them;
+    a prompt cut to fit the context gets None."""
+    model = from_config(cfg, rngs=nnx.Rngs(0))
+    fmt = QAFormatter(tok)
+    qs = ["Who?", "What is the full name of the author born in Baku, Azerbaijan?", "Where?"]
+    answers = ["Nobody at all, really.", "Anara Yusifova.", "In Baku."]
+    prompts = [fmt.encode_prompt(q) for q in qs]
+    teach = [fmt.encode(q, a)[0][len(p):] for q, a, p in zip(qs, answers, prompts)]
+    teach[2] = None  # none given for this one
+    texts, forced = generate_texts(model, tok, prompts, max_new_tokens=5, batch_size=4, teach=teach)
+    assert texts == generate_texts(model, tok, prompts, max_new_tokens=5, batch_size=4)
+    assert forced[2] is None
+    s = Scorer(model, batch_size=4, share_prefix=False).score([(p + t, [-100] * len(p) + t) for p, t in
+                                                               zip(prompts[:2], teach[:2])])  # fmt: skip
+    for i in range(2):
+        logp, correct = forced[i]
+        np.testing.assert_allclose(logp, s.token_logprobs[i], rtol=1e-5, atol=1e-5)
+        assert (correct == s.correct[i]).all() and len(correct) == len(teach[i])
+    long = max(len(p) for p in prompts[:2])
+    _, cut = generate_texts(model, tok, prompts[:2], max_new_tokens=4, batch_size=4, teach=teach[:2],
+                            max_length=long + 3)  # fmt: skip
+    assert cut[1] is None  # its prompt was cut to fit the context
+    np.testing.assert_allclose(cut[0][0], forced[0][0], rtol=1e-5, atol=1e-5)  # it fits: as before

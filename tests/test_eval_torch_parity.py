@@ -39,8 +39,12 @@ def _tiny_llama(tok, path, *, max_positions: int, seed: int):
     return model
 
 
-def test_tofu_equals_the_pytorch_reference(tofu_dir, tmp_path):
+def test_tofu_equals_the_pytorch_reference(tofu_dir, tmp_path, monkeypatch):
     from ngdiff_jax.bench.eval_torch import TorchRunner, eval_tofu
+    from ngdiff_jax.evaluation import mia
+
+    # the MIA attacks read the scoring pass's statistics: no pass (and no compile) of their own
+    monkeypatch.setattr(mia, "model_statistics", lambda *a, **k: pytest.fail("the MIA attacks scored again"))
 
     rows = load_tofu("forget01_perturbed", tofu_dir)
     tok = train_tokenizer([r["question"] + " " + r["answer"] for r in rows], tmp_path / "tok", vocab_size=300)
@@ -58,6 +62,7 @@ def test_tofu_equals_the_pytorch_reference(tofu_dir, tmp_path):
     assert d["max_per_sample_diff"] < 1e-4, d
     assert set(theirs["aggregates"]) <= set(ours["aggregates"])
     assert set(theirs["per_sample"]) <= set(ours["per_sample"])
+    assert {"mia_loss", "mia_zlib", "mia_min_k_plus_plus"} <= set(ours["aggregates"])
 
 
 def test_muse_equals_the_pytorch_reference(muse_news_dir, tmp_path, monkeypatch):
@@ -77,6 +82,7 @@ def test_muse_equals_the_pytorch_reference(muse_news_dir, tmp_path, monkeypatch)
     ours = evaluate_muse(model, tok, muse_news_dir, limit=1, batch_size=4)
     assert ours.timings["shapes"]["score"] and max(s[1] for s in ours.timings["shapes"]["score"]) > 1024
     assert ours.meta["truncated_examples"] == 0 and not any(ours.meta["truncated_prompts"].values())
+    assert ours.meta["verbmem_teacher_forced"] == 1  # extraction strength read on the generation's prompt cache
     theirs = eval_muse(TorchRunner(str(tmp_path / "m"), threads=1), muse_news_dir, limit=1)
     theirs = {k: {kk: (np.asarray(vv).tolist() if not isinstance(vv, dict) else vv) for kk, vv in v.items()}
               for k, v in theirs.items()}  # fmt: skip

@@ -342,8 +342,11 @@ def _run_muse(monkeypatch, tok, d, answer_for=None, **kw):
         return real(generations, ground_truths)
 
     monkeypatch.setattr(M, "rouge_scores", spy)
-    monkeypatch.setattr(muse_mod, "generate_texts", lambda m, t, prompts, **k: [
-        answer_for(p) if answer_for else "x" for p in prompts])  # fmt: skip
+    def fake_generate(m, t, prompts, **k):
+        texts = [answer_for(p) if answer_for else "x" for p in prompts]
+        return (texts, [None] * len(texts)) if k.get("teach") is not None else texts  # VerbMem: scored whole
+
+    monkeypatch.setattr(muse_mod, "generate_texts", fake_generate)
     monkeypatch.setattr(muse_mod, "Scorer", _FakeScorer)
     return muse_mod.evaluate_muse(None, tok, d, **kw), calls
 

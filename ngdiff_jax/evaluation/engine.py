@@ -3,11 +3,11 @@
 * :func:`score_plain`: teacher-forced scoring of right-padded rows (MUSE PrivLeak texts,
   single answers): per row the mean NLL over the scored tokens, every scored token's
   log-prob and whether it was the greedy (argmax) prediction.
-* :func:`score_with_prefix`: the same for several answers that share one prompt (TOFU: the
-  answer, the paraphrased and the perturbed answers of a question). The prompt is encoded
-  once into a KV cache; every answer is then run against the cached prompt, so the prompt's
-  tokens are computed once per question instead of once per answer, and the LM head runs
-  only on answer positions.
+* :func:`score_packed`: the same for short examples packed several to a row, those that share
+  a prompt (TOFU: a question's answer, paraphrased and perturbed answers) after one copy of it,
+  each continuation attending to the prompt and to itself only (:func:`packed_mask`). The prompt's
+  tokens are computed once per question instead of once per answer, and rows carry little
+  padding, whatever the lengths of their examples: one compiled shape for a whole evaluation.
 * :func:`generate`: batched greedy decoding (KV cache, stops when every row has emitted EOS)
   from left-padded prompts; a prefix common to every prompt of the batch (a chat template's
   system prompt, MUSE KnowMem's in-context examples) is encoded once and shared by all rows.
@@ -22,6 +22,8 @@ counted as compile time in :class:`~ngdiff_jax.evaluation.batching.Timings`.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -55,42 +57,79 @@ def clear_cache() -> None:
     _COMPILED.clear()
 
 
-def _token_stats(model, hidden, labels, head_tokens):
-    """``(nll [B], logp [B, T-1], mask [B, T-1], correct [B, T-1])`` from last-block hidden states
-    (the LM head on at most ``head_tokens`` rows x positions at a time)."""
+def distribution_stats(logits):
+    """Per position, the mean ``mu = E_v[log p(v)]`` and variance ``sigma = E_v[log p(v)^2] - mu^2``
+    of the log-prob under the model's next-token distribution (Min-K%++'s normalizers), in float32.
+    As open-unlearning computes them (its uncentered variance carries ~1e-5 of float32 cancellation)."""
+    lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    p = jnp.exp(lsm)
+    mu = (p * lsm).sum(-1)
+    return mu, (p * jnp.square(lsm)).sum(-1) - jnp.square(mu)
+
+
+def _position_stats(model, hidden, targets, head_tokens, dist=False):
+    """``(logp, mask, correct)``, each ``[B, T]``, of hidden states ``[B, T, E]`` whose position ``t``
+    predicts ``targets[:, t]`` (``IGNORE_INDEX``: not scored): the LM head on at most ``head_tokens``
+    rows x positions at a time. ``dist``: also ``mu``, ``sigma`` (:func:`distribution_stats`, for the
+    Min-K%++ attack; several passes over the logits, so only when asked)."""
     B, T, _ = hidden.shape
-    targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     safe = jnp.where(mask, targets, 0)
-    h = hidden[:, :-1]
     chunk = max(1, head_tokens // B)
-    logps, cors = [], []
-    for a in range(0, T - 1, chunk):
-        b = min(T - 1, a + chunk)
-        logits = model.head(h[:, a:b])
+    logps, cors, mus, sigmas = [], [], [], []
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        logits = model.head(hidden[:, a:b]).astype(jnp.float32)
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, safe[:, a:b, None], axis=-1)[..., 0]
         logps.append(picked - logz)
         cors.append(jnp.argmax(logits, axis=-1) == targets[:, a:b])
+        if dist:
+            mu, sigma = distribution_stats(logits)
+            mus.append(mu)
+            sigmas.append(sigma)
     logp = jnp.where(mask, jnp.concatenate(logps, axis=1), 0.0)
-    correct = jnp.concatenate(cors, axis=1)
-    maskf = mask.astype(jnp.float32)
-    nll = -logp.sum(-1) / jnp.maximum(maskf.sum(-1), 1.0)
-    return nll, logp, maskf, correct
+    cat = partial(jnp.concatenate, axis=1)
+    out = (logp, mask.astype(jnp.float32), cat(cors))
+    return out + (cat(mus), cat(sigmas)) if dist else out
+
+
+def _token_stats(model, hidden, labels, head_tokens, dist=False):
+    """``(nll [B], logp, mask, correct[, mu, sigma])`` (all but ``nll`` ``[B, T-1]``) of right-padded
+    rows from their last-block hidden states and ``labels`` aligned with the inputs."""
+    out = _position_stats(model, hidden[:, :-1], labels[:, 1:], head_tokens, dist)
+    nll = -out[0].sum(-1) / jnp.maximum(out[1].sum(-1), 1.0)
+    return (nll, *out)
+
+
+def packed_mask(group, part, positions, sliding_window=None):
+    """The attention mask ``[B, T, T]`` of packed rows: position ``t`` attends to ``s <= t`` of the
+    same ``group`` (a shared prompt and its continuations) that is either the group's prompt
+    (``part == 0``) or its own continuation (the same ``part``); every position attends to itself
+    (padding included, so no row of the mask is empty). ``sliding_window``: also ``positions[t] -
+    positions[s] < window`` (the positions each token has in its own, unpacked example)."""
+    T = group.shape[1]
+    causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+    same = group[:, :, None] == group[:, None, :]
+    own = (part[:, None, :] == 0) | (part[:, None, :] == part[:, :, None])
+    mask = same & own & causal[None]
+    if sliding_window is not None:
+        mask = mask & (positions[:, :, None] - positions[:, None, :] < sliding_window)
+    return mask | jnp.eye(T, dtype=bool)[None]
 
 
 def _lengths_mask(lengths, T):
     return (jnp.arange(T, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
 
 
-def _score_plain(graphdef, state, ids, lengths, labels, *, head_tokens, chunk=None):
+def _score_plain(graphdef, state, ids, lengths, labels, *, head_tokens, chunk=None, dist=False):
     model = nnx.merge(graphdef, state)
     B, T = ids.shape
     valid = _lengths_mask(lengths, T)
     if chunk is None or T <= chunk:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         hidden, _ = model.forward(ids, positions, valid, return_hidden=True)
-        return _token_stats(model, hidden, labels, head_tokens)
+        return _token_stats(model, hidden, labels, head_tokens, dist)
     # causal blocks: the rows are encoded ``chunk`` positions at a time, each block attending to the
     # keys of the blocks before it (a KV cache that grows by one block) and causally to its own: the
     # masked upper triangle of the [T, T] scores is never computed (about half of it is skipped)
@@ -104,26 +143,14 @@ def _score_plain(graphdef, state, ids, lengths, labels, *, head_tokens, chunk=No
         pos = jnp.broadcast_to(jnp.arange(a, b, dtype=jnp.int32), (B, b - a))
         h, cache = model.forward(ids[:, a:b], pos, valid[:, :b], cache, a, return_hidden=True)
         hs.append(h)
-    return _token_stats(model, jnp.concatenate(hs, axis=1), labels, head_tokens)
+    return _token_stats(model, jnp.concatenate(hs, axis=1), labels, head_tokens, dist)
 
 
-def _score_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, head_tokens):
+def _score_packed(graphdef, state, ids, positions, group, part, targets, *, head_tokens, dist=False):
     model = nnx.merge(graphdef, state)
-    Bp, P = pre_ids.shape
-    B, T = ids.shape
-    pre_mask = _lengths_mask(pre_len, P)
-    pre_pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (Bp, P))
-    _, cache = model.forward(pre_ids, pre_pos, pre_mask, model.init_cache(Bp, P), 0,
-                             last_only=True, return_hidden=True)  # fmt: skip
-    k0 = cache[0][0]
-    pad = jnp.zeros((B, T) + k0.shape[2:], k0.dtype)
-    rows = [(jnp.concatenate([k[owner], pad], 1), jnp.concatenate([v[owner], pad], 1)) for k, v in cache]
-    kv_valid = jnp.concatenate([pre_mask[owner], _lengths_mask(lengths, T)], axis=1)
-    positions = pre_len[owner][:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    # padding past the end may run beyond a learned position table (real tokens never do)
-    positions = jnp.minimum(positions, model.config.max_position_embeddings - 1)
-    hidden, _ = model.forward(ids, positions, kv_valid, rows, P, return_hidden=True)
-    return _token_stats(model, hidden, labels, head_tokens)
+    mask = packed_mask(group, part, positions, model.config.sliding_window)
+    hidden, _ = model.forward(ids, positions, mask, return_hidden=True)
+    return _position_stats(model, hidden, targets, head_tokens, dist)
 
 
 def _prefill(model, ids, positions, kv_valid, cache, start, block):
@@ -146,8 +173,32 @@ def _prefill(model, ids, positions, kv_valid, cache, start, block):
     return out, cache
 
 
-def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max_new, pad_id, *, eos, n_buf,
-              block=None):  # fmt: skip
+def _teacher_forced(model, last_logits, cache, kv_valid, last_pos, teach, start, pad_id, head_tokens):
+    """``(logp, mask, correct)``, each ``[B, G]``, of the tokens ``teach [B, G]`` (``IGNORE_INDEX``
+    padding) continuing prompts whose last logits are ``last_logits [B, V]`` and whose KV cache fills
+    ``cache``'s first ``start`` slots (``kv_valid [B, start]``): the prompt is not encoded again."""
+    B, G = teach.shape
+    valid = teach != IGNORE_INDEX
+    safe0 = jnp.where(valid[:, 0], teach[:, 0], 0)
+    lp0 = jnp.take_along_axis(last_logits, safe0[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(last_logits, axis=-1)
+    first = (jnp.where(valid[:, 0], lp0, 0.0), valid[:, 0].astype(jnp.float32),
+             jnp.argmax(last_logits, axis=-1) == teach[:, 0])  # fmt: skip
+    if G == 1:
+        return tuple(x[:, None] for x in first)
+    inputs = jnp.where(valid[:, :-1], teach[:, :-1], pad_id)
+    k0 = cache[0][0]
+    pad = jnp.zeros((B, G - 1) + k0.shape[2:], k0.dtype)
+    part = [(jnp.concatenate([k[:, :start], pad], 1), jnp.concatenate([v[:, :start], pad], 1)) for k, v in cache]
+    kvv = jnp.concatenate([kv_valid, jnp.ones((B, G - 1), jnp.int32)], axis=1)
+    pos = last_pos[:, None] + 1 + jnp.arange(G - 1, dtype=jnp.int32)[None, :]
+    pos = jnp.minimum(pos, model.config.max_position_embeddings - 1)  # padding past a learned position table
+    hidden, _ = model.forward(inputs, pos, kvv, part, start, return_hidden=True)
+    logp, mask, correct = _position_stats(model, hidden, teach[:, 1:], head_tokens)
+    return tuple(jnp.concatenate([a[:, None], b], axis=1) for a, b in zip(first, (logp, mask, correct)))
+
+
+def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max_new, pad_id, teach=None, *, eos,
+              n_buf, block=None, head_tokens=None):  # fmt: skip
     model = nnx.merge(graphdef, state)
     B, R = ids.shape
     S0 = shared_ids.shape[1]
@@ -174,6 +225,10 @@ def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max
     done = jnp.isin(tok, eos_arr) | ~row_valid
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
     last_pos = positions[:, -1]
+    forced = None
+    if teach is not None:  # the given continuations teacher-forced on the prompts' cache (MUSE VerbMem)
+        forced = _teacher_forced(model, logits[:, -1].astype(jnp.float32), cache, kv_valid[:, : S0 + R], last_pos,
+                                 teach, S0 + R, pad_id, head_tokens)  # fmt: skip
 
     def cond(carry):
         i, _, done, _, _, _ = carry
@@ -192,14 +247,14 @@ def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max
         return i + 1, nxt, done, cache, kv_valid, out
 
     carry = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, done, cache, kv_valid, out))
-    return carry[-1]
+    return carry[-1] if forced is None else (carry[-1], *forced)
 
 
 #: the programs: name -> (function of (graphdef, state, *arrays, **statics), static argument names)
 _PROGRAMS = {
-    "score": (_score_plain, ("chunk", "head_tokens")),
-    "score_prefix": (_score_prefix, ("head_tokens",)),
-    "generate": (_generate, ("eos", "n_buf", "block")),
+    "score": (_score_plain, ("chunk", "head_tokens", "dist")),
+    "score_packed": (_score_packed, ("head_tokens", "dist")),
+    "generate": (_generate, ("eos", "n_buf", "block", "head_tokens")),
 }
 
 
@@ -257,35 +312,45 @@ def _run(fn, args, timings: Timings, phase: str):
     return out
 
 
-def score_plain(graphdef, state, ids, lengths, labels, *, timings: Timings, phase: str, members: int | None = None):
-    """Stats of right-padded rows ``ids [B, T]`` (``lengths`` real tokens each; ``labels`` -100 = not scored).
+def score_plain(graphdef, state, ids, lengths, labels, *, timings: Timings, phase: str, members: int | None = None,
+                dist: bool = False):  # fmt: skip
+    """Stats of right-padded rows ``ids [B, T]`` (``lengths`` real tokens each; ``labels`` -100 = not scored):
+    ``(nll, logp, mask, correct)``, with ``dist`` also ``(mu, sigma)`` (:func:`distribution_stats`).
     ``members``: ``state`` holds that many models (a leading axis), every output gains that axis."""
     args = (state, jnp.asarray(ids, jnp.int32), jnp.asarray(lengths, jnp.int32), jnp.asarray(labels, jnp.int32))
-    fn = _compiled("score", graphdef, args, {"chunk": _attention_block(), "head_tokens": _head_tokens(members)},
-                   timings, phase, members)  # fmt: skip
+    statics = {"chunk": _attention_block(), "head_tokens": _head_tokens(members), "dist": bool(dist)}
+    fn = _compiled("score", graphdef, args, statics, timings, phase, members)
     return _run(fn, args, timings, phase)
 
 
-def score_with_prefix(graphdef, state, pre_ids, pre_len, ids, lengths, labels, owner, *, timings: Timings, phase: str,
-                      members: int | None = None):  # fmt: skip
-    """Stats of answer rows ``ids [B, T]`` continuing the right-padded prompts ``pre_ids [Bp, P]``
-    (row ``i`` continues prompt ``owner[i]``; ``pre_len`` real prompt tokens each)."""
-    args = (state, *(jnp.asarray(a, jnp.int32) for a in (pre_ids, pre_len, ids, lengths, labels, owner)))
-    fn = _compiled("score_prefix", graphdef, args, {"head_tokens": _head_tokens(members)}, timings, phase, members)
+def score_packed(graphdef, state, ids, positions, group, part, targets, *, timings: Timings, phase: str,
+                 members: int | None = None, dist: bool = False):  # fmt: skip
+    """``(logp, mask, correct)`` (with ``dist`` also ``mu, sigma``), each ``[B, T]``, of packed rows
+    ``ids [B, T]``: several examples per row, those sharing a prompt after one copy of it
+    (:func:`packed_mask`); ``positions`` each token's position in its own example, ``targets`` the
+    token each position predicts."""
+    args = (state, *(jnp.asarray(a, jnp.int32) for a in (ids, positions, group, part, targets)))
+    statics = {"head_tokens": _head_tokens(members), "dist": bool(dist)}
+    fn = _compiled("score_packed", graphdef, args, statics, timings, phase, members)
     return _run(fn, args, timings, phase)
 
 
 def generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, *, max_new_tokens, pad_id, eos,
-             n_buf, timings: Timings, phase: str, members: int | None = None) -> np.ndarray:
+             n_buf, timings: Timings, phase: str, members: int | None = None, teach=None):  # fmt: skip
     """Greedy tokens ``[B, n_buf]`` (first ``max_new_tokens`` meaningful) after ``shared + ids[b]``.
 
     ``shared_ids [1, S0]`` (``shared_len`` real tokens, right-padded; ``S0 = 0`` for none) is the
     prefix common to every row; ``ids``/``mask [B, R]`` the rest of each prompt, left-padded.
+    ``teach [B, G]`` (right-padded with ``IGNORE_INDEX``): given continuations, teacher-forced on the
+    prompts' KV cache; the result is then ``(tokens, logp, mask, correct)``, the last three ``[B, G]``
+    for those continuations' tokens.
     """
     args = (
         state, jnp.asarray(shared_ids, jnp.int32), jnp.int32(shared_len), jnp.asarray(ids, jnp.int32),
         jnp.asarray(mask, jnp.int32), jnp.asarray(row_valid, bool), jnp.int32(max_new_tokens), jnp.int32(pad_id),
+        None if teach is None else jnp.asarray(teach, jnp.int32),
     )  # fmt: skip
-    statics = {"eos": tuple(eos), "n_buf": int(n_buf), "block": _attention_block()}
+    statics = {"eos": tuple(eos), "n_buf": int(n_buf), "block": _attention_block(),
+               "head_tokens": _head_tokens(members)}  # fmt: skip
     fn = _compiled("generate", graphdef, args, statics, timings, phase, members)
     return _run(fn, args, timings, phase)

@@ -77,7 +77,8 @@ def generate_texts(
     cut_counts: dict | None = None,
     share_prefix: bool = True,
     decode=None,
-) -> list[str] | list[list[str]]:
+    teach: Sequence[Sequence[int] | None] | None = None,
+):
     """Greedy continuations of token-id ``prompts``, as cleaned strings in input order.
 
     Args:
@@ -95,6 +96,11 @@ def generate_texts(
       decode: ``token ids -> str`` for the new tokens (before the first EOS), returned as it gives
         them (cut at ``stop_strings`` and stripped only when some are given); default
         open-unlearning's (``metrics.decode_text``: special tokens skipped, cleaned up, stripped).
+      teach: per prompt, ``None`` or a given continuation's token ids, teacher-forced on the
+        prompt's KV cache in the same program (MUSE's ``extraction_strength`` on VerbMem: the
+        prompt is encoded once for both). The result is then ``(texts, forced)``, ``forced`` per
+        prompt ``None`` (none given, or the prompt was cut to fit) or ``(logp, correct)``: the
+        continuation tokens' log-probs and greedy-match flags (for ``Members``, per member).
     """
     from ngdiff_jax.evaluation.members import split_model
 
@@ -119,13 +125,24 @@ def generate_texts(
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     n_buf = _new_tokens_bucket(max_new_tokens)
+    if teach is not None:
+        if len(teach) != len(prompts):
+            raise ValueError(f"teach has {len(teach)} entries for {len(prompts)} prompts; give one (or None) each.")
+        fits = [t is not None and len(t) > 0 and len(r) == len(p)
+                and (max_length is None or len(p) + len(t) <= max_length)
+                for t, r, p in zip(teach, rows, prompts)]  # fmt: skip
+        g_max = max((len(t) for t, f in zip(teach, fits) if f), default=0)
+    else:
+        fits, g_max = [False] * len(rows), 0
+    forced: list = [[None] * len(rows) for _ in range(members or 1)]
     # as few batches as batch_size allows, of equal size (multiples of 8): 70 prompts at 64 are two
     # batches of 40, not 64 + 64 with 58 filler rows
     n_batches = -(-len(rows) // int(batch_size))
     B = min(int(batch_size), -(-len(rows) // (8 * n_batches)) * 8)
     cfg = getattr(model, "config", None)
     if cfg is not None:  # keep a batch's KV cache within CACHE_BUDGET bytes
-        per_row = (bucket_length(max(len(r) for r in rows)) + n_buf) * cfg.num_layers * 2 * cfg.num_kv_heads
+        per_row = (bucket_length(max(len(r) for r in rows)) + n_buf + (2 * _new_tokens_bucket(g_max) if g_max else 0))
+        per_row *= cfg.num_layers * 2 * cfg.num_kv_heads
         per_row *= cfg.head_dim * np.dtype(getattr(model, "dtype", None) or np.float32).itemsize * (members or 1)
         B = max(1, min(B, (kv_cache_budget() if CACHE_BUDGET is None else CACHE_BUDGET) // per_row))
     out: list = [[None] * len(rows) for _ in range(members or 1)]
@@ -147,11 +164,25 @@ def generate_texts(
             x = rest[min(r, len(batch) - 1)]  # filler rows repeat the last prompt
             ids[r, t - len(x) :] = x
             mask[r, t - len(x) :] = 1
+        teach_ids = None
+        if any(fits[i] for i in batch):  # a batch's continuations, right-padded (IGNORE_INDEX)
+            teach_ids = np.full((B, _new_tokens_bucket(max(len(teach[i]) for i in batch if fits[i]))), -100, np.int32)
+            for r, i in enumerate(batch):
+                if fits[i]:
+                    teach_ids[r, : len(teach[i])] = teach[i]
         new = engine.generate(
             graphdef, state, shared_ids, shared, ids, mask, np.arange(B) < len(batch),
             max_new_tokens=max_new_tokens, pad_id=int(pad), eos=eos, n_buf=n_buf, timings=timings, phase=phase,
-            members=members,
+            members=members, teach=teach_ids,
         )  # fmt: skip
+        if teach_ids is not None:
+            new, f_logp, f_mask, f_correct = new
+            f = [np.asarray(x) if members is not None else np.asarray(x)[None] for x in (f_logp, f_mask, f_correct)]
+            for m in range(members or 1):
+                for r, i in enumerate(batch):
+                    if fits[i]:
+                        keep = f[1][m, r] > 0
+                        forced[m][i] = (f[0][m, r][keep].astype(np.float64), f[2][m, r][keep].astype(bool))
         new = np.asarray(new) if members is not None else np.asarray(new)[None]
         for m, rows_m in enumerate(new):
             for r, i in enumerate(batch):
@@ -165,4 +196,6 @@ def generate_texts(
                     continue
                 # as open-unlearning: special tokens skipped, cleaned up, cut at the stop strings, stripped
                 out[m][i] = cut_at_stop_strings(decode_text(tokenizer, toks), stop_strings)
+    if teach is not None:
+        return (out, forced) if members is not None else (out[0], forced[0])
     return out if members is not None else out[0]

@@ -94,18 +94,15 @@ def _drop_last_scored(mask):
 
 
 def _stats(logits, labels):
-    import jax
     import jax.numpy as jnp
 
+    from ngdiff_jax.evaluation.engine import distribution_stats
     from ngdiff_jax.models.logprobs import token_logprobs
 
     logp, mask = token_logprobs(logits, labels)
     n = (labels != -100).sum(-1)
     avg_loss = -logp.sum(-1) / jnp.maximum(n, 1)
-    lsm = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    p = jnp.exp(lsm)
-    mu = (p * lsm).sum(-1)
-    sigma = (p * jnp.square(lsm)).sum(-1) - jnp.square(mu)
+    mu, sigma = distribution_stats(logits[:, :-1])
     return avg_loss, logp, _drop_last_scored(mask), mu, sigma
 
 
@@ -219,6 +216,19 @@ def model_statistics(model, examples, *, batch_size: int = 16, buckets=None, gra
     return outs if many else outs[0]
 
 
+def statistics_from_scores(scores, rows: Sequence[int]) -> dict:
+    """:func:`model_statistics` (without ``gradnorm``) of examples ``rows`` read from the
+    evaluation's :class:`~ngdiff_jax.evaluation.scoring.Scores`: the same numbers (up to the
+    rounding of prompt-sharing batches) without a pass, or a compile, of its own."""
+    dist = scores.mu is not None and scores.sigma is not None  # Scorer(distribution_stats=True)
+    return {
+        "avg_loss": np.array([scores.nll[i] for i in rows], dtype=np.float64),
+        "logp": [scores.token_logprobs[i][:-1] for i in rows],  # the EOS prediction left out
+        "mu": [scores.mu[i][:-1] for i in rows] if dist else None,
+        "sigma": [scores.sigma[i][:-1] for i in rows] if dist else None,
+    }
+
+
 def target_text(tokenizer, labels) -> str:
     """The labelled tokens decoded with ``skip_special_tokens=True`` (open-unlearning's
     ``extract_target_texts_from_processed_data``)."""
@@ -239,10 +249,15 @@ def run_attacks(
     batch_size: int = 16,
     buckets=None,
     max_length=None,
+    statistics: Mapping[str, object] | None = None,
 ):
     """Every attack in ``attacks`` on ``examples = {"forget": [...], "holdout": [...]}`` (pairs of
     ``input_ids``, ``labels``). ``reference`` needs ``reference_model`` (the retain model in
     open-unlearning's configs) and is skipped (reported in ``skipped``) without one.
+    ``statistics``: the model's :func:`model_statistics` of each split's examples, already
+    computed (:func:`statistics_from_scores`; for ``Members`` a list per member); they are then
+    not computed again, except for ``gradnorm``, which needs a backward pass of its own, and for
+    ``min_k_plus_plus`` when they lack ``mu``/``sigma``.
 
     Returns ``(aggregates, per_sample, skipped)``: ``mia_<attack>`` / ``privleak_<attack>``,
     ``{attack: {"forget": scores, "holdout": scores}}`` and ``{attack: reason}``; for
@@ -262,8 +277,14 @@ def run_attacks(
     pers: list = [{a: {} for a in attacks} for _ in range(model.k if many else 1)]
     for split in ("forget", "holdout"):
         ex = list(examples[split])
-        sts = model_statistics(model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length,
-                               gradnorm_p=gradnorm_p if "gradnorm" in attacks else None)  # fmt: skip
+        given = None if statistics is None else statistics[split]
+        lacking = given is not None and "min_k_plus_plus" in attacks and any(
+            st["mu"] is None for st in (given if isinstance(given, list) else [given]))
+        if given is not None and "gradnorm" not in attacks and not lacking:
+            sts = given
+        else:
+            sts = model_statistics(model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length,
+                                   gradnorm_p=gradnorm_p if "gradnorm" in attacks else None)  # fmt: skip
         rs = None
         if "reference" in attacks:  # the reference model's statistics, once for every member
             rs = model_statistics(reference_model, ex, batch_size=batch_size, buckets=buckets, max_length=max_length)

@@ -19,7 +19,10 @@ Data are read with :func:`ngdiff_jax.data.load_muse` (a local folder such as
   ``CompletionDataset``: ``prompt + " " + gt``, the prompt's tokens not scored, at most 2048
   scored tokens): per text ``1 - k / n`` over the greedy-match flags of its scored tokens
   without the last; ``exact_memorization`` (in their suite but commented out) from the same
-  flags.
+  flags. The scored tokens are teacher-forced on the VerbMem prompt's KV cache inside the
+  generation program (the ~900-token prompt is encoded once for both), except for a row whose
+  prompt was cut or whose example does not start with the prompt's own tokens, which is scored
+  whole (``meta["verbmem_teacher_forced"]`` counts the others).
 * ``mia_min_k``: Min-40% AUC of the forget vs holdout texts (BOS + at most 2048 text
   tokens each, as open-unlearning's ``CompletionDataset``; forget labelled 0, so 1 =
   forget much more likely); ``privleak`` relative to the retain model's ``mia_min_k``
@@ -197,9 +200,15 @@ def evaluate_muse(
     # the ROUGE reference is its decoded scored tokens less the decoded prompt (eval_text_similarity)
     verb_examples = [verbmem_example(tokenizer, r) for r in verbmem]
     verb_truths = [M.rouge_ground_truth(tokenizer, labels, p) for (_, labels), p in zip(verb_examples, prompts)]
-    texts = generate_texts(
+    # extraction strength's continuation, teacher-forced on the prompt's KV cache in the generation
+    # program, where the scored example starts with the generation prompt's very tokens
+    teach = [ids[len(p):] if ids[: len(p)] == p and len(p) >= 1 and labels[len(p) - 1] == IGNORE_INDEX
+             and all(y != IGNORE_INDEX for y in labels[len(p):]) else None
+             for (ids, labels), p in zip(verb_examples, prompts)]  # fmt: skip
+    texts, forced = generate_texts(
         model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=gen_batch,
         buckets=buckets, max_length=max_length, timings=timings, phase="verbmem_generate", cut_counts=prompt_cuts,
+        teach=teach,
     )  # fmt: skip
     rouge = M.rouge_scores(texts, verb_truths)
     per["forget_verbmem_ROUGE"] = [s["rougeL_f1"] for s in rouge]
@@ -228,18 +237,21 @@ def evaluate_muse(
         for text in priv[split]:  # load_muse returns the texts as strings
             examples.append(privleak_example(tokenizer, text))
             owner.append(split)
-    for ex in verb_examples:
-        examples.append(ex)
-        owner.append("verbmem")
-    scorer = Scorer(model, batch_size=batch_size, max_length=max_length, buckets=buckets, timings=timings)
+    for ex, f in zip(verb_examples, forced):
+        if f is None:  # its prompt was cut, or tokenizes differently inside the example: scored whole
+            examples.append(ex)
+            owner.append("verbmem")
+    scorer = Scorer(model, batch_size=batch_size, max_length=max_length, buckets=buckets, timings=timings,
+                    distribution_stats="min_k_plus_plus" in mia_attacks)  # read by the opt-in MIA attacks
     scores = scorer.score(examples, phase="privleak_score")
     mink = {"forget": [], "holdout": []}
-    es, em = [], []
-    for s, lp, c in zip(owner, scores.token_logprobs, scores.correct):
-        if s == "verbmem":  # open-unlearning's tokenwise_vocab_logprobs drops the last scored token
-            es.append(M.extraction_strength(c[:-1]))
-            em.append(M.exact_memorization(c[:-1]))
-        else:
+    scored = iter([c for s, c in zip(owner, scores.correct) if s == "verbmem"])
+    flags = [f[1] if f is not None else next(scored) for f in forced]  # greedy-match flags per VerbMem row
+    # open-unlearning's tokenwise_vocab_logprobs drops the last scored token
+    es = [M.extraction_strength(c[:-1]) for c in flags]
+    em = [M.exact_memorization(c[:-1]) for c in flags]
+    for s, lp in zip(owner, scores.token_logprobs):
+        if s != "verbmem":
             mink[s].append(M.min_k_score(lp[:-1], k))  # last scored token left out, as open-unlearning
     per["extraction_strength"], per["exact_memorization"] = es, em
     agg["extraction_strength"] = float(np.mean(es))
@@ -254,11 +266,12 @@ def evaluate_muse(
     if others:  # opt-in: the rest of open-unlearning's MIA suite on the privleak texts (evaluation/mia.py)
         from ngdiff_jax.evaluation import mia
 
-        mia_ex = {sp: [e for e, o in zip(examples, owner) if o == sp] for sp in ("forget", "holdout")}
+        rows = {sp: [i for i, o in enumerate(owner) if o == sp] for sp in ("forget", "holdout")}
         m_agg, m_per, mia_skipped = mia.run_attacks(
-            model, tokenizer, mia_ex, attacks=others, reference_model=reference_model,
-            reference_aucs=None if ref is None else ref.get("mia"), k=k, batch_size=batch_size, buckets=buckets,
-            max_length=max_length,
+            model, tokenizer, {sp: [examples[i] for i in rows[sp]] for sp in rows}, attacks=others,
+            reference_model=reference_model, reference_aucs=None if ref is None else ref.get("mia"), k=k,
+            batch_size=batch_size, buckets=buckets, max_length=max_length,
+            statistics={sp: mia.statistics_from_scores(scores, rows[sp]) for sp in rows},  # the scoring pass's
         )  # fmt: skip
         agg.update(m_agg)
         per.update({f"mia_{a}": v for a, v in m_per.items()})
@@ -283,6 +296,8 @@ def evaluate_muse(
             "truncated_examples": scorer.truncated,
             "truncated_prompts": prompt_cuts,
             "knowmem_prompts_cut": knowmem_cut,
+            # VerbMem rows whose extraction strength was read in the generation program (the rest: scored whole)
+            "verbmem_teacher_forced": sum(f is not None for f in forced),
             "knowmem_max_length": knowmem_max_length,
         }
     )

@@ -1,16 +1,20 @@
 """Batched, bucketed teacher-forced scoring of (input_ids, labels) examples.
 
 For every row: the mean NLL over the scored tokens (as
-``ngdiff_jax.models.logprobs.sequence_nll``), the scored tokens' log-probs and whether each
-was the greedy (argmax) prediction.
+``ngdiff_jax.models.logprobs.sequence_nll``), the scored tokens' log-probs, whether each
+was the greedy (argmax) prediction, and on request the mean and variance of the log-prob under
+the model's next-token distribution at each scored position (Min-K%++'s ``mu``/``sigma``: the
+membership-inference attacks read them from here instead of scoring the rows again).
 
-With a model, rows whose unscored prompt is shared by other rows (TOFU: a question's answer,
-paraphrased and perturbed answers) are scored from one encoding of that prompt
-(:func:`ngdiff_jax.evaluation.engine.score_with_prefix`: the prompt's KV cache is reused by
-each answer); other rows are scored whole. Rows are sorted by length, grouped into
-fixed-size batches (the last one filled with dummy rows) and right-padded to a length
-bucket, so an evaluation compiles only a few shapes, each once per model architecture
-(:mod:`ngdiff_jax.evaluation.engine` keeps them); compile and run time are measured apart.
+With a model, examples of at most :data:`PACK_TOKENS` tokens are *packed*, several to a row
+(:func:`ngdiff_jax.evaluation.engine.score_packed`): those that share their unscored prompt
+(TOFU: a question's answer, paraphrased and perturbed answers) follow one copy of it, each
+attending to the prompt and to itself only, so the prompt is computed once per question, and
+rows carry almost no padding whatever the examples' lengths; the rows of a call are batched
+evenly, so a whole evaluation's short examples compile one shape. Longer examples (MUSE's texts)
+are scored whole: sorted by length, grouped into fixed-size batches (the last one filled with
+dummy rows) and right-padded to a length bucket. Each compiled shape is kept once per model
+architecture (:mod:`ngdiff_jax.evaluation.engine`); compile and run time are measured apart.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from ngdiff_jax.models.logprobs import IGNORE_INDEX, token_logprobs
 
 Example = tuple[Sequence[int], Sequence[int]]  # (input_ids, labels), labels -100 where not scored
 
-#: shortest shared prompt worth its own encoding
-MIN_SHARED_PREFIX = 4
+#: tokens per packed row (short examples, several to a row; ``Scorer._score_packed``)
+PACK_TOKENS = 256
 #: most rows x padded length per batch of whole rows (long texts get smaller batches: memory)
 SCORE_TOKENS = 4096
 #: a batch of whole rows takes a padded length already used in the same call when that is at most
@@ -46,11 +50,16 @@ class Scores:
       nll: ``[n]`` mean NLL over each example's scored tokens.
       token_logprobs: per example, the log-prob of every scored token (``[n_scored]``).
       correct: per example, whether each scored token was the argmax prediction.
+      mu, sigma: per example, at each scored position, ``E_v[log p(v)]`` and its variance
+        (:func:`ngdiff_jax.evaluation.engine.distribution_stats`); ``None`` unless the scorer was
+        made with ``distribution_stats=True``.
     """
 
     nll: np.ndarray
     token_logprobs: list[np.ndarray]
     correct: list[np.ndarray]
+    mu: list[np.ndarray] | None = None
+    sigma: list[np.ndarray] | None = None
 
 
 def _outputs(logits, labels):
@@ -93,7 +102,11 @@ class Scorer:
       max_length: longest row kept (defaults to the model's ``max_position_embeddings``);
         longer rows are cut at the right and counted in ``self.truncated``.
       buckets: explicit padded lengths; default powers of two from 32, multiples of 256 above.
-      share_prefix: score rows that share their prompt from one encoding of it.
+      share_prefix: pack short examples, those sharing a prompt after one copy of it (False:
+        every example is scored whole, in its own row).
+      distribution_stats: also compute each scored position's ``mu``/``sigma`` (``Scores.mu``,
+        ``Scores.sigma``; Min-K%++ needs them; several passes over the logits, so off by default;
+        not with ``apply_fn``).
     """
 
     def __init__(
@@ -107,6 +120,7 @@ class Scorer:
         buckets: Sequence[int] | None = None,
         timings: Timings | None = None,
         share_prefix: bool = True,
+        distribution_stats: bool = False,
     ):
         self.members = None
         if model is not None:
@@ -125,6 +139,9 @@ class Scorer:
         self.buckets = buckets
         self.timings = timings if timings is not None else Timings()
         self.share_prefix = bool(share_prefix) and self._apply is None
+        if distribution_stats and self._apply is not None:
+            raise ValueError("distribution_stats needs a model (Scorer(model)), not apply_fn.")
+        self.dist = bool(distribution_stats)
         self.truncated = 0
 
     def _bucket(self, n: int) -> int:
@@ -149,21 +166,15 @@ class Scorer:
         self._nll = np.zeros((k, n), dtype=np.float64)
         self._lps: list = [[None] * n for _ in range(k)]
         self._cors: list = [[None] * n for _ in range(k)]
+        self._mus: list = [[None] * n for _ in range(k)]
+        self._sigmas: list = [[None] * n for _ in range(k)]
         whole = list(range(n))
         if self.share_prefix:
-            groups: dict = {}
-            for i, (ids, labels) in enumerate(rows):
-                p = _first_scored(labels) - 1  # the last prompt token predicts the first answer token
-                if p >= MIN_SHARED_PREFIX and p < len(ids) - 1:
-                    groups.setdefault(tuple(ids[:p]), []).append(i)
-            shared = {k: v for k, v in groups.items() if len(v) > 1}
-            in_shared = {i for v in shared.values() for i in v}
-            whole = [i for i in whole if i not in in_shared]
-            if shared:
-                self._score_shared(rows, shared, phase)
+            whole = self._score_packed(rows, phase)
         if whole:
             self._score_whole(rows, whole, phase)
-        out = [Scores(nll=self._nll[j], token_logprobs=self._lps[j], correct=self._cors[j])
+        out = [Scores(nll=self._nll[j], token_logprobs=self._lps[j], correct=self._cors[j],
+                      mu=self._mus[j] if self.dist else None, sigma=self._sigmas[j] if self.dist else None)
                for j in range(self.members or 1)]  # fmt: skip
         return out if self.members is not None else out[0]
 
@@ -174,11 +185,14 @@ class Scorer:
             out = [o[None] for o in out]
         for j in range(self.members or 1):
             for r, i in enumerate(order):
-                nll, logp, mask, cor = (o[j, r] for o in out)
+                nll, logp, mask, cor, *dist = (o[j, r] for o in out)
                 m = mask > 0
                 self._nll[j, i] = float(nll)
                 self._lps[j][i] = np.asarray(logp[m], dtype=np.float64)
                 self._cors[j][i] = np.asarray(cor[m], dtype=bool)
+                if dist:
+                    self._mus[j][i] = np.asarray(dist[0][m], dtype=np.float64)
+                    self._sigmas[j][i] = np.asarray(dist[1][m], dtype=np.float64)
 
     def _score_whole(self, rows, idx, phase):
         B = self.batch_size
@@ -201,8 +215,8 @@ class Scorer:
                 x, y = rows[i]
                 ids[r, : len(x)], labels[r, : len(y)], lengths[r] = x, y, len(x)
             if self._apply is None:
-                out = engine.score_plain(self.graphdef, self.params, ids, lengths, labels,
-                                         timings=self.timings, phase=phase, members=self.members)  # fmt: skip
+                out = engine.score_plain(self.graphdef, self.params, ids, lengths, labels, timings=self.timings,
+                                         phase=phase, members=self.members, dist=self.dist)  # fmt: skip
             else:
                 out = self._score_apply(ids, lengths, labels, phase)
             self._store_rows(out, batch)
@@ -222,44 +236,87 @@ class Scorer:
         self.timings.add(phase, sw.seconds, compile=False)
         return out
 
-    def _score_shared(self, rows, groups: dict, phase):
-        B = self.batch_size
-        Bp = max(1, B // 4)
-        items = []  # (prefix, [row indices]) with at most B rows each
-        for prefix, idx in groups.items():
-            for a in range(0, len(idx), B):
-                items.append((prefix, idx[a : a + B]))
-        p_len = len  # noqa: E731
-        suffix_len = {i: len(rows[i][0]) - len(prefix) for prefix, idx in items for i in idx}
-        items.sort(key=lambda it: (-p_len(it[0]), -max(suffix_len[i] for i in it[1])))
-        batches, cur, n_rows = [], [], 0
-        for it in items:
-            if cur and (len(cur) == Bp or n_rows + len(it[1]) > B):
-                batches.append(cur)
-                cur, n_rows = [], 0
-            cur.append(it)
-            n_rows += len(it[1])
-        if cur:
-            batches.append(cur)
-        for batch in batches:
-            P = self._bucket(max(len(pre) for pre, _ in batch))
-            T = self._bucket(max(suffix_len[i] for _, idx in batch for i in idx))
-            pre_ids = np.zeros((Bp, P), np.int32)
-            pre_len = np.ones(Bp, np.int32)
-            ids = np.zeros((B, T), np.int32)
-            lengths = np.ones(B, np.int32)
-            labels = np.full((B, T), IGNORE_INDEX, np.int32)
-            owner = np.zeros(B, np.int32)
-            order = []
-            for g, (pre, idx) in enumerate(batch):
-                pre_ids[g, : len(pre)], pre_len[g] = pre, len(pre)
-                for i in idx:
-                    r = len(order)
-                    x, y = rows[i]
-                    ids[r, : len(x) - len(pre)] = x[len(pre) :]
-                    labels[r, : len(y) - len(pre)] = y[len(pre) :]
-                    lengths[r], owner[r] = len(x) - len(pre), g
-                    order.append(i)
-            out = engine.score_with_prefix(self.graphdef, self.params, pre_ids, pre_len, ids, lengths, labels, owner,
-                                           timings=self.timings, phase=phase, members=self.members)  # fmt: skip
-            self._store_rows(out, order)
+    def _score_packed(self, rows, phase) -> list[int]:
+        """Score every example that fits a packed row; returns the indices of those that do not.
+
+        Example ``i`` is its prompt ``ids[:p]`` (``p``: one before its first scored label) and its
+        continuation ``ids[p:]`` (the last prompt token predicts the first scored one). Examples
+        with the same prompt form a group: one copy of the prompt, then their continuations
+        (a group longer than a row is split, the prompt repeated). Groups are packed into rows of
+        ``T`` tokens (first fit, longest first) and the rows batched evenly: one compiled shape."""
+        starts = [min(max(_first_scored(y) - 1, 0), len(x) - 1) for x, y in rows]
+        total = sum(len(x) for x, _ in rows)
+        want = min(total, PACK_TOKENS)
+        fits = [b for b in (self.buckets or ()) if b >= want]
+        T = min(PACK_TOKENS, self._bucket(want)) if fits or not self.buckets else max(self.buckets)
+        if self.max_length is not None:
+            T = min(T, self.max_length)
+        groups: dict = {}
+        unfit = []
+        for i, ((ids, _), p) in enumerate(zip(rows, starts)):
+            if len(ids) > T:
+                unfit.append(i)
+            else:
+                groups.setdefault(tuple(ids[:p]), []).append(i)
+        if not groups:
+            return unfit
+        chunks = []  # (prompt, [example indices]) of at most T tokens each
+        for prompt, idx in groups.items():
+            cur, used = [], len(prompt)
+            for i in idx:
+                size = len(rows[i][0]) - len(prompt)
+                if cur and used + size > T:
+                    chunks.append((prompt, cur))
+                    cur, used = [], len(prompt)
+                cur.append(i)
+                used += size
+            chunks.append((prompt, cur))
+        size = {id(c): len(c[0]) + sum(len(rows[i][0]) - len(c[0]) for i in c[1]) for c in chunks}
+        bins: list = []  # [free tokens, [chunks]]
+        for c in sorted(chunks, key=lambda c: -size[id(c)]):
+            for b in bins:
+                if b[0] >= size[id(c)]:
+                    b[0] -= size[id(c)]
+                    b[1].append(c)
+                    break
+            else:
+                bins.append([T - size[id(c)], [c]])
+        per_batch = max(1, SCORE_TOKENS // T // (self.members or 1))  # members share the batch's memory
+        n_batches = -(-len(bins) // per_batch)
+        B = -(-len(bins) // n_batches)  # rows per batch, as even as one shape allows
+        for a in range(0, len(bins), B):
+            ids, pos = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+            group, part = np.full((B, T), -1, np.int32), np.zeros((B, T), np.int32)
+            targets = np.full((B, T), IGNORE_INDEX, np.int32)
+            places = []  # (example, row, first slot, length)
+            for r, (_, row_chunks) in enumerate(bins[a : a + B]):
+                t = 0
+                for g, (prompt, idx) in enumerate(row_chunks):
+                    P = len(prompt)
+                    ids[r, t : t + P], pos[r, t : t + P], group[r, t : t + P] = prompt, np.arange(P), g
+                    t += P
+                    for k, i in enumerate(idx, start=1):
+                        x, y = rows[i]
+                        L = len(x) - P
+                        ids[r, t : t + L], pos[r, t : t + L] = x[P:], np.arange(P, len(x))
+                        group[r, t : t + L], part[r, t : t + L] = g, k
+                        targets[r, t : t + L - 1] = y[P + 1 :]
+                        places.append((i, r, t, L))
+                        t += L
+            out = engine.score_packed(self.graphdef, self.params, ids, pos, group, part, targets, timings=self.timings,
+                                      phase=phase, members=self.members, dist=self.dist)  # fmt: skip
+            out = [np.asarray(o) for o in out]
+            if self.members is None:
+                out = [o[None] for o in out]
+            for j in range(self.members or 1):
+                for i, r, t, L in places:
+                    logp, mask, cor, *dist = (o[j, r, t : t + L] for o in out)
+                    m = mask > 0
+                    lp = np.asarray(logp[m], dtype=np.float64)
+                    self._nll[j, i] = -float(np.sum(lp)) / max(int(m.sum()), 1)
+                    self._lps[j][i] = lp
+                    self._cors[j][i] = np.asarray(cor[m], dtype=bool)
+                    if dist:
+                        self._mus[j][i] = np.asarray(dist[0][m], dtype=np.float64)
+                        self._sigmas[j][i] = np.asarray(dist[1][m], dtype=np.float64)
+        return unfit

@@ -197,7 +197,8 @@ def evaluate_tofu(
     for i, r in enumerate(data["holdout"]):
         add(("holdout", "answer", i, 0), r["question"], r["answer"])
     sw_tok.__exit__(None, None, None)
-    scorer = Scorer(model, batch_size=batch_size, buckets=buckets, timings=timings)
+    scorer = Scorer(model, batch_size=batch_size, buckets=buckets, timings=timings,
+                    distribution_stats="min_k_plus_plus" in mia_attacks)  # read by the MIA attacks below
     many = isinstance(model, Members)
     all_scores = scorer.score(examples, phase="score")
     index = {key: n for n, key in enumerate(keys)}
@@ -222,10 +223,15 @@ def evaluate_tofu(
         from ngdiff_jax.evaluation import mia
 
         others = [a for a in mia_attacks if a != "min_k"]
-        mia_ex = {s: [examples[index[(s, "answer", i, 0)]] for i in range(len(data[s]))] for s in ("forget", "holdout")}
+        rows = {s: [index[(s, "answer", i, 0)] for i in range(len(data[s]))] for s in ("forget", "holdout")}
+        mia_ex = {s: [examples[n] for n in rows[s]] for s in rows}
+        # the model's own statistics come from the scoring pass above (no second pass, no compile)
+        stats = [{s: mia.statistics_from_scores(sc, rows[s]) for s in rows}
+                 for sc in (all_scores if many else [all_scores])]
         all_mia = mia.run_attacks(
             model, tokenizer, mia_ex, attacks=others, reference_model=reference_model,
             reference_aucs=None if ref is None else ref.get("mia"), k=k, batch_size=batch_size, buckets=buckets,
+            statistics={s: [st[s] for st in stats] if many else stats[0][s] for s in rows},
         )  # fmt: skip
     if not many:
         all_scores, all_texts, all_mia = [all_scores], [all_texts], [all_mia]

@@ -178,12 +178,15 @@ class Attention(nnx.Module):
         else:
             new_cache = None
             q_slot = jnp.arange(T)
-        S = k.shape[1]
-        k_slot = jnp.arange(S)
-        allowed = k_slot[None, :] <= q_slot[:, None]
-        if self.sliding_window is not None:
-            allowed = allowed & (q_slot[:, None] - k_slot[None, :] < self.sliding_window)
-        mask = allowed[None, :, :] & kv_valid[:, None, :].astype(bool)  # [B, T, S]
+        if kv_valid.ndim == 3:  # the whole mask [B, T, S], as given (packed rows)
+            mask = kv_valid.astype(bool)
+        else:
+            S = k.shape[1]
+            k_slot = jnp.arange(S)
+            allowed = k_slot[None, :] <= q_slot[:, None]
+            if self.sliding_window is not None:
+                allowed = allowed & (q_slot[:, None] - k_slot[None, :] < self.sliding_window)
+            mask = allowed[None, :, :] & kv_valid[:, None, :].astype(bool)  # [B, T, S]
         out = attend(q, k, v, mask, self.scale, self.attention, self.dtype)
         return self.o_proj(out), new_cache
 
@@ -298,7 +301,9 @@ class CausalLM(nnx.Module):
     def forward(self, input_ids: Array, positions: Array, kv_valid: Array, cache=None, write_index=None,
                 last_only: bool = False, return_hidden: bool = False, stacked=None):
         """Core forward. ``kv_valid [B, S]`` marks attendable key slots (S = T without a cache,
-        the cache length with one). ``last_only`` computes logits of the last position only.
+        the cache length with one; causality and the sliding window are applied to it), or is
+        the whole boolean mask ``[B, T, S]``, applied as given (several sequences packed in a
+        row). ``last_only`` computes logits of the last position only.
         Returns ``(logits float32 [B, T, V], new_cache or None)``; with ``return_hidden`` the
         last block's output ``[B, T, hidden]`` instead of the logits (apply :meth:`head` to it,
         e.g. on a few positions or in chunks). ``stacked = (block graphdef, tuple of block states
