@@ -149,7 +149,7 @@ def test_overlong_rows_warn_drop_error(tok):
 
 
 def test_format_saved_beside_model_and_mismatch_is_an_error(tmp_path):
-    from ngdiff_jax.training.unlearn import resolve_format
+    from ngdiff_jax.training.data_assembly import resolve_format
 
     spec = load_format("open-unlearning")
     save_format(spec, tmp_path, stage="unlearn", forget_split="forget01")

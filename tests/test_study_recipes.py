@@ -46,7 +46,7 @@ def test_model_path_on_the_command_line_replaces_the_configs_model(capsys, tmp_p
 
 def test_retain_split_follows_forget_split():
     from ngdiff_jax.training.config_schema import DataConfig
-    from ngdiff_jax.training.unlearn import resolve_retain_split
+    from ngdiff_jax.training.data_assembly import resolve_retain_split
 
     for f, r in (("forget01", "retain99"), ("forget05", "retain95"), ("forget10", "retain90")):
         assert resolve_retain_split(DataConfig(forget_split=f)) == r

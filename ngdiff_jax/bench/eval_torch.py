@@ -213,7 +213,7 @@ def main(argv=None) -> int:
     run = TorchRunner(a.model, a.threads, device=a.device, dtype=a.dtype)
     if a.benchmark == "tofu":
         from ngdiff_jax.data import QAFormatter
-        from ngdiff_jax.training.unlearn import resolve_format
+        from ngdiff_jax.training.data_assembly import resolve_format
 
         fmt = QAFormatter(run.tok, spec=resolve_format(None, a.model))
         res = eval_tofu(run, a.data, forget_split=a.forget_split, limit=a.limit,

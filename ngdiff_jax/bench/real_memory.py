@@ -98,7 +98,7 @@ def child_torch(args) -> dict:
     from ngdiff_jax.bench import torch_side
     from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, data_assembly, model_io
-    from ngdiff_jax.training.unlearn import resolve_format, resolve_retain_split
+    from ngdiff_jax.training.data_assembly import resolve_format, resolve_retain_split
 
     cfg = load_config(UnlearnConfig, "tofu_ngdiff",
                       _overrides(args.model, args.data, "/tmp/unused", args.steps, args.batch, args.seq),

@@ -152,7 +152,7 @@ def _load_and_evaluate(args, name: str, out: Path) -> int:
         print(f"error: cannot load model/tokenizer from {args.model} (or --reference-model): {e}", file=sys.stderr)
         return 2
     from ngdiff_jax.data import load_format, read_format
-    from ngdiff_jax.training.unlearn import resolve_format
+    from ngdiff_jax.training.data_assembly import resolve_format
 
     try:
         spec = load_format(args.format) if args.format else None

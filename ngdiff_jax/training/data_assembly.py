@@ -25,7 +25,7 @@ def resolve_source(source: str | None) -> str | Path:
                 "or to the hub id locuslab/TOFU, or set NGDIFF_SHARED_DATA."
             )
         return d
-    from ngdiff_jax.training.validation import hub_cached, looks_like_hub_id, not_local_message
+    from ngdiff_jax.paths import hub_cached, looks_like_hub_id, not_local_message
 
     p = Path(source).expanduser()
     if p.is_dir():
@@ -177,3 +177,42 @@ def forget_stream(rows, examples, tokenizer, data: DataConfig, method, *, seed: 
             "data.overlong=truncate."
         )
     return PairedBatcher(main, make_batcher(alt_ex, tokenizer, data, seed=seed))
+
+
+def resolve_retain_split(data) -> str:
+    """``data.retain_split``, or the TOFU retain split paired with ``data.forget_split``."""
+    from ngdiff_jax.data import RETAIN_FOR_FORGET
+
+    if data.retain_split is not None:
+        return data.retain_split
+    if getattr(data, "kind", "qa") == "text":
+        raise ValueError("data.kind=text: data.retain_split is not set; name the raw split to keep (e.g. retain1).")
+    if data.forget_split not in RETAIN_FOR_FORGET:
+        raise ValueError(
+            f"data.retain_split is not set and data.forget_split={data.forget_split!r} has no paired TOFU "
+            f"retain split (known: {RETAIN_FOR_FORGET}); set data.retain_split."
+        )
+    return RETAIN_FOR_FORGET[data.forget_split]
+
+
+def resolve_format(spec, model_path: str, *, allow_change: bool = False, what: str = "format"):
+    """The format to use with the model at ``model_path``: the one saved beside it
+    (``ngdiff_format.json``) when ``spec`` is None (the ``default`` preset if none is saved);
+    a ``spec`` that differs from the saved one is an error unless ``allow_change``."""
+    from pathlib import Path
+
+    from ngdiff_jax.data.formatting import load_format, read_format
+
+    saved = read_format(model_path) if Path(model_path).is_dir() else None
+    if spec is None:
+        return saved["format"] if saved else load_format("default")
+    if saved is not None and not allow_change:
+        diff = spec.differences(saved["format"])
+        if diff:
+            shown = ", ".join(f"{k}: saved {a!r} vs given {b!r}" for k, (b, a) in diff.items())
+            raise ValueError(
+                f"{what} {spec.name!r} differs from the format the model at {model_path} was trained with "
+                f"({saved['format'].name!r}; {shown}); drop the {what} setting to use the saved one, or "
+                "allow the change explicitly (allow_format_change=true / --allow-format-change)."
+            )
+    return spec

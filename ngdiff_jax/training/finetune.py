@@ -19,7 +19,7 @@ import yaml
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
 from ngdiff_jax.data.formatting import save_format
-from ngdiff_jax.training import checkpoint, data_assembly, divergence, model_io, ownership, precision
+from ngdiff_jax.training import checkpoint, data_assembly, divergence, model_io, precision, validation
 from ngdiff_jax.training.config_schema import FinetuneConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_finetune_optimizer
@@ -76,7 +76,7 @@ def build_model(cfg: FinetuneConfig, rows: list[dict], out: Path, *, mesh=None, 
     return model, tok
 
 
-@ownership.guarded("finetune", ignore=("mesh", "distributed"))  # validation, lock, output ownership
+@validation.guarded("finetune", ignore=("mesh", "distributed"))  # validation, lock, output ownership
 def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict[str, Any]]:
     """Train on ``cfg.data.split`` and export to ``<output_dir>/model`` (tokenizer included).
 

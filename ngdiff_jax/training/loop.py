@@ -64,9 +64,9 @@ def _host(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_meta(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path) -> None:
     from ngdiff_jax.errors import InputError
-    from ngdiff_jax.training.ownership import _flat, settings_diff
+    from ngdiff_jax.training.ownership import flat_settings, settings_diff
 
-    saved, current = _flat(dict(saved)), _flat(dict(current))
+    saved, current = flat_settings(dict(saved)), flat_settings(dict(current))
     diff = settings_diff(saved, current)
     if diff:
         detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diff[:5])

@@ -24,7 +24,7 @@ def _check_local_or_hub(path: str, what: str) -> str:
                 "pass the directory written by save_pretrained (e.g. <finetune output_dir>/model)."
             )
         return str(p)
-    from ngdiff_jax.training.validation import hub_cached, looks_like_hub_id, not_local_message
+    from ngdiff_jax.paths import hub_cached, looks_like_hub_id, not_local_message
 
     if looks_like_hub_id(path) and hub_cached(path):
         return path  # a hub id in the local cache (nothing is downloaded at run time)

@@ -25,7 +25,6 @@ import ctypes
 import ctypes.util
 import datetime
 import fcntl
-import functools
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ from typing import Any
 from ngdiff_jax.errors import InputError, OutputDirBusy
 from ngdiff_jax.processes import pid_alive
 
-__all__ = ["OutputLock", "atomic_dir", "check_output_dir", "claim", "guarded"]
+__all__ = ["OutputLock", "atomic_dir", "check_output_dir", "claim", "flat_settings", "settings_diff"]
 
 LOCK_NAME = ".ngdiff.lock"
 RUN_MANIFEST = ".ngdiff-run.json"
@@ -167,12 +166,13 @@ def _read_owner(fd: int) -> dict:
 # -- same run only -----------------------------------------------------------------------------
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flat_settings(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict as ``{"dotted.key": value}``."""
     if not isinstance(d, dict):
         return {prefix[:-1]: d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
+        out.update(flat_settings(v, f"{prefix}{k}."))
     return out
 
 
@@ -214,7 +214,7 @@ def _check_same_run(out: Path, command: str, settings: dict) -> None:
                     f"run.output_dir {out} was written by `ngdiff {saved.get('command')}`, not `ngdiff {command}`; "
                     "choose another run.output_dir."
                 )
-            a, b = _flat(saved.get("settings", {})), _flat(json.loads(json.dumps(settings)))
+            a, b = flat_settings(saved.get("settings", {})), flat_settings(json.loads(json.dumps(settings)))
             diff = settings_diff(a, b)
             if diff:
                 shown = "; ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in diff[:6])
@@ -378,21 +378,3 @@ def _process_id(cfg) -> int:
         return int(pid) if pid is not None else 0
     except ValueError:
         return 0
-
-
-def guarded(command: str, *, ignore: Sequence[str] = ()):
-    """Decorator for a pipeline ``fn(cfg, ...)``: validate the config and inputs (nothing written
-    on failure), then run ``fn`` owning ``cfg.run.output_dir`` (:func:`claim`)."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        def wrapper(cfg, *args, **kwargs):
-            from ngdiff_jax.training.validation import validate_run
-
-            validate_run(cfg, command)
-            with claim(cfg, command, ignore=ignore):
-                return fn(cfg, *args, **kwargs)
-
-        return wrapper
-
-    return deco

@@ -80,7 +80,7 @@ class _Setup:
     def __init__(self, cfg, members: list[Member]):
         from ngdiff_jax import models
         from ngdiff_jax.training import data_assembly, model_io
-        from ngdiff_jax.training.unlearn import resolve_format, resolve_retain_split
+        from ngdiff_jax.training.data_assembly import resolve_format, resolve_retain_split
 
         self.cfg = cfg
         prec = cfg.precision

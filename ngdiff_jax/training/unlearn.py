@@ -15,7 +15,7 @@ import yaml
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data import jsonio
 from ngdiff_jax.data.formatting import save_format
-from ngdiff_jax.training import checkpoint, data_assembly, divergence, eval_hook, model_io, ownership, precision
+from ngdiff_jax.training import checkpoint, data_assembly, divergence, eval_hook, model_io, precision, validation
 from ngdiff_jax.training.config_schema import UnlearnConfig
 from ngdiff_jax.training.loop import LoopResult, run_loop, steps_for_epochs
 from ngdiff_jax.training.methods import make_optimizer
@@ -32,7 +32,7 @@ def _settings(cfg: UnlearnConfig) -> dict:
     return checkpoint.resume_settings(cfg, ignore=("mesh", "distributed"))
 
 
-@ownership.guarded("unlearn", ignore=("mesh", "distributed"))  # validation, lock, output ownership
+@validation.guarded("unlearn", ignore=("mesh", "distributed"))  # validation, lock, output ownership
 def run_unlearn(
     cfg: UnlearnConfig,
     *,
@@ -45,7 +45,7 @@ def run_unlearn(
     steps (default: :func:`eval_hook.qa_probability_eval` on the forget and retain batches,
     giving ``forget_prob``/``retain_prob``). Returns the loop result and a summary dict
     (also written to ``<output_dir>/summary.json``). Before any work the config and inputs are
-    validated and the output dir is locked (``ownership.guarded``); a diverged run raises
+    validated and the output dir is locked (``validation.guarded``); a diverged run raises
     ``DivergedError`` instead of exporting (``divergence.check_run``).
 
     There is one code path: the step always runs on a device mesh (``ngdiff_jax.parallel``),
@@ -108,8 +108,8 @@ def run_unlearn(
     to_full = lora_run.merged_params if lora_run is not None else (
         models.stacked.unstack if cfg.run.scan_layers else None)
     tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)
-    spec = resolve_format(cfg.format, cfg.model_path, allow_change=cfg.allow_format_change)
-    retain_split = resolve_retain_split(cfg.data)
+    spec = data_assembly.resolve_format(cfg.format, cfg.model_path, allow_change=cfg.allow_format_change)
+    retain_split = data_assembly.resolve_retain_split(cfg.data)
     forget_rows = data_assembly.load_split(cfg.data, cfg.data.forget_split)
     retain_rows = data_assembly.load_split(cfg.data, retain_split)
     forget_ex = data_assembly.encode_split(
@@ -274,45 +274,6 @@ def _selector(cfg: UnlearnConfig, hook, *, model, tok, spec, out: Path, main: bo
                 par.save_pretrained_gathered(model, full, directory, tokenizer=tok)
 
     return selection.Selector(sel.criterion(), evaluate, out, export=export, patience=sel.patience, main=main)
-
-
-def resolve_retain_split(data) -> str:
-    """``data.retain_split``, or the TOFU retain split paired with ``data.forget_split``."""
-    from ngdiff_jax.data import RETAIN_FOR_FORGET
-
-    if data.retain_split is not None:
-        return data.retain_split
-    if getattr(data, "kind", "qa") == "text":
-        raise ValueError("data.kind=text: data.retain_split is not set; name the raw split to keep (e.g. retain1).")
-    if data.forget_split not in RETAIN_FOR_FORGET:
-        raise ValueError(
-            f"data.retain_split is not set and data.forget_split={data.forget_split!r} has no paired TOFU "
-            f"retain split (known: {RETAIN_FOR_FORGET}); set data.retain_split."
-        )
-    return RETAIN_FOR_FORGET[data.forget_split]
-
-
-def resolve_format(spec, model_path: str, *, allow_change: bool = False, what: str = "format"):
-    """The format to use with the model at ``model_path``: the one saved beside it
-    (``ngdiff_format.json``) when ``spec`` is None (the ``default`` preset if none is saved);
-    a ``spec`` that differs from the saved one is an error unless ``allow_change``."""
-    from pathlib import Path
-
-    from ngdiff_jax.data.formatting import load_format, read_format
-
-    saved = read_format(model_path) if Path(model_path).is_dir() else None
-    if spec is None:
-        return saved["format"] if saved else load_format("default")
-    if saved is not None and not allow_change:
-        diff = spec.differences(saved["format"])
-        if diff:
-            shown = ", ".join(f"{k}: saved {a!r} vs given {b!r}" for k, (b, a) in diff.items())
-            raise ValueError(
-                f"{what} {spec.name!r} differs from the format the model at {model_path} was trained with "
-                f"({saved['format'].name!r}; {shown}); drop the {what} setting to use the saved one, or "
-                "allow the change explicitly (allow_format_change=true / --allow-format-change)."
-            )
-    return spec
 
 
 def _check_batch_size(cfg: UnlearnConfig, sharded) -> None:

@@ -18,15 +18,18 @@ key or file, the bad value and the fix (raised together as one
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ngdiff_jax.config_loader import to_dict
 from ngdiff_jax.data.jsonio import read_json
 from ngdiff_jax.errors import InputError
+from ngdiff_jax.paths import hub_cached, looks_like_hub_id, not_local_message
+from ngdiff_jax.training import ownership
 
 __all__ = ["check_config_values", "hub_cached", "validate_run"]
 
@@ -127,33 +130,6 @@ def check_config_values(cfg) -> list[str]:
     ):
         errors.append("method.retain_weight=0 and method.forget_weight=0: the update is always zero; set one > 0.")
     return errors
-
-
-# -- local-or-hub --------------------------------------------------------------------------
-
-
-def hub_cached(repo_id: str, repo_type: str = "model") -> bool:
-    """Whether a hub repo is in the local Hugging Face cache (no network access)."""
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return False
-    folder = f"{repo_type}s--{repo_id.replace('/', '--')}"
-    return (Path(constants.HF_HUB_CACHE) / folder / "snapshots").is_dir()
-
-
-def looks_like_hub_id(text: str) -> bool:
-    parts = str(text).split("/")
-    return len(parts) == 2 and all(parts) and not str(text).startswith((".", "/", "~"))
-
-
-def not_local_message(key: str, value: str, looked: Path, what: str, repo_type: str = "model") -> str:
-    if looks_like_hub_id(value):
-        flag = " --repo-type dataset" if repo_type == "dataset" else ""
-        return (f"{key}={value!r} is not a local directory (looked for {looked.absolute()}) and not in the local "
-                f"Hugging Face cache; ngdiff does not download at run time: fix the path, or fetch it first "
-                f"(huggingface-cli download{flag} {value}).")  # fmt: skip
-    return f"{key}={value!r} not found: looked for {looked.absolute()}; pass an existing {what}."
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -432,7 +408,7 @@ def validate_run(cfg, command: str) -> None:
     if command == "finetune":
         splits = {"data.split": cfg.data.split}
     else:
-        from ngdiff_jax.training.unlearn import resolve_format, resolve_retain_split
+        from ngdiff_jax.training.data_assembly import resolve_format, resolve_retain_split
 
         splits = {"data.forget_split": cfg.data.forget_split}
         try:
@@ -636,3 +612,19 @@ def validate_report(results: dict, trajectories: dict, out: str | Path) -> None:
             errors.append(f"{src}: 'meta' is a {type(r.meta).__name__}, not a mapping; re-run ngdiff eval for it.")
     if errors:
         raise InputError("\n".join(f"error: {e}" if i else e for i, e in enumerate(errors)))
+
+
+def guarded(command: str, *, ignore: Sequence[str] = ()):
+    """Decorator for a pipeline ``fn(cfg, ...)``: validate the config and inputs (nothing written
+    on failure), then run ``fn`` owning ``cfg.run.output_dir`` (`ngdiff_jax.training.ownership.claim`)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(cfg, *args, **kwargs):
+            validate_run(cfg, command)
+            with ownership.claim(cfg, command, ignore=ignore):
+                return fn(cfg, *args, **kwargs)
+
+        return wrapper
+
+    return deco

@@ -23,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ngdiff_jax.backends import Backend, forward_mode
+from ngdiff_jax.backends.base import Backend, forward_mode
 from ngdiff_jax.backends.cpu import host_memory, kernels, ordering
 from ngdiff_jax.bits import from_bits
 
