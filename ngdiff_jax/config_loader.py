@@ -175,11 +175,11 @@ def _deepcopy(x):
     return x
 
 
-def _merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
     out = _deepcopy(base)
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = _deepcopy(v)
     return out
@@ -211,7 +211,7 @@ def _resolve_reference(value: Any, subdir: str | None, where: str) -> dict:
         base = value["_base"]
         if base is None:
             return rest
-        return _merge(_resolve_reference(base, subdir, where), rest)
+        return deep_merge(_resolve_reference(base, subdir, where), rest)
     if isinstance(value, dict):
         return value
     raise ConfigError(
@@ -367,7 +367,7 @@ def _load_with_base(path: Path, subdir: str | None = None, chain: tuple[Path, ..
     if not base_path.is_absolute():
         cand = path.parent / base_path
         base_path = cand if cand.is_file() else resolve_config_path(base, subdir)
-    return _merge(_load_with_base(base_path, subdir, (*chain, here)), data)
+    return deep_merge(_load_with_base(base_path, subdir, (*chain, here)), data)
 
 
 def to_dict(cfg: Any) -> Any:

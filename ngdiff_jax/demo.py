@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ngdiff_jax.config_loader import ConfigError, _merge, apply_overrides, build, load_yaml, to_dict
+from ngdiff_jax.config_loader import ConfigError, apply_overrides, build, deep_merge, load_yaml, to_dict
 from ngdiff_jax.data.formatting import FormatSpec, load_format
 from ngdiff_jax.sweep.config import SweepSection
 from ngdiff_jax.training.config_schema import DataConfig, LoraSection, ModelSpec, OptimConfig, PrecisionSection
@@ -206,7 +206,7 @@ def load_demo_config(
     if not isinstance(quick_section, dict):
         raise ConfigError(f"{p}: `quick` must be a mapping of settings merged on top for --quick.")
     if quick:
-        data = _merge(data, quick_section)
+        data = deep_merge(data, quick_section)
     data = apply_overrides(data, overrides)
     if methods is not None:
         data = _keep_methods(data, list(methods))
@@ -909,12 +909,12 @@ def _print_summary(console, report, checks, summary) -> None:
     t.add_column("setting")
     for c in cols:
         t.add_column(c, justify="right")
-    from ngdiff_jax.sweep.report import _iv, _setting
+    from ngdiff_jax.sweep.report import interval_text, setting_text
 
     for n, agg in report["references"].items():
         t.add_row(n, "reference", *(_g(agg.get(c)) for c in cols))
     for n, m in report["methods"].items():
-        t.add_row(n, _setting(m["selected"]), *(_iv(m["summary"].get(c)) for c in cols))
+        t.add_row(n, setting_text(m["selected"]), *(interval_text(m["summary"].get(c)) for c in cols))
     console.print(t)
     for c in checks:
         mark = "[green]✓[/]" if c["ok"] else "[red]✗[/]"

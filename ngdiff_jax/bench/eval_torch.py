@@ -94,16 +94,16 @@ class TorchRunner:
 
 def eval_tofu(run: TorchRunner, data_dir, *, forget_split, limit, max_new_tokens, formatter) -> dict:
     from ngdiff_jax.data import load_tofu
-    from ngdiff_jax.evaluation.tofu import _UTILITY_SPLITS, holdout_split_for
+    from ngdiff_jax.evaluation.tofu import UTILITY_SPLITS, holdout_split_for
 
     def load(split):
         rows = load_tofu(split, data_dir)
         return rows[:limit] if limit is not None else rows
 
     data = {"forget": load(f"{forget_split}_perturbed"), "holdout": load(holdout_split_for(forget_split))}
-    for p, (split, _, _) in _UTILITY_SPLITS.items():
+    for p, (split, _, _) in UTILITY_SPLITS.items():
         data[p] = load(split)
-    correct_field = {"forget": "paraphrased_answer", **{p: f for p, (_, f, _) in _UTILITY_SPLITS.items()}}
+    correct_field = {"forget": "paraphrased_answer", **{p: f for p, (_, f, _) in UTILITY_SPLITS.items()}}
     agg, per, gens = {}, {}, {}
     tokstats = {}
     for prefix in ("forget", "retain", "ra", "wf"):
@@ -135,7 +135,7 @@ def eval_tofu(run: TorchRunner, data_dir, *, forget_split, limit, max_new_tokens
         if prefix == "forget":
             per["forget_truth_ratio"], agg["forget_truth_ratio"] = tr, M.truth_ratio_closer_to_1(tr)
         else:
-            key = _UTILITY_SPLITS[prefix][2]
+            key = UTILITY_SPLITS[prefix][2]
             per[key], agg[key] = tr, M.truth_ratio_true_better(tr)
         rouge = M.rouge_scores(texts, truths)
         per[f"{prefix}_Q_A_ROUGE"] = [s["rougeL_recall"] for s in rouge]

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ngdiff_jax.bench.sizes import BenchSize
+from ngdiff_jax.parallel.plan import cost_flops
 
 #: The step variants: (method config name, overrides, GeN every or None).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -73,18 +74,6 @@ def _memory_analysis(compiled) -> dict[str, int]:
     return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
 
 
-def _cost_flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"])
-
-
 def compile_step(apply_fn, params, forget_batch, retain_batch, variant: str, *, lr: float = 1e-5,
                  gen_every: int = 4) -> CompiledStep:
     """Builds the training package's step for ``variant`` (see :data:`VARIANTS`) and compiles it.
@@ -101,7 +90,7 @@ def compile_step(apply_fn, params, forget_batch, retain_batch, variant: str, *, 
     t0 = time.perf_counter()
     compiled = step.lower(params, opt_state, forget_batch, retain_batch, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
-    return CompiledStep(variant, compiled, opt_state, _cost_flops(compiled), _memory_analysis(compiled),
+    return CompiledStep(variant, compiled, opt_state, cost_flops(compiled), _memory_analysis(compiled),
                         compile_s)
 
 

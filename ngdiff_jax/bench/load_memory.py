@@ -52,7 +52,7 @@ def write_random_checkpoint(out: Path, size_mb: float, seed: int = 0) -> int:
     from flax import nnx
 
     from ngdiff_jax.models.config import ModelConfig
-    from ngdiff_jax.models.hf import _flat_params, specs_for
+    from ngdiff_jax.models.hf import flat_params, specs_for
     from ngdiff_jax.models.modeling import CausalLM
     from ngdiff_jax.models.safetensors_io import write_safetensors
 
@@ -66,7 +66,7 @@ def write_random_checkpoint(out: Path, size_mb: float, seed: int = 0) -> int:
     hf.architectures = ["LlamaForCausalLM"]
     cfg = ModelConfig.from_hf(hf)
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
-    flat = _flat_params(nnx.state(abstract, nnx.Param))
+    flat = flat_params(nnx.state(abstract, nnx.Param))
     specs = specs_for(cfg, {k: tuple(v.shape) for k, v in flat.items()})
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _peak_mb() -> float:
+def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB.
 
     ``VmHWM`` from ``/proc/self/status`` where available: ``ru_maxrss`` survives ``execve``, so
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         out = run_torch(size, args.method, args.steps, args.dtype,
                         "cuda" if args.device == "gpu" else "cpu")
     out.update(framework=args.framework, method=args.method, size=args.size, steps=args.steps,
-               peak_rss_mb=_peak_mb())
+               peak_rss_mb=peak_rss_mb())
     out["peak_above_baseline_mb"] = out["peak_rss_mb"] - out["baseline_rss_mb"]
     print(json.dumps(out))
     return 0

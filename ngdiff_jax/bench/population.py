@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ngdiff_jax.bench.real_memory import _peak_mb
+from ngdiff_jax.bench.real_memory import peak_rss_mb
 
 DEMO_MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
@@ -101,7 +101,8 @@ def child_speed(side: str, root: Path, members: int, steps: int) -> dict:
         runs = _torch_runs(model, data, seeds, rates, steps, runs_dir)
     else:
         raise SystemExit(f"unknown side {side!r}")
-    return {"side": side, "runs": runs, "wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_peak_mb(), 1)}
+    wall = round(time.perf_counter() - t0, 2)
+    return {"side": side, "runs": runs, "wall_s": wall, "peak_mb": round(peak_rss_mb(), 1)}
 
 
 def _torch_runs(model: Path, data: Path, seeds, rates, steps: int, root: Path) -> int:
@@ -153,7 +154,8 @@ def child_memory(model: str, data: str | None, members: int, steps: int, out: Pa
         o += [f"population.seeds={list(range(members))}"] + ([f"population.at_once={at_once}"] if at_once else [])
     t0 = time.perf_counter()
     rc = console(["unlearn", "--config", "tofu_ngdiff", *o])
-    return {"members": members, "rc": rc, "wall_s": round(time.perf_counter() - t0, 2), "peak_mb": round(_peak_mb(), 1)}
+    wall = round(time.perf_counter() - t0, 2)
+    return {"members": members, "rc": rc, "wall_s": wall, "peak_mb": round(peak_rss_mb(), 1)}
 
 
 def _child(argv: list[str], env=None) -> dict:

@@ -53,7 +53,7 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def _peak_mb() -> float:
+def peak_rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -86,7 +86,7 @@ def child_jax(args, extra: list[str]) -> dict:
             raise SystemExit(f"ngdiff unlearn failed with exit code {rc}")
         summary = json.loads((out / "summary.json").read_text())
     log = summary.get("last_metrics", {})
-    return {"peak_rss_mb": _peak_mb(), "step_time_s": summary["step_time_s"],
+    return {"peak_rss_mb": peak_rss_mb(), "step_time_s": summary["step_time_s"],
             "forget_loss": log.get("forget_loss"), "retain_loss": log.get("retain_loss")}  # fmt: skip
 
 
@@ -123,7 +123,7 @@ def child_torch(args) -> dict:
         t0 = time.perf_counter()
         m = step.step()
         times.append(time.perf_counter() - t0)
-    return {"peak_rss_mb": _peak_mb(), "step_time_s": float(np.median(times[1:])), **m,
+    return {"peak_rss_mb": peak_rss_mb(), "step_time_s": float(np.median(times[1:])), **m,
             "threads": torch.get_num_threads()}  # fmt: skip
 
 

@@ -22,7 +22,7 @@ import math
 import re
 from pathlib import Path
 
-from ngdiff_jax.evaluation.results import EvalResult, _clean
+from ngdiff_jax.evaluation.results import EvalResult, json_safe
 
 TOFU_COLUMNS = (
     "forget_quality",
@@ -134,7 +134,7 @@ def write_report(
         for name, r in models.items()
     }
     paths = {"json": out / "report.json", "md": out / "report.md", "png": out / "tradeoff.png"}
-    (paths["json"]).write_text(json.dumps(_clean({"models": entries, "trajectories": traj}), indent=1))
+    (paths["json"]).write_text(json.dumps(json_safe({"models": entries, "trajectories": traj}), indent=1))
     curves = write_curves(out / "curves", traj) if traj else {}
     paths["md"].write_text(_markdown(entries, traj, title, curves))
     _plot(paths["png"], entries, traj, title)

@@ -25,14 +25,14 @@ import numpy as np
 from ngdiff_jax.data.jsonio import read_json
 
 
-def _clean(x):
+def json_safe(x):
     """JSON-safe copy: numpy -> python, NaN/inf -> None."""
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
+        return json_safe(x.tolist())
     if isinstance(x, (np.floating, float)):
         x = float(x)
         return x if math.isfinite(x) else None
@@ -57,7 +57,7 @@ class EvalResult:
     path: str | None = None  # where it was saved / loaded from
 
     def to_dict(self) -> dict:
-        return _clean(
+        return json_safe(
             {
                 "name": self.name,
                 "benchmark": self.benchmark,

@@ -47,7 +47,7 @@ MIA_ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "gradnorm", "referenc
 DEFAULT_MIA_ATTACKS = ("min_k", "loss", "zlib", "min_k_plus_plus", "reference")
 
 # prefix -> (split, correct-answer field for the truth ratio, truth-ratio aggregate key)
-_UTILITY_SPLITS = {
+UTILITY_SPLITS = {
     "retain": ("retain_perturbed", "paraphrased_answer", "retain_Truth_Ratio"),
     "ra": ("real_authors_perturbed", "answer", "ra_Truth_Ratio"),
     "wf": ("world_facts_perturbed", "answer", "wf_Truth_Ratio"),
@@ -162,10 +162,10 @@ def evaluate_tofu(
 
     with Stopwatch() as sw_load:
         data = {"forget": load(f"{forget_split}_perturbed"), "holdout": load(holdout_split)}
-        for prefix, (split, _, _) in _UTILITY_SPLITS.items():
+        for prefix, (split, _, _) in UTILITY_SPLITS.items():
             data[prefix] = load(split)
     split_names = {"forget": f"{forget_split}_perturbed", "holdout": holdout_split}
-    split_names.update({p: s for p, (s, _, _) in _UTILITY_SPLITS.items()})
+    split_names.update({p: s for p, (s, _, _) in UTILITY_SPLITS.items()})
 
     # ---- every teacher-forced example of every split in one bucketed pass ----------------
     examples, keys = [], []
@@ -175,7 +175,7 @@ def evaluate_tofu(
         examples.append(fmt.encode(q, a))
 
     correct_field = {"forget": "paraphrased_answer"}
-    correct_field.update({p: f for p, (_, f, _) in _UTILITY_SPLITS.items()})
+    correct_field.update({p: f for p, (_, f, _) in UTILITY_SPLITS.items()})
     pert = {}
     prompts, gkeys, truths = [], [], {}
     sw_tok = Stopwatch().__enter__()
@@ -308,7 +308,7 @@ def _tofu_result(scores, texts, mia_out, *, data, pert, index, gkeys, truths, co
         # per-sample scores stay TOFU's p_wrong / p_correct (forget_quality's KS input); the aggregate
         # follows the chosen aggregator (prob_mean: p_correct / (p_correct + p_wrong), docs/METRICS.md)
         tr = M.truth_ratios(correct, wrong)
-        key = "forget_truth_ratio" if prefix == "forget" else _UTILITY_SPLITS[prefix][2]
+        key = "forget_truth_ratio" if prefix == "forget" else UTILITY_SPLITS[prefix][2]
         per[key] = tr
         aggregator = forget_truth_ratio if prefix == "forget" else utility_truth_ratio
         agg[key], tr_per = M.truth_ratio(correct, wrong, aggregator)

@@ -17,7 +17,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu_new", "gelu", "gelu_pytorch_tanh
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-def _unsupported_type_error(model_type: Any) -> ValueError:
+def unsupported_type_error(model_type: Any) -> ValueError:
     return ValueError(
         f"unsupported model_type {model_type!r}: ngdiff_jax.models supports "
         f"{', '.join(SUPPORTED_MODEL_TYPES)} (set `model_type` in config.json to one of these, "
@@ -35,7 +35,7 @@ def _as_hf_config(hf_config: Any):
         d = dict(hf_config)
         model_type = d.pop("model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise _unsupported_type_error(model_type)
+            raise unsupported_type_error(model_type)
         return transformers.AutoConfig.for_model(model_type, **d)
     raise TypeError(
         f"expected a transformers.PretrainedConfig, a dict or a ModelConfig, got {type(hf_config).__name__}"
@@ -86,7 +86,7 @@ class ModelConfig:
         c = _as_hf_config(hf_config)
         mt = c.model_type
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise _unsupported_type_error(mt)
+            raise unsupported_type_error(mt)
         hf_dict = c.to_dict()
         eos = c.eos_token_id
         if isinstance(eos, list):

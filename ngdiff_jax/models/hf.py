@@ -30,7 +30,7 @@ from ngdiff_jax.backends import Backend
 from ngdiff_jax.backends import resolve as resolve_backend
 from ngdiff_jax.models import sharding as shd
 from ngdiff_jax.models.attention import resolve_attention
-from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, _unsupported_type_error
+from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, unsupported_type_error
 from ngdiff_jax.models.modeling import CausalLM
 from ngdiff_jax.models.safetensors_io import SafetensorsFile, aligned_empty, write_safetensors
 
@@ -205,7 +205,7 @@ class _Spec:
         return t.T if self.transpose else t
 
 
-def _flat_params(state_or_tree) -> dict[str, Any]:
+def flat_params(state_or_tree) -> dict[str, Any]:
     tree = state_or_tree
     if isinstance(tree, nnx.State):
         tree = nnx.to_pure_dict(tree)
@@ -255,7 +255,7 @@ def _read_config(d: Path) -> ModelConfig:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {f}: {e}") from e
     if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise _unsupported_type_error(raw.get("model_type"))
+        raise unsupported_type_error(raw.get("model_type"))
     import transformers
 
     cfg = ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(d)))
@@ -403,7 +403,7 @@ def load_params(model_dir, cfg: ModelConfig, abstract_flat: dict[str, Any], *, m
                          "needed (dequantize or re-export it in float32/bfloat16).")  # fmt: skip
     shardings = None
     if mesh is not None:
-        shardings = _flat_params(shd.param_shardings(_unflatten_abstract(abstract_flat), mesh, rules))
+        shardings = flat_params(shd.param_shardings(_unflatten_abstract(abstract_flat), mesh, rules))
     out = {}
     for path, spec in specs.items():
         f = files[spec.hf_name]
@@ -453,7 +453,7 @@ def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float
                                                backend=backend, attention=attention))
     graphdef, state = nnx.split(abstract)
     pure = nnx.to_pure_dict(state)
-    flat_abs = _flat_params(pure)
+    flat_abs = flat_params(pure)
     flat = load_params(d, cfg, flat_abs, mesh=mesh, rules=rules, backend=backend)
     nnx.replace_by_pure_dict(state, _set_leaves(pure, flat))
     return nnx.merge(graphdef, state)
@@ -488,7 +488,7 @@ def save_pretrained(model: CausalLM, path, *, tokenizer=None, max_shard_size: in
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg = cfg.to_hf()
     hf_cfg.architectures = [ARCHITECTURES[cfg.model_type]]
-    flat = _flat_params(nnx.state(model, nnx.Param))
+    flat = flat_params(nnx.state(model, nnx.Param))
     pdt = np.dtype(next(iter(flat.values())).dtype)
     hf_cfg.dtype = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16",
                     np.dtype(np.float16): "float16"}.get(pdt, "float32")

@@ -91,7 +91,7 @@ class TwoTaskWeights(NamedTuple):
     forget_norm: jax.Array
 
 
-def _acc_dtype(x: jax.Array) -> jnp.dtype:
+def acc_dtype(x: jax.Array) -> jnp.dtype:
     return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
 
 
@@ -145,7 +145,7 @@ def _blue(dt):
 
 
 def _moments(x: jax.Array):
-    dt = _acc_dtype(x)
+    dt = acc_dtype(x)
     n = jnp.size(x)
     zero = jnp.zeros((), dt)
     if not n:
@@ -171,7 +171,7 @@ def _moments(x: jax.Array):
 def _narrow(x: jax.Array) -> bool:
     """Whether ``x`` is reduced in a wider dtype (bfloat16, float16): its reductions then read a
     conversion, which must happen once (`_leaf_moments`); a float32 leaf is read as it is."""
-    return _acc_dtype(x) != jnp.asarray(x).dtype
+    return acc_dtype(x) != jnp.asarray(x).dtype
 
 
 def _leaf_max_abs(x: jax.Array) -> jax.Array:
@@ -200,7 +200,7 @@ def tree_max_abs(tree: Any, axis_name: AxisName = None) -> jax.Array:
     return m
 
 
-def _safe_scale(max_abs: jax.Array) -> jax.Array:
+def safe_scale(max_abs: jax.Array) -> jax.Array:
     """The max-abs value itself where it is usable as a divisor, else 1."""
     ok = jnp.isfinite(max_abs) & (max_abs > 0)
     return jnp.where(ok, max_abs, jnp.ones_like(max_abs))
@@ -212,7 +212,7 @@ def tree_scaled_vdot(a: Any, b: Any, a_scale: jax.Array, b_scale: jax.Array,
     the shards of ``axis_name``)."""
 
     def leaf(x, y):
-        dt = jnp.promote_types(_acc_dtype(x), _acc_dtype(y))
+        dt = jnp.promote_types(acc_dtype(x), acc_dtype(y))
         xs = x.astype(dt) / a_scale.astype(dt)
         ys = y.astype(dt) / b_scale.astype(dt)
         return jnp.sum(xs * ys).astype(jnp.float32)
@@ -288,7 +288,7 @@ def tree_scaled_norm(tree: Any, max_abs: jax.Array | None = None, axis_name: Axi
     leaves = jax.tree.leaves(tree)
     wide = [x for x in leaves if not _narrow(x)]
     narrow = [x for x in leaves if _narrow(x)]
-    s = _safe_scale(max_abs)
+    s = safe_scale(max_abs)
     norm_wide = s * jnp.sqrt(tree_scaled_vdot(wide, wide, s, s, axis_name)) if wide else None
     norm = _hypot(norm_wide, _blue_norm(narrow, axis_name)) if narrow else norm_wide
     if norm is None:
@@ -374,7 +374,7 @@ def _clip(tree: Any, max_abs: jax.Array, clip_norm: float, axis_name: AxisName):
     """``tree * min(1, clip_norm / ||tree||)`` (as ``optax.clip_by_global_norm``) and its new max-abs."""
     norm = tree_scaled_norm(tree, max_abs, axis_name)
     factor = jnp.where(norm > clip_norm, clip_norm / jnp.where(norm > 0, norm, 1.0), 1.0)
-    clipped = jax.tree.map(lambda x: (x * factor.astype(_acc_dtype(x))).astype(jnp.result_type(x)), tree)
+    clipped = jax.tree.map(lambda x: (x * factor.astype(acc_dtype(x))).astype(jnp.result_type(x)), tree)
     return clipped, max_abs * factor
 
 
@@ -449,7 +449,7 @@ def two_task_combiner(
         w_f = jnp.where(finite, w.forget, 0.0).astype(jnp.float32)
 
         def leaf(r, f):
-            dt = jnp.promote_types(_acc_dtype(r), _acc_dtype(f))
+            dt = jnp.promote_types(acc_dtype(r), acc_dtype(f))
             d = w_r.astype(dt) * r.astype(dt) + w_f.astype(dt) * f.astype(dt)
             d = jnp.where(finite, d, jnp.zeros_like(d))
             return d.astype(jnp.result_type(r))

@@ -38,8 +38,8 @@ import optax
 
 from ngdiff_jax.optim._base import (
     TwoTaskWeights,
-    _acc_dtype,
-    _safe_scale,
+    acc_dtype,
+    safe_scale,
     shard_sum,
     tree_scaled_norm,
     two_task_combiner,
@@ -52,7 +52,7 @@ def _numerators(g_r, g_f, s, axis_name):
     """``(g_r.(g_r-g_f), g_f.(g_f-g_r)) / s^2`` in one pass over the leaves."""
 
     def leaf(r, f):
-        dt = jnp.promote_types(_acc_dtype(r), _acc_dtype(f))
+        dt = jnp.promote_types(acc_dtype(r), acc_dtype(f))
         r = r.astype(dt) / s.astype(dt)
         f = f.astype(dt) / s.astype(dt)
         diff = r - f
@@ -80,7 +80,7 @@ def mgda(*, clip_norm: float | None = None, axis_name=None) -> optax.GradientTra
     """
 
     def weights(g_r, g_f, m_r, m_f, axis_name):
-        s = _safe_scale(jnp.maximum(m_r, m_f))
+        s = safe_scale(jnp.maximum(m_r, m_f))
         num_f, num_r = _numerators(g_r, g_f, s, axis_name)
         den = num_r + num_f
         interior = (num_r > 0) & (num_f > 0)

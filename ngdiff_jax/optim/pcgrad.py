@@ -35,7 +35,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from ngdiff_jax.optim._base import TwoTaskWeights, _safe_scale, tree_scaled_vdot, two_task_combiner
+from ngdiff_jax.optim._base import TwoTaskWeights, safe_scale, tree_scaled_vdot, two_task_combiner
 
 __all__ = ["pcgrad"]
 
@@ -55,7 +55,7 @@ def pcgrad(*, clip_norm: float | None = None, axis_name=None) -> optax.GradientT
     """
 
     def weights(g_r, g_f, m_r, m_f, axis_name):
-        s_r, s_f = _safe_scale(m_r), _safe_scale(m_f)
+        s_r, s_f = safe_scale(m_r), safe_scale(m_f)
         rr = tree_scaled_vdot(g_r, g_r, s_r, s_r, axis_name)
         ff = tree_scaled_vdot(g_f, g_f, s_f, s_f, axis_name)
         rf = tree_scaled_vdot(g_r, g_f, s_r, s_f, axis_name)

@@ -176,9 +176,8 @@ def _compile_once(hf: dict, *, layers: int, batch: int, seq: int, params_dtype: 
     args += frozen
     compiled = sharded.fn.lower(*args).compile()
     cm = par.compiled_memory(compiled)
-    from ngdiff_jax.bench.jax_side import _cost_flops
 
-    flops = _cost_flops(compiled) or 0.0
+    flops = cost_flops(compiled) or 0.0
     est = sharded.memory.total
     if lora_rank:  # the frozen base is resident too
         from ngdiff_jax.parallel.memory import tree_shard_bytes
@@ -250,3 +249,16 @@ def format_rows(rows: list[PlanRow]) -> str:
             f"{r.estimate / GIB:.2f}", "yes" if r.peak <= 80 * GIB else "no", "yes" if r.peak <= 40 * GIB else "no",
             f"{r.flops / 1e12:.2f}", r.how)))  # fmt: skip
     return "\n".join(lines)
+
+
+def cost_flops(compiled) -> float | None:
+    """FLOPs of a compiled program from XLA's cost analysis, or None where the backend gives none."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    return float(cost["flops"])

@@ -18,7 +18,7 @@ __all__ = ["forgetting_markdown", "markdown_summary", "write_sweep_report"]
 FQ_FLOOR = 1e-6  # forget quality (a p-value) is drawn at this floor of the log axis
 
 
-def _iv(d: dict | None, digits: int = 3) -> str:
+def interval_text(d: dict | None, digits: int = 3) -> str:
     if not d or d.get("mean") is None:
         return "–"
     if d.get("low") is None:
@@ -30,7 +30,7 @@ def _g(v) -> str:
     return "–" if v is None else f"{v:.3g}"
 
 
-def _setting(values: dict | None) -> str:
+def setting_text(values: dict | None) -> str:
     if values is None:
         return "none meets the rule"
     parts = [f"lr {values['optim.lr']:.3g}"] + [f"{k.split('.', 1)[1]} {v:g}" for k, v in sorted(values.items())
@@ -69,8 +69,8 @@ def markdown_summary(report: dict, *, columns=("forget_quality", "model_utility"
     for name, m in report["methods"].items():
         div = m["diverged"]["reported"]
         runs = f"{m['runs']}" + (f" ({div} diverged)" if div else "")
-        lines.append(f"| {name} | {_setting(m['selected'])}{_folds(m)} | {runs} | "
-                     + " | ".join(_iv(m["summary"].get(c)) for c in columns) + " |")  # fmt: skip
+        lines.append(f"| {name} | {setting_text(m['selected'])}{_folds(m)} | {runs} | "
+                     + " | ".join(interval_text(m["summary"].get(c)) for c in columns) + " |")  # fmt: skip
     lines.append("")
     for key, title in (("tradeoff", "Claim (i), trade-off"), ("robustness", "Claim (ii), learning-rate robustness")):
         c = report["claims"].get(key)
@@ -102,7 +102,7 @@ def forgetting_markdown(report: dict) -> str:
     st = fc["settings"]
     named = {}
     for name, m in fc["models"].items():
-        label = f"{name} (reference)" if m["setting"] is None else f"{name} ({_setting(m['setting'])})"
+        label = f"{name} (reference)" if m["setting"] is None else f"{name} ({setting_text(m['setting'])})"
         if m.get("diverged"):
             label += ", diverged"
         named[label] = (m["aggregates"], m["record"])
@@ -127,13 +127,14 @@ def _markdown(report: dict, title: str) -> str:
                  "infeasible).")  # fmt: skip
     lines.append("")
     for name, m in report["methods"].items():
-        lines.append(f"### {name}: {_setting(m['selected'])}")
+        lines.append(f"### {name}: {setting_text(m['selected'])}")
         lines.append("")
         lines.append("| setting | feasible | score | " + " | ".join(report["metrics"][:4]) + " |")
         lines.append("|---|---|---|" + "---|" * 4)
         for row in m["selection_table"]:
             mean = row.get("mean") or {}
-            lines.append(f"| {_setting(row['values'])} | {'yes' if row['feasible'] else 'no'} | {_g(row['score'])} | "
+            lines.append(f"| {setting_text(row['values'])} | {'yes' if row['feasible'] else 'no'} | "
+                         f"{_g(row['score'])} | "
                          + " | ".join(_g(mean.get(c)) for c in report["metrics"][:4]) + " |")  # fmt: skip
         lines.append("")
     lines += ["## Sensitivity to the initial learning rate", "",
@@ -146,7 +147,8 @@ def _markdown(report: dict, title: str) -> str:
         lines.append("|---|---|" + "---|" * 3)
         for i, lr in enumerate(s["lr"]):
             lines.append(f"| {lr:.3g} | {s['diverged'][i]} | "
-                         + " | ".join(_iv(s["metrics"][m][i]) for m in report["metrics"][:3]) + " |")  # fmt: skip
+                         + " | ".join(interval_text(s["metrics"][m][i]) for m in report["metrics"][:3])
+                         + " |")  # fmt: skip
         lines.append("")
     if report.get("forgetting_checks"):
         lines += ["## Robustness of forgetting at the selected settings", "", forgetting_markdown(report)]
@@ -156,7 +158,7 @@ def _markdown(report: dict, title: str) -> str:
         lines += ["## Spread over the initial rates", "", "| metric | " + " | ".join(names) + " |",
                   "|---|" + "---|" * len(names)]  # fmt: skip
         for metric, per in rob["spreads"].items():
-            lines.append(f"| {metric} | " + " | ".join(_iv(v) for v in per.values()) + " |")
+            lines.append(f"| {metric} | " + " | ".join(interval_text(v) for v in per.values()) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -206,7 +208,7 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
         xerr = [[x - max(fq["low"], FQ_FLOOR)], [max(fq["high"], FQ_FLOOR) - x]] if fq["low"] is not None else None
         yerr = [[mu["mean"] - mu["low"]], [mu["high"] - mu["mean"]]] if mu["low"] is not None else None
         ax.errorbar([x], [mu["mean"]], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
-                    label=f"{name} ({_setting(m['selected'])})")  # fmt: skip
+                    label=f"{name} ({setting_text(m['selected'])})")  # fmt: skip
     for (name, agg), color in zip(report.get("references", {}).items(), ("black", "grey", "silver")):
         if agg.get("forget_quality") is not None and agg.get("model_utility") is not None:
             ax.scatter([max(agg["forget_quality"], FQ_FLOOR)], [agg["model_utility"]], marker="*", s=140,

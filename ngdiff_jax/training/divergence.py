@@ -41,7 +41,7 @@ _UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 
 
 @jax.jit
-def _fingerprint(tree) -> jax.Array:
+def fingerprint_array(tree) -> jax.Array:
     total = jnp.zeros((), jnp.uint32)
     for x in jax.tree.leaves(tree):
         if jnp.issubdtype(x.dtype, jnp.inexact):
@@ -56,7 +56,7 @@ def fingerprint(params: Any) -> int:
     """A checksum of the numeric leaves of ``params`` (weights stored as bits included): the sum of
     their bit patterns modulo 2**32, independent of the leaves' layout; equal before and after a
     run only if no weight moved (barring a 2**-32 coincidence)."""
-    return int(_fingerprint(params))
+    return int(fingerprint_array(params))
 
 
 def check_changed(before: int, result, out_dir: str | Path, cfg) -> None:

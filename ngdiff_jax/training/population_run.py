@@ -374,9 +374,9 @@ def run_population(
 
 def _member_fingerprints(params) -> jax.Array:
     """Each member's :func:`~ngdiff_jax.training.divergence.fingerprint` (a leading member axis)."""
-    from ngdiff_jax.training.divergence import _fingerprint
+    from ngdiff_jax.training.divergence import fingerprint_array
 
-    return jax.vmap(_fingerprint)(params)
+    return jax.vmap(fingerprint_array)(params)
 
 
 class _MemberSelection:

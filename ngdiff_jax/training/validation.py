@@ -506,14 +506,14 @@ def validate_eval(args, forget_split: str) -> None:
     if args.benchmark == "tofu":
         d = Path(data).expanduser() if data else shared_data_dir() / "tofu"
         if d.is_dir():
-            from ngdiff_jax.evaluation.tofu import _UTILITY_SPLITS, holdout_split_for
+            from ngdiff_jax.evaluation.tofu import UTILITY_SPLITS, holdout_split_for
 
             try:
                 needed = [f"{forget_split}_perturbed", holdout_split_for(forget_split)]
             except ValueError as e:
                 errors.append(f"--forget-split {forget_split}: {e}")
                 needed = []
-            needed += [s for s, _, _ in _UTILITY_SPLITS.values()]
+            needed += [s for s, _, _ in UTILITY_SPLITS.values()]
             missing = [s for s in needed if not any((d / f"{s}{ext}").is_file() for ext in (".json", ".jsonl"))]
             if missing:
                 errors.append(f"--data {d}: missing TOFU split file(s) {', '.join(s + '.json' for s in missing)}; "
