@@ -5,6 +5,8 @@ added. The targets are 0 cycles and 0 private-name imports; function-local impor
 deliberate lazy loading. Uses grimp (import-linter's import graph)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,20 @@ def test_private_and_local_imports_only_go_down():
     assert len(local) <= MAX_LOCAL_IMPORTS, (
         f"{len(local)} function-local imports (at most {MAX_LOCAL_IMPORTS}): import at the top of the module "
         "unless the import is a deliberate lazy load")
+
+
+def test_the_core_never_imports_the_application_layer():
+    """import-linter's contract in pyproject.toml ([tool.importlinter]): no module of the core (models,
+    optim, data, losses, evaluation, backends, population, the training step and loop, ...) imports,
+    directly or through others, the application layer (CLI, commands, demo, sweep, bench, the run
+    pipelines with their validation, ownership and model I/O). Run as its console command does (its
+    report goes to a terminal console that pytest's capture would close)."""
+    pytest.importorskip("importlinter")
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_the_counter_finds_cycles():

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from ngdiff_jax.config_loader import to_dict
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "flat_settings", "settings_diff"]
 
 
 class Checkpointer:
@@ -213,3 +213,30 @@ def _resolve_paths(d: dict) -> dict:
                 v = str(Path(os.path.abspath(p)).resolve())
         out[k] = v
     return out
+
+
+# -- a run's settings, compared on resume ---------------------------------------------------
+
+#: Settings that may differ between a run and its resume: a run directory moved or copied
+#: elsewhere (as the disk-full advice suggests) is the same run.
+_MOVABLE = frozenset({"run.output_dir"})
+
+
+def flat_settings(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict as ``{"dotted.key": value}``."""
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat_settings(v, f"{prefix}{k}."))
+    return out
+
+
+def settings_diff(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ. A key only one side has is not a difference: it was
+    added or removed by another ngdiff version (its value then is the default of the version
+    that has it), so runs stay resumable across versions; so is a saved ``precision.compute: null``
+    (recorded before versions resolved it to the backend's dtype)."""
+    unresolved = {"precision.compute"} if saved.get("precision.compute", "") is None else set()
+    return sorted(k for k in set(saved) & set(current)
+                  if saved[k] != current[k] and k not in _MOVABLE and k not in unresolved)  # fmt: skip

@@ -64,7 +64,7 @@ def _host(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_meta(saved: Mapping[str, Any], current: Mapping[str, Any], directory: Path) -> None:
     from ngdiff_jax.errors import InputError
-    from ngdiff_jax.training.ownership import flat_settings, settings_diff
+    from ngdiff_jax.training.checkpoint import flat_settings, settings_diff
 
     saved, current = flat_settings(dict(saved)), flat_settings(dict(current))
     diff = settings_diff(saved, current)

@@ -36,8 +36,9 @@ from typing import Any
 
 from ngdiff_jax.errors import InputError, OutputDirBusy
 from ngdiff_jax.processes import pid_alive
+from ngdiff_jax.training.checkpoint import flat_settings, settings_diff
 
-__all__ = ["OutputLock", "atomic_dir", "check_output_dir", "claim", "flat_settings", "settings_diff"]
+__all__ = ["OutputLock", "atomic_dir", "check_output_dir", "claim"]
 
 LOCK_NAME = ".ngdiff.lock"
 RUN_MANIFEST = ".ngdiff-run.json"
@@ -166,16 +167,6 @@ def _read_owner(fd: int) -> dict:
 # -- same run only -----------------------------------------------------------------------------
 
 
-def flat_settings(d: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested settings dict as ``{"dotted.key": value}``."""
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flat_settings(v, f"{prefix}{k}."))
-    return out
-
-
 def _has_results(out: Path) -> bool:
     """Whether a run dir holds anything worth keeping: an export, a summary, a checkpoint, a tokenizer."""
     if any((out / n).exists() for n in ("model", "adapter", "summary.json", "tokenizer", "diverged.json")):
@@ -184,19 +175,6 @@ def _has_results(out: Path) -> bool:
     return ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
 
 
-#: Settings that may differ between a run and its resume: a run directory moved or copied
-#: elsewhere (as the disk-full advice suggests) is the same run.
-_MOVABLE = frozenset({"run.output_dir"})
-
-
-def settings_diff(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ. A key only one side has is not a difference: it was
-    added or removed by another ngdiff version (its value then is the default of the version
-    that has it), so runs stay resumable across versions; so is a saved ``precision.compute: null``
-    (recorded before versions resolved it to the backend's dtype)."""
-    unresolved = {"precision.compute"} if saved.get("precision.compute", "") is None else set()
-    return sorted(k for k in set(saved) & set(current)
-                  if saved[k] != current[k] and k not in _MOVABLE and k not in unresolved)  # fmt: skip
 
 
 def _check_same_run(out: Path, command: str, settings: dict) -> None:
