@@ -32,6 +32,7 @@ from flax import nnx
 
 from ngdiff_jax.backends import for_platform as backend_defaults
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
+from ngdiff_jax.models.generation import greedy_decode
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 
 #: rows x positions of logits materialized at once by the chunked LM head; None: the backend's
@@ -218,36 +219,16 @@ def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max
         base_pos = jnp.int32(0)
     positions = (base_pos + jnp.where(mask == 1, jnp.cumsum(mask, axis=-1) - 1, 0)).astype(jnp.int32)
     kv_valid = jnp.concatenate([base_valid, mask, jnp.zeros((B, n_buf), jnp.int32)], axis=1)
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
 
     logits, cache = _prefill(model, ids, positions, kv_valid, cache, S0, block)
-    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    done = jnp.isin(tok, eos_arr) | ~row_valid
-    out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
     last_pos = positions[:, -1]
     forced = None
     if teach is not None:  # the given continuations teacher-forced on the prompts' cache (MUSE VerbMem)
         forced = _teacher_forced(model, logits[:, -1].astype(jnp.float32), cache, kv_valid[:, : S0 + R], last_pos,
                                  teach, S0 + R, pad_id, head_tokens)  # fmt: skip
-
-    def cond(carry):
-        i, _, done, _, _, _ = carry
-        return (i + 1 < max_new) & ~jnp.all(done)
-
-    def body(carry):
-        i, tok, done, cache, kv_valid, out = carry
-        slot = S0 + R + i
-        kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((B, 1), jnp.int32), (0, slot))
-        pos = (last_pos + 1 + i)[:, None]
-        logits, cache = model.forward(tok[:, None], pos, kv_valid, cache, slot, last_only=True)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, pad_id, nxt)
-        done = done | jnp.isin(nxt, eos_arr)
-        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
-        return i + 1, nxt, done, cache, kv_valid, out
-
-    carry = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, done, cache, kv_valid, out))
-    return carry[-1] if forced is None else (carry[-1], *forced)
+    out = greedy_decode(model, logits[:, -1], cache, kv_valid, last_pos, S0 + R, row_valid, max_new, pad_id,
+                        eos=eos, n_buf=n_buf)  # fmt: skip
+    return out if forced is None else (out, *forced)
 
 
 #: the programs: name -> (function of (graphdef, state, *arrays, **statics), static argument names)

@@ -44,13 +44,26 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, row_valid, max_new
     positions = jnp.where(mask == 1, jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
     cache = model.init_cache(B, S)
     kv_valid = jnp.concatenate([mask, jnp.zeros((B, n_buf), jnp.int32)], axis=1)
-    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
-
     logits, cache = model.forward(input_ids, positions, kv_valid, cache, 0, last_only=True)
-    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    return greedy_decode(model, logits[:, -1], cache, kv_valid, positions[:, -1], P, row_valid, max_new, pad_id,
+                         eos=eos, n_buf=n_buf)  # fmt: skip
+
+
+def greedy_decode(model: CausalLM, first_logits, cache, kv_valid, last_pos, start, row_valid, max_new, pad_id, *,
+                  eos: tuple, n_buf: int):  # fmt: skip
+    """The greedy decode loop after a prefill: tokens ``[B, n_buf]``, the first ``max_new`` meaningful.
+
+    ``first_logits [B, V]`` are the prompts' last logits; ``cache`` holds them in its first ``start``
+    slots (``kv_valid [B, S]``, later slots 0) and has ``n_buf`` free slots after them; ``last_pos``
+    is each row's last prompt position. A ``lax.while_loop`` feeds one token per step and stops
+    once every row has emitted an ``eos`` id (rows with ``row_valid`` False count as done); a row
+    that has emitted EOS gets ``pad_id`` from then on, as transformers' greedy ``generate``. The one
+    decode loop of the library (`ngdiff_jax.evaluation.engine` prefills its own way and calls it)."""
+    B = first_logits.shape[0]
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    tok = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)
     done = jnp.isin(tok, eos_arr) | ~row_valid
     out = jnp.full((B, n_buf), pad_id, jnp.int32).at[:, 0].set(tok)
-    last_pos = positions[:, -1]
 
     def cond(carry):
         i, _, done, _, _, _ = carry
@@ -58,7 +71,7 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, row_valid, max_new
 
     def body(carry):
         i, tok, done, cache, kv_valid, out = carry
-        slot = P + i
+        slot = start + i
         kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((B, 1), jnp.int32), (0, slot))
         pos = (last_pos + 1 + i)[:, None]
         logits, cache = model.forward(tok[:, None], pos, kv_valid, cache, slot, last_only=True)
@@ -68,8 +81,7 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, row_valid, max_new
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i + 1))
         return i + 1, nxt, done, cache, kv_valid, out
 
-    carry = (jnp.int32(0), tok, done, cache, kv_valid, out)
-    carry = jax.lax.while_loop(cond, body, carry)
+    carry = jax.lax.while_loop(cond, body, (jnp.int32(0), tok, done, cache, kv_valid, out))
     return carry[-1]
 
 
