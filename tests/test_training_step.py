@@ -130,15 +130,15 @@ def test_micro_batch_gradients_accumulate_in_float32_for_bfloat16_params():
     """A bfloat16 running sum rounds each addition to 8 bits of mantissa: four contributions of
     2^-9 next to 1.0 vanish (1 + 2^-9 rounds to 1). The accumulators are float32 and the sum is
     rounded to the parameters' dtype once, at the end."""
-    from ngdiff_jax.training.step import _accumulate, _accumulators, _in_dtypes_of
+    from ngdiff_jax.training.grad_accum import accumulate, accumulators, in_dtypes_of
 
     params = {"w": jnp.zeros((3,), jnp.bfloat16)}
-    acc = _accumulators(params)
+    acc = accumulators(params)
     assert acc["w"].dtype == jnp.float32
     one = jnp.float32(1.0)
     for g in (1.0, 2.0**-9, 2.0**-9, 2.0**-9, 2.0**-9):
-        acc = _accumulate(acc, one, {"w": jnp.full((3,), g, jnp.bfloat16)})
-    out = _in_dtypes_of(acc, params)["w"]
+        acc = accumulate(acc, one, {"w": jnp.full((3,), g, jnp.bfloat16)})
+    out = in_dtypes_of(acc, params)["w"]
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.full(3, 1 + 2.0**-7, np.float32))
     bf16_sum = jnp.zeros((3,), jnp.bfloat16)  # what a bfloat16 accumulator gives

@@ -29,6 +29,7 @@ from ngdiff_jax.models.logprobs import IGNORE_INDEX
 from ngdiff_jax.optim._base import shared_reductions, tree_scaled_norm
 from ngdiff_jax.shifted import accepts_shifted, takes_shifted
 from ngdiff_jax.training.config_schema import MethodConfig
+from ngdiff_jax.training.grad_accum import accumulate_gradients, split_micro_batches
 from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -77,19 +78,6 @@ def _whole_batch_ref(kind: str, batch) -> dict:
 
         return {"kl_positions": batch_positions(batch["attention_mask"])}
     return {}
-
-
-def _split(batch, k: int):
-    """``[B, ...] -> [k, B // k, ...]`` for every entry."""
-    out = {}
-    for key, v in batch.items():
-        if v.shape[0] % k:
-            raise ValueError(
-                f"run.micro_batches={k} does not divide the batch size {v.shape[0]} (batch entry {key!r}); "
-                f"use a data.batch_size that is a multiple of {k}."
-            )
-        out[key] = v.reshape(k, v.shape[0] // k, *v.shape[1:])
-    return out
 
 
 def _weights(kind: str, mbs) -> jax.Array:
@@ -213,23 +201,16 @@ def make_unlearn_step(
             (loss, nll), grads = jax.value_and_grad(fn, has_aux=True)(params)
             return loss, nll, constrain(grads), probe_fn(lambda p: fn(p)[0])
         kind = method.forget_loss if task == "forget" else method.retain_loss
-        mbs = _split(batch, k)
+        mbs = split_micro_batches(batch, k)
         w_obj, w_nll = _weights(kind, mbs), _weights("nll", mbs)
         whole = _whole_batch_ref(kind, batch)
 
         def mb_loss(p, mb):
             return task_loss(obj, view(obj, mb), {**reference(obj, task, mb, ref_params), **whole})(p)
 
-        def body(carry, xs):
-            loss_acc, nll_acc, g_acc = carry
-            mb, wo, wn = xs
-            (loss, nll), g = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
-            g = constrain(g)
-            return (loss_acc + wo * loss, nll_acc + wn * nll, constrain(_accumulate(g_acc, wo, g))), None
-
+        (loss, nll), grads = accumulate_gradients(mb_loss, params, mbs, w_obj, has_aux=True, aux_weights=w_nll,
+                                                  constrain=constrain)  # fmt: skip
         zero = jnp.zeros((), jnp.float32)
-        (loss, nll, grads), _ = jax.lax.scan(body, (zero, zero, _accumulators(params)), (mbs, w_obj, w_nll))
-        grads = constrain(_in_dtypes_of(grads, params))
 
         def value_fn(p):
             def vbody(acc, xs):
@@ -243,7 +224,7 @@ def make_unlearn_step(
         b = view(None, batch)
         if k == 1:
             return _plain_nll(apply_fn, params, b)
-        mbs = _split(b, k)
+        mbs = split_micro_batches(b, k)
         return jax.lax.scan(lambda acc, xs: (acc + xs[1] * _plain_nll(apply_fn, params, xs[0]), None),
                             jnp.zeros((), jnp.float32), (mbs, _weights("nll", mbs)))[0]  # fmt: skip
 
@@ -310,23 +291,6 @@ def _plain_nll(apply_fn, params, batch):
     return jax.lax.stop_gradient(losses.nll(lp, batch["labels"]))
 
 
-def _accumulators(params):
-    """Zeros for a micro-batch gradient sum: float32 (or wider) whatever the parameters' dtype. A
-    bfloat16 sum rounds every addition to 8 bits of mantissa: a micro-batch's contribution below
-    1/256 of the running sum would be lost."""
-    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
-
-
-def _accumulate(acc, weight, grads):
-    """``acc + weight * grads``, in the accumulators' dtype."""
-    return jax.tree.map(lambda a, g: a + weight.astype(a.dtype) * g.astype(a.dtype), acc, grads)
-
-
-def _in_dtypes_of(grads, params):
-    """The summed gradient in the parameters' dtypes (one rounding, after the whole sum)."""
-    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-
-
 def make_finetune_step(
     apply_fn: ApplyFn, tx: optax.GradientTransformation, *, micro_batches: int = 1, grad_sharding=None
 ):
@@ -351,20 +315,8 @@ def make_finetune_step(
             loss, grads = jax.value_and_grad(loss_fn)(params, b)
             grads = constrain(grads)
         else:
-            mbs = _split(b, k)
-            w = jax.vmap(lambda mb: _objective_weight("nll", mb))(mbs)
-            w = w / jnp.maximum(w.sum(), 1e-30)
-
-            def body(carry, xs):
-                loss_acc, g_acc = carry
-                mb, wi = xs
-                loss, g = jax.value_and_grad(loss_fn)(params, mb)
-                g = constrain(g)
-                return (loss_acc + wi * loss, constrain(_accumulate(g_acc, wi, g))), None
-
-            init = (jnp.zeros((), jnp.float32), _accumulators(params))
-            (loss, grads), _ = jax.lax.scan(body, init, (mbs, w))
-            grads = constrain(_in_dtypes_of(grads, params))
+            mbs = split_micro_batches(b, k)
+            loss, grads = accumulate_gradients(loss_fn, params, mbs, _weights("nll", mbs), constrain=constrain)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss.astype(jnp.float32), "grad_norm": _norm(grads)}
