@@ -281,13 +281,14 @@ def test_format_file_broken_or_format_as_a_string(tmp_path):
 
 def test_demo_resume_beside_a_live_demo_stops_and_deletes_nothing(tmp_path, capsys):
     from ngdiff_jax.config_loader import to_dict
-    from ngdiff_jax.demo import _yaml, load_demo_config
+    from ngdiff_jax.demo import load_demo_config
+    from ngdiff_jax.demo.summary import yaml_text
     from ngdiff_jax.training.ownership import OutputLock
 
     out = tmp_path / "s"
     (out / "runs" / "ngdiff").mkdir(parents=True)
     (out / "runs" / "ngdiff" / "mine.txt").write_text("x")
-    (out / "demo_config.yaml").write_text(_yaml(to_dict(load_demo_config(quick=True))))
+    (out / "demo_config.yaml").write_text(yaml_text(to_dict(load_demo_config(quick=True))))
     with OutputLock(out, "demo"):  # the live demo
         assert main(["demo", "--quick", "--no-progress", "--out", str(out), "--resume"]) == 1
     assert "is in use by `ngdiff demo`" in capsys.readouterr().err

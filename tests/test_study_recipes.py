@@ -166,13 +166,14 @@ def test_study_configs_state_open_unlearnings_settings():
 
 def test_study_epochs_follow_each_split(tofu_dir, tmp_path):
     from ngdiff_jax.config_loader import ConfigError
-    from ngdiff_jax.demo import _resolve_epochs, _write_tofu_subset, load_demo_config
+    from ngdiff_jax.demo import load_demo_config
+    from ngdiff_jax.demo.inputs import resolve_epochs, write_tofu_subset
 
     for split, retain_rows in (("forget01", 3960), ("forget10", 3600)):
         cfg = load_demo_config("tofu_llama3.2-1b", overrides=[f"benchmark.forget_split={split}",
                                                              f"benchmark.source={tofu_dir}"])  # fmt: skip
         d = tmp_path / split
-        cfg = _resolve_epochs(cfg, d, _write_tofu_subset(cfg, d))
+        cfg = resolve_epochs(cfg, d, write_tofu_subset(cfg, d))
         forget = {"forget01": 40, "forget10": 400}[split]
         # ceil(rows / 32) steps per epoch, as the Trainer's dataloader without drop_last
         assert cfg.train.steps == 5 * -(-4000 // 32) and cfg.train.retain_steps == 5 * -(-retain_rows // 32)
