@@ -367,7 +367,7 @@ class CausalLM(nnx.Module):
         forward nor the backward pass holds more than one chunk's logits (the chunk's logits are
         recomputed in the backward pass: one more head matmul). Plain JAX: jit, vmap and both
         modes of differentiation work as for the logits."""
-        input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
+        input_ids, attention_mask, positions = model_inputs(input_ids, attention_mask, positions)
         graphdef, state = _split_for_mode(self)
         return _jit_logprobs(graphdef, state, input_ids, jnp.asarray(labels), attention_mask, positions)
 
@@ -418,7 +418,7 @@ class CausalLM(nnx.Module):
         transformers' forward does when no ``position_ids`` are given (right-padded batches
         are then exact; pass ``positions`` for left-padded input)."""
         self._require_weights()
-        input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
+        input_ids, attention_mask, positions = model_inputs(input_ids, attention_mask, positions)
         graphdef, state = _split_for_mode(self)
         return _jit_call(graphdef, state, input_ids, attention_mask, positions)
 
@@ -433,7 +433,7 @@ class CausalLM(nnx.Module):
         if not 0 <= idx < n:
             raise ValueError(f"layer={layer} is out of range for a model with {n} layers; use 0..{n - 1} "
                              f"(or -{n}..-1).")
-        input_ids, mask, positions = _inputs(input_ids, attention_mask, positions)
+        input_ids, mask, positions = model_inputs(input_ids, attention_mask, positions)
         x = self.backend.lookup(self.embed[...], input_ids).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + self.backend.lookup(self.pos_embed[...], positions).astype(self.dtype)
@@ -452,7 +452,7 @@ class CausalLM(nnx.Module):
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
 
 
-def _inputs(input_ids, attention_mask, positions):
+def model_inputs(input_ids, attention_mask, positions):
     """``(input_ids, attention_mask, positions)`` as arrays, with the defaults of
     `CausalLM.__call__` (all positions attended, positions ``0..T-1`` in every row)."""
     input_ids = jnp.asarray(input_ids)
@@ -490,7 +490,7 @@ def _remat_block(layer: Block, x: Array, positions: Array, kv_valid: Array, poli
     return layer.backend.remat_block(run, state, x, positions, kv_valid)
 
 
-def _block_graphdef(layers):
+def shared_block_graphdef(layers):
     """The graph definition shared by ``layers``; a `ValueError` where the blocks differ in more than
     their weights (then they cannot run as one scanned block)."""
     graphdef = nnx.graphdef(layers[0])
@@ -505,7 +505,7 @@ def _block_graphdef(layers):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _frozen(backend: Backend, w: Array) -> Array:
+def frozen_weight(backend: Backend, w: Array) -> Array:
     """A weight that must not be differentiated, as ``backend`` carries it through a layer scan
     (`Backend.carry`). Differentiating it raises (rather than giving a silent zero gradient)."""
     return backend.carry(w)
@@ -515,17 +515,17 @@ def _frozen_jvp(backend, primals, tangents):
     if not isinstance(tangents[0], jax.custom_derivatives.SymbolicZero):
         raise ValueError("a frozen weight (the base of a LoRA run on stacked blocks) was differentiated; "
                          "differentiate the adapters only, or use the per-block layout (run.scan_layers=false).")
-    out = _frozen(backend, primals[0])
+    out = frozen_weight(backend, primals[0])
     if not jnp.issubdtype(out.dtype, jnp.inexact):
         return out, np.zeros(out.shape, jax.dtypes.float0)
     return out, jnp.zeros_like(out)
 
 
-_frozen.defjvp(_frozen_jvp, symbolic_zeros=True)
+frozen_weight.defjvp(_frozen_jvp, symbolic_zeros=True)
 
 
-def _from_bits(a):
-    """A frozen weight stored as bfloat16 bits (``uint16``, `_frozen` on a backend that carries
+def frozen_from_bits(a):
+    """A frozen weight stored as bfloat16 bits (``uint16``, `frozen_weight` on a backend that carries
     bfloat16 so) as bfloat16 (a NumPy view for a NumPy array); other leaves as they are."""
     if isinstance(a, np.ndarray) and a.dtype == jnp.uint16:
         return a.view(jnp.bfloat16)
@@ -556,12 +556,12 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     backend = backend if backend is not None else Backend()
 
     def encode(a):  # frozen leaves as carried (uint16 leaves are stored bfloat16 bits already)
-        return a if a.dtype == jnp.uint16 else _frozen(backend, a)
+        return a if a.dtype == jnp.uint16 else frozen_weight(backend, a)
 
     states = tuple(jax.tree.map(encode, st) if i in frozen else st for i, st in enumerate(states))
 
     def block(h, sts):
-        sts = tuple(jax.tree.map(_from_bits, st) if i in frozen else st for i, st in enumerate(sts))
+        sts = tuple(jax.tree.map(frozen_from_bits, st) if i in frozen else st for i, st in enumerate(sts))
         y, _ = nnx.merge(block_graphdef, *sts)(h, positions, kv_valid)
         return y
 

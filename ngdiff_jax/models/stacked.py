@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.models.modeling import _from_bits, _frozen, _inputs
+from ngdiff_jax.models.modeling import frozen_from_bits, frozen_weight, model_inputs
 from ngdiff_jax.shifted import Shifted, takes_shifted
 
 __all__ = ["functional", "is_stacked", "runner", "stack", "unstack"]
@@ -97,7 +97,7 @@ def unstack(params: dict, *, host: bool = False) -> dict:
     layers = params["layers"]
     if host:
         layers = jax.tree.map(np.asarray, layers)
-    layers = jax.tree.map(_from_bits, layers)
+    layers = jax.tree.map(frozen_from_bits, layers)
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
     out = {k: v for k, v in params.items() if k != "layers"}
     out["layers"] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}
@@ -119,10 +119,10 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     of ``filters`` whose trees are never differentiated (LoRA's base: a gradient with respect to
     them raises), which lets the backend carry their weights into the layer scan in its own form
     (``modeling._scan_stacked``, `ngdiff_jax.backends.Backend.carry`)."""
-    from ngdiff_jax.models.modeling import _block_graphdef
+    from ngdiff_jax.models.modeling import shared_block_graphdef
 
     layers = list(model.layers)
-    _block_graphdef(layers)  # identical blocks, or a clear error
+    shared_block_graphdef(layers)  # identical blocks, or a clear error
     graphdef, *states = nnx.split(model, *filters) if filters else nnx.split(model)
     block_def, *block_states = nnx.split(layers[0], *filters) if filters else nnx.split(layers[0])
     pures = [nnx.to_pure_dict(st) for st in states]
@@ -132,7 +132,7 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     if release:
         nnx.update(model, _abstract(nnx.state(model)))
     # a frozen tree is stored as the backend carries it into the scan (modeling._scan_stacked)
-    carry = partial(_frozen, model.backend)
+    carry = partial(frozen_weight, model.backend)
     params = [stack(p, consume=release, convert=carry if i in frozen else None) for i, p in enumerate(pures)]
     del pures
 
@@ -168,12 +168,12 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
 
 
 def _call(m, blocks, input_ids, attention_mask=None, positions=None):
-    input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
+    input_ids, attention_mask, positions = model_inputs(input_ids, attention_mask, positions)
     return m.forward(input_ids, positions, attention_mask, stacked=blocks)[0]
 
 
 def _token_logprobs(m, blocks, input_ids, labels, attention_mask=None, positions=None):
-    input_ids, attention_mask, positions = _inputs(input_ids, attention_mask, positions)
+    input_ids, attention_mask, positions = model_inputs(input_ids, attention_mask, positions)
     x, _ = m.forward(input_ids, positions, attention_mask, return_hidden=True, stacked=blocks)
     return m._head_logprobs(x, jnp.asarray(labels))
 
