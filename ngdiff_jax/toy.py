@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ngdiff_jax.optim import inject_stats, unlearning_optimizer
+from ngdiff_jax.optim import TaskGrads, inject_stats, unlearning_optimizer
 
 __all__ = [
     "METHODS",
@@ -162,7 +162,7 @@ def run_method(
             value, g_r = jax.value_and_grad(retain_loss)(p)
             g_f = jax.grad(forget_objective)(p)
             extra = {"value_fn": retain_loss, "value": value} if kwargs["gen"] else {}
-            u, s = tx.update(g_r, s, p, forget_grads=g_f, **extra)
+            u, s = tx.update(TaskGrads(retain=g_r, forget=g_f), s, p, **extra)
             p = optax.apply_updates(p, u)
             return (p, s), retain_loss(p)
 

@@ -21,6 +21,7 @@ import optax
 import pytest
 
 from ngdiff_jax import optim as O
+from ngdiff_jax.optim import TaskGrads
 from ngdiff_jax.training import OptimConfig, load_method, make_optimizer
 from ngdiff_jax.training.config_schema import MethodConfig, UnlearnConfig
 from ngdiff_jax.training.methods import learning_rate_schedule, warmup_steps
@@ -95,7 +96,7 @@ def test_rates_the_optimizer_applies_follow_the_schedule():
     g = {"w": jnp.array([0.1, -0.2, 0.3])}
     seen = []
     for _ in range(total):
-        _, state = tx.update(g, state, params, forget_grads=g)
+        _, state = tx.update(TaskGrads(retain=g, forget=g), state, params)
         seen.append(float(O.inject_stats(state)["learning_rate"]))
     warm = _ou_warmup_steps(1.0, rows, batch)
     np.testing.assert_allclose(seen, [lr * _hf_linear_with_warmup(s, warm, total) for s in range(total)], rtol=1e-6)
@@ -111,7 +112,8 @@ def test_total_norm_clipping_is_torchs_on_the_summed_gradient(scale):
     summed = [alpha * g_r[k] + gamma * g_f[k] for k in ("a", "b")]
     want = _torch_clip(summed, 1.0)
     tx = optax.chain(O.gdiff(alpha, gamma), O.clip_by_total_norm(1.0))
-    out, _ = tx.update(jax.tree.map(jnp.asarray, g_r), tx.init(g_r), forget_grads=jax.tree.map(jnp.asarray, g_f))
+    grads = TaskGrads(retain=jax.tree.map(jnp.asarray, g_r), forget=jax.tree.map(jnp.asarray, g_f))
+    out, _ = tx.update(grads, tx.init(g_r))
     np.testing.assert_allclose(np.asarray(out["a"]), want[0], rtol=2e-6, atol=1e-9)
     np.testing.assert_allclose(np.asarray(out["b"]), want[1], rtol=2e-6, atol=1e-9)
 
@@ -128,7 +130,7 @@ def test_clipping_sits_between_the_combiner_and_adam():
     adam = optax.adam(1e-2)
     a_state = adam.init(params)
     for _ in range(3):
-        u, state = tx.update(g_r, state, params, forget_grads=g_f)
+        u, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, params)
         clipped = _torch_clip([np.asarray(g_r["w"] + g_f["w"])], 0.5)[0]
         v, a_state = adam.update({"w": jnp.asarray(clipped)}, a_state, params)
         np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(v["w"]), rtol=1e-5, atol=1e-9)

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from ngdiff_jax.optim import CombinerState, gdiff, mgda, ngdiff, pcgrad
+from ngdiff_jax.optim import CombinerState, TaskGrads, gdiff, inject_stats, mgda, ngdiff, pcgrad
 
 SHAPES = {"a": (3, 4), "b": {"c": (5,), "d": ()}, "e": (2, 1, 3)}
 NGDIFF_EPS = 1e-12
@@ -105,7 +105,7 @@ def test_combiner_matches_float64_reference(name, case):
     g_r, g_f = CASES[case]
     tx = make()
     state = tx.init(g_r)
-    d, state = tx.update(g_r, state, None, forget_grads=g_f)
+    d, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, None)
     r, f = _flat(g_r), _flat(g_f)
     wr, wf = ref(r, f)
     want = wr * r + wf * f
@@ -116,29 +116,29 @@ def test_combiner_matches_float64_reference(name, case):
     scale = max(abs(wr) * np.abs(r).max(), abs(wf) * np.abs(f).max())
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
     # each weight accurate on its own, including the tiny one
-    np.testing.assert_allclose(float(state.retain_weight), wr, rtol=2e-5)
-    np.testing.assert_allclose(float(state.forget_weight), wf, rtol=2e-5)
-    np.testing.assert_allclose(float(state.retain_norm), np.linalg.norm(r), rtol=2e-6)
-    np.testing.assert_allclose(float(state.forget_norm), np.linalg.norm(f), rtol=2e-6)
+    np.testing.assert_allclose(float(state.weights["retain"]), wr, rtol=2e-5)
+    np.testing.assert_allclose(float(state.weights["forget"]), wf, rtol=2e-5)
+    np.testing.assert_allclose(float(state.norms["retain"]), np.linalg.norm(r), rtol=2e-6)
+    np.testing.assert_allclose(float(state.norms["forget"]), np.linalg.norm(f), rtol=2e-6)
     assert int(state.skipped) == 0
 
 
 def test_mgda_is_the_min_norm_point_and_small_weight_is_direct():
     g_r, g_f = CASES["1e6_apart_conflicting"]
     tx = mgda()
-    d, s = tx.update(g_r, tx.init(g_r), forget_grads=g_f)
+    d, s = tx.update(TaskGrads(retain=g_r, forget=g_f), tx.init(g_r))
     r, f = _flat(g_r), _flat(g_f)
     gammas = np.linspace(0, 1, 20001)
     grid = min(np.linalg.norm(g * r + (1 - g) * f) for g in gammas[-50:])
     assert np.linalg.norm(_flat(d)) <= grid * (1 + 1e-5)
     # forget weight ~1e-6..1e-8: as 1 - w_r it would be pure float32 rounding noise
-    assert 0 < float(s.forget_weight) < 1e-5
-    np.testing.assert_allclose(float(s.forget_weight), ref_mgda(r, f)[1], rtol=2e-5)
+    assert 0 < float(s.weights["forget"]) < 1e-5
+    np.testing.assert_allclose(float(s.weights["forget"]), ref_mgda(r, f)[1], rtol=2e-5)
 
 
 def test_pcgrad_projection_removes_conflict():
     g_r, g_f = CASES["conflicting"]
-    d, _ = pcgrad().update(g_r, pcgrad().init(g_r), forget_grads=g_f)
+    d, _ = pcgrad().update(TaskGrads(retain=g_r, forget=g_f), pcgrad().init(g_r))
     r, f, dd = _flat(g_r), _flat(g_f), _flat(d)
     assert r @ f < 0
     # d = r' + f' with r' orthogonal to the original f and f' to the original r
@@ -161,10 +161,10 @@ def test_nonfinite_input_gives_zero_and_counts(name):
     bad_f["b"]["c"] = bad_f["b"]["c"].copy()
     bad_f["b"]["c"][0] = -np.inf
     for rr, ff in [(bad_r, g_f), (g_r, bad_f)]:
-        d, state = tx.update(rr, state, forget_grads=ff)
+        d, state = tx.update(TaskGrads(retain=rr, forget=ff), state)
         assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(d))
     assert int(state.skipped) == 2
-    d, state = tx.update(g_r, state, forget_grads=g_f)
+    d, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state)
     assert np.all(np.isfinite(_flat(d))) and np.abs(_flat(d)).max() > 0
     assert int(state.skipped) == 2
 
@@ -176,14 +176,14 @@ def test_zero_gradients_never_nan(name):
     zero = jax.tree.map(np.zeros_like, g_r)
     tx = make()
     for rr, ff in [(zero, g_f), (g_r, zero), (zero, zero)]:
-        d, _s = tx.update(rr, tx.init(g_r), forget_grads=ff)
+        d, _s = tx.update(TaskGrads(retain=rr, forget=ff), tx.init(g_r))
         got = _flat(d)
         assert np.all(np.isfinite(got))
         wr, wf = ref(_flat(rr), _flat(ff))
         np.testing.assert_allclose(got, wr * _flat(rr) + wf * _flat(ff), rtol=1e-5, atol=1e-7)
     # ngdiff: the non-zero one alone, normalized
     if name == "ngdiff":
-        d, _ = tx.update(zero, tx.init(g_r), forget_grads=g_f)
+        d, _ = tx.update(TaskGrads(retain=zero, forget=g_f), tx.init(g_r))
         np.testing.assert_allclose(np.linalg.norm(_flat(d)), 1.0, rtol=1e-6)
 
 
@@ -196,14 +196,14 @@ def test_jit_no_recompile_and_extra_args(name):
     @jax.jit
     def step(g_r, g_f, state):
         traces.append(1)  # Python side effect: runs once per trace
-        return tx.update(g_r, state, None, forget_grads=g_f, value_fn=None, unrelated=3)
+        return tx.update(TaskGrads(retain=g_r, forget=g_f), state, None, value_fn=None, unrelated=3)
 
     state = tx.init(CASES["random"][0])
     for case in ["random", "conflicting", "1e6_apart_conflicting", "random"]:
         g_r, g_f = CASES[case]
         _, state = step(g_r, g_f, state)
         wr, _wf = ref(_flat(g_r), _flat(g_f))
-        np.testing.assert_allclose(float(state.retain_weight), wr, rtol=2e-5)
+        np.testing.assert_allclose(float(state.weights["retain"]), wr, rtol=2e-5)
     bad = jax.tree.map(lambda x: np.full_like(x, np.nan), CASES["random"][0])
     _d, state = step(bad, CASES["random"][1], state)
     assert len(traces) == 1
@@ -215,19 +215,25 @@ def test_bfloat16_inputs_keep_dtype_and_accumulate_in_float32():
     g_r, g_f = CASES["conflicting"]
     r16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), g_r)
     f16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), g_f)
-    d, s = ngdiff().update(r16, ngdiff().init(r16), forget_grads=f16)
+    d, s = ngdiff().update(TaskGrads(retain=r16, forget=f16), ngdiff().init(r16))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(d))
-    assert s.retain_norm.dtype == jnp.float32
-    np.testing.assert_allclose(float(s.retain_norm), np.linalg.norm(_flat(r16)), rtol=1e-5)
+    assert s.norms["retain"].dtype == jnp.float32
+    np.testing.assert_allclose(float(s.norms["retain"]), np.linalg.norm(_flat(r16)), rtol=1e-5)
 
 
 def test_errors_are_clear():
     g_r, g_f = CASES["random"]
     tx = ngdiff()
-    with pytest.raises(ValueError, match="forget_grads"):
+    with pytest.raises(ValueError, match="expects the task gradients as one value, TaskGrads"):
         tx.update(g_r, tx.init(g_r))
-    with pytest.raises(ValueError, match="same tree structure"):
-        tx.update(g_r, tx.init(g_r), forget_grads={"a": g_f["a"]})
+    with pytest.raises(ValueError, match="task 'forget' has the tree structure"):
+        tx.update(TaskGrads(retain=g_r, forget={"a": g_f["a"]}), tx.init(g_r))
+    with pytest.raises(ValueError, match="task 'forget' has a leaf of shape"):
+        tx.update(TaskGrads(retain=g_r, forget=jax.tree.map(lambda x: jnp.zeros(np.size(x) + 1), g_f)), tx.init(g_r))
+    with pytest.raises(ValueError, match="at least two tasks"):
+        TaskGrads(retain=g_r)
+    with pytest.raises(ValueError, match="tasks must be >= 2 distinct names"):
+        ngdiff(tasks=("retain",))
     with pytest.raises(ValueError, match="eps"):
         ngdiff(eps=-1.0)
 
@@ -241,8 +247,7 @@ def test_chained_in_front_of_sgd_descends_both_losses():
     for make in (ngdiff, mgda, pcgrad):
         tx = optax.chain(make(), optax.sgd(1e-4))
         u, _ = tx.update(
-            jax.grad(loss_r)(params), tx.init(params), params, forget_grads=jax.grad(loss_f)(params)
-        )
+            TaskGrads(retain=jax.grad(loss_r)(params), forget=jax.grad(loss_f)(params)), tx.init(params), params)
         new = optax.apply_updates(params, u)
         assert loss_r(new) < loss_r(params) and loss_f(new) < loss_f(params)
 
@@ -262,8 +267,8 @@ def test_a_logged_norm_and_the_combiner_read_each_bfloat16_leaf_once():
         def f(r, g):
             with shared_reductions() if shared else contextlib.nullcontext():
                 n = tree_scaled_norm(g)
-                d, state = tx.update(r, tx.init(None), forget_grads=g)
-            return n, d, state.forget_norm
+                d, state = tx.update(TaskGrads(retain=r, forget=g), tx.init(None))
+            return n, d, state.norms["forget"]
 
         return jax.jit(f)
 
@@ -335,3 +340,96 @@ def test_an_absent_tasks_gradient_is_not_constant_folded():
     # the absent task's norms are computed at run time (equal counts: the barrier is gone, or
     # this XLA no longer folds such norms, which the plain zeros' count shows)
     assert kept > folded, (kept, folded)
+
+
+# ------------------------------------------------------------------ k >= 2 tasks
+def _pcgrad_ref(gs):
+    """PCGrad in float64: each gradient projected in turn off every other original one it conflicts
+    with (in task order), then summed."""
+    out = np.zeros_like(gs[0])
+    for i, g in enumerate(gs):
+        g = g.copy()
+        for j, h in enumerate(gs):
+            if j != i and g @ h < 0:
+                g -= (g @ h) / (h @ h) * h
+        out += g
+    return out
+
+
+def _min_norm_ref(gs):
+    """The min-norm point of conv{g_i} in float64, by enumerating the supports (KKT systems)."""
+    import itertools
+
+    m = np.stack(gs)
+    k, best = m @ m.T, None
+    for r in range(1, len(gs) + 1):
+        for sup in map(list, itertools.combinations(range(len(gs)), r)):
+            a = np.zeros((r + 1, r + 1))
+            a[:r, :r], a[:r, r], a[r, :r] = k[np.ix_(sup, sup)], 1, 1
+            try:
+                sol = np.linalg.solve(a, np.eye(r + 1)[r])
+            except np.linalg.LinAlgError:
+                continue
+            w = np.zeros(len(gs))
+            w[sup] = sol[:r]
+            if (w >= -1e-12).all() and (best is None or w @ k @ w < best[0]):
+                best = (w @ k @ w, w)
+    return best[1] @ m
+
+
+K_CASES = {
+    "three_random": [1.0, 1.0, 1.0],
+    "four_scales_1e6_apart": [1.0, 1e3, 1e-3, 2.0],
+    "five_shifted": None,  # five gradients sharing a component: an interior min-norm point
+}
+
+
+@pytest.mark.parametrize("case", sorted(K_CASES))
+@pytest.mark.parametrize("name", ["ngdiff", "gdiff", "mgda", "pcgrad"])
+def test_k_tasks_match_float64_references(name, case):
+    rng = np.random.default_rng(7)
+    if K_CASES[case] is None:
+        gs = [rng.normal(size=9) + 3.0 for _ in range(5)]
+    else:
+        gs = [rng.normal(size=9) * s for s in K_CASES[case]]
+    names = tuple(f"task{i}" for i in range(len(gs)))
+    grads = TaskGrads(**{n: {"w": jnp.asarray(g[:4], jnp.float32), "b": jnp.asarray(g[4:], jnp.float32)}
+                         for n, g in zip(names, gs)})  # fmt: skip
+    weights = {n: 0.5 + i for i, n in enumerate(names)}
+    tx = {"ngdiff": lambda: ngdiff(tasks=names), "gdiff": lambda: gdiff(weights=weights),
+          "mgda": lambda: mgda(tasks=names), "pcgrad": lambda: pcgrad(tasks=names)}[name]()  # fmt: skip
+    d, state = jax.jit(tx.update)(grads, tx.init(grads.grads[0]))
+    want = {"ngdiff": lambda: sum(g / np.linalg.norm(g) for g in gs),
+            "gdiff": lambda: sum(w * g for w, g in zip(weights.values(), gs)),
+            "mgda": lambda: _min_norm_ref(gs), "pcgrad": lambda: _pcgrad_ref(gs)}[name]()  # fmt: skip
+    got = np.concatenate([np.asarray(d["w"], np.float64), np.asarray(d["b"], np.float64)])
+    # mgda at norms 1e6 apart: the min-norm point is 1e-6 of the largest gradient (float32 KKT solve)
+    tol = 1e-4 if (name == "mgda" and case == "four_scales_1e6_apart") else 2e-5
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+    np.testing.assert_allclose([float(state.norms[n]) for n in names], [np.linalg.norm(g) for g in gs], rtol=1e-5)
+    assert int(state.skipped) == 0
+    stats = inject_stats(state)
+    assert {f"{n}_norm" for n in names} | {f"{n}_weight" for n in names} <= set(stats)
+
+
+def test_two_tasks_through_the_k_task_formula_equal_the_closed_forms():
+    """PCGrad's and MGDA's k-task solvers given two tasks agree with the two-task closed forms."""
+    from ngdiff_jax.optim import mgda as mgda_mod  # noqa: F401
+
+    g_r, g_f = CASES["conflicting"]
+    two = TaskGrads(retain=g_r, forget=g_f)
+    zero = jax.tree.map(jnp.zeros_like, g_r)
+    for make in (mgda, pcgrad):
+        ref, _ = make().update(two, make().init(g_r))
+        # a third task that is zero: PCGrad projects nothing off it, MGDA puts all weight on it
+        tx = make(tasks=("retain", "forget", "zero"))
+        d, _ = tx.update(TaskGrads(retain=g_r, forget=g_f, zero=zero), tx.init(g_r))
+        if make is pcgrad:
+            np.testing.assert_allclose(_flat(d), _flat(ref), rtol=2e-5, atol=1e-7)
+        else:
+            assert not _flat(d).any()
+
+
+def test_mgda_refuses_more_tasks_than_it_solves():
+    with pytest.raises(ValueError, match="at most 12 tasks"):
+        mgda(tasks=tuple(f"t{i}" for i in range(13)))

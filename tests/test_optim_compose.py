@@ -1,6 +1,6 @@
-"""Composition of the two-task optimizer with optax, NNX and JAX transforms: every combination
-that used to give a wrong result silently now either works (checked against hand math) or raises
-a message naming the right tool."""
+"""Composition of the task-gradient optimizer with optax, NNX and JAX transforms: the task
+gradients travel as one value (TaskGrads), so every optax wrapper either sees every task (checked
+against hand math) or fails by tree structure; our own entry points raise a message naming the fix."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import optax
 import pytest
 
 from ngdiff_jax.optim import (
+    TaskGrads,
     gdiff,
     inject_stats,
     ngdiff,
     scale_by_gen,
     skip_if_nonfinite,
-    two_task,
     unlearning_optimizer,
 )
 
@@ -33,17 +33,25 @@ def _nan(t):
     return jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 1 else x, t)
 
 
-# ------------------------------------------------------------------ single-task parts refused
+# ------------------------------------------------------------------ the task gradients as one value
+TASKS = TaskGrads(retain=G_R, forget=G_F)
+
+
+def _ngdiff_ref(r, f):
+    return r / np.linalg.norm(r) + f / np.linalg.norm(f)
+
+
 def test_single_task_combiner_is_refused():
-    with pytest.raises(TypeError, match="two-task combiner.*optax.sgd would ignore forget_grads"):
+    with pytest.raises(TypeError, match="combiner must be a combiner.*single-task transformation such as optax.sgd"):
         unlearning_optimizer(combiner=optax.sgd(1.0))
 
 
-def test_chain_without_combiner_is_refused_by_two_task():
-    tx = two_task(optax.chain(optax.sgd(1.0)))
-    state = tx.init(PARAMS)
-    with pytest.raises(ValueError, match="no two-task combiner ran, so forget_grads were ignored"):
-        tx.update(G_R, state, PARAMS, forget_grads=G_F)
+def test_a_chain_without_combiner_fails_by_tree_structure():
+    tx = optax.chain(optax.sgd(1.0))
+    updates, _ = tx.update(TASKS, tx.init(PARAMS), PARAMS)
+    assert isinstance(updates, TaskGrads)  # nothing combined the tasks ...
+    with pytest.raises((ValueError, TypeError)):
+        optax.apply_updates(PARAMS, updates)  # ... so the update does not fit the params
 
 
 def test_step_refuses_a_single_task_optimizer():
@@ -54,43 +62,88 @@ def test_step_refuses_a_single_task_optimizer():
     batch = {"input_ids": np.ones((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int32),
              "labels": np.ones((1, 4), np.int32)}  # fmt: skip
     params = {"a": jnp.ones(2)}
-    with pytest.raises(ValueError, match="no two-task combiner ran"):
+    with pytest.raises(ValueError, match="start its chain with a combiner"):
         step(params, optax.sgd(1.0).init(params), batch, batch, jax.random.key(0))
 
 
-def test_multisteps_is_refused_with_the_right_tool():
+def test_the_old_forget_grads_keyword_names_the_new_call():
+    with pytest.raises(ValueError, match=r"forget_grads= is gone.*TaskGrads\(retain=g_r, forget=g_f\)"):
+        ngdiff().update(G_R, ngdiff().init(PARAMS), PARAMS, forget_grads=G_F)
+
+
+def test_a_single_tree_or_other_tasks_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="expects the task gradients as one value"):
+        ngdiff().update(G_R, ngdiff().init(PARAMS), PARAMS)
+    with pytest.raises(ValueError, match=r"built for the tasks \('retain', 'forget'\).*\('forget', 'retain'\)"):
+        ngdiff().update(TaskGrads(forget=G_F, retain=G_R), ngdiff().init(PARAMS), PARAMS)
+
+
+def test_a_second_combiner_after_a_combiner_is_refused():
+    tx = optax.chain(ngdiff(), gdiff())
+    with pytest.raises(ValueError, match="gdiff: expects the task gradients as one value.*after another combiner"):
+        tx.update(TASKS, tx.init(PARAMS), PARAMS)
+
+
+def test_multisteps_fails_by_tree_structure():
+    """optax.MultiSteps accumulates ``updates`` shaped like the params: given every task at once it
+    cannot accumulate them (run.micro_batches=k accumulates each task inside the step)."""
     for inner in (unlearning_optimizer("ngdiff", 1e-2, gen=False), optax.chain(ngdiff(), optax.sgd(0.1))):
         tx = optax.MultiSteps(inner, every_k_schedule=2)
-        state = tx.init(PARAMS)
-        with pytest.raises(ValueError, match="MultiSteps accumulates only retain_grads.*run.micro_batches"):
-            tx.update(G_R, state, PARAMS, forget_grads=G_F)
+        with pytest.raises((ValueError, TypeError)):
+            tx.update(TASKS, tx.init(PARAMS), PARAMS)
 
 
-def test_apply_if_finite_is_refused_with_the_right_tool():
+def test_apply_if_finite_fails_by_tree_structure():
+    """optax.apply_if_finite checks ``updates`` (here every task) but returns zeros shaped like its
+    input on a rejected step, which is not the params' shape: it fails when traced. skip_if_nonfinite
+    is the wrapper for combiner chains."""
     tx = optax.apply_if_finite(optax.chain(ngdiff(), optax.sgd(0.1)), max_consecutive_errors=3)
-    with pytest.raises(ValueError, match="apply_if_finite checks only retain_grads.*skip_if_nonfinite"):
-        tx.update(G_R, tx.init(PARAMS), PARAMS, forget_grads=G_F)
+    with pytest.raises(TypeError, match="same pytree structure"):
+        tx.update(TASKS, tx.init(PARAMS), PARAMS)
 
 
-def test_skip_if_nonfinite_checks_forget_grads():
+def test_skip_if_nonfinite_checks_every_task():
     tx = skip_if_nonfinite(optax.chain(ngdiff(), optax.adam(0.1)))
     state = tx.init(PARAMS)
-    updates, new_state = tx.update(G_R, state, PARAMS, forget_grads=_nan(G_F))
+    updates, new_state = tx.update(TaskGrads(retain=G_R, forget=_nan(G_F)), state, PARAMS)
     assert not _flat(updates).any() and int(new_state.skipped) == 1
     jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
 
 
-@pytest.mark.parametrize("wrap", [False, True])
-def test_clip_before_combiner_is_refused(wrap):
-    tx = optax.chain(optax.clip_by_global_norm(1.0), ngdiff(), optax.sgd(0.1))
-    tx = two_task(tx) if wrap else tx
-    with pytest.raises(ValueError, match="must be the first member of the chain.*clip_norm="):
-        tx.update(G_R, tx.init(PARAMS), PARAMS, forget_grads=G_F)
+def test_global_clipping_before_the_combiner_clips_every_task_jointly():
+    tx = optax.chain(optax.clip_by_global_norm(1.0), gdiff())
+    d, _ = tx.update(TASKS, tx.init(PARAMS), PARAMS)
+    joint = np.linalg.norm(np.concatenate([_flat(G_R), _flat(G_F)]))
+    np.testing.assert_allclose(_flat(d), (_flat(G_R) + _flat(G_F)) / joint, rtol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [1.0, 4.0, 100.0])
+def test_per_task_preprocessing_equals_the_combiners_clip_norm(clip):
+    from optax.experimental import aggregating
+
+    from ngdiff_jax.optim import per_task
+
+    want, _ = gdiff(1.0, 0.5, clip_norm=clip).update(TASKS, gdiff().init(PARAMS))
+    for tx in (optax.chain(per_task(optax.clip_by_global_norm(clip)), gdiff(1.0, 0.5)),
+               aggregating.process(per_task(optax.clip_by_global_norm(clip)), gdiff(1.0, 0.5), optax.identity())):
+        d, _ = tx.update(TASKS, tx.init(PARAMS), PARAMS)
+        np.testing.assert_allclose(_flat(d), _flat(want), rtol=1e-6)
+
+
+def test_process_with_per_task_preprocessing_and_the_optimizer_after():
+    from optax.experimental import aggregating
+
+    from ngdiff_jax.optim import per_task
+
+    tx = aggregating.process(per_task(optax.scale(2.0)), ngdiff(), optax.sgd(0.1))
+    updates, _ = jax.jit(tx.update)(TASKS, tx.init(PARAMS), PARAMS)
+    np.testing.assert_allclose(_flat(updates), -0.1 * _ngdiff_ref(_flat(G_R), _flat(G_F)), rtol=1e-6)
+    assert isinstance(ngdiff(), aggregating.Aggregator)
 
 
 def test_nested_chain_with_combiner_first_is_accepted():
-    tx = two_task(optax.chain(optax.chain(ngdiff(), optax.scale_by_adam()), optax.scale(-0.1)))
-    updates, _ = tx.update(G_R, tx.init(PARAMS), PARAMS, forget_grads=G_F)
+    tx = optax.chain(optax.chain(ngdiff(), optax.scale_by_adam()), optax.scale(-0.1))
+    updates, _ = tx.update(TASKS, tx.init(PARAMS), PARAMS)
     assert np.isfinite(_flat(updates)).all()
 
 
@@ -98,12 +151,12 @@ def test_nested_chain_with_combiner_first_is_accepted():
 @pytest.mark.parametrize("clip", [1.0, 4.0, 100.0])
 def test_per_task_clipping(clip):
     tx = gdiff(1.0, 0.5, clip_norm=clip)
-    d, state = tx.update(G_R, tx.init(PARAMS), forget_grads=G_F)
+    d, state = tx.update(TASKS, tx.init(PARAMS))
     r, f = _flat(G_R), _flat(G_F)
     nr, nf = np.linalg.norm(r), np.linalg.norm(f)
     want = r * min(1.0, clip / nr) + 0.5 * f * min(1.0, clip / nf)
     np.testing.assert_allclose(_flat(d), want, rtol=1e-6)
-    np.testing.assert_allclose([state.retain_norm, state.forget_norm], [nr, nf], rtol=1e-6)  # before clipping
+    np.testing.assert_allclose([state.norms["retain"], state.norms["forget"]], [nr, nf], rtol=1e-6)  # before
 
 
 def test_clip_norm_must_be_positive():
@@ -112,33 +165,32 @@ def test_clip_norm_must_be_positive():
 
 
 # ------------------------------------------------------------------ masking
-def test_multi_transform_norms_over_trained_leaves():
-    labels = {"a": "train", "b": "freeze"}
-    tx = two_task(optax.multi_transform(
-        {"train": optax.chain(ngdiff(eps=0.0), optax.sgd(1.0)), "freeze": optax.set_to_zero()},
-        labels, mask_compatible_extra_args=True))  # fmt: skip
-    updates, _ = tx.update(G_R, tx.init(PARAMS), PARAMS, forget_grads=G_F)
-    r, f = np.asarray(G_R["a"]), np.asarray(G_F["a"])
-    np.testing.assert_allclose(updates["a"], -(r / np.linalg.norm(r) + f / np.linalg.norm(f)), rtol=1e-6)
-    assert not np.asarray(updates["b"]).any()
-
-
-def test_masked_without_mask_compatible_extra_args_names_it():
-    tx = optax.masked(optax.chain(ngdiff(), optax.sgd(1.0)), {"a": True, "b": False})
-    with pytest.raises(ValueError, match="mask_compatible_extra_args=True"):
-        tx.update(G_R, tx.init(PARAMS), PARAMS, forget_grads=G_F)
+def test_masking_wraps_the_part_after_the_combiner():
+    """Masking the combined direction works as in any optax chain; a mask or partition around the
+    combiner fails by tree structure (it would mask ``updates`` shaped like the params); to combine
+    the trained leaves only, take the task gradients with respect to those leaves (LoRA, nnx.DiffState)."""
+    tx = optax.chain(ngdiff(eps=0.0), optax.masked(optax.sgd(1.0), {"a": True, "b": False}))
+    updates, _ = tx.update(TASKS, tx.init(PARAMS), PARAMS)
+    d = _ngdiff_ref(_flat(G_R), _flat(G_F))
+    np.testing.assert_allclose(updates["a"], -d[:3], rtol=1e-6)
+    np.testing.assert_allclose(updates["b"], d[3:].reshape(2, 2), rtol=1e-6)  # unmasked: passes through
+    for bad in (optax.masked(optax.chain(ngdiff(), optax.sgd(1.0)), {"a": True, "b": False}),
+                optax.multi_transform({"t": optax.chain(ngdiff(), optax.sgd(1.0)), "f": optax.set_to_zero()},
+                                      {"a": "t", "b": "f"})):  # fmt: skip
+        with pytest.raises((ValueError, TypeError)):
+            bad.update(TASKS, bad.init(PARAMS), PARAMS)
 
 
 # ------------------------------------------------------------------ pluggable inner optimizer
 def test_inner_optimizer_weight_decay_and_mu_dtype():
     lr, wd = 0.1, 0.01
     tx = unlearning_optimizer("gdiff", lr, gen=False, optimizer=optax.identity(), weight_decay=wd)
-    updates, _ = tx.update(G_R, tx.init(PARAMS), PARAMS, forget_grads=G_F)
+    updates, _ = tx.update(TaskGrads(retain=G_R, forget=G_F), tx.init(PARAMS), PARAMS)
     want = -lr * (_flat(G_R) + _flat(G_F) + wd * _flat(PARAMS))
     np.testing.assert_allclose(_flat(updates), want, rtol=1e-6)
 
     tx = unlearning_optimizer("ngdiff", lr, gen=False, optimizer=optax.scale_by_lion(b1=0.9))
-    updates, _ = tx.update(G_R, tx.init(PARAMS), PARAMS, forget_grads=G_F)
+    updates, _ = tx.update(TaskGrads(retain=G_R, forget=G_F), tx.init(PARAMS), PARAMS)
     d = _flat(G_R) / np.linalg.norm(_flat(G_R)) + _flat(G_F) / np.linalg.norm(_flat(G_F))
     np.testing.assert_allclose(_flat(updates), -lr * np.sign(d), rtol=1e-6)  # lion's first step: sign(d)
 
@@ -154,10 +206,10 @@ def test_make_optimizer_weight_decay_and_adam_keys():
     cfg = OptimConfig(lr=0.1, weight_decay=0.5, eps_root=1e-16, b1=0.0, adam_eps=1e-8)
     tx = make_optimizer(method, cfg, total_steps=10)  # raised before: weight decay was not supported
     params = {"w": jnp.zeros(2)}
-    updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params, forget_grads={"w": jnp.zeros(2)})
+    updates, _ = tx.update(TaskGrads(retain={"w": jnp.zeros(2)}, forget={"w": jnp.zeros(2)}), tx.init(params), params)
     assert not _flat(updates).any()
     params = {"w": jnp.ones(2)}
-    updates, _ = tx.update({"w": jnp.zeros(2)}, tx.init(params), params, forget_grads={"w": jnp.zeros(2)})
+    updates, _ = tx.update(TaskGrads(retain={"w": jnp.zeros(2)}, forget={"w": jnp.zeros(2)}), tx.init(params), params)
     np.testing.assert_allclose(_flat(updates), -0.1 * 0.5 * np.ones(2), rtol=1e-5)  # decay only
 
 
@@ -266,7 +318,7 @@ def test_vmap_over_seeds_of_the_full_optimizer():
         p = {"w": jax.random.normal(key, (2,))}
         tx = unlearning_optimizer("ngdiff", 0.1, gen_every=1)
         s = tx.init(p)
-        u, s = tx.update(jax.grad(_quad_loss)(p), s, p, forget_grads=jax.grad(lambda q: -_quad_loss(q))(p),
+        u, s = tx.update(TaskGrads(retain=jax.grad(_quad_loss)(p), forget=jax.grad(lambda q: -_quad_loss(q))(p)), s, p,
                          value_fn=_quad_loss)
         return optax.apply_updates(p, u), s
 
@@ -293,7 +345,7 @@ def test_combiners_and_gen_under_shard_map_equal_unsharded():
 _SHARDED = r'''
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import PartitionSpec as P
-from ngdiff_jax.optim import ngdiff, gdiff, mgda, pcgrad, scale_by_gen
+from ngdiff_jax.optim import TaskGrads, ngdiff, gdiff, mgda, pcgrad, scale_by_gen
 assert jax.device_count() == 8
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
 k = jax.random.split(jax.random.key(0), 4)
@@ -303,21 +355,21 @@ spec = {"a": P("x"), "b": P("x")}
 for make in (ngdiff, gdiff, mgda, pcgrad, lambda **kw: ngdiff(clip_norm=0.5, **kw)):
     norm_based = make is not gdiff  # gdiff's direction needs no reduction (its logged norms do)
     ref = make()
-    d_ref, s_ref = ref.update(g_r, ref.init(g_r), forget_grads=g_f)
+    d_ref, s_ref = ref.update(TaskGrads(retain=g_r, forget=g_f), ref.init(g_r))
     tx = make(axis_name="x")
     def f(r, fg):
-        d, s = tx.update(r, tx.init(r), forget_grads=fg)
+        d, s = tx.update(TaskGrads(retain=r, forget=fg), tx.init(r))
         return d, s
     d, s = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, P())))(g_r, g_f)
     for x, y in zip(jax.tree.leaves(d), jax.tree.leaves(d_ref)):
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-7)
-    for x, y in zip(s, s_ref):
+    for x, y in zip(jax.tree.leaves(s), jax.tree.leaves(s_ref)):
         np.testing.assert_allclose(x, y, rtol=2e-5)
     if not norm_based:
         continue
     # without axis_name the per-shard norms differ: the option is what makes it right
     tx = make()
-    d_bad, _ = jax.jit(jax.shard_map(lambda r, fg: tx.update(r, tx.init(r), forget_grads=fg), mesh=mesh,
+    d_bad, _ = jax.jit(jax.shard_map(lambda r, fg: tx.update(TaskGrads(retain=r, forget=fg), tx.init(r)), mesh=mesh,
                                      in_specs=(spec, spec), out_specs=(spec, P()), check_vma=False))(g_r, g_f)
     assert not all(np.allclose(x, y, rtol=1e-3) for x, y in zip(jax.tree.leaves(d_bad), jax.tree.leaves(d_ref)))
 # GeN: data sharded over x, probe losses averaged over the shards

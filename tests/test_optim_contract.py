@@ -4,7 +4,7 @@ optimizer) is checked under ``jit``, ``vmap``, ``inject_hyperparams``, bfloat16 
 gradient and zero gradients, each against its own eager float32 run. A new combiner or rate rule is
 one row. (``shard_map`` over 8 simulated devices: ``test_optim_compose.py``.)
 
-Calling convention of every entry: ``update(retain_grads, state, params, forget_grads=...,
+Calling convention of every entry: ``update(TaskGrads(retain=..., forget=...), state, params,
 value_fn=...)``; ``value_fn`` is the retain loss (GeN's probe; combiners ignore it)."""
 
 import jax
@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from ngdiff_jax.optim import gdiff, inject_stats, mgda, ngdiff, pcgrad, scale_by_gen, unlearning_optimizer
+from ngdiff_jax.optim import TaskGrads, gdiff, inject_stats, mgda, ngdiff, pcgrad, scale_by_gen, unlearning_optimizer
 
 RNG = np.random.default_rng(7)
 XA = jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32)
@@ -50,7 +50,7 @@ def _run(tx, params, steps=STEPS, grads=_grads):
     state = tx.init(params)
     for _ in range(steps):
         g_r, g_f = grads(params)
-        u, state = tx.update(g_r, state, params, forget_grads=g_f, value_fn=retain_loss)
+        u, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, params, value_fn=retain_loss)
         params = optax.apply_updates(params, u)
     return params, state
 
@@ -81,7 +81,7 @@ def test_jit_equals_eager_and_traces_once(entry):
     def step(params, state):
         traces.append(1)
         g_r, g_f = _grads(params)
-        u, state = tx.update(g_r, state, params, forget_grads=g_f, value_fn=retain_loss)
+        u, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, params, value_fn=retain_loss)
         return optax.apply_updates(params, u), state
 
     params, state = PARAMS, tx.init(PARAMS)
@@ -113,9 +113,10 @@ def test_bfloat16_params_keep_their_dtype_and_follow_float32(entry):
     tx = make(lr)
     state = tx.init(p16)
     g_r, g_f = _grads(p16)
-    u, state = tx.update(g_r, state, p16, forget_grads=g_f, value_fn=retain_loss)
+    u, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, p16, value_fn=retain_loss)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
-    u32, _ = make(lr).update(*_grads(PARAMS)[:1], make(lr).init(PARAMS), PARAMS, forget_grads=_grads(PARAMS)[1],
+    g32 = _grads(PARAMS)
+    u32, _ = make(lr).update(TaskGrads(retain=g32[0], forget=g32[1]), make(lr).init(PARAMS), PARAMS,
                              value_fn=retain_loss)  # fmt: skip
     np.testing.assert_allclose(_flat(u), _flat(u32), rtol=3e-2, atol=3e-3)
 
@@ -128,13 +129,13 @@ def test_a_non_finite_gradient_moves_nothing_and_is_counted(entry, task):
     g_r, g_f = _grads(PARAMS)
     bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), g_r if task == "retain" else g_f)
     g_r, g_f = (bad, g_f) if task == "retain" else (g_r, bad)
-    u, state = tx.update(g_r, state, PARAMS, forget_grads=g_f, value_fn=retain_loss)
+    u, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, PARAMS, value_fn=retain_loss)
     assert np.all(_flat(u) == 0), "a non-finite step must not move the parameters"
     assert int(inject_stats(state)["skipped"]) == 1
     # and the next, finite step is an ordinary first step
     g_r, g_f = _grads(PARAMS)
-    u2, _ = tx.update(g_r, state, PARAMS, forget_grads=g_f, value_fn=retain_loss)
-    first, _ = make(lr).update(g_r, make(lr).init(PARAMS), PARAMS, forget_grads=g_f, value_fn=retain_loss)
+    u2, _ = tx.update(TaskGrads(retain=g_r, forget=g_f), state, PARAMS, value_fn=retain_loss)
+    first, _ = make(lr).update(TaskGrads(retain=g_r, forget=g_f), make(lr).init(PARAMS), PARAMS, value_fn=retain_loss)
     np.testing.assert_allclose(_flat(u2), _flat(first), rtol=1e-5, atol=1e-7)
 
 

@@ -10,6 +10,8 @@ from flax import nnx
 import ngdiff_jax
 from ngdiff_jax.optim import (
     COMBINERS,
+    TaskGrads,
+    TaskOptimizer,
     gdiff,
     inject_stats,
     ngdiff,
@@ -44,7 +46,7 @@ def test_apply_updates_decreases_both_losses(combiner, adam, gen):
     tx = unlearning_optimizer(combiner, 1e-3, adam=adam, gen=gen, gen_every=1)
     g_r, g_f = jax.grad(retain_loss)(PARAMS), jax.grad(forget_loss)(PARAMS)
     extra = {"value_fn": retain_loss} if gen else {}
-    u, state = tx.update(g_r, tx.init(PARAMS), PARAMS, forget_grads=g_f, **extra)
+    u, state = tx.update(TaskGrads(retain=g_r, forget=g_f), tx.init(PARAMS), PARAMS, **extra)
     new = optax.apply_updates(PARAMS, u)
     assert retain_loss(new) < retain_loss(PARAMS)
     assert forget_loss(new) < forget_loss(PARAMS)
@@ -60,11 +62,11 @@ def test_apply_updates_decreases_both_losses(combiner, adam, gen):
 def test_none_is_plain_sum_and_chain_matches_manual():
     g_r, g_f = jax.grad(retain_loss)(PARAMS), jax.grad(forget_loss)(PARAMS)
     tx = unlearning_optimizer("none", 0.1, adam=False, gen=False)
-    u, _ = tx.update(g_r, tx.init(PARAMS), PARAMS, forget_grads=g_f)
+    u, _ = tx.update(TaskGrads(retain=g_r, forget=g_f), tx.init(PARAMS), PARAMS)
     for k in PARAMS:
         np.testing.assert_allclose(u[k], -0.1 * (g_r[k] + g_f[k]), rtol=1e-6)
     tx = unlearning_optimizer(gdiff(1.0, 0.5), 0.1, adam=False, gen=False)
-    u, _ = tx.update(g_r, tx.init(PARAMS), PARAMS, forget_grads=g_f)
+    u, _ = tx.update(TaskGrads(retain=g_r, forget=g_f), tx.init(PARAMS), PARAMS)
     for k in PARAMS:
         np.testing.assert_allclose(u[k], -0.1 * (g_r[k] + 0.5 * g_f[k]), rtol=1e-6)
 
@@ -76,7 +78,7 @@ def test_schedule_rate_is_recorded():
     g_r, g_f = jax.grad(retain_loss)(PARAMS), jax.grad(forget_loss)(PARAMS)
     rates = []
     for _ in range(3):
-        _, state = tx.update(g_r, state, PARAMS, forget_grads=g_f)
+        _, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, PARAMS)
         rates.append(float(inject_stats(state)["learning_rate"]))
     np.testing.assert_allclose(rates, [1.0, 0.9, 0.8], rtol=1e-6)
 
@@ -85,10 +87,10 @@ def test_nonfinite_step_is_skipped_entirely():
     tx = unlearning_optimizer("ngdiff", 1e-2, adam=True, gen=True, gen_every=1)
     g_r, g_f = jax.grad(retain_loss)(PARAMS), jax.grad(forget_loss)(PARAMS)
     state = tx.init(PARAMS)
-    _, state = tx.update(g_r, state, PARAMS, forget_grads=g_f, value_fn=retain_loss)
+    _, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, PARAMS, value_fn=retain_loss)
     bad_f = {"w": g_f["w"].at[0].set(jnp.inf), "b": g_f["b"]}
     u, new_state = jax.jit(
-        lambda s: tx.update(g_r, s, PARAMS, forget_grads=bad_f, value_fn=retain_loss)
+        lambda s: tx.update(TaskGrads(retain=g_r, forget=bad_f), s, PARAMS, value_fn=retain_loss)
     )(state)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(u))
     for a, b in zip(jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state)):
@@ -104,7 +106,7 @@ def test_errors_are_clear():
     tx = unlearning_optimizer("ngdiff", 0.1)
     g = jax.grad(retain_loss)(PARAMS)
     with pytest.raises(ValueError, match="value_fn"):
-        tx.update(g, tx.init(PARAMS), PARAMS, forget_grads=g)
+        tx.update(TaskGrads(retain=g, forget=g), tx.init(PARAMS), PARAMS)
 
 
 def test_inject_stats_in_nested_inject_hyperparams():
@@ -114,7 +116,7 @@ def test_inject_stats_in_nested_inject_hyperparams():
         )
     )(learning_rate=0.3)
     g_r, g_f = jax.grad(retain_loss)(PARAMS), jax.grad(forget_loss)(PARAMS)
-    _, state = tx.update(g_r, tx.init(PARAMS), PARAMS, forget_grads=g_f)
+    _, state = tx.update(TaskGrads(retain=g_r, forget=g_f), tx.init(PARAMS), PARAMS)
     stats = jax.jit(inject_stats)(state)
     assert float(stats["learning_rate"]) == pytest.approx(0.3)
     assert float(stats["forget_norm"]) > 0 and int(stats["skipped"]) == 0
@@ -128,15 +130,13 @@ class _Tiny(nnx.Module):
         return self.linear(x)
 
 
-def test_nnx_optimizer_update_with_forget_grads_and_value_fn():
+def test_task_optimizer_update_with_task_grads_and_value_fn():
     model = _Tiny(nnx.Rngs(0))
     x = jnp.asarray(RNG.normal(size=(6, 3)), jnp.float32)
     y_r, y_f = jnp.ones((6, 2)), -jnp.ones((6, 2))
     loss_r = lambda m: jnp.mean((m(x) - y_r) ** 2)
     loss_f = lambda m: jnp.mean((m(x) + 0.5 * y_f) ** 2)
-    optimizer = nnx.Optimizer(
-        model, unlearning_optimizer("ngdiff", 0.05, gen_every=2), wrt=nnx.Param
-    )
+    optimizer = TaskOptimizer(model, unlearning_optimizer("ngdiff", 0.05, gen_every=2), wrt=nnx.Param)
     graphdef, _ = nnx.split(model)
     seen = []
 
@@ -149,7 +149,7 @@ def test_nnx_optimizer_update_with_forget_grads_and_value_fn():
             seen.append(type(params).__name__)
             return loss_r(nnx.merge(graphdef, params))
 
-        optimizer.update(model, g_r, forget_grads=g_f, value_fn=value_fn, value=value)
+        optimizer.update(model, TaskGrads(retain=g_r, forget=g_f), value_fn=value_fn, value=value)
         return inject_stats(optimizer.opt_state)
 
     r0, f0 = float(loss_r(model)), float(loss_f(model))
@@ -168,7 +168,7 @@ def _loss(p):
 def _step_fn(tx):
     def step(p, s):
         g = jax.grad(_loss)(p)
-        u, s = tx.update(g, s, p, forget_grads=jax.tree.map(jnp.negative, g), value_fn=_loss)
+        u, s = tx.update(TaskGrads(retain=g, forget=jax.tree.map(jnp.negative, g)), s, p, value_fn=_loss)
         return optax.apply_updates(p, u), s
 
     return step

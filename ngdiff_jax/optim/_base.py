@@ -1,25 +1,26 @@
-"""Shared machinery of the two-task gradient combiners.
+"""Shared machinery of the task-gradient combiners.
 
-Every combiner in this package maps a pair of gradients ``(g_r, g_f)`` (of the
-retain loss and of the forget objective, both *minimized*) to a direction
+Every combiner in this package maps the gradients of k >= 2 tasks, a
+:class:`~ngdiff_jax.optim.TaskGrads` (e.g. ``(g_r, g_f)``: the retain loss and the
+forget objective, both *minimized*), to one direction
 
 .. math::
 
-  d = w_r \\, g_r + w_f \\, g_f
+  d = \\sum_i w_i \\, g_i
 
-with two scalar weights computed from a handful of global reductions (norms and
+with scalar weights computed from a handful of global reductions (norms and
 inner products over all leaves). This module holds what they share:
 
 * :class:`CombinerState`, the typed state (skipped-step counter, last norms and
-  weights, for logging through :func:`ngdiff_jax.optim.inject_stats`);
+  weights per task, for logging through :func:`ngdiff_jax.optim.inject_stats`);
 * numerically robust tree reductions: global norms and inner products are
   computed on ``g / max|g|`` and rescaled, so they neither overflow for a
   gradient-ascent forget gradient of norm ``1e20`` nor underflow for a tiny
   retain gradient, and are accumulated in at least float32 for bf16 inputs;
-* :func:`two_task_combiner`, which turns a weight rule into an
-  :class:`optax.GradientTransformationExtraArgs` with the common calling
-  convention, input validation and the non-finite guard (any NaN/Inf in either
-  input gives an all-zero direction and increments ``state.skipped``), plus
+* :func:`task_combiner`, which turns a weight rule into an
+  ``optax.experimental.aggregating.Aggregator`` (``TaskGrads`` in, one direction
+  out) with input validation and the non-finite guard (any NaN/Inf in any task
+  gives an all-zero direction and increments ``state.skipped``), plus
   the options every combiner shares: ``clip_norm`` (per-task clipping) and
   ``axis_name`` (global reductions over sharded gradients).
 
@@ -37,58 +38,56 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.extend
 import jax.numpy as jnp
-import optax
+from optax.experimental import aggregating
 
-from ngdiff_jax.optim import _guard
+from ngdiff_jax.optim.tasks import TWO_TASKS, check_task_grads
 
 AxisName = Any  # a mesh axis name (str) or tuple of names, as jax.lax.psum takes
 
 __all__ = [
     "CombinerState",
-    "TwoTaskWeights",
+    "TaskWeights",
+    "gram",
     "tree_max_abs",
     "tree_scaled_norm",
     "tree_scaled_vdot",
     "psum",
     "shard_sum",
     "shared_reductions",
-    "two_task_combiner",
+    "task_combiner",
 ]
 
 
 class CombinerState(NamedTuple):
-    """State of a two-task combiner (all fields are scalars).
+    """State of a combiner.
 
     Attributes:
-      skipped: number of steps whose inputs held a NaN or Inf (int32); those
+      skipped: number of steps whose inputs held a NaN or Inf (int32 scalar); those
         steps returned an all-zero direction.
-      retain_norm: global L2 norm of the last ``retain_grads`` (float32).
-      forget_norm: global L2 norm of the last ``forget_grads`` (float32).
-      retain_weight: the last weight ``w_r`` in ``d = w_r g_r + w_f g_f``.
-      forget_weight: the last weight ``w_f``.
+      norms: ``{task: global L2 norm of its last gradient}`` (float32 scalars).
+      weights: ``{task: its last weight w_i}`` in ``d = sum_i w_i g_i``.
     """
 
     skipped: jax.Array
-    retain_norm: jax.Array
-    forget_norm: jax.Array
-    retain_weight: jax.Array
-    forget_weight: jax.Array
+    norms: dict
+    weights: dict
 
 
-class TwoTaskWeights(NamedTuple):
-    """What a weight rule returns: ``d = retain * g_r + forget * g_f`` and the norms."""
+class TaskWeights(NamedTuple):
+    """What a weight rule returns: ``d = sum_i weights[i] * g_i`` and each task's norm (tuples in
+    the order of the tasks)."""
 
-    retain: jax.Array
-    forget: jax.Array
-    retain_norm: jax.Array
-    forget_norm: jax.Array
+    weights: tuple
+    norms: tuple
 
 
 def acc_dtype(x: jax.Array) -> jnp.dtype:
@@ -222,6 +221,19 @@ def tree_scaled_vdot(a: Any, b: Any, a_scale: jax.Array, b_scale: jax.Array,
     return shard_sum(parts, list(zip(la, lb)), axis_name, jnp.zeros((), jnp.float32))
 
 
+def gram(grads: tuple, maxes: tuple, axis_name: AxisName = None) -> tuple[jax.Array, jax.Array]:
+    """``(s, G)``: each task's scale ``s_i`` (its max-abs, or 1 where that is 0) and the Gram matrix
+    ``G_ij = (g_i / s_i) . (g_j / s_j)`` of the rescaled gradients (float32, k x k), so that
+    ``g_i . g_j = s_i s_j G_ij`` without overflow or underflow."""
+    k = len(grads)
+    scales = jnp.stack([safe_scale(m) for m in maxes])
+    rows = [[None] * k for _ in range(k)]
+    for i in range(k):
+        for j in range(i, k):
+            rows[i][j] = rows[j][i] = tree_scaled_vdot(grads[i], grads[j], scales[i], scales[j], axis_name)
+    return scales, jnp.stack([jnp.stack(r) for r in rows])
+
+
 def psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
     """``jax.lax.psum(x, axis_name)``, or ``x`` for ``axis_name=None``."""
     return x if axis_name is None else jax.lax.psum(x, axis_name)
@@ -322,29 +334,6 @@ def _blue_norm(leaves: list, axis_name: AxisName) -> jax.Array:
     return jnp.where(big > 0, big_norm, jnp.where(small > 0, norm_small_medium, m))
 
 
-def _check_pair(retain_grads: Any, forget_grads: Any, name: str) -> None:
-    if forget_grads is None:
-        raise ValueError(
-            f"{name}.update needs the forget gradients as a keyword argument: call "
-            f"update(retain_grads, state, params, forget_grads=forget_grads)."
-        )
-    rs, fs = jax.tree.structure(retain_grads), jax.tree.structure(forget_grads)
-    if rs != fs:
-        raise ValueError(
-            f"{name}: retain_grads and forget_grads must have the same tree "
-            f"structure (both are gradients with respect to the same params); got "
-            f"{rs} and {fs}. Under optax.masked or optax.multi_transform pass "
-            f"mask_compatible_extra_args=True so that forget_grads is masked like retain_grads."
-        )
-    for r, f in zip(jax.tree.leaves(retain_grads), jax.tree.leaves(forget_grads)):
-        if jnp.shape(r) != jnp.shape(f):
-            raise ValueError(
-                f"{name}: retain_grads and forget_grads leaves differ in shape "
-                f"({jnp.shape(r)} vs {jnp.shape(f)}); both must be gradients with "
-                f"respect to the same params."
-            )
-
-
 def _require_leaves(tree: Any, name: str, what: str) -> None:
     """A tree with no arrays would train nothing, silently (e.g. an NNX filter that selects nothing)."""
     if tree is not None and not jax.tree.leaves(tree):
@@ -355,12 +344,12 @@ def _require_leaves(tree: Any, name: str, what: str) -> None:
         )
 
 
-def _check_shards(retain_grads: Any, forget_grads: Any, axis_name: AxisName, name: str) -> None:
+def _check_shards(grads: tuple, axis_name: AxisName, name: str) -> None:
     """Inside ``shard_map``, gradients that differ between shards (a gradient cut into shards)
     need ``axis_name``: without it every norm and inner product would be one shard's. (Gradients
     of replicated params are summed over the shards by ``jax.grad`` itself and vary nowhere.)"""
-    grads = jax.tree.leaves(retain_grads) + jax.tree.leaves(forget_grads)
-    vary = frozenset().union(*(varying_axes(g) for g in grads)) if grads else frozenset()
+    leaves = [x for g in grads for x in jax.tree.leaves(g)]
+    vary = frozenset().union(*(varying_axes(g) for g in leaves)) if leaves else frozenset()
     missing = sorted(vary - set(axis_names(axis_name)))
     if missing:
         raise ValueError(
@@ -384,35 +373,41 @@ def concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def two_task_combiner(
-    weight_fn: Callable[..., TwoTaskWeights],
+def task_combiner(
+    weight_fn: Callable[..., TaskWeights],
     name: str,
     *,
+    tasks: Sequence[str] = TWO_TASKS,
     clip_norm: float | None = None,
     axis_name: AxisName = None,
-) -> optax.GradientTransformationExtraArgs:
+) -> aggregating.Aggregator:
     """Builds a combiner from a weight rule.
 
     Args:
-      weight_fn: ``weight_fn(retain_grads, forget_grads, retain_max_abs,
-        forget_max_abs, axis_name) -> TwoTaskWeights``; the max-abs values are the
-        global ``max |g|`` of each input (finite when it is called for real; on a
-        skipped step its result is discarded). Its reductions must pass
-        ``axis_name`` on (`tree_scaled_norm`, `tree_scaled_vdot`, `shard_sum`).
+      weight_fn: ``weight_fn(grads, max_abs, axis_name) -> TaskWeights``, with ``grads`` the
+        task trees and ``max_abs`` their global ``max |g|`` (tuples, in task order; finite
+        when it is called for real: on a skipped step its result is discarded). Its
+        reductions must pass ``axis_name`` on (`tree_scaled_norm`, `tree_scaled_vdot`,
+        `shard_sum`).
       name: used in error messages.
-      clip_norm: if set, each task's gradient is first clipped to this global
-        L2 norm, separately (``optax.clip_by_global_norm`` per task); the state's
-        norms are those before clipping.
-      axis_name: mapped axis over which the gradients are sharded (see the
-        module doc); ``None`` for whole gradients.
+      tasks: the task names of the :class:`~ngdiff_jax.optim.TaskGrads` it combines, in
+        order (at least two); they name the state's norms and weights.
+      clip_norm: if set, each task's gradient is first clipped to this global L2 norm,
+        separately (``optax.clip_by_global_norm`` per task); the state's norms are those
+        before clipping.
+      axis_name: mapped axis over which the gradients are sharded (see the module doc);
+        ``None`` for whole gradients.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with
-      ``update(retain_grads, state, params=None, *, forget_grads, **extra_args)``
-      returning ``d = w_r g_r + w_f g_f`` (each leaf in its input's dtype), or
-      zeros, counted in ``state.skipped``, when an input is not finite. It must
-      be the first member of its chain (checked, see `ngdiff_jax.optim.two_task`).
+      An ``optax.experimental.aggregating.Aggregator`` (an
+      ``optax.GradientTransformationExtraArgs``): ``update(task_grads, state, params=None,
+      **extra_args)`` returns ``d = sum_i w_i g_i`` (params' structure, each leaf in its dtype),
+      or zeros, counted in ``state.skipped``, when a task gradient is not finite. Extra
+      arguments meant for later members of a chain (GeN's ``value_fn``) are ignored.
     """
+    tasks = tuple(tasks)
+    if len(tasks) < 2 or len(set(tasks)) != len(tasks):
+        raise ValueError(f"{name}: tasks must be >= 2 distinct names, got {tasks!r}.")
     if clip_norm is not None and concrete(clip_norm) and not float(clip_norm) > 0:
         raise ValueError(f"{name}: clip_norm must be > 0 or None, got {clip_norm!r}.")
 
@@ -422,46 +417,42 @@ def two_task_combiner(
         # donated to a jitted step ("donate the same buffer twice").
         return CombinerState(
             skipped=jnp.zeros((), jnp.int32),
-            retain_norm=jnp.zeros((), jnp.float32),
-            forget_norm=jnp.zeros((), jnp.float32),
-            retain_weight=jnp.zeros((), jnp.float32),
-            forget_weight=jnp.zeros((), jnp.float32),
+            norms={t: jnp.zeros((), jnp.float32) for t in tasks},
+            weights={t: jnp.zeros((), jnp.float32) for t in tasks},
         )
 
-    def update_fn(retain_grads, state, params=None, *, forget_grads=None, **extra_args):
-        del params, extra_args
-        _require_leaves(retain_grads, name, "retain_grads")
-        _check_pair(retain_grads, forget_grads, name)
-        _check_shards(retain_grads, forget_grads, axis_name, name)
-        _guard.combiner_called(name, retain_grads)
-        m_r = tree_max_abs(retain_grads, axis_name)
-        m_f = tree_max_abs(forget_grads, axis_name)
-        finite = jnp.isfinite(m_r) & jnp.isfinite(m_f)
+    def update_fn(task_grads, state, params=None, **extra_args):
+        del params
+        if "forget_grads" in extra_args:
+            raise ValueError(
+                f"{name}: forget_grads= is gone; the task gradients travel as one value: "
+                "tx.update(TaskGrads(retain=g_r, forget=g_f), state, params) (ngdiff_jax.optim.TaskGrads)."
+            )
+        grads = check_task_grads(task_grads, tasks, name).grads
+        _require_leaves(grads[0], name, f"the {tasks[0]} gradient")
+        _check_shards(grads, axis_name, name)
+        maxes = [tree_max_abs(g, axis_name) for g in grads]
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(m) for m in maxes])
         if clip_norm is not None:
-            n_r0 = tree_scaled_norm(retain_grads, m_r, axis_name)
-            n_f0 = tree_scaled_norm(forget_grads, m_f, axis_name)
-            retain_grads, m_r = _clip(retain_grads, m_r, clip_norm, axis_name)
-            forget_grads, m_f = _clip(forget_grads, m_f, clip_norm, axis_name)
-        w = weight_fn(retain_grads, forget_grads, m_r, m_f, axis_name)
-        if clip_norm is not None:
-            w = w._replace(retain_norm=n_r0, forget_norm=n_f0)
-        w_r = jnp.where(finite, w.retain, 0.0).astype(jnp.float32)
-        w_f = jnp.where(finite, w.forget, 0.0).astype(jnp.float32)
+            norms0 = [tree_scaled_norm(g, m, axis_name) for g, m in zip(grads, maxes)]
+            clipped = [_clip(g, m, clip_norm, axis_name) for g, m in zip(grads, maxes)]
+            grads, maxes = [c[0] for c in clipped], [c[1] for c in clipped]
+        w = weight_fn(tuple(grads), tuple(maxes), axis_name)
+        norms = norms0 if clip_norm is not None else w.norms
+        ws = [jnp.where(finite, x, 0.0).astype(jnp.float32) for x in w.weights]
 
-        def leaf(r, f):
-            dt = jnp.promote_types(acc_dtype(r), acc_dtype(f))
-            d = w_r.astype(dt) * r.astype(dt) + w_f.astype(dt) * f.astype(dt)
+        def leaf(*xs):
+            dt = functools.reduce(jnp.promote_types, [acc_dtype(x) for x in xs])
+            d = functools.reduce(operator.add, [wi.astype(dt) * x.astype(dt) for wi, x in zip(ws, xs)])
             d = jnp.where(finite, d, jnp.zeros_like(d))
-            return d.astype(jnp.result_type(r))
+            return d.astype(jnp.result_type(xs[0]))
 
-        direction = jax.tree.map(leaf, retain_grads, forget_grads)
+        direction = jax.tree.map(leaf, *grads)
         new_state = CombinerState(
             skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
-            retain_norm=jnp.asarray(w.retain_norm, jnp.float32),
-            forget_norm=jnp.asarray(w.forget_norm, jnp.float32),
-            retain_weight=w_r,
-            forget_weight=w_f,
+            norms={t: jnp.asarray(n, jnp.float32) for t, n in zip(tasks, norms)},
+            weights=dict(zip(tasks, ws)),
         )
         return direction, new_state
 
-    return _guard.mark(optax.GradientTransformationExtraArgs(init_fn, update_fn), "combiner")
+    return aggregating.Aggregator(init_fn, update_fn)

@@ -15,47 +15,60 @@ lets it dominate and destroy the retain task (see ``ngdiff toy``).
 Example:
 
   >>> import jax.numpy as jnp
-  >>> from ngdiff_jax.optim import gdiff
+  >>> from ngdiff_jax.optim import TaskGrads, gdiff
   >>> tx = gdiff(retain_weight=1.0, forget_weight=0.5)
   >>> state = tx.init({"w": jnp.zeros(2)})
-  >>> d, state = tx.update({"w": jnp.array([1.0, 2.0])}, state,
-  ...                      forget_grads={"w": jnp.array([4.0, -2.0])})
+  >>> g = TaskGrads(retain={"w": jnp.array([1.0, 2.0])}, forget={"w": jnp.array([4.0, -2.0])})
+  >>> d, state = tx.update(g, state)
   >>> d["w"].tolist()
   [3.0, 1.0]
+  >>> three = gdiff(weights={"retain": 1.0, "a": 0.5, "b": 0.25})   # k tasks: a weight per task
+  >>> d, _ = three.update(TaskGrads(retain=g.retain, a=g.forget, b={"w": jnp.array([4.0, 4.0])}),
+  ...                     three.init({"w": jnp.zeros(2)}))
+  >>> d["w"].tolist()
+  [4.0, 2.0]
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-import optax
+from collections.abc import Mapping
 
-from ngdiff_jax.optim._base import TwoTaskWeights, tree_scaled_norm, two_task_combiner
+import jax.numpy as jnp
+from optax.experimental import aggregating
+
+from ngdiff_jax.optim._base import TaskWeights, task_combiner, tree_scaled_norm
 
 __all__ = ["gdiff"]
 
 
 def gdiff(
-    retain_weight: float = 1.0, forget_weight: float = 1.0, *, clip_norm: float | None = None, axis_name=None
-) -> optax.GradientTransformationExtraArgs:
-    """Gradient difference ``d = retain_weight * g_r + forget_weight * g_f``.
+    retain_weight: float = 1.0, forget_weight: float = 1.0, *, weights: Mapping[str, float] | None = None,
+    clip_norm: float | None = None, axis_name=None,
+) -> aggregating.Aggregator:
+    """Gradient difference ``d = retain_weight * g_r + forget_weight * g_f`` (``sum_i w_i g_i``).
 
     Args:
       retain_weight: weight of the retain gradient.
       forget_weight: weight of the forget gradient (of the forget objective as
         minimized; do not negate it here).
+      weights: for k tasks, ``{task name: weight}`` in the order of the
+        :class:`~ngdiff_jax.optim.TaskGrads` it receives (replaces the two weights).
       clip_norm: clip each task's gradient to this global L2 norm first
-        (separately; see :func:`~ngdiff_jax.optim.two_task_combiner`).
+        (separately; see :func:`~ngdiff_jax.optim.task_combiner`).
       axis_name: the mapped axis the gradients are sharded over under
         ``shard_map``/``pmap``; norms and inner products are summed over it.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs` with the combiners'
+      An ``optax.experimental.aggregating.Aggregator`` with the combiners'
       calling convention (see :func:`ngdiff_jax.optim.ngdiff`).
     """
-    w_r = jnp.asarray(retain_weight, jnp.float32)
-    w_f = jnp.asarray(forget_weight, jnp.float32)
+    if weights is None:
+        weights = {"retain": retain_weight, "forget": forget_weight}
+    elif (retain_weight, forget_weight) != (1.0, 1.0):
+        raise ValueError("gdiff: pass either weights= or retain_weight/forget_weight, not both.")
+    ws = tuple(jnp.asarray(w, jnp.float32) for w in weights.values())
 
-    def weights(g_r, g_f, m_r, m_f, axis_name):
-        return TwoTaskWeights(w_r, w_f, tree_scaled_norm(g_r, m_r, axis_name), tree_scaled_norm(g_f, m_f, axis_name))
+    def rule(grads, maxes, axis_name):
+        return TaskWeights(ws, tuple(tree_scaled_norm(g, m, axis_name) for g, m in zip(grads, maxes)))
 
-    return two_task_combiner(weights, "gdiff", clip_norm=clip_norm, axis_name=axis_name)
+    return task_combiner(rule, "gdiff", tasks=tuple(weights), clip_norm=clip_norm, axis_name=axis_name)

@@ -20,7 +20,9 @@ __all__ = ["STAT_NAMES", "inject_stats"]
 
 #: Field names collected by :func:`inject_stats`. ``skipped`` is summed over
 #: all states holding it; the others are taken from the last state (in
-#: flattening order) that holds them.
+#: flattening order) that holds them. A combiner's per-task norms and weights
+#: (``CombinerState.norms``/``weights``) are reported as ``<task>_norm`` and
+#: ``<task>_weight`` (``retain_norm``, ``forget_weight``, ...).
 STAT_NAMES = (
     "learning_rate",
     "skipped",
@@ -29,6 +31,8 @@ STAT_NAMES = (
     "retain_weight",
     "forget_weight",
 )
+
+_PER_TASK = {"norms": "norm", "weights": "weight"}
 
 
 def _name(key: Any) -> str | None:
@@ -52,8 +56,9 @@ def inject_stats(opt_state: Any) -> dict[str, jax.Array]:
       opt_state: an optimizer state.
 
     Returns:
-      A dict with those of ``learning_rate``, ``skipped``, ``retain_norm``,
-      ``forget_norm``, ``retain_weight``, ``forget_weight`` that were found
+      A dict with those of ``learning_rate``, ``skipped`` and each task's
+      ``<task>_norm`` and ``<task>_weight`` (``retain_norm``, ``forget_norm``,
+      ``retain_weight``, ``forget_weight`` for two tasks) that were found
       (arrays: scalars, or of the batch shape for a batched state). Keys whose
       state is absent are left out.
     """
@@ -62,9 +67,12 @@ def inject_stats(opt_state: Any) -> dict[str, jax.Array]:
         names = [_name(k) for k in path]
         if len(names) > 1 and names[-1] == "value":  # nnx Variable wrapper
             names = names[:-1]
-        if not names or names[-1] not in STAT_NAMES:
+        if len(names) > 1 and names[-2] in _PER_TASK and isinstance(names[-1], str):
+            name = f"{names[-1]}_{_PER_TASK[names[-2]]}"
+        elif names and names[-1] in STAT_NAMES:
+            name = names[-1]
+        else:
             continue
-        name = names[-1]
         if name == "skipped" and name in out:
             out[name] = out[name] + jnp.asarray(leaf)
         else:

@@ -2,8 +2,9 @@
 
 :func:`unlearning_optimizer` builds, in this order,
 
-1. a two-task combiner (NGDiff by default) turning ``(g_r, g_f)`` into a
-   gradient-like direction ``d``, optionally clipped to a global norm
+1. a combiner (NGDiff by default) turning the task gradients
+   ``TaskGrads(retain=g_r, forget=g_f)`` into one gradient-like direction ``d``
+   (an ``optax.experimental.aggregating.Aggregator``), optionally clipped to a global norm
    (``max_grad_norm``, :func:`clip_by_total_norm`);
 2. the inner optimizer's preconditioning of ``d``: Adam
    (``optax.scale_by_adam``) by default, or any single-task optax transform
@@ -16,9 +17,8 @@
    for logging);
 
 all wrapped in :func:`skip_if_nonfinite`, which skips the *whole* step
-(zero update, every inner state unchanged, Adam moments included) when either
-gradient holds a NaN/Inf, and counts it, and in :func:`~ngdiff_jax.optim.two_task`,
-which checks the two-task calling convention (see docs/optim.md).
+(zero update, every inner state unchanged, Adam moments included) when any task
+gradient holds a NaN/Inf, and counts it (see docs/optim.md).
 ``optax.apply_updates(params, updates)`` then decreases both losses to first
 order.
 
@@ -28,32 +28,29 @@ gradient entries (e.g. embedding rows of tokens absent from the batch) reach.
 
 Calling convention of the chain::
 
-  updates, opt_state = tx.update(retain_grads, opt_state, params,
-                                 forget_grads=forget_grads,
+  updates, opt_state = tx.update(TaskGrads(retain=retain_grads, forget=forget_grads),
+                                 opt_state, params,
                                  value_fn=loss_of_params,  # GeN only
                                  value=loss_at_params)     # optional
 
-With Flax NNX: ``optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)`` and
-``optimizer.update(model, retain_grads, forget_grads=..., value_fn=...)``.
-There ``params`` (and so what ``value_fn`` receives) is the pure
-``nnx.State`` of the ``wrt`` variables (``nnx.as_pure(nnx.state(model,
-nnx.Param))``); rebuild a model inside ``value_fn`` with
-``nnx.merge(graphdef, params, rest)``. Gradients from ``nnx.grad`` can be
-passed as they are (NNX strips the Variable wrappers from ``forget_grads``).
+With Flax NNX: ``optimizer = ngdiff_jax.optim.TaskOptimizer(model, tx, wrt=nnx.Param)`` and
+``optimizer.update(model, TaskGrads(retain=g_r, forget=g_f), value_fn=...)`` with the
+gradients from ``nnx.grad`` as they are. There ``params`` (and so what ``value_fn``
+receives) is the pure ``nnx.State`` of the ``wrt`` variables (``nnx.as_pure(nnx.state(model,
+nnx.Param))``); rebuild a model inside ``value_fn`` with ``nnx.merge(graphdef, params, rest)``.
 
 Example:
 
   >>> import jax, jax.numpy as jnp, optax
-  >>> from ngdiff_jax.optim import unlearning_optimizer, inject_stats
+  >>> from ngdiff_jax.optim import TaskGrads, unlearning_optimizer, inject_stats
   >>> x = jnp.array([[1.0, 2.0], [0.5, -1.0]])
   >>> retain = lambda p: jnp.mean((x @ p["w"] - 1.0) ** 2)
   >>> forget = lambda p: -jnp.mean((x @ p["w"] + 1.0) ** 2)  # ascent, minimized
   >>> params = {"w": jnp.zeros(2)}
   >>> tx = unlearning_optimizer("ngdiff", 1e-2)
   >>> opt_state = tx.init(params)
-  >>> updates, opt_state = tx.update(
-  ...     jax.grad(retain)(params), opt_state, params,
-  ...     forget_grads=jax.grad(forget)(params), value_fn=retain)
+  >>> grads = TaskGrads(retain=jax.grad(retain)(params), forget=jax.grad(forget)(params))
+  >>> updates, opt_state = tx.update(grads, opt_state, params, value_fn=retain)
   >>> params = optax.apply_updates(params, updates)
   >>> sorted(inject_stats(opt_state))
   ['forget_norm', 'forget_weight', 'learning_rate', 'retain_norm', 'retain_weight', 'skipped']
@@ -61,21 +58,22 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from optax.experimental import aggregating
 
-from ngdiff_jax.optim import _guard
 from ngdiff_jax.optim._base import concrete, tree_max_abs, tree_scaled_norm
-from ngdiff_jax.optim._guard import two_task
 from ngdiff_jax.optim.gdiff import gdiff
 from ngdiff_jax.optim.gen import scale_by_gen
 from ngdiff_jax.optim.guarded_adam import is_self_guarded, scale_by_guarded_adam
 from ngdiff_jax.optim.mgda import mgda
 from ngdiff_jax.optim.ngdiff import ngdiff
 from ngdiff_jax.optim.pcgrad import pcgrad
+from ngdiff_jax.optim.tasks import TaskGrads
 
 __all__ = [
     "COMBINERS",
@@ -181,29 +179,26 @@ class SkipNonFiniteState(NamedTuple):
 
 
 def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-    """Skips the whole step of ``inner`` when either task gradient is not finite.
+    """Skips the whole step of ``inner`` when any of its input gradients is not finite.
 
-    ``update(retain_grads, state, params=None, *, forget_grads=None, **extra)``
-    runs ``inner`` and, if any entry of ``retain_grads`` or ``forget_grads`` is
-    NaN/Inf, returns all-zero updates and the *previous* inner state (so e.g.
-    Adam's moments and count do not move), incrementing ``state.skipped``.
-    Unlike ``optax.apply_if_finite`` it also checks ``forget_grads``.
+    ``update(task_grads, state, params=None, **extra)`` runs ``inner`` and, if any
+    entry of any task's gradient is NaN/Inf, returns all-zero updates and the
+    *previous* inner state (so e.g. Adam's moments and count do not move),
+    incrementing ``state.skipped``. Like ``optax.apply_if_finite`` (which also sees
+    every task), but it skips transformations that guard themselves in place
+    (:func:`~ngdiff_jax.optim.scale_by_guarded_adam`) without a select over their state.
     """
-    marked = _guard.kind_of(inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         return SkipNonFiniteState(skipped=jnp.zeros((), jnp.int32), inner_state=inner.init(params))
 
-    def update_fn(retain_grads, state, params=None, *, forget_grads=None, **extra_args):
-        finite = jnp.isfinite(tree_max_abs(retain_grads))
-        if forget_grads is not None:
-            finite = finite & jnp.isfinite(tree_max_abs(forget_grads))
-            extra_args["forget_grads"] = forget_grads
+    def update_fn(grads, state, params=None, **extra_args):
+        finite = functools.reduce(jnp.logical_and, [jnp.isfinite(tree_max_abs(g)) for g in _tasks_of(grads)])
         # Transformations that skip themselves in place (scale_by_guarded_adam) read this; their
         # state is left out of the select below, which would keep old and new state alive together.
         extra_args["step_is_finite"] = finite
-        updates, inner_state = inner.update(retain_grads, state.inner_state, params, **extra_args)
+        updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
         def keep(new, old):
             return new if is_self_guarded(new) else jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -212,8 +207,12 @@ def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTran
         skipped = state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32)
         return updates, SkipNonFiniteState(skipped=skipped, inner_state=inner_state)
 
-    tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-    return _guard.mark(tx, "wrapper") if marked == "wrapper" else tx
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _tasks_of(grads) -> list:
+    """The task trees of a `TaskGrads` (each checked apart), or ``[grads]``."""
+    return list(grads.grads) if isinstance(grads, TaskGrads) else [grads]
 
 
 def _combiner(combiner, clip_norm, axis_name):
@@ -221,22 +220,22 @@ def _combiner(combiner, clip_norm, axis_name):
         if combiner not in COMBINERS:
             raise ValueError(
                 f"unlearning_optimizer: unknown combiner {combiner!r}; use one of "
-                f"{sorted(COMBINERS)} or pass a two-task combiner such as ngdiff(eps=1e-8)."
+                f"{sorted(COMBINERS)} or pass a combiner such as ngdiff(eps=1e-8)."
             )
         if combiner == "none":
             return gdiff(1.0, 1.0, clip_norm=clip_norm, axis_name=axis_name)
         return COMBINERS[combiner](clip_norm=clip_norm, axis_name=axis_name)
     if not isinstance(combiner, optax.GradientTransformation):
         raise TypeError(
-            f"unlearning_optimizer: combiner must be a name or a two-task combiner, got "
+            f"unlearning_optimizer: combiner must be a name or a combiner, got "
             f"{type(combiner).__name__}."
         )
-    if _guard.kind_of(combiner) is None:
+    if not isinstance(combiner, aggregating.Aggregator):
         raise TypeError(
-            "unlearning_optimizer: combiner must be a two-task combiner (ngdiff, gdiff, mgda, pcgrad, "
-            "a two_task_combiner, or a chain wrapped in ngdiff_jax.optim.two_task); a single-task "
-            "transformation such as optax.sgd would ignore forget_grads. Pass the inner optimizer as "
-            "optimizer= instead."
+            "unlearning_optimizer: combiner must be a combiner, an optax.experimental.aggregating.Aggregator "
+            "from TaskGrads to one direction (ngdiff, gdiff, mgda, pcgrad, task_combiner(...), or "
+            "aggregating.process(per_task(...), combiner, ...)); a single-task transformation such as "
+            "optax.sgd does not combine the tasks. Pass the inner optimizer as optimizer= instead."
         )
     if clip_norm is not None:
         raise ValueError(
@@ -275,9 +274,9 @@ def unlearning_optimizer(
     Args:
       combiner: ``"ngdiff"``, ``"gdiff"``, ``"mgda"``, ``"pcgrad"``, ``"none"``
         (plain sum ``g_r + g_f``, same as ``gdiff(1, 1)``), or a two-task
-        combiner object (e.g. ``ngdiff(eps=...)`` or ``gdiff(1.0, 0.2)``). A
-        single-task transformation (``optax.sgd(1.0)``) is refused: it would
-        ignore ``forget_grads``.
+        combiner object (an ``optax.experimental.aggregating.Aggregator``: e.g.
+        ``ngdiff(eps=...)``, ``gdiff(1.0, 0.2)``, ``ngdiff(tasks=(...))`` for k tasks).
+        A single-task transformation (``optax.sgd(1.0)``) is refused.
       learning_rate: with ``gen=True`` the initial GeN rate (a float); otherwise
         a float or an optax schedule.
       optimizer: the single-task transformation applied to the combined
@@ -295,7 +294,7 @@ def unlearning_optimizer(
         weight_decay, weight_decay_mask)`` after the optimizer, scaled by the
         (GeN or fixed) rate as in AdamW.
       clip_norm: per-task clipping of a combiner given by name (see
-        :func:`~ngdiff_jax.optim.two_task_combiner`).
+        :func:`~ngdiff_jax.optim.task_combiner`).
       max_grad_norm: clip the combined direction to this global L2 norm before the
         optimizer (:func:`clip_by_total_norm`; open-unlearning's and Hugging Face
         Trainer's ``max_grad_norm: 1.0``, which clips the gradient of the summed
@@ -311,9 +310,9 @@ def unlearning_optimizer(
         :func:`~ngdiff_jax.optim.scale_by_gen`); ``None``: the default platform's.
 
     Returns:
-      An :class:`optax.GradientTransformationExtraArgs`; ``update(retain_grads,
-      state, params, *, forget_grads, value_fn=None, value=None)`` returns
-      updates for ``optax.apply_updates``.
+      An :class:`optax.GradientTransformationExtraArgs`; ``update(task_grads,
+      state, params, *, value_fn=None, value=None)`` (``task_grads`` a
+      :class:`~ngdiff_jax.optim.TaskGrads`) returns updates for ``optax.apply_updates``.
     """
     combine = _combiner(combiner, clip_norm, axis_name)
     if gen and callable(learning_rate):
@@ -323,9 +322,9 @@ def unlearning_optimizer(
         )
     if optimizer is not None and not adam:
         raise ValueError("unlearning_optimizer: optimizer= replaces Adam; do not also pass adam=False.")
-    if optimizer is not None and _guard.kind_of(optimizer) is not None:
+    if isinstance(optimizer, aggregating.Aggregator):
         raise ValueError("unlearning_optimizer: optimizer= is the single-task part after the combiner; "
-                         "pass the two-task combiner as combiner=.")
+                         "pass the combiner as combiner=.")
     if concrete(weight_decay) and not weight_decay >= 0:
         raise ValueError(f"unlearning_optimizer: weight_decay must be >= 0, got {weight_decay!r}.")
     if optimizer is None:  # optax's Adam; with the guard, the variant that skips in place (same numbers)
@@ -353,4 +352,4 @@ def unlearning_optimizer(
     tx = optax.chain(*parts)
     if skip_nonfinite:
         tx = skip_if_nonfinite(tx)
-    return two_task(tx, "unlearning_optimizer")
+    return tx

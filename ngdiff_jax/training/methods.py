@@ -335,8 +335,8 @@ def make_optimizer(
     ``optim.warmup_steps`` steps; Adam takes ``optim.b1, b2,
     adam_eps, eps_root, mu_dtype``; ``optim.weight_decay`` adds decoupled weight decay
     (``optax.add_decayed_weights``) scaled by the rate, GeN's or the fixed/scheduled one, as in
-    AdamW. Call it as ``tx.update(retain_grads, opt_state, params, forget_grads=..., value_fn=...,
-    value=...)``. ``member_axis``: the ``vmap`` axis of a population of runs (GeN's shared probing
+    AdamW. Call it as ``tx.update(TaskGrads(retain=..., forget=...), opt_state, params,
+    value_fn=..., value=...)``. ``member_axis``: the ``vmap`` axis of a population of runs (GeN's shared probing
     steps, see `ngdiff_jax.optim.scale_by_gen`). ``backend``: GeN's `ngdiff_jax.backends.Backend`
     (the model's; ``None``: the default platform's).
     """

@@ -27,6 +27,7 @@ import optax
 from ngdiff_jax.backends import resolve as resolve_backend
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 from ngdiff_jax.optim._base import shared_reductions, tree_scaled_norm
+from ngdiff_jax.optim.tasks import TaskGrads
 from ngdiff_jax.shifted import accepts_shifted, takes_shifted
 from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.grad_accum import accumulate_gradients, split_micro_batches
@@ -114,7 +115,8 @@ def make_unlearn_step(
     the methods that read a hidden state (RMU). Metrics: ``forget_loss``, ``retain_loss``
     (the objectives), ``forget_nll``, ``retain_nll``, ``forget_grad_norm``, ``retain_grad_norm``,
     ``learning_rate``, ``skipped`` (cumulative count of skipped non-finite steps).
-    ``tx`` must start with a two-task combiner (checked: `ngdiff_jax.optim.two_task`).
+    ``tx`` maps the step's ``TaskGrads(retain=..., forget=...)`` to updates shaped like the
+    params: a chain that starts with a combiner (checked when the step is traced).
 
     With ``micro_batches=k > 1`` each batch is cut into ``k`` equal micro-batches; a
     ``lax.scan`` accumulates the forget and the retain gradient **separately** (each weighted by
@@ -135,9 +137,6 @@ def make_unlearn_step(
     """
     backend = resolve_backend(backend)
     constrain = _constrainer(grad_sharding)
-    from ngdiff_jax.optim import two_task
-
-    tx = two_task(tx, "make_unlearn_step")
     f_obj = forget_objective(method)
     r_obj = retain_objective(method)
     probe = method.probe
@@ -270,10 +269,11 @@ def make_unlearn_step(
             "forget_grad_norm": f_norm,
             "retain_grad_norm": _norm(r_grads),
         }
-        updates, opt_state = tx.update(
-            r_grads, opt_state, params, forget_grads=f_grads, value_fn=value_fn, value=value
-        )
+        grads = TaskGrads(retain=r_grads, forget=f_grads)
         del f_grads, r_grads
+        updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn, value=value)
+        del grads
+        _check_updates(updates, params)
         params = optax.apply_updates(params, updates)
         stats = _stats(opt_state)
         metrics["learning_rate"] = jnp.asarray(stats.get("learning_rate", jnp.nan), jnp.float32)
@@ -281,6 +281,17 @@ def make_unlearn_step(
         return params, opt_state, metrics
 
     return step
+
+
+def _check_updates(updates, params) -> None:
+    """The optimizer must turn the task gradients into one update shaped like the params."""
+    if jax.tree.structure(updates) != jax.tree.structure(params):
+        raise ValueError(
+            "make_unlearn_step: the optimizer returned updates with the tree structure "
+            f"{jax.tree.structure(updates)}, not the params' {jax.tree.structure(params)}: start its chain with a "
+            "combiner (ngdiff_jax.optim.ngdiff(), gdiff, mgda, pcgrad), which turns TaskGrads into one direction, "
+            "e.g. optax.chain(ngdiff(), optax.adam(1e-5)); a single-task optimizer alone does not combine the tasks."
+        )
 
 
 def _plain_nll(apply_fn, params, batch):
