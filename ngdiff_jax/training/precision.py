@@ -37,12 +37,7 @@ def with_moment_dtype(tx, dtype):
         return new_updates, new_state
 
     if extra:
-        out = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-        from ngdiff_jax.optim._guard import kind_of, mark
-
-        if kind_of(tx) == "wrapper":  # a checked two-task chain: this passes both gradients through unchanged
-            mark(out, "wrapper")
-        return out
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
     return optax.GradientTransformation(init_fn, lambda u, s, p=None: update_fn(u, s, p))
 
 
