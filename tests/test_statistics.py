@@ -113,6 +113,35 @@ def test_sweep_verdicts():
     assert analyze(runs, sweep)["claims"]["tradeoff"]["comparisons"][0]["verdict"] == "inconclusive"
 
 
+def test_a_selection_lifted_by_one_seed_is_not_a_supported_tradeoff():
+    """The SmolLM2 sweep's case: ng's lr 1e-3 meets forget_quality >= 0.05 on the mean over its
+    selection seeds only because one seed forgot (0.4, 0.003, 0.003); the other methods meet it
+    nowhere. Each held-out run then misses the rule, so the trade-off is inconclusive, not
+    supported (it read "supported" before), and a paired comparison of two methods whose held-out
+    runs both miss it is inconclusive too."""
+    sweep = SweepSection(methods={"ng": {}, "fx": {}, "gd": {}}, lr=(1e-4, 1e-3), selection_seeds=(0, 1, 2),
+                         rule={"maximize": "model_utility", "constraints": ["forget_quality>=0.05"]},
+                         compare={"method": "ng", "against": ["fx", "gd"]},
+                         robustness={"methods": []})  # fmt: skip
+    fq = {0: 0.4, 1: 0.003, 2: 0.003}
+    sel = {"ng": [_rec(s, lr, 0.4, fq[s] if lr == 1e-3 else 0.001) for lr in (1e-4, 1e-3) for s in (0, 1, 2)],
+           "fx": [_rec(s, lr, 0.39, fq[s] if lr == 1e-3 else 0.001) for lr in (1e-4, 1e-3) for s in (0, 1, 2)],
+           "gd": [_rec(s, lr, 0.41, 0.002) for lr in (1e-4, 1e-3) for s in (0, 1, 2)]}  # fmt: skip
+    runs = {"runs": {"selection": sel}, "selected": {"ng": {"optim.lr": 1e-3}, "fx": {"optim.lr": 1e-3}, "gd": None},
+            "selection_table": {}, "seconds": {}}  # fmt: skip
+    out = analyze(runs, sweep, metrics=("model_utility", "forget_quality"))
+    t = out["claims"]["tradeoff"]
+    assert [r["verdict"] for r in t["comparisons"]] == ["inconclusive", "inconclusive"]
+    assert t["verdict"] == "inconclusive"
+    assert "reported runs miss the rule's constraints (forget_quality>=0.05) on average: forget_quality 0.003" in (
+        t["comparisons"][1]["reason"])
+    assert "model_utility is not compared" in t["comparisons"][0]["reason"]
+    # held-out runs that meet the rule keep the verdict
+    sel["ng"] = [_rec(s, lr, 0.4, 0.3 if lr == 1e-3 else 0.001) for lr in (1e-4, 1e-3) for s in (0, 1, 2)]
+    t = analyze(runs, sweep, metrics=("model_utility", "forget_quality"))["claims"]["tradeoff"]
+    assert t["comparisons"][1]["verdict"] == "supported"
+
+
 def test_sweep_section_checks():
     with pytest.raises(ValueError, match="seed appears twice"):
         SweepSection(methods={"ng": {}}, lr=(1e-3,), selection_seeds=(0, 1), report_seeds=(1,))

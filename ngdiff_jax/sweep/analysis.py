@@ -163,16 +163,47 @@ def _crossfit(recs, sweep: SweepSection):
     return reported, folds
 
 
+def _misses_rule(sweep: SweepSection, name: str, reported) -> str | None:
+    """Why ``name``'s reported runs (each at the setting chosen without it, or fresh seeds) fail the
+    rule's constraints on average, or None when they meet them (or there is none to check). A
+    setting selected because other seeds met the rule is a finding only if the reported runs meet
+    it too: a mean lifted by one seed can pass selection while the held-out runs do not forget."""
+    recs = [r["aggregates"] for r in (reported.get(name) or {}).values() if r.get("aggregates")]
+    crit = sweep.criterion()
+    if not recs or not crit.constraints:
+        return None
+    best, table = select_setting({"reported": recs}, lambda m: _score(crit, m))
+    if best is not None:
+        return None
+    mean = table["reported"]["mean"] or {}
+    rule = ", ".join(f"{n}{op}{v:g}" for n, op, v in crit.constraints)
+    got = ", ".join(f"{n} {mean[n]:.3g}" if mean.get(n) is not None else f"{n} missing" for n, _, _ in crit.constraints)
+    return f"{name}'s {len(recs)} reported runs miss the rule's constraints ({rule}) on average: {got}"
+
+
+def _score(crit, metrics):
+    try:
+        return crit.score(metrics)
+    except KeyError:
+        return None
+
+
 def _tradeoff(sweep: SweepSection, runs, reported, level) -> dict:
     c = sweep.compare
     me = c.method
     rows, verdicts = [], []
     for other in c.against:
         row = {"against": other, "metric": c.metric}
+        misses = [m for m in (_misses_rule(sweep, me, reported), _misses_rule(sweep, other, reported)) if m]
         if runs["selected"].get(me) is None:
             row.update(verdict="not supported", reason=f"{me} meets the rule ({sweep.describe_rule()}) at no setting")
+        elif misses and runs["selected"].get(other) is None:
+            row.update(verdict="inconclusive", reason=f"{other} meets the rule at no setting of the grid, and "
+                                                      f"{misses[0]}")  # fmt: skip
         elif runs["selected"].get(other) is None:
             row.update(verdict="supported", reason=f"{other} meets the rule at no setting of the grid; {me} does")
+        elif misses:
+            row.update(verdict="inconclusive", reason="; ".join(misses) + f": their {c.metric} is not compared")
         else:
             seeds = sorted(set(reported[me]) & set(reported[other]))
             d = paired_difference([_value(reported[me][s], c.metric) for s in seeds],
