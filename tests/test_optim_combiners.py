@@ -232,8 +232,19 @@ def test_errors_are_clear():
         tx.update(TaskGrads(retain=g_r, forget=jax.tree.map(lambda x: jnp.zeros(np.size(x) + 1), g_f)), tx.init(g_r))
     with pytest.raises(ValueError, match="at least two tasks"):
         TaskGrads(retain=g_r)
-    with pytest.raises(ValueError, match="tasks must be >= 2 distinct names"):
+    with pytest.raises(ValueError, match="tasks must be a tuple of >= 2 distinct names"):
         ngdiff(tasks=("retain",))
+    for make in (ngdiff, mgda, pcgrad):  # a bare string is not read as one task per character
+        with pytest.raises(ValueError, match=r"tasks must be a tuple .*got 'retain'"):
+            make(tasks="retain")
+    with pytest.raises(ValueError, match=r"\['items'\] cannot name a task"):
+        TaskGrads(retain=g_r, items=g_f)
+    with pytest.raises(ValueError, match="gdiff: weights must map task names to weights"):
+        gdiff(weights=(1.0, 0.5))
+    import copy
+
+    tg = copy.deepcopy(TaskGrads(retain=g_r, forget=g_f))  # no recursion through __getattr__
+    assert tg.names == ("retain", "forget")
     with pytest.raises(ValueError, match="eps"):
         ngdiff(eps=-1.0)
 

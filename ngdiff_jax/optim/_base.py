@@ -49,7 +49,7 @@ import jax.extend
 import jax.numpy as jnp
 from optax.experimental import aggregating
 
-from ngdiff_jax.optim.tasks import TWO_TASKS, check_task_grads
+from ngdiff_jax.optim.tasks import TWO_TASKS, check_task_grads, task_names
 
 AxisName = Any  # a mesh axis name (str) or tuple of names, as jax.lax.psum takes
 
@@ -405,9 +405,7 @@ def task_combiner(
       or zeros, counted in ``state.skipped``, when a task gradient is not finite. Extra
       arguments meant for later members of a chain (GeN's ``value_fn``) are ignored.
     """
-    tasks = tuple(tasks)
-    if len(tasks) < 2 or len(set(tasks)) != len(tasks):
-        raise ValueError(f"{name}: tasks must be >= 2 distinct names, got {tasks!r}.")
+    tasks = task_names(tasks, name)
     if clip_norm is not None and concrete(clip_norm) and not float(clip_norm) > 0:
         raise ValueError(f"{name}: clip_norm must be > 0 or None, got {clip_norm!r}.")
 

@@ -62,6 +62,9 @@ def gdiff(
       An ``optax.experimental.aggregating.Aggregator`` with the combiners'
       calling convention (see :func:`ngdiff_jax.optim.ngdiff`).
     """
+    if weights is not None and not isinstance(weights, Mapping):
+        raise ValueError(f"gdiff: weights must map task names to weights, e.g. {{'retain': 1.0, 'forget': 0.5}}; "
+                         f"got {type(weights).__name__}.")  # fmt: skip
     if weights is None:
         weights = {"retain": retain_weight, "forget": forget_weight}
     elif (retain_weight, forget_weight) != (1.0, 1.0):

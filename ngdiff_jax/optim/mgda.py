@@ -54,7 +54,7 @@ from ngdiff_jax.optim._base import (
     task_combiner,
     tree_scaled_norm,
 )
-from ngdiff_jax.optim.tasks import TWO_TASKS
+from ngdiff_jax.optim.tasks import TWO_TASKS, task_names
 
 __all__ = ["mgda"]
 
@@ -119,7 +119,8 @@ def mgda(*, tasks: Sequence[str] = TWO_TASKS, clip_norm: float | None = None,
       ``weights`` hold the convex weights.
     """
 
-    if len(tuple(tasks)) > MAX_TASKS:
+    tasks = task_names(tasks, "mgda")
+    if len(tasks) > MAX_TASKS:
         raise ValueError(f"mgda: at most {MAX_TASKS} tasks (an exact solve per subset of tasks), got {len(tasks)}.")
 
     def two(grads, maxes, axis_name):
@@ -145,5 +146,5 @@ def mgda(*, tasks: Sequence[str] = TWO_TASKS, clip_norm: float | None = None,
         norms = tuple(scales[i] * jnp.sqrt(g[i, i]) for i in range(len(grads)))
         return TaskWeights(tuple(w[i] for i in range(len(grads))), norms)
 
-    return task_combiner(two if len(tuple(tasks)) == 2 else several, "mgda", tasks=tasks, clip_norm=clip_norm,
+    return task_combiner(two if len(tasks) == 2 else several, "mgda", tasks=tasks, clip_norm=clip_norm,
                          axis_name=axis_name)  # fmt: skip

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from optax.experimental import aggregating
 
 from ngdiff_jax.optim._base import TaskWeights, gram, safe_scale, task_combiner, tree_scaled_vdot
-from ngdiff_jax.optim.tasks import TWO_TASKS
+from ngdiff_jax.optim.tasks import TWO_TASKS, task_names
 
 __all__ = ["pcgrad"]
 
@@ -98,5 +98,6 @@ def pcgrad(*, tasks: Sequence[str] = TWO_TASKS, clip_norm: float | None = None,
         weights = tuple(total[j] / scales[j] for j in range(k))
         return TaskWeights(weights, tuple(scales[i] * jnp.sqrt(g[i, i]) for i in range(k)))
 
-    return task_combiner(two if len(tuple(tasks)) == 2 else several, "pcgrad", tasks=tasks, clip_norm=clip_norm,
+    tasks = task_names(tasks, "pcgrad")
+    return task_combiner(two if len(tasks) == 2 else several, "pcgrad", tasks=tasks, clip_norm=clip_norm,
                          axis_name=axis_name)  # fmt: skip

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-__all__ = ["TaskGrads", "PerTaskState", "per_task", "check_task_grads"]
+__all__ = ["TaskGrads", "PerTaskState", "per_task", "check_task_grads", "task_names"]
 
 #: The two tasks of unlearning, in the order a combiner's weights and norms are reported.
 TWO_TASKS = ("retain", "forget")
@@ -62,6 +62,9 @@ class TaskGrads:
     __slots__ = ("_names", "_grads")
 
     def __init__(self, **tasks: Any):
+        reserved = sorted(n for n in tasks if n.startswith("_") or hasattr(TaskGrads, n))
+        if reserved:
+            raise ValueError(f"TaskGrads: {reserved} cannot name a task (an attribute of TaskGrads); rename it.")
         if len(tasks) < 2:
             raise ValueError(
                 f"TaskGrads needs at least two tasks, e.g. TaskGrads(retain=g_r, forget=g_f); got {sorted(tasks)}."
@@ -79,6 +82,8 @@ class TaskGrads:
         return self._grads
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # unset slots (copy, pickle) must not recurse into the lookup below
+            raise AttributeError(name)
         try:
             return self._grads[self._names.index(name)]
         except ValueError:
@@ -104,6 +109,9 @@ class TaskGrads:
 
     def __repr__(self) -> str:
         return "TaskGrads(" + ", ".join(f"{n}={g!r}" for n, g in self.items()) + ")"
+
+    def __reduce__(self):  # copy and pickle rebuild it as JAX does (its slots are read-only)
+        return TaskGrads.tree_unflatten, (self._names, self._grads)
 
     def tree_flatten_with_keys(self):
         return [(jax.tree_util.GetAttrKey(n), g) for n, g in self.items()], self._names
@@ -147,6 +155,15 @@ def check_task_grads(grads: Any, tasks: Sequence[str], name: str) -> TaskGrads:
     return grads
 
 
+def task_names(tasks: Sequence[str], name: str) -> tuple[str, ...]:
+    """``tasks`` as a tuple of >= 2 distinct names; a ``ValueError`` naming the fix otherwise (a bare
+    string would otherwise be read as one task per character)."""
+    if isinstance(tasks, str) or len(tuple(tasks)) < 2 or len(set(tasks)) != len(tuple(tasks)):
+        raise ValueError(f"{name}: tasks must be a tuple of >= 2 distinct names, e.g. ('retain', 'forget'); "
+                         f"got {tasks!r}.")  # fmt: skip
+    return tuple(tasks)
+
+
 class PerTaskState(NamedTuple):
     """State of :func:`per_task`: the inner transformation's state for each task, by name."""
 
@@ -166,7 +183,7 @@ def per_task(
       tx: a single-task transformation.
       tasks: the task names, as in the :class:`TaskGrads` it will receive.
     """
-    tasks = tuple(tasks)
+    tasks = task_names(tasks, "per_task")
     inner = optax.with_extra_args_support(tx)
 
     def init_fn(params):

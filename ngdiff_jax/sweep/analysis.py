@@ -144,10 +144,7 @@ def _crossfit(recs, sweep: SweepSection):
     crit = sweep.criterion()
 
     def score(metrics):
-        try:
-            return crit.score(metrics)
-        except KeyError:
-            return None
+        return _score(crit, metrics)
 
     by_setting: dict = {}
     for r in recs:
@@ -182,6 +179,7 @@ def _misses_rule(sweep: SweepSection, name: str, reported) -> str | None:
 
 
 def _score(crit, metrics):
+    """The rule's score of ``metrics``; None when a constraint fails or a metric is missing."""
     try:
         return crit.score(metrics)
     except KeyError:
