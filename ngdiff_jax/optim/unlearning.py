@@ -184,9 +184,10 @@ def skip_if_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTran
     ``update(task_grads, state, params=None, **extra)`` runs ``inner`` and, if any
     entry of any task's gradient is NaN/Inf, returns all-zero updates and the
     *previous* inner state (so e.g. Adam's moments and count do not move),
-    incrementing ``state.skipped``. Like ``optax.apply_if_finite`` (which also sees
-    every task), but it skips transformations that guard themselves in place
-    (:func:`~ngdiff_jax.optim.scale_by_guarded_adam`) without a select over their state.
+    incrementing ``state.skipped``. ``optax.apply_if_finite`` cannot take its place around
+    a combiner chain (its skipped branch returns zeros shaped like its input, a ``TaskGrads``:
+    it fails by tree structure). Transformations that guard themselves in place
+    (:func:`~ngdiff_jax.optim.scale_by_guarded_adam`) are skipped without a select over their state.
     """
     inner = optax.with_extra_args_support(inner)
 
