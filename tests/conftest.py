@@ -14,7 +14,16 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 # (tests/test_cli.py turns the persistent compilation cache on in a temp dir).
 os.environ.setdefault("NGDIFF_COMPILATION_CACHE", "0")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Eight simulated CPU devices in every test process (fixed when the backend starts), so the sharding
+# tests run in-process. Runs that configure no mesh use one device (`mesh.preset: none`), and a jitted
+# function without shardings runs on the first, so the other tests are unaffected. Not inherited by
+# subprocesses (a config option, not an environment variable): those that need devices set XLA_FLAGS.
+N_DEVICES = 8
+if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
+    jax.config.update("jax_num_cpu_devices", N_DEVICES)
 
 from ngdiff_jax.paths import shared_data_dir  # noqa: E402
 
@@ -67,3 +76,24 @@ def synthetic_model(tmp_path_factory):
         return made[num_layers]
 
     return make
+
+
+@pytest.fixture
+def devices8():
+    """The eight simulated CPU devices of this process (see N_DEVICES); skips on a machine whose
+    backend gives fewer (e.g. the suite run on one GPU)."""
+    devs = jax.devices()
+    if len(devs) < 8:
+        pytest.skip(f"needs 8 devices, {jax.default_backend()} has {len(devs)}")
+    return devs[:8]
+
+
+def pytest_collection_modifyitems(config, items):
+    """``xla_cpu`` tests assert what XLA:CPU compiles (buffer sizes, HLO); on another backend they skip."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return
+    skip = pytest.mark.skip(reason=f"asserts XLA:CPU's compiled buffers; this run's backend is {backend}")
+    for item in items:
+        if "xla_cpu" in item.keywords:
+            item.add_marker(skip)

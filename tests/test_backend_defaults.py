@@ -119,6 +119,7 @@ def _step_results(backend, dtype, stacked=False):
     return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), params, initial), history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["per_block", "stacked"])
 @pytest.mark.parametrize("dtype,rtol,update_tol", [(jnp.float32, 1e-4, 1e-4), (jnp.bfloat16, 3e-2, 0.1)])
 def test_swapping_the_cpu_package_out_gives_the_same_step(monkeypatch, dtype, rtol, update_tol, stacked):

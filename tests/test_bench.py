@@ -10,6 +10,7 @@ import pytest
 from ngdiff_jax.cli import main
 
 
+@pytest.mark.slow
 def test_bench_json_keys(capsys):
     rc = main([
         "bench", "--device", "cpu", "--sizes", "micro", "--sections", "step,overhead,generate",
@@ -36,6 +37,7 @@ def test_bench_json_keys(capsys):
         "ratio[micro]", "ngdiff_overhead", "gen_overhead[every=4]", "generate_speedup"}
 
 
+@pytest.mark.xla_cpu
 def test_memory_child_reports_peak_and_compiled_analysis(capsys):
     from ngdiff_jax.bench import memory_child
 
@@ -46,6 +48,7 @@ def test_memory_child_reports_peak_and_compiled_analysis(capsys):
     assert {"argument_size_in_bytes", "temp_size_in_bytes"} <= set(rec["compiled"])
 
 
+@pytest.mark.slow
 def test_layer_scan_bench_computes_the_same_step(tmp_path):
     """`ngdiff_jax.bench.layer_scan`: the scanned and the unrolled variant run the same step
     (same losses on the first step, finite times) on a tiny tied Llama."""

@@ -116,6 +116,7 @@ def test_cli_errors_name_the_fix(source, tmp_path, capsys):
     assert "julius_caesar" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_text_kind_trains_unlearns_and_evaluates(source, tmp_path, capsys):
     """The Books pipeline end to end on a tiny model: a target trained on raw/target_train, NGDiff on
     the forget plays' text against retain1, MUSE's metrics on the result; a method that needs

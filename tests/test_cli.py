@@ -5,6 +5,8 @@ import yaml
 
 from ngdiff_jax.cli import main
 
+pytestmark = pytest.mark.slow  # the console script in subprocesses
+
 
 def test_print_config_with_overrides(capsys):
     rc = main(["unlearn", "--config", "tofu_ngdiff", "--print-config",

@@ -11,6 +11,8 @@ import pytest
 
 from ngdiff_jax.demo import hard_checks, load_demo_config
 
+pytestmark = pytest.mark.slow  # the demo pipeline and its CLI
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ngdiff", "gdiff")
 # open-unlearning metric names every evaluated member carries

@@ -8,6 +8,8 @@ import pytest
 from ngdiff_jax.bench import device_check
 from ngdiff_jax.cli import main
 
+pytestmark = pytest.mark.slow  # the device check end to end
+
 
 def test_dry_run_end_to_end(tmp_path, capsys):
     assert main(["device-check", "--out", str(tmp_path), "--dry-run"]) == 0

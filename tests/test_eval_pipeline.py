@@ -223,6 +223,7 @@ def test_cli_eval_and_report(tok, cfg, tofu_dir, tmp_path, capsys):
     assert "evaluate the retain model first" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mistral", "gpt2"])  # a sliding window of 6; learned positions
 def test_packed_rows_equal_whole_rows(family, monkeypatch):
     """Short examples packed several to a row (a shared prompt once, continuations after it, a group

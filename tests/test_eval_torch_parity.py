@@ -65,6 +65,7 @@ def test_tofu_equals_the_pytorch_reference(tofu_dir, tmp_path, monkeypatch):
     assert {"mia_loss", "mia_zlib", "mia_min_k_plus_plus"} <= set(ours["aggregates"])
 
 
+@pytest.mark.slow
 def test_muse_equals_the_pytorch_reference(muse_news_dir, tmp_path, monkeypatch):
     # long texts (PrivLeak ~2000 tokens, VerbMem prompts ~1000) go through the causal-block paths of
     # scoring and generation prefill (engine.ATTENTION_BLOCK, blocks of 512 positions here)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
+import jax
 import numpy as np
 import pytest
 
@@ -22,6 +23,8 @@ from transformers import LlamaConfig  # noqa: E402
 from ngdiff_jax.data import train_tokenizer  # noqa: E402
 from ngdiff_jax.integrations.lm_harness import NgdiffLM  # noqa: E402
 from ngdiff_jax.models import from_config, save_pretrained  # noqa: E402
+
+pytestmark = pytest.mark.slow  # lm-evaluation-harness on saved models
 
 TEXTS = [
     "The capital of France is Paris.", "Water boils at one hundred degrees.", "Cats like to sleep in the sun.",
@@ -194,43 +197,20 @@ def test_ngdiff_eval_lm_eval_fails_at_once_for_missing_task_data(model_dir, tmp_
     assert rc == 2 and "--num-fewshot -1: must be >= 0" in capsys.readouterr().err
 
 
-SHARDED = r"""
-import sys, jax, numpy as np
-from lm_eval.api.instance import Instance
-from ngdiff_jax.integrations.lm_harness import NgdiffLM
-assert jax.device_count() == 8, jax.devices()
-d = sys.argv[1]
-reqs = [("The capital of", " France is Paris."), ("Cats like", " to sleep in the sun."), ("", "Water boils.")]
-one = NgdiffLM(pretrained=d, dtype="float32", batch_size=2)
-sharded = NgdiffLM(pretrained=d, dtype="float32", batch_size=2, mesh="fsdp")
-shardings = {str(x.sharding.spec) for x in jax.tree.leaves(__import__("flax").nnx.state(sharded.model))}
-assert any("fsdp" in s for s in shardings), shardings
-inst = [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(reqs)]
-a, b = one.loglikelihood(inst), sharded.loglikelihood(inst)
-assert [x[1] for x in a] == [x[1] for x in b]
-np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], rtol=1e-5, atol=1e-5)
-until = {"until": ["\n"], "max_gen_toks": 6}
-gen = [Instance(request_type="generate_until", doc={}, arguments=("Numbers: one", until), idx=0)]
-assert one.generate_until(gen) == sharded.generate_until(gen)
-try:
-    NgdiffLM(pretrained=d, mesh="rings")
-except ValueError as e:
-    assert "mesh='rings'" in str(e), e
-else:
-    raise AssertionError("an unknown mesh was accepted")
-print("SHARDED_OK")
-"""
-
-
-def test_mesh_model_arg_shards_the_weights_and_gives_the_same_numbers(model_dir):
-    """``--model_args mesh=fsdp`` on 8 simulated CPU devices: the weights are sharded over the fsdp axis
+def test_mesh_model_arg_shards_the_weights_and_gives_the_same_numbers(model_dir, devices8):
+    """``--model_args mesh=fsdp`` on the 8 simulated CPU devices: the weights are sharded over the fsdp axis
     and every log-likelihood, greedy flag and generation equals the one-device model's."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", SHARDED, str(model_dir)], env=env, capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
-    assert "SHARDED_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    reqs = [("The capital of", " France is Paris."), ("Cats like", " to sleep in the sun."), ("", "Water boils.")]
+    one = NgdiffLM(pretrained=str(model_dir), dtype="float32", batch_size=2)
+    sharded = NgdiffLM(pretrained=str(model_dir), dtype="float32", batch_size=2, mesh="fsdp")
+    shardings = {str(x.sharding.spec) for x in jax.tree.leaves(nnx.state(sharded.model))}
+    assert any("fsdp" in s for s in shardings), shardings
+    inst = [Instance(request_type="loglikelihood", doc={}, arguments=a, idx=i) for i, a in enumerate(reqs)]
+    a, b = one.loglikelihood(inst), sharded.loglikelihood(inst)
+    assert [x[1] for x in a] == [x[1] for x in b]
+    np.testing.assert_allclose([x[0] for x in a], [x[0] for x in b], rtol=1e-5, atol=1e-5)
+    until = {"until": ["\n"], "max_gen_toks": 6}
+    gen = [Instance(request_type="generate_until", doc={}, arguments=("Numbers: one", until), idx=0)]
+    assert one.generate_until(gen) == sharded.generate_until(gen)
+    with pytest.raises(ValueError, match="mesh='rings'"):
+        NgdiffLM(pretrained=str(model_dir), mesh="rings")

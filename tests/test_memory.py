@@ -50,6 +50,7 @@ def _batch(seed, pad_row=False):
 
 
 # ---------------------------------------------------------------------- micro-batches
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method,overrides",
     [
@@ -97,6 +98,7 @@ def test_micro_batches_must_divide_the_batch():
 
 
 # ---------------------------------------------------------------------- remat
+@pytest.mark.xla_cpu
 def test_remat_policies_give_the_same_gradients():
     from ngdiff_jax.models.logprobs import sequence_nll
 
@@ -169,6 +171,7 @@ def _live_probe(records):
     return eval_fn
 
 
+@pytest.mark.slow
 def test_unlearn_and_finetune_loops_hold_one_copy_of_the_state(tiny_run, tmp_path):
     P = tiny_run["param_bytes"]
     common = [f"data.source={tiny_run['bench']}", "run.progress=false", "run.steps=3", "run.eval_every=1",
@@ -202,6 +205,7 @@ def test_unlearn_and_finetune_loops_hold_one_copy_of_the_state(tiny_run, tmp_pat
         assert r - base < 3 * P * 1.08 + 200_000, (records, base, P)
 
 
+@pytest.mark.slow
 def test_unlearn_bfloat16_params_float32_moments_remat_micro_batches_export_dtype(tiny_run, tmp_path):
     from safetensors import safe_open
 
@@ -223,6 +227,8 @@ def test_unlearn_bfloat16_params_float32_moments_remat_micro_batches_export_dtyp
 
 
 # ---------------------------------------------------------------------- ngdiff plan
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_plan_compiles_from_abstract_shapes_and_the_cli_simulates_a_mesh(tmp_path):
     from ngdiff_jax.cli import main
     from ngdiff_jax.parallel.plan import plan_step

@@ -45,6 +45,7 @@ def _batch(B=3, T=11, V=128, seed=0):
     return jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama_tied", "phi"])  # tied head; untied head with a bias
 @pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
 def test_chunked_head_equals_the_logits_path(family, kernels, monkeypatch):
@@ -74,6 +75,7 @@ def _temp_bytes(fn, *args, donate=()) -> int:
     return jax.jit(fn, donate_argnums=donate).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.xla_cpu
 def test_chunked_head_keeps_no_vocabulary_sized_buffer(monkeypatch):
     V, B, T = 4096, 4, 128  # logits: 8 MiB in float32; a head chunk: 64 tokens x 4096 = 1 MiB
     model = _model("llama_tied", "xla", vocab_size=V, max_position_embeddings=T)
@@ -110,6 +112,8 @@ class _Barrier(backends.Backend):
         return jax.lax.optimization_barrier((tree, done))[0]
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_unlearn_step_runs_the_two_tasks_one_after_the_other():
     # activations dominate: long sequences, small weights
     model = _model("llama", "xla", num_hidden_layers=4, max_position_embeddings=256)
@@ -152,6 +156,8 @@ def test_guarded_adam_is_optax_adam_and_skips_in_place(mu_dtype):
     assert isinstance(s, optax.ScaleByAdamState)
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_skip_guard_costs_no_copy_of_the_moments():
     model = _model("llama", "xla", vocab_size=4096, hidden_size=64, intermediate_size=128)
     apply_fn, params = models.functional(model)
@@ -229,6 +235,8 @@ def _remat_case(lora_rank: int, policy: str, kernels: str = "cpu_fast"):
     return fn(params), fn.lower(params).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_remat_full_shrinks_temporaries_on_cpu_with_the_same_gradients(lora_rank):
     # Without the late recomputation XLA:CPU ran every block's recomputation at the start of the
@@ -262,6 +270,8 @@ def _abstract_grad_temps(hf: dict) -> int:
     return _temp_bytes(jax.grad(lambda p, ids: fn.token_logprobs(p, ids, ids).logp.sum()), params, ids)
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_bfloat16_weights_are_converted_for_each_matmul_not_once_for_the_gradient(monkeypatch):
     # XLA:CPU runs a bfloat16 matmul in float32. With the conversion of each weight tied to its
     # input (kernels._fresh), no float32 copy of the weights lives across the backward pass;

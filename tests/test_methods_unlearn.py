@@ -65,6 +65,7 @@ def _method(name, **kw):
     return m if not m.needs_hidden else load_method(name, rmu_layer=0, **kw)
 
 
+@pytest.mark.slow
 def test_reference_methods_refuse_to_run_without_it(tiny):
     apply_fn, params = tiny
     needing = [n for n in NEW if _method(n).needs_reference]
@@ -76,6 +77,7 @@ def test_reference_methods_refuse_to_run_without_it(tiny):
             make_unlearn_step(apply_fn, method, tx)(params, None, _forget(0), _batch(1), jax.random.PRNGKey(0))
 
 
+@pytest.mark.slow
 def test_losses_at_the_reference_match_hand_values(tiny):
     """At params == reference: DPO = 2/beta log 2, embed_diff = 0, KLR = 0; RMU = its MSE to the control vector."""
     apply_fn, params = tiny
@@ -160,6 +162,7 @@ def test_idk_responses_file(tmp_path):
         load_idk_responses(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.slow
 def test_every_new_method_runs_in_ngdiff_unlearn(tiny_run):
     from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
@@ -188,6 +191,7 @@ def test_every_new_method_runs_in_ngdiff_unlearn(tiny_run):
         assert (d / f"{name}_{i}" / "model" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_unlearn_with_model_selection_exports_best_and_last(tiny_run):
     from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
@@ -217,15 +221,15 @@ def test_unlearn_with_model_selection_exports_best_and_last(tiny_run):
 
 
 def test_model_selection_on_a_mesh(tiny_run):
-    """The sharded path (a one-device fsdp mesh here; tests/test_sharding_cli.py covers several devices):
-    the hook evaluates the sharded params and the best model is exported gathered."""
+    """The sharded path (an fsdp mesh over the process's 8 simulated devices): the hook evaluates the
+    sharded params and the best model is exported gathered."""
     from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
 
     d, data = tiny_run
     cfg = load_config(UnlearnConfig, None, [
         f"model_path={d / 'model'}", f"data.source={data}", "data.forget_split=forget10", "data.retain_split=retain90",
-        "data.batch_size=2", "data.max_length=96", "data.buckets=[96]", "run.checkpoint_every=0", "run.progress=false",
+        "data.batch_size=8", "data.max_length=96", "data.buckets=[96]", "run.checkpoint_every=0", "run.progress=false",
         "optim.lr=1e-2", "method=ga", f"run.output_dir={d / 'sel_mesh'}", "run.steps=3", "mesh.preset=fsdp",
         "selection.every=1", "selection.minimize=forget_prob"])  # fmt: skip
     _, summary = run_unlearn(cfg)

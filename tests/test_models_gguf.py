@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # GGUF conversion and transformers parity on disk
+
 CACHE = Path("~/.cache/ngdiff-jax").expanduser()
 SMOL_GGUF = CACHE / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT = (

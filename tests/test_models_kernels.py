@@ -80,6 +80,7 @@ def test_cpu_fast_forward_mode_takes_the_xla_path():
     np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_xla_forward_mode_matches_finite_differences():
     """``jax.jvp`` and a forward-over-reverse Hessian-vector product on a tiny llama (GQA, gated
     MLP, llama3 rope) equal reverse mode (``grad . v``) and

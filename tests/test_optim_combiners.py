@@ -263,6 +263,7 @@ def test_chained_in_front_of_sgd_descends_both_losses():
         assert loss_r(new) < loss_r(params) and loss_f(new) < loss_f(params)
 
 
+@pytest.mark.xla_cpu
 def test_a_logged_norm_and_the_combiner_read_each_bfloat16_leaf_once():
     """Inside `shared_reductions` (as `make_unlearn_step` runs its step), a gradient's norm taken
     for the log and the combiner's norms of the same gradients are one reduction per leaf, with
@@ -340,6 +341,8 @@ def _blue_reductions(absent_grads) -> int:
     return len(re.findall(r"= \((?:f32\[\d+\]\{0\}(?:, )?){4}\) (?:reduce|fusion)\(", text))
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_an_absent_tasks_gradient_is_not_constant_folded():
     """A method without a retain objective (GA) has a zero retain gradient; made as constants,
     XLA constant-folded the bfloat16 norms taken of it one element at a time (SmolLM2 in

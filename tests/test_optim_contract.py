@@ -1,8 +1,9 @@
 """The two-task optimizers' contract, as a table (optax's ``contrib/_common_test.py`` shape): every
 entry of ``CONTRACT`` (the four combiners in front of SGD, GeN behind a combiner, the paper's whole
-optimizer) is checked under ``jit``, ``vmap``, ``inject_hyperparams``, bfloat16 inputs, a non-finite
-gradient and zero gradients, each against its own eager float32 run. A new combiner or rate rule is
-one row. (``shard_map`` over 8 simulated devices: ``test_optim_compose.py``.)
+optimizer) is checked under ``jit``, ``vmap``, ``inject_hyperparams``, ``shard_map`` (data parallel over
+the 8 simulated devices, ``axis_name``), bfloat16 inputs, a non-finite gradient and zero gradients, each
+against its own eager float32 run. A new combiner or rate rule is one row. (Sharded gradient trees and
+the refusals without ``axis_name``: ``test_optim_compose.py``, ``test_reliability_round3.py``.)
 
 Calling convention of every entry: ``update(TaskGrads(retain=..., forget=...), state, params,
 value_fn=...)``; ``value_fn`` is the retain loss (GeN's probe; combiners ignore it)."""
@@ -21,22 +22,22 @@ XB = jnp.asarray(XA + 0.5 * RNG.normal(size=(8, 3)), jnp.float32)
 PARAMS = {"w": jnp.asarray(RNG.normal(size=3), jnp.float32), "b": jnp.zeros((2,), jnp.float32)}
 
 
-def retain_loss(p):
-    return jnp.mean((XA @ p["w"] + p["b"].sum() - 1.0) ** 2)
+def retain_loss(p, x=XA):
+    return jnp.mean((x @ p["w"] + p["b"].sum() - 1.0) ** 2)
 
 
-def forget_loss(p):  # minimized too (for gradient ascent it would be -NLL); conflicts in part with retain
-    return -jnp.mean((XB @ p["w"] + p["b"][0] - 2.0) ** 2)
+def forget_loss(p, x=XB):  # minimized too (for gradient ascent it would be -NLL); conflicts in part with retain
+    return -jnp.mean((x @ p["w"] + p["b"][0] - 2.0) ** 2)
 
 
-#: name -> (factory of the transformation from a learning rate, the rate)
+#: name -> (factory of the transformation from a learning rate and ``axis_name=``, the rate)
 CONTRACT = {
-    "ngdiff": (lambda lr: optax.chain(ngdiff(), optax.sgd(lr)), 0.1),
-    "gdiff": (lambda lr: optax.chain(gdiff(), optax.sgd(lr)), 0.1),
-    "mgda": (lambda lr: optax.chain(mgda(), optax.sgd(lr)), 0.1),
-    "pcgrad": (lambda lr: optax.chain(pcgrad(), optax.sgd(lr)), 0.1),
-    "gen": (lambda lr: optax.chain(ngdiff(), optax.scale(-1.0), scale_by_gen(lr, every=1)), 0.05),
-    "unlearning_optimizer": (lambda lr: unlearning_optimizer("ngdiff", lr, gen_every=1), 0.05),
+    "ngdiff": (lambda lr, **kw: optax.chain(ngdiff(**kw), optax.sgd(lr)), 0.1),
+    "gdiff": (lambda lr, **kw: optax.chain(gdiff(**kw), optax.sgd(lr)), 0.1),
+    "mgda": (lambda lr, **kw: optax.chain(mgda(**kw), optax.sgd(lr)), 0.1),
+    "pcgrad": (lambda lr, **kw: optax.chain(pcgrad(**kw), optax.sgd(lr)), 0.1),
+    "gen": (lambda lr, **kw: optax.chain(ngdiff(**kw), optax.scale(-1.0), scale_by_gen(lr, every=1, **kw)), 0.05),
+    "unlearning_optimizer": (lambda lr, **kw: unlearning_optimizer("ngdiff", lr, gen_every=1, **kw), 0.05),
 }
 STEPS = 3
 
@@ -105,6 +106,30 @@ def test_inject_hyperparams_equals_a_fixed_rate(entry):
     _, make, lr = entry
     tx = optax.inject_hyperparams(lambda learning_rate: make(learning_rate))(learning_rate=lr)
     np.testing.assert_allclose(_flat(_run(tx, PARAMS)[0]), _flat(_run(make(lr), PARAMS)[0]), rtol=1e-5, atol=1e-6)
+
+
+def test_shard_map_data_parallel_equals_the_whole_batch(entry, devices8):
+    """Each of the 8 devices holds one row of the data and the replicated parameters; the shards' losses
+    / 8 give gradients summed over the devices (JAX's rule for replicated inputs), and ``axis_name``
+    makes GeN's probe losses the whole batch's. Equal to the unsharded run."""
+    from jax.sharding import PartitionSpec as P
+
+    _, make, lr = entry
+    tx = make(lr, axis_name="x")
+
+    def run(xa, xb):
+        params, state = PARAMS, tx.init(PARAMS)
+        for _ in range(STEPS):
+            g_r = jax.grad(lambda p: retain_loss(p, xa) / 8)(params)
+            g_f = jax.grad(lambda p: forget_loss(p, xb) / 8)(params)
+            u, state = tx.update(TaskGrads(retain=g_r, forget=g_f), state, params,
+                                 value_fn=lambda p: retain_loss(p, xa))  # fmt: skip
+            params = optax.apply_updates(params, u)
+        return params
+
+    mesh = jax.sharding.Mesh(np.array(devices8), ("x",))
+    params = jax.jit(jax.shard_map(run, mesh=mesh, in_specs=(P("x"), P("x")), out_specs=P()))(XA, XB)
+    np.testing.assert_allclose(_flat(params), _flat(_run(make(lr), PARAMS)[0]), rtol=2e-5, atol=1e-6)
 
 
 def test_bfloat16_params_keep_their_dtype_and_follow_float32(entry):

@@ -190,6 +190,7 @@ def test_errors_are_clear():
             scale_by_gen(0.1, **bad)
 
 
+@pytest.mark.xla_cpu
 def test_probing_step_keeps_no_extra_update_sized_tree():
     """Adam -> scale(-1) -> GeN on one large leaf, jitted with the parameters and the state donated:
     XLA's temporaries are three leaf-sized buffers. They were four while the scaled update was made

@@ -99,6 +99,7 @@ def _assert_member(P, S_metrics, k, sep_params, sep_metrics):
             np.testing.assert_allclose(float(mp[key][k]), float(ms[key]), rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,settings,at_once", [
     ("ngdiff", {"optim.gen_every": [1, 2]}, None),   # GeN, members probing on different schedules
     ("ngdiff", {"optim.gen_every": [1, 2]}, 2),      # the same, two members at a time
@@ -119,6 +120,7 @@ def test_each_member_equals_its_separate_run(tiny, name, settings, at_once):
     assert bool(jnp.all(S.alive)) and int(S.count) == 4
 
 
+@pytest.mark.xla_cpu
 def test_gen_probes_are_one_branch_of_the_population(tiny):
     """With one probing schedule the population's step keeps GeN's `lax.cond` (probes on probing
     steps only), where plain `vmap` turns it into a select that probes on every step."""
@@ -136,6 +138,7 @@ def test_gen_probes_are_one_branch_of_the_population(tiny):
     assert plain.lower(*args).as_text().count("stablehlo.case") == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("at_once", [None, 1])
 def test_a_diverging_member_is_stopped_and_the_others_continue(tiny, at_once):
     apply_fn, params = tiny
@@ -149,6 +152,7 @@ def test_a_diverging_member_is_stopped_and_the_others_continue(tiny, at_once):
     _assert_member(P, metrics, 0, sep_p, sep_m)
 
 
+@pytest.mark.slow
 def test_micro_batches_in_a_population(tiny):
     apply_fn, params = tiny
     method, optim = load_method("ngdiff"), OptimConfig(lr=1e-3, gen_every=1)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +15,8 @@ from safetensors.numpy import load_file
 from ngdiff_jax.config_loader import load_config
 from ngdiff_jax.training import UnlearnConfig
 from ngdiff_jax.training.population_run import run_population
+
+pytestmark = pytest.mark.slow  # population runs end to end
 
 
 @pytest.fixture(scope="module")
@@ -122,36 +122,17 @@ def test_population_config_errors(tiny, tmp_path):
         run_population(_cfg(tiny, tmp_path / "x", "method=npo", "population.settings={method.beta: [0.1, -1.0]}"))
 
 
-SPREAD = r"""
-import json, sys
-import jax
-from ngdiff_jax.config_loader import load_config
-from ngdiff_jax.training import UnlearnConfig
-from ngdiff_jax.training.population_run import run_population
-assert jax.device_count() == 4, jax.devices()
-cfg = load_config(UnlearnConfig, "synthetic_ngdiff", sys.argv[1:], subdir="experiments")
-res = run_population(cfg)
-print(json.dumps([r["last_metrics"] for r in res.results]))
-"""
-
-
-def test_members_spread_over_devices_equal_one_device(tiny, tmp_path):
-    """Three members on a 4-device 'member' mesh axis (one padding member; a subprocess with 4
-    simulated CPU devices) give the results of one device (this process)."""
+def test_members_spread_over_devices_equal_one_device(tiny, tmp_path, devices8):
+    """Three members on the 8-device 'member' mesh axis (five padding members) give the results of
+    one device (``population.spread=false``)."""
     members = ["run.steps=2", "population.seeds=[0, 1, 2]", "population.export=false"]
-    one = run_population(_cfg(tiny, tmp_path / "one", *members))
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
-    overrides = [f"model_path={tiny['model']}", f"data.source={tiny['bench']}", f"run.output_dir={tmp_path / 'four'}",
-                 "run.eval_every=0", "run.checkpoint_every=0", "run.progress=false", "data.batch_size=4",
-                 "optim.gen_every=2", "data.max_length=128", "data.buckets=[128]", *members]  # fmt: skip
-    p = subprocess.run([sys.executable, "-c", SPREAD, *overrides], env=env, capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    four = json.loads(p.stdout.strip().splitlines()[-1])
-    assert json.loads((tmp_path / "four" / "population.json").read_text())["devices"] == 4
-    for a, b in zip(four, [r["last_metrics"] for r in one.results]):
+    one = run_population(_cfg(tiny, tmp_path / "one", *members, "population.spread=false"))
+    eight = run_population(_cfg(tiny, tmp_path / "eight", *members))
+    assert json.loads((tmp_path / "one" / "population.json").read_text())["devices"] == 1
+    assert json.loads((tmp_path / "eight" / "population.json").read_text())["devices"] == len(jax.local_devices())
+    for a, b in zip(eight.results, one.results):
         for k in ("forget_loss", "retain_loss", "learning_rate"):
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-5)
+            np.testing.assert_allclose(a["last_metrics"][k], b["last_metrics"][k], rtol=1e-5)
 
 
 def test_population_evaluation_equals_member_by_member(tiny):

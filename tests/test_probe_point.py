@@ -69,6 +69,7 @@ def _unmarked(fn):
     return apply_fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_a_gen_step_probing_lazily_equals_one_probing_a_made_point(dtype):
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step

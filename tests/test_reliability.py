@@ -93,6 +93,7 @@ def test_lock_refuses_a_second_run_and_stale_lock_is_taken_over(base, tmp_path, 
     assert not (out / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_lock_held_by_a_live_process(base, tmp_path):
     """Another process holds the lock (flock): a run into the same dir stops at once with exit code 1."""
     out = tmp_path / "out"
@@ -115,6 +116,7 @@ def test_lock_held_by_a_live_process(base, tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_dir_of_another_config_or_command_is_refused_naming_the_key(base, tmp_path, capsys):
     out = tmp_path / "out"
     assert _unlearn(base, out) == 0
@@ -428,6 +430,7 @@ def _limit_file_size(limit):
     return pre
 
 
+@pytest.mark.slow
 def test_disk_full_is_one_line_and_keeps_the_old_export(base, tmp_path):
     out = tmp_path / "out"
     assert _unlearn(base, out) == 0

@@ -439,87 +439,75 @@ def test_stacked_trees_where_per_block_trees_are_needed_name_unstack(tiny_adapte
         models.with_params(plain, models.stacked.stack(params))
 
 
-def test_axis_name_under_shard_map_data_parallel_and_mixed_shards():
-    """Issue 26, compositions 3, 4 and crash 4, on 8 simulated devices (a subprocess): replicated
-    gradients count once in the norms (they were summed over the 8 copies), sharded gradients without
-    axis_name and GeN without axis_name on a sharded batch are refused naming it."""
-    import os
-    import subprocess
-    import sys
+def test_axis_name_under_shard_map_data_parallel_and_mixed_shards(devices8):
+    """Issue 26, compositions 3, 4 and crash 4, on 8 simulated devices: replicated gradients count once
+    in the norms (they were summed over the 8 copies), sharded gradients without axis_name and GeN
+    without axis_name on a sharded batch are refused naming it."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
 
-    env = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", _AXES], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=300, check=False)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("OK"), proc.stdout[-2000:]
+    from ngdiff_jax.optim import TaskGrads, inject_stats, ngdiff, scale_by_gen, unlearning_optimizer
+
+    mesh = jax.sharding.Mesh(np.array(devices8), ("x",))
+    k = jax.random.split(jax.random.key(0), 4)
+    X, Y = jax.random.normal(k[0], (64, 3)), jax.random.normal(k[1], (64, 3))
+    p = {"w": jnp.array([0.5, -1.0, 0.3]), "b": jnp.array([0.1])}
+    retain = lambda q, X: jnp.mean((X @ q["w"] + q["b"][0] - 1.0) ** 2)
+    forget = lambda q, Y: -jnp.mean((Y @ q["w"] + q["b"][0] + 1.0) ** 2)
 
 
-_AXES = r'''
-import jax, jax.numpy as jnp, numpy as np, optax, pytest
-from jax.sharding import PartitionSpec as P
-from ngdiff_jax.optim import TaskGrads, ngdiff, unlearning_optimizer, scale_by_gen
-mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
-k = jax.random.split(jax.random.key(0), 4)
-X, Y = jax.random.normal(k[0], (64, 3)), jax.random.normal(k[1], (64, 3))
-p = {"w": jnp.array([0.5, -1.0, 0.3]), "b": jnp.array([0.1])}
-retain = lambda q, X: jnp.mean((X @ q["w"] + q["b"][0] - 1.0) ** 2)
-forget = lambda q, Y: -jnp.mean((Y @ q["w"] + q["b"][0] + 1.0) ** 2)
+    def step(tx, Xs, Ys):
+        # the shards' mean losses / 8: jax.grad of the replicated params sums them over the shards
+        g_r, g_f = jax.grad(lambda q: retain(q, Xs) / 8)(p), jax.grad(lambda q: forget(q, Ys) / 8)(p)
+        u, s = tx.update(TaskGrads(retain=g_r, forget=g_f), tx.init(p), p, value_fn=lambda q: retain(q, Xs))
+        return u, {k: v for k, v in inject_stats(s).items() if k.endswith("weight")}
 
-from ngdiff_jax.optim import inject_stats
+    # 1. data parallel (grads of replicated params), axis_name for GeN's losses: equals the whole-batch
+    # step, with Adam and without (where the update itself was off by 1/sqrt(8)), NGDiff's weights too
+    for adam in (True, False):
+        ref = unlearning_optimizer("ngdiff", 0.1, gen=True, gen_every=1, adam=adam)
+        want = ref.update(TaskGrads(retain=jax.grad(retain)(p, X), forget=jax.grad(forget)(p, Y)), ref.init(p), p,
+                          value_fn=lambda q: retain(q, X))
+        want = want[0], {k: v for k, v in inject_stats(want[1]).items() if k.endswith("weight")}
+        tx = unlearning_optimizer("ngdiff", 0.1, gen=True, gen_every=1, axis_name="x", adam=adam)
+        run = lambda tx: jax.jit(jax.shard_map(lambda xs, ys: step(tx, xs, ys), mesh=mesh,
+                                               in_specs=(P("x"), P("x")), out_specs=P()))(X, Y)
+        got = run(tx)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
-def step(tx, Xs, Ys):
-    # the shards' mean losses / 8: jax.grad of the replicated params sums them over the shards
-    g_r, g_f = jax.grad(lambda q: retain(q, Xs) / 8)(p), jax.grad(lambda q: forget(q, Ys) / 8)(p)
-    u, s = tx.update(TaskGrads(retain=g_r, forget=g_f), tx.init(p), p, value_fn=lambda q: retain(q, Xs))
-    return u, {k: v for k, v in inject_stats(s).items() if k.endswith("weight")}
+    # 2. GeN without axis_name on a sharded batch: its loss differs between shards
+    with pytest.raises(ValueError, match="value_fn's loss differs between the shards"):
+        run(unlearning_optimizer("ngdiff", 0.1, gen=True, gen_every=1))
 
-# 1. data parallel (grads of replicated params), axis_name for GeN's losses: equals the whole-batch
-# step, with Adam and without (where the update itself was off by 1/sqrt(8)), NGDiff's weights too
-for adam in (True, False):
-    ref = unlearning_optimizer("ngdiff", 0.1, gen=True, gen_every=1, adam=adam)
-    want = ref.update(TaskGrads(retain=jax.grad(retain)(p, X), forget=jax.grad(forget)(p, Y)), ref.init(p), p,
-                      value_fn=lambda q: retain(q, X))
-    want = want[0], {k: v for k, v in inject_stats(want[1]).items() if k.endswith("weight")}
-    tx = unlearning_optimizer("ngdiff", 0.1, gen=True, gen_every=1, axis_name="x", adam=adam)
-    run = lambda tx: jax.jit(jax.shard_map(lambda a, b: step(tx, a, b), mesh=mesh,
-                                           in_specs=(P("x"), P("x")), out_specs=P()))(X, Y)
-    got = run(tx)
+    # 3. sharded gradients (one gradient cut in 8) without axis_name
+    g_r = {"a": jax.random.normal(k[2], (16, 3)), "c": jax.random.normal(k[3], (5,))}
+    g_f = {"a": -0.3 * g_r["a"], "c": jnp.ones(5)}
+    spec = {"a": P("x"), "c": P()}   # "a" sharded, "c" replicated (e.g. a norm scale under fsdp)
+    want, _ = ngdiff().update(TaskGrads(retain=g_r, forget=g_f), ngdiff().init(g_r))
+    def comb(tx):
+        return jax.jit(jax.shard_map(lambda r, f: tx.update(TaskGrads(retain=r, forget=f), tx.init(r))[0], mesh=mesh,
+                                     in_specs=(spec, spec), out_specs=spec))(g_r, g_f)
+    with pytest.raises(ValueError, match="differ between the shards of the mapped axes"):
+        comb(ngdiff())
+    got = comb(ngdiff(axis_name="x"))   # the replicated leaf counts once, not 8 times
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 
-# 2. GeN without axis_name on a sharded batch: its loss differs between shards
-with pytest.raises(ValueError, match="value_fn's loss differs between the shards"):
-    run(unlearning_optimizer("ngdiff", 0.1, gen=True, gen_every=1))
+    # 4. pmap data parallelism: GeN without axis_name is refused (the replicas fitted 8 different rates)
+    Xp = X.reshape(8, 8, 3)
+    u = jax.tree.map(lambda x: -x, jax.grad(retain)(p, X))
+    def rate(tx):
+        return jax.pmap(lambda Xs: tx.update(u, tx.init(p), p, value_fn=lambda q: retain(q, Xs))[1].learning_rate,
+                        axis_name="b")(Xp)
+    with pytest.raises(ValueError, match="under the mapped axes \\['b'\\] with axis_name=None"):
+        rate(scale_by_gen(0.1, every=1))
+    rates = np.asarray(rate(scale_by_gen(0.1, every=1, axis_name="b")))
+    ref = scale_by_gen(0.1, every=1)
+    np.testing.assert_allclose(rates, ref.update(u, ref.init(p), p, value_fn=lambda q: retain(q, X))[1].learning_rate,
+                               rtol=1e-5)
 
-# 3. sharded gradients (one gradient cut in 8) without axis_name
-g_r = {"a": jax.random.normal(k[2], (16, 3)), "c": jax.random.normal(k[3], (5,))}
-g_f = {"a": -0.3 * g_r["a"], "c": jnp.ones(5)}
-spec = {"a": P("x"), "c": P()}   # "a" sharded, "c" replicated (e.g. a norm scale under fsdp)
-want, _ = ngdiff().update(TaskGrads(retain=g_r, forget=g_f), ngdiff().init(g_r))
-def comb(tx):
-    return jax.jit(jax.shard_map(lambda r, f: tx.update(TaskGrads(retain=r, forget=f), tx.init(r))[0], mesh=mesh,
-                                 in_specs=(spec, spec), out_specs=spec))(g_r, g_f)
-with pytest.raises(ValueError, match="differ between the shards of the mapped axes"):
-    comb(ngdiff())
-got = comb(ngdiff(axis_name="x"))   # the replicated leaf counts once, not 8 times
-for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
-
-# 4. pmap data parallelism: GeN without axis_name is refused (the replicas fitted 8 different rates)
-Xp = X.reshape(8, 8, 3)
-u = jax.tree.map(lambda x: -x, jax.grad(retain)(p, X))
-def rate(tx):
-    return jax.pmap(lambda Xs: tx.update(u, tx.init(p), p, value_fn=lambda q: retain(q, Xs))[1].learning_rate,
-                    axis_name="b")(Xp)
-with pytest.raises(ValueError, match="under the mapped axes \\['b'\\] with axis_name=None"):
-    rate(scale_by_gen(0.1, every=1))
-rates = np.asarray(rate(scale_by_gen(0.1, every=1, axis_name="b")))
-ref = scale_by_gen(0.1, every=1)
-np.testing.assert_allclose(rates, ref.update(u, ref.init(p), p, value_fn=lambda q: retain(q, X))[1].learning_rate,
-                           rtol=1e-5)
-print("OK")
-'''
 
 
 def test_disk_full_at_a_checkpoint_is_one_line_before_orbax_writes(base, tmp_path, capsys, monkeypatch):  # noqa: F811

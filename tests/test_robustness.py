@@ -90,11 +90,13 @@ def test_quantize_roundtrip_equals_numpy():
         R.quantize_roundtrip(w, 1)
 
 
+@pytest.mark.slow
 def test_memorized_baseline(setup):
     tok, fmt, _, memorized = setup
     assert _prob(memorized, tok, fmt, ROWS) > 0.5
 
 
+@pytest.mark.slow
 def test_relearning_brings_back_what_gradient_ascent_hid(setup):
     """GA hides the facts; fine-tuning on four of them brings the other four back, which a model
     that never knew them does not gain from the same relearning."""
@@ -151,6 +153,7 @@ def test_int4_roundtrip_undoes_a_suppression_below_its_resolution(setup):
     assert got["baseline"]["forget_Q_A_Prob"] < 0.5 * got["int4"]["forget_Q_A_Prob"], got
 
 
+@pytest.mark.slow
 def test_paraphrases_recover_what_refusal_on_the_original_questions_hid(setup):
     """A model tuned to refuse the original questions (and keep answering their paraphrases, as a
     retain set would make it): the paraphrase check finds the facts."""
@@ -182,6 +185,7 @@ def test_bad_settings_fail_naming_them(setup):
         R.robustness_checks(memorized, tok, [{"question": "q", "answer": "a"}] * 2, fmt, checks=("paraphrase",))
 
 
+@pytest.mark.slow
 def test_ngdiff_eval_robustness_adds_the_checks_to_the_result_and_report(setup, tofu_dir, tmp_path, capsys):
     """``ngdiff eval --robustness``: robust_* aggregates, the record in meta, a report table; a bad
     check or --robustness off TOFU is refused before the model loads (exit 2)."""

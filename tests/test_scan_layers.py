@@ -35,6 +35,7 @@ def _max_diff(a, b):
     return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_stacked_model_equals_the_unrolled_one(kernels, remat):
@@ -178,6 +179,8 @@ def _step_dots(params_fn, layers):
     return text.count(" dot(")
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_the_scanned_step_compiles_one_block():
     unrolled = [_step_dots(M.functional, n) for n in (2, 4)]
     scanned = [_step_dots(stacked.functional, n) for n in (2, 4)]
@@ -191,6 +194,7 @@ def tiny(synthetic_model):
     return synthetic_model(2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["lora.rank=4", "lora.targets=all"]], ids=["full", "lora"])
 def test_unlearn_with_scan_layers_exports_what_the_unrolled_run_exports(tiny, tmp_path, extra, capsys):
     from safetensors.numpy import load_file
@@ -246,6 +250,7 @@ def _bf16_stacked(kernels, layers=4, **overrides):
     return model
 
 
+@pytest.mark.xla_cpu
 def test_bfloat16_stacked_weights_are_not_widened_for_the_scan():
     """XLA:CPU converts a bfloat16 array that a loop slices to float32 before the loop: under a
     plain scan (``backend="xla"``) the gradient holds a float32 copy of each stacked weight;
@@ -299,6 +304,8 @@ def _bits_step(bits: bool, steps: int):
     return p, copies, gate.is_deleted()
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_bfloat16_params_cross_the_sharded_step_as_bits():
     """`ShardedStep` on a backend with ``bits_params`` (XLA:CPU's): the same parameters after two steps, bit for bit, as
     without; the caller's parameters are donated and come back as bfloat16."""
@@ -309,6 +316,8 @@ def test_bfloat16_params_cross_the_sharded_step_as_bits():
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_bfloat16_params_as_bits_are_not_copied_in_the_step():
     """With XLA:CPU's default flags (the tests compile without its fusion emitters, which makes the
     conversion a free bitcast), a bfloat16 argument that a loop reads as bits is copied into a

@@ -1,24 +1,20 @@
-"""`ngdiff unlearn ... mesh.preset=fsdp` on 4 simulated CPU devices (a subprocess: the device
-count is fixed when JAX starts), with the blocks unrolled or scanned over stacked weights
+"""`ngdiff unlearn ... mesh.preset=fsdp` on the 8 simulated CPU devices of the test process, with
+the blocks unrolled or scanned over stacked weights
 (``run.scan_layers``), exports the parameters of the single-device run (1e-5 relative),
 prints the per-device memory estimate before the first step, and resumes from a sharded orbax
 checkpoint to the same result; bad `mesh`/`distributed` values are config errors naming the key.
-
-Run as a script (``python tests/test_sharding_cli.py <bench> <model> <out>``) it is the
-subprocess body: the fsdp run, then a resume after deleting the last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.slow  # `ngdiff unlearn` on a mesh, twice
 
 STEPS = 4
 
@@ -47,33 +43,25 @@ def tiny(synthetic_model):
 
 
 @pytest.mark.parametrize("extra", [[], ["run.scan_layers=true", "run.remat=full"]], ids=["unrolled", "scan"])
-def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path, extra):
+def test_sharding_cli_fsdp_matches_single_device_and_resumes(tiny, tmp_path, extra, devices8, capsys):
     from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
 
     sharded_out = tmp_path / "fsdp"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))  # the resume reuses the compiled step
-    proc = subprocess.Popen(
-        [sys.executable, __file__, str(tiny["bench"]), str(tiny["model"]), str(sharded_out), *extra],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:  # the single-device reference, in this process, while the subprocess runs
-        single_out = tmp_path / "single"
-        overrides = _overrides(tiny["bench"], tiny["model"], single_out, *extra)
-        cfg = load_config(UnlearnConfig, "synthetic_ngdiff", overrides, subdir="experiments")
-        assert not cfg.mesh.enabled
-        run_unlearn(cfg)
-    finally:
-        stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, f"{stdout[-3000:]}\n{stderr[-6000:]}"
+    n = len(devices8)
+    _sharded_run_and_resume(tiny["bench"], tiny["model"], sharded_out, *extra)
+    stdout = capsys.readouterr().out
+    single_out = tmp_path / "single"
+    cfg = load_config(UnlearnConfig, "synthetic_ngdiff", _overrides(tiny["bench"], tiny["model"], single_out, *extra),
+                      subdir="experiments")  # fmt: skip
+    assert not cfg.mesh.enabled
+    run_unlearn(cfg)
 
     # the estimate is printed once per run (before the loop starts)
-    assert stdout.count("per-device memory estimate on mesh data=1 x fsdp=4 x tensor=1") == 2, stdout
+    assert stdout.count(f"per-device memory estimate on mesh data=1 x fsdp={n} x tensor=1") == 2, stdout
     assert "reference model" in stdout
     first = json.loads((sharded_out / "summary_first.json").read_text())
-    assert first["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and first["resumed_from"] is None
+    assert first["mesh"] == {"data": 1, "fsdp": n, "tensor": 1} and first["resumed_from"] is None
     assert first["memory_estimate"]["reference"] > 0  # ngdiff_npo: reference model sharded too
     resumed = json.loads((sharded_out / "summary.json").read_text())
     assert resumed["resumed_from"] == 2 and resumed["steps"] == STEPS
@@ -126,22 +114,14 @@ def test_sharding_config_rejects_bad_mesh_and_distributed_values(capsys):
     assert "mesh.preset='fsdp2'" in capsys.readouterr().err
 
 
-def _subprocess_body(bench: str, model: str, out: str, *extra: str) -> None:
+def _sharded_run_and_resume(bench, model, out: Path, *extra: str) -> None:
     """The fsdp run through the CLI; then delete its last checkpoint and run again (resume from 2).
     ``extra``: more overrides (``run.scan_layers=true``: the stacked weights, sharded)."""
-    import jax
-
     from ngdiff_jax.cli import main
 
-    assert jax.device_count() == 4, jax.devices()
-    out_p = Path(out)
     args = ["unlearn", "--config", "synthetic_ngdiff", *_overrides(bench, model, out, "mesh.preset=fsdp", *extra)]
     assert main(args) == 0
-    shutil.copytree(out_p / "model", out_p / "model_first")
-    shutil.copy(out_p / "summary.json", out_p / "summary_first.json")
-    shutil.rmtree(out_p / "checkpoints" / str(STEPS))
+    shutil.copytree(out / "model", out / "model_first")
+    shutil.copy(out / "summary.json", out / "summary_first.json")
+    shutil.rmtree(out / "checkpoints" / str(STEPS))
     assert main(args) == 0
-
-
-if __name__ == "__main__":
-    _subprocess_body(*sys.argv[1:])

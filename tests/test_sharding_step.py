@@ -1,19 +1,11 @@
-"""The unlearning step sharded over 8 simulated CPU devices (in a subprocess, since the
-device count is fixed when JAX starts): for each preset (dp, fsdp, fsdp_tensor) losses,
+"""The unlearning step sharded over the 8 simulated CPU devices of the test process
+(tests/conftest.py): for each preset (dp, fsdp, fsdp_tensor) losses,
 gradient norms and updated parameters equal the single-device step; parameters and
 optimizer state are sharded as the rules say; the compiled step keeps at most two
 gradient trees alive; a sharded orbax checkpoint saved on one mesh restores on another.
-
-Run as a script (``python tests/test_sharding_step.py presets|checkpoint``) it is the
-subprocess body and prints one JSON line.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -23,26 +15,20 @@ HF = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate
 B, T, STEPS = 8, 16, 2
 
 
-def _run_subprocess(mode: str, *args: str, timeout: int = 400) -> dict:
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu",
-        XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
-    )
-    proc = subprocess.run([sys.executable, __file__, mode, *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, check=False)  # fmt: skip
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"subprocess {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return json.loads(lines[-1][len("RESULT ") :])
+def _need_8_devices():
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip(f"needs 8 devices, {jax.default_backend()} has {jax.device_count()}")
 
 
 @pytest.fixture(scope="module")
 def preset_results():
-    return _run_subprocess("presets")
+    _need_8_devices()
+    return _body_presets()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_sharding_preset_matches_single_device(preset_results, preset):
     r = preset_results[preset]
@@ -62,6 +48,7 @@ def test_sharding_preset_matches_single_device(preset_results, preset):
     )[:3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_sharding_params_and_opt_state_follow_rules(preset_results, preset):
     r = preset_results[preset]
@@ -76,6 +63,8 @@ def test_sharding_params_and_opt_state_follow_rules(preset_results, preset):
         assert r["uses_tensor_axis"]
 
 
+@pytest.mark.xla_cpu
+@pytest.mark.slow
 def test_sharding_compiled_step_keeps_two_gradient_trees(preset_results):
     m = preset_results["memory"]
     # Temporaries of the whole step (two gradients, combiner, Adam, GeN probes) stay within
@@ -88,13 +77,14 @@ def test_sharding_compiled_step_keeps_two_gradient_trees(preset_results):
 
 
 def test_sharding_checkpoint_restores_on_another_mesh(tmp_path):
-    r = _run_subprocess("checkpoint", str(tmp_path / "ckpt"))
+    _need_8_devices()
+    r = _body_checkpoint(str(tmp_path / "ckpt"))
     assert r["equal"], r
     assert r["restored_shardings_match"], r
     assert r["saved_spec"] != r["restored_spec"]
 
 
-# ----------------------------------------------------------------------------- subprocess bodies
+# ----------------------------------------------------------------------------------------- bodies
 def _tiny():
     from flax import nnx
 
@@ -123,7 +113,6 @@ def _body_presets() -> dict:
     from ngdiff_jax.models.sharding import path_str
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
 
-    assert jax.device_count() == 8, jax.devices()
     apply_fn, params = _tiny()
     method = load_method("ngdiff")
     # lr 3e-4: Adam divides every coordinate by its own scale, which turns float32
@@ -251,8 +240,3 @@ def _body_checkpoint(directory: str) -> dict:
         "restored_spec": str(get(restored).sharding.spec),
     }
 
-
-if __name__ == "__main__":
-    mode = sys.argv[1]
-    result = _body_presets() if mode == "presets" else _body_checkpoint(sys.argv[2])
-    print("RESULT " + json.dumps(result), flush=True)

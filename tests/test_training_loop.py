@@ -44,6 +44,7 @@ def _overrides(trained, out, *extra):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_unlearn_npo_under_ngdiff_logs_exports_and_does_not_recompile(trained, tmp_path):
     out = tmp_path / "unlearn"
     cfg = load_config(
@@ -107,6 +108,7 @@ def _safetensors(model_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 def test_kill_9_and_resume_equals_uninterrupted_run(trained, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -40,6 +40,7 @@ def _flat(tree):
     return {".".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_step_trains_only_adapters_and_keeps_bf16_base_bit_identical(tmp_path):
     from ngdiff_jax.models.testing import tiny_hf_model
 
@@ -172,6 +173,7 @@ def test_target_unknown_for_the_family_fails_before_training(tiny, tmp_path, cap
     assert not (out / "log.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["run.scan_layers=true", "run.remat=full"]], ids=["unrolled", "scan"])
 def test_lora_run_resumes_to_the_same_adapters(tiny, tmp_path, extra):
     import shutil

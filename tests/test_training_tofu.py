@@ -9,6 +9,8 @@ from ngdiff_jax.config_loader import load_config
 from ngdiff_jax.data import load_tofu, write_jsonl
 from ngdiff_jax.training import FinetuneConfig, UnlearnConfig, run_finetune, run_unlearn
 
+pytestmark = pytest.mark.slow  # unlearning on TOFU data end to end
+
 
 @pytest.fixture(scope="module")
 def tofu_subset(tofu_dir, tmp_path_factory):
