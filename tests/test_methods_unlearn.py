@@ -162,33 +162,56 @@ def test_idk_responses_file(tmp_path):
         load_idk_responses(tmp_path / "missing.jsonl")
 
 
+GEN = {"combiner": "ngdiff", "lr_rule": "gen", "retain_loss": "nll", "probe": "retain",
+       "warmup_epochs": 0.0}  # GeN sets its own rate (a warm-up with lr_rule=gen is refused)
+#: every new method as configured, then any forget objective under every combiner: ngdiff with GeN, mgda, pcgrad
+RUNS = [(n, {}) for n in NEW] + [("idk_dpo", GEN), ("rmu", GEN), ("undial", {"combiner": "mgda", "retain_loss": "nll"}),
+                                 ("satimp", {"combiner": "pcgrad"})]  # fmt: skip
+
+
 @pytest.mark.slow
-def test_every_new_method_runs_in_ngdiff_unlearn(tiny_run):
+@pytest.mark.parametrize("name,extra", RUNS, ids=[f"{n}-{e.get('combiner', 'own')}" for n, e in RUNS])
+def test_every_new_method_steps(tiny, name, extra):
+    """Two jitted steps of each method (the step-level check; `test_one_method_runs_in_ngdiff_unlearn`
+    is the pipeline): no step skipped, finite losses, both gradients where the method has both, a rate,
+    and the parameters move."""
+    apply_fn, params = tiny
+    # rmu: its retain gradient is 0 while the weights equal the reference's, i.e. after a warm-up step at rate 0
+    kw = dict(extra, rmu_layer=-1, warmup_epochs=0.0) if name == "rmu" else extra
+    method = _method(name, **kw) if "rmu_layer" not in kw else load_method(name, **kw)
+    tx = make_optimizer(method, OptimConfig(lr=1e-3), total_steps=2, steps_per_epoch=2.0)
+    step = jax.jit(make_unlearn_step(apply_fn, method, tx))
+    ref = params if method.needs_reference else None
+    p, state = params, tx.init(params)
+    for i in range(2):
+        p, state, m = step(p, state, _forget(2 * i), _batch(2 * i + 1), jax.random.PRNGKey(i), ref)
+    last = {k: float(v) for k, v in m.items()}
+    assert last["skipped"] == 0, (name, last)
+    assert np.isfinite(last["forget_loss"]) and np.isfinite(last["retain_loss"]), (name, last)
+    assert last["forget_grad_norm"] > 0 and last["learning_rate"] > 0, (name, last)
+    assert (last["retain_grad_norm"] > 0) == (method.retain_loss != "none"), (name, last)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params))), name
+
+
+@pytest.mark.slow
+def test_one_method_runs_in_ngdiff_unlearn(tiny_run):
+    """The pipeline, once: IdkDPO under NGDiff + GeN needs the alternate (refusal) answers, the reference
+    model and GeN's probes, and exports the model."""
     from ngdiff_jax.config_loader import load_config
     from ngdiff_jax.training import UnlearnConfig, run_unlearn
 
     d, data = tiny_run
-    gen = ["method.combiner=ngdiff", "method.lr_rule=gen", "method.retain_loss=nll", "method.probe=retain",
-           "method.warmup_epochs=0"]  # GeN sets its own rate (a warm-up with lr_rule=gen is refused)
-    runs = [(n, []) for n in NEW]
-    # any forget objective under every combiner: ngdiff with GeN, mgda, pcgrad
-    runs += [("idk_dpo", gen), ("rmu", gen), ("undial", ["method.combiner=mgda", "method.retain_loss=nll"]),
-             ("satimp", ["method.combiner=pcgrad"])]  # fmt: skip
-    for i, (name, extra) in enumerate(runs):  # jitted two-step runs (XLA at -O0: cheaper than eager, conftest.py)
-        # rmu: its retain gradient is 0 while the weights equal the reference's, i.e. after a warm-up step at rate 0
-        extra = extra + (["method.rmu_layer=-1", "method.warmup_epochs=0"] if name == "rmu" else [])
-        cfg = load_config(UnlearnConfig, None, [
-            f"model_path={d / 'model'}", f"method={name}", f"data.source={data}", "data.forget_split=forget10",
-            "data.retain_split=retain90", "data.batch_size=2", "data.max_length=96", "data.buckets=[96]",
-            "run.steps=2", "run.checkpoint_every=0", "run.progress=false", "optim.lr=1e-3",
-            f"run.output_dir={d / f'{name}_{i}'}", *extra])  # fmt: skip
-        _, summary = run_unlearn(cfg)
-        last = summary["last_metrics"]
-        assert summary["steps"] == 2 and last["skipped"] == 0, (name, summary)
-        assert np.isfinite(last["forget_loss"]) and np.isfinite(last["retain_loss"]), (name, last)
-        assert last["forget_grad_norm"] > 0 and last["learning_rate"] > 0, (name, last)
-        assert (last["retain_grad_norm"] > 0) == (cfg.method.retain_loss != "none"), (name, last)
-        assert (d / f"{name}_{i}" / "model" / "config.json").exists()
+    cfg = load_config(UnlearnConfig, None, [
+        f"model_path={d / 'model'}", "method=idk_dpo", f"data.source={data}", "data.forget_split=forget10",
+        "data.retain_split=retain90", "data.batch_size=2", "data.max_length=96", "data.buckets=[96]",
+        "run.steps=2", "run.checkpoint_every=0", "run.progress=false", "optim.lr=1e-3",
+        f"run.output_dir={d / 'idk_dpo_gen'}", *(f"method.{k}={v}" for k, v in GEN.items())])  # fmt: skip
+    _, summary = run_unlearn(cfg)
+    last = summary["last_metrics"]
+    assert summary["steps"] == 2 and last["skipped"] == 0, summary
+    assert np.isfinite(last["forget_loss"]) and np.isfinite(last["retain_loss"]), last
+    assert last["forget_grad_norm"] > 0 and last["retain_grad_norm"] > 0 and last["learning_rate"] > 0, last
+    assert (d / "idk_dpo_gen" / "model" / "config.json").exists()
 
 
 @pytest.mark.slow
