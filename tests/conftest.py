@@ -78,7 +78,7 @@ def synthetic_model(tmp_path_factory):
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def devices8():
     """The eight simulated CPU devices of this process (see N_DEVICES); skips on a machine whose
     backend gives fewer (e.g. the suite run on one GPU)."""

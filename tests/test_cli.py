@@ -5,8 +5,6 @@ import yaml
 
 from ngdiff_jax.cli import main
 
-pytestmark = pytest.mark.slow  # the console script in subprocesses
-
 
 def test_print_config_with_overrides(capsys):
     rc = main(["unlearn", "--config", "tofu_ngdiff", "--print-config",
@@ -71,6 +69,7 @@ def test_missing_model_path_and_split_are_named(tmp_path, capsys):
     assert "nodata" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_runs_torch_free_commands_without_torch(tmp_path):
     """`ngdiff eval/unlearn/...` processes never import torch (transformers would, for its config
     classes: ~1.2 s and ~250 MB resident); loading a model and its config still works, without
@@ -111,6 +110,7 @@ def test_console_runs_torch_free_commands_without_torch(tmp_path):
     assert run("eval", NGDIFF_IMPORT_TORCH="1")[0][:2] == ["False", "True"]
 
 
+@pytest.mark.slow
 def test_persistent_compilation_cache(tmp_path):
     """The console script turns jax's persistent compilation cache on (NGDIFF_COMPILATION_CACHE:
     a folder, or 0/off); compiled programs land there and a second process reuses them with the
@@ -162,6 +162,7 @@ def test_persistent_compilation_cache(tmp_path):
     assert p.returncode == 0 and (tmp_path / "xdg" / "ngdiff-jax" / "xla").is_dir()
 
 
+@pytest.mark.slow
 def test_thin_entry_points_run_as_the_console_script(tmp_path):
     """`python train/unlearn.py ...` is `ngdiff unlearn ...`: same config output, and the console
     script's checks (a bad NGDIFF_COMPILATION_CACHE is a one-line exit 2) apply to it too."""

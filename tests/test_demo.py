@@ -11,8 +11,6 @@ import pytest
 
 from ngdiff_jax.demo import hard_checks, load_demo_config
 
-pytestmark = pytest.mark.slow  # the demo pipeline and its CLI
-
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ngdiff", "gdiff")
 # open-unlearning metric names every evaluated member carries
@@ -48,6 +46,7 @@ def quick_demo(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_quick_demo_report_structure(quick_demo):
     out, stdout = quick_demo
     for name in ("report.json", "report.md", "tradeoff.png", "sensitivity.png", "demo_summary.json",
@@ -104,6 +103,7 @@ def test_quick_demo_report_structure(quick_demo):
     assert "robustness" in summary["phases_s"]
 
 
+@pytest.mark.slow
 def test_quick_demo_resumes_without_rerunning(quick_demo):
     out, _ = quick_demo
     before = (out / "report.json").read_text()
@@ -115,6 +115,7 @@ def test_quick_demo_resumes_without_rerunning(quick_demo):
     assert "done before (resumed)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_failed_hard_check_stops_before_the_sweep(tmp_path):
     proc = _demo(tmp_path / "out", "min_target_forget_rouge=1.5", "train.steps=2")
     assert proc.returncode == 1 and "memorized its forget authors" in proc.stderr

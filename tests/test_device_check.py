@@ -8,9 +8,8 @@ import pytest
 from ngdiff_jax.bench import device_check
 from ngdiff_jax.cli import main
 
-pytestmark = pytest.mark.slow  # the device check end to end
 
-
+@pytest.mark.slow
 def test_dry_run_end_to_end(tmp_path, capsys):
     assert main(["device-check", "--out", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -66,6 +65,7 @@ def test_a_failing_part_exits_1(tmp_path, monkeypatch, capsys):
     assert "step: FAILED: RuntimeError: out of luck" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_step_on_an_accelerator_like_device(tmp_path, monkeypatch):
     # what only a GPU reports: memory statistics (here a limit the plan cannot fit: remat full
     # instead) and a known peak (an MFU)

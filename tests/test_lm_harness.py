@@ -24,8 +24,6 @@ from ngdiff_jax.data import train_tokenizer  # noqa: E402
 from ngdiff_jax.integrations.lm_harness import NgdiffLM  # noqa: E402
 from ngdiff_jax.models import from_config, save_pretrained  # noqa: E402
 
-pytestmark = pytest.mark.slow  # lm-evaluation-harness on saved models
-
 TEXTS = [
     "The capital of France is Paris.", "Water boils at one hundred degrees.", "Cats like to sleep in the sun.",
     "The author wrote three novels about the sea.", "A quick brown fox jumps over the lazy dog.",
@@ -120,6 +118,7 @@ def _local_task(tmp_path) -> str:
     return str(tmp_path)
 
 
+@pytest.mark.slow
 def test_an_offline_task_runs_and_equals_the_hf_backend(both, tmp_path, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -134,6 +133,7 @@ def test_an_offline_task_runs_and_equals_the_hf_backend(both, tmp_path, monkeypa
         assert res[0][key] == pytest.approx(res[1][key])
 
 
+@pytest.mark.slow
 def test_ngdiff_eval_lm_eval_writes_a_result(model_dir, tmp_path, monkeypatch, capsys):
     from ngdiff_jax.cli import main
 
@@ -151,6 +151,7 @@ def test_ngdiff_eval_lm_eval_writes_a_result(model_dir, tmp_path, monkeypatch, c
     assert "General utility (lm-evaluation-harness)" in md and "tiny_mc/acc" in md
 
 
+@pytest.mark.slow
 def test_ngdiff_eval_lm_eval_fails_at_once_for_a_task_without_local_data(model_dir, tmp_path, capsys):
     from ngdiff_jax.cli import main
 
@@ -160,6 +161,7 @@ def test_ngdiff_eval_lm_eval_fails_at_once_for_a_task_without_local_data(model_d
     assert rc == 2 and "no_such_task_xyz" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_ngdiff_lm_eval_is_lm_evals_cli_with_the_ngdiff_model(model_dir, tmp_path, monkeypatch, capsys):
     """``ngdiff-lm-eval --model ngdiff ...`` (the console script): lm-eval's own command line, the
     adapter registered."""
@@ -180,6 +182,7 @@ def test_ngdiff_lm_eval_is_lm_evals_cli_with_the_ngdiff_model(model_dir, tmp_pat
     assert written and "tiny_mc" in json.loads(written[0].read_text())["results"]
 
 
+@pytest.mark.slow
 def test_ngdiff_eval_lm_eval_fails_at_once_for_missing_task_data(model_dir, tmp_path, capsys):
     """A known task whose data file is missing (offline: nothing downloads) fails before the model
     runs, in one line naming the task (exit 2); so does a negative --num-fewshot."""
@@ -197,6 +200,7 @@ def test_ngdiff_eval_lm_eval_fails_at_once_for_missing_task_data(model_dir, tmp_
     assert rc == 2 and "--num-fewshot -1: must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mesh_model_arg_shards_the_weights_and_gives_the_same_numbers(model_dir, devices8):
     """``--model_args mesh=fsdp`` on the 8 simulated CPU devices: the weights are sharded over the fsdp axis
     and every log-likelihood, greedy flag and generation equals the one-device model's."""

@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow  # GGUF conversion and transformers parity on disk
-
 CACHE = Path("~/.cache/ngdiff-jax").expanduser()
 SMOL_GGUF = CACHE / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT = (
@@ -138,6 +136,7 @@ def tiny(request, tmp_path_factory):
     return path, d / "ref", sd
 
 
+@pytest.mark.slow
 def test_convert_tiny_gguf_matches_original(tiny, tmp_path):
     from safetensors.numpy import load_file
     from transformers import AutoTokenizer

@@ -237,6 +237,7 @@ def test_errors_are_clear():
     for make in (ngdiff, mgda, pcgrad):  # a bare string is not read as one task per character
         with pytest.raises(ValueError, match=r"tasks must be a tuple .*got 'retain'"):
             make(tasks="retain")
+    assert ngdiff(tasks=iter(("books", "news", "retain"))).init(g_r).norms.keys() == {"books", "news", "retain"}
     with pytest.raises(ValueError, match=r"\['items'\] cannot name a task"):
         TaskGrads(retain=g_r, items=g_f)
     with pytest.raises(ValueError, match="gdiff: weights must map task names to weights"):

@@ -16,8 +16,6 @@ from ngdiff_jax.config_loader import load_config
 from ngdiff_jax.training import UnlearnConfig
 from ngdiff_jax.training.population_run import run_population
 
-pytestmark = pytest.mark.slow  # population runs end to end
-
 
 @pytest.fixture(scope="module")
 def tiny(synthetic_model):
@@ -50,6 +48,7 @@ def _close(a, b):
         assert np.quantile(d, 0.999) <= 1e-5 and d.max() <= 1e-4, (k, float(d.max()))
 
 
+@pytest.mark.slow
 def test_population_members_equal_their_own_runs_and_export(tiny, tmp_path):
     from ngdiff_jax.cli import main
 
@@ -73,6 +72,7 @@ def test_population_members_equal_their_own_runs_and_export(tiny, tmp_path):
         np.testing.assert_allclose(a["learning_rate"][3], b["learning_rate"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_members_share_one_base_and_equal_their_own_runs(tiny, tmp_path):
     from ngdiff_jax.training import run_unlearn
 
@@ -87,6 +87,7 @@ def test_lora_members_share_one_base_and_equal_their_own_runs(tiny, tmp_path):
     assert any(not np.allclose(a0[k], a1[k]) for k in a0 if "lora_A" in k)
 
 
+@pytest.mark.slow
 def test_a_killed_population_resumes_chunk_by_chunk(tiny, tmp_path):
     members = ["population.seeds=[0, 1, 2]", "population.chunk_size=2", "run.checkpoint_every=1"]
     full = run_population(_cfg(tiny, tmp_path / "full", *members))
@@ -122,6 +123,7 @@ def test_population_config_errors(tiny, tmp_path):
         run_population(_cfg(tiny, tmp_path / "x", "method=npo", "population.settings={method.beta: [0.1, -1.0]}"))
 
 
+@pytest.mark.slow
 def test_members_spread_over_devices_equal_one_device(tiny, tmp_path, devices8):
     """Three members on the 8-device 'member' mesh axis (five padding members) give the results of
     one device (``population.spread=false``)."""
@@ -135,6 +137,7 @@ def test_members_spread_over_devices_equal_one_device(tiny, tmp_path, devices8):
             np.testing.assert_allclose(a["last_metrics"][k], b["last_metrics"][k], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_population_evaluation_equals_member_by_member(tiny):
     """One batched TOFU evaluation of two members gives each member's own evaluation to 1e-6."""
     import jax.numpy as jnp
@@ -161,6 +164,7 @@ def test_population_evaluation_equals_member_by_member(tiny):
     assert both[0].aggregates["forget_Q_A_Prob"] != both[1].aggregates["forget_Q_A_Prob"]
 
 
+@pytest.mark.slow
 def test_each_member_keeps_its_best_step(tiny, tmp_path):
     """`selection` in a population: every member's own selection state and best model, as its own
     run's; early stopping (patience) is refused for a population."""
@@ -180,6 +184,7 @@ def test_each_member_keeps_its_best_step(tiny, tmp_path):
         _cfg(tiny, tmp_path / "x", *sel, "selection.patience=2", "population.seeds=[0, 1]")
 
 
+@pytest.mark.slow
 def test_a_population_whose_every_member_diverged_fails(tiny, tmp_path):
     from ngdiff_jax.cli import main
 
@@ -193,6 +198,7 @@ def test_a_population_whose_every_member_diverged_fails(tiny, tmp_path):
     assert not (tmp_path / "pop" / "members" / "m000" / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_member_whose_weights_never_move_is_flagged_and_not_exported(tiny, tmp_path):
     """Issue 26: a rate whose every update rounds away leaves the member bit-identical to the input;
     it is flagged ``unchanged`` and not exported, and a population of only such members fails."""

@@ -15,17 +15,9 @@ HF = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate
 B, T, STEPS = 8, 16, 2
 
 
-def _need_8_devices():
-    import jax
-
-    if jax.device_count() < 8:
-        pytest.skip(f"needs 8 devices, {jax.default_backend()} has {jax.device_count()}")
-
-
 @pytest.fixture(scope="module")
-def preset_results():
-    _need_8_devices()
-    return _body_presets()
+def preset_results(devices8):
+    return _body_presets(devices8)
 
 
 @pytest.mark.slow
@@ -76,9 +68,8 @@ def test_sharding_compiled_step_keeps_two_gradient_trees(preset_results):
     assert m["estimate"]["params"] == m["grad_tree"]
 
 
-def test_sharding_checkpoint_restores_on_another_mesh(tmp_path):
-    _need_8_devices()
-    r = _body_checkpoint(str(tmp_path / "ckpt"))
+def test_sharding_checkpoint_restores_on_another_mesh(tmp_path, devices8):
+    r = _body_checkpoint(str(tmp_path / "ckpt"), devices8)
     assert r["equal"], r
     assert r["restored_shardings_match"], r
     assert r["saved_spec"] != r["restored_spec"]
@@ -105,7 +96,7 @@ def _batch(seed):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _body_presets() -> dict:
+def _body_presets(devices) -> dict:
     import jax
     import numpy as np
 
@@ -137,7 +128,7 @@ def _body_presets() -> dict:
     out["single"] = {"metrics": h1}
     for preset in PRESETS:
         cfg = par.preset_config(preset)
-        mesh = par.make_mesh(cfg)
+        mesh = par.make_mesh(cfg, devices=devices)
         sharded = par.shard_unlearn_step(
             step, mesh, cfg.rules, params, tx.init(params), print_memory=True
         )
@@ -200,7 +191,7 @@ def _memory_check(sharded, step, apply_fn, params, tx, batch_pair, mesh, rules) 
             "estimate": sharded.memory.as_dict()}  # fmt: skip
 
 
-def _body_checkpoint(directory: str) -> dict:
+def _body_checkpoint(directory: str, devices) -> dict:
     import jax
     import numpy as np
 
@@ -212,8 +203,8 @@ def _body_checkpoint(directory: str) -> dict:
     opt_state = tx.init(params)
     # make the moments non-trivial so that a wrong restore shows
     opt_state = jax.tree.map(lambda x: x + 0.5 if x.ndim else x, opt_state)
-    mesh_a = par.make_mesh("fsdp")  # fsdp=8
-    mesh_b = par.make_mesh("fsdp_tensor", tensor=4)  # fsdp=2 x tensor=4
+    mesh_a = par.make_mesh("fsdp", devices=devices)  # fsdp=8
+    mesh_b = par.make_mesh("fsdp_tensor", tensor=4, devices=devices)  # fsdp=2 x tensor=4
     sh_a = par.param_shardings(params, mesh_a, "fsdp")
     state_a = {
         "params": par.place(params, sh_a),

@@ -8,8 +8,6 @@ import pytest
 
 from ngdiff_jax.cli import main
 
-pytestmark = pytest.mark.slow  # the study recipes through the CLI
-
 SMOL = Path("~/.cache/ngdiff-jax/SmolLM2-135M-Instruct-hf-ref").expanduser()
 
 

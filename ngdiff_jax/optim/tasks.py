@@ -158,10 +158,11 @@ def check_task_grads(grads: Any, tasks: Sequence[str], name: str) -> TaskGrads:
 def task_names(tasks: Sequence[str], name: str) -> tuple[str, ...]:
     """``tasks`` as a tuple of >= 2 distinct names; a ``ValueError`` naming the fix otherwise (a bare
     string would otherwise be read as one task per character)."""
-    if isinstance(tasks, str) or len(tuple(tasks)) < 2 or len(set(tasks)) != len(tuple(tasks)):
+    names = () if isinstance(tasks, str) else tuple(tasks)  # read once: an iterator is read once
+    if len(names) < 2 or len(set(names)) != len(names):
         raise ValueError(f"{name}: tasks must be a tuple of >= 2 distinct names, e.g. ('retain', 'forget'); "
                          f"got {tasks!r}.")  # fmt: skip
-    return tuple(tasks)
+    return names
 
 
 class PerTaskState(NamedTuple):
