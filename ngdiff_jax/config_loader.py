@@ -10,7 +10,7 @@ A string field whose dataclass type is itself a dataclass may name a config
 file instead of spelling it out inline: ``method: ngdiff`` is looked up as
 ``configs/methods/ngdiff.yaml`` (the directory is given by the field's
 ``metadata={"config_dir": "methods"}``), and a value ending in ``.yaml`` is a
-path. Overrides can reach inside such a reference (``method.beta=0.2``).
+path. Overrides can reach inside such a reference (``method.forget.beta=0.2``).
 
 Typical use::
 
@@ -21,6 +21,7 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -176,10 +177,19 @@ def _deepcopy(x):
 
 
 def deep_merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, mapping by mapping. A mapping over a string keeps the string as its
+    ``_base`` (a named config, or a registered choice's type: ``combiner: gdiff`` under
+    ``combiner: {forget_weight: 0.1}``); a mapping with its own ``_base``, or whose ``type``
+    differs from the base's, replaces it (another registered choice starts from that choice's
+    defaults, not the other's fields)."""
     out = _deepcopy(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+        old = out.get(k)
+        if isinstance(v, dict) and isinstance(old, dict) and not ("_base" in v or v.get("type", old.get("type"))
+                                                                  != old.get("type")):
+            out[k] = deep_merge(old, v)
+        elif isinstance(v, dict) and isinstance(old, str) and "_base" not in v and "type" not in v:
+            out[k] = {"_base": old, **_deepcopy(v)}
         else:
             out[k] = _deepcopy(v)
     return out
@@ -188,6 +198,56 @@ def deep_merge(base: dict, top: dict) -> dict:
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _choice_registry_in(tp) -> type | None:
+    """The registry inside ``tp`` (``X``, ``X | None``) when ``X`` is a ``draccus`` choice type
+    (a base class whose registered dataclasses are chosen by a ``type`` key), if any."""
+    for a in (tp, *typing.get_args(tp)):
+        if isinstance(a, type) and hasattr(a, "get_known_choices") and not dataclasses.is_dataclass(a):
+            return a
+    return None
+
+
+def _build_choice(registry: type, value: Any, where: str) -> Any:
+    """A registered choice from its name (``nll``), a mapping with its ``type``, or an instance."""
+    if isinstance(value, registry):
+        return value
+    if isinstance(value, str):
+        value = {"type": value}
+    elif isinstance(value, dict) and "_base" in value:
+        if value.get("type", value["_base"]) != value["_base"]:
+            raise ConfigError(f"{where} is both {value['_base']!r} and type {value['type']!r}; give one type.")
+        value = {"type": value["_base"], **{k: v for k, v in value.items() if k != "_base"}}
+    choices = registry.get_known_choices()
+    names = ", ".join(choices)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}={value!r} must name one of {names} or be a mapping with a type "
+                          f"(e.g. {where}={{type: {next(iter(choices))}}}).")  # fmt: skip
+    kind = value.get("type")
+    if kind is None:
+        raise ConfigError(f"{where} has no type; set {where}.type to one of {names}.")
+    if kind not in choices:
+        raise ConfigError(f"{where}.type={kind!r} is not one of {names}; e.g. {where}.type={next(iter(choices))}.")
+    sub = choices[kind]
+    rest = {k: v for k, v in value.items() if k != "type"}
+    own = [f.name for f in dataclasses.fields(sub)]
+    unknown = [k for k in rest if k not in own]
+    if unknown:
+        keys = ", ".join(f"{where}.{k}" for k in unknown)
+        owners = [n for n, c in choices.items() if all(k in {f.name for f in dataclasses.fields(c)} for k in unknown)]
+        example = ", ".join(f"{k}: {rest[k]}" for k in unknown)
+        near = [m for k in unknown for m in difflib.get_close_matches(k, own, n=1)]
+        if owners:
+            fix = (f"{' and '.join(unknown)} belong{'s' if len(unknown) == 1 else ''} to {', '.join(owners)}: write "
+                   f"e.g. {where}={{type: {owners[0]}, {example}}}")
+        else:
+            fix = f"did you mean {', '.join(f'{where}.{m}' for m in near)}?" if near else "drop it"
+        raise ConfigError(
+            f"{keys} {'is not a setting' if len(unknown) == 1 else 'are not settings'} of {where}.type={kind} "
+            f"(its settings: {', '.join(own) or 'none'}); {fix}."
+        )
+    return build(sub, rest, where=where)
 
 
 def _dataclass_in(tp) -> type | None:
@@ -225,6 +285,13 @@ def build(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "config"
     fields = {f.name: f for f in dataclasses.fields(cls)}
     types_ = _field_types(cls)
     unknown = [k for k in data if k not in fields]
+    renamed = getattr(cls, "RENAMED", {})  # old keys -> the keys that replaced them (relative to `where`)
+    for k in unknown:
+        if k in renamed:
+            path = f"{where}.{k}".removeprefix("config.")
+            new = [f"{where}.{n}".removeprefix("config.") for n in renamed[k]]
+            raise ConfigError(f"{path}={data[k]!r}: this key is now {' and '.join(new)}; write "
+                              f"{' '.join(f'{n}={data[k]}' for n in new)}{getattr(cls, 'RENAMED_NOTE', '')}.")
     if unknown:
         names = ", ".join(repr(f"{where}.{k}".removeprefix("config.")) for k in unknown)
         raise ConfigError(
@@ -236,7 +303,10 @@ def build(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "config"
         tp = types_[name]
         sub = _dataclass_in(tp)
         path = f"{where}.{name}" if where != "config" else name
-        if sub is not None and value is not None:
+        registry = _choice_registry_in(tp)
+        if registry is not None and value is not None:
+            kwargs[name] = _build_choice(registry, value, path)
+        elif sub is not None and value is not None:
             default = fields[name].default
             if isinstance(value, dict) and "_base" not in value and isinstance(default, str):
                 value = {"_base": default, **value}  # an inline section extends the default config
@@ -373,7 +443,10 @@ def _load_with_base(path: Path, subdir: str | None = None, chain: tuple[Path, ..
 def to_dict(cfg: Any) -> Any:
     """A dataclass config as plain YAML-friendly data (tuples become lists)."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        out = {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        if hasattr(cfg, "get_choice_name"):  # a registered choice: its type first (draccus's encoding)
+            out = {"type": type(cfg).get_choice_name(type(cfg)), **out}
+        return out
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, dict):

@@ -31,7 +31,7 @@ def test_gen_on_bfloat16_weights_warns_with_the_fix():
     rng = np.random.default_rng(1)
     w = {"w": jnp.asarray(rng.normal(0, 0.02, (32, 32)), jnp.bfloat16)}
     line = gen_bf16_warning(w, 1e-5)
-    assert line.startswith("warning: method.lr_rule=gen with precision.params=bfloat16 at optim.lr=1e-05")
+    assert line.startswith("warning: method.rate.type=gen with precision.params=bfloat16 at optim.lr=1e-05")
     assert "precision.params=float32" in line and "\n" not in line
     assert gen_bf16_warning({"w": w["w"].astype(jnp.float32)}, 1e-5) is None  # float32 master weights
     assert gen_bf16_warning(w, 1.0) is None  # a rate every weight resolves

@@ -11,7 +11,7 @@ def test_print_config_with_overrides(capsys):
                "method=npo", "run.steps=50", "optim.lr=1e-4"])  # fmt: skip
     assert rc == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
-    assert cfg["method"]["name"] == "npo" and cfg["method"]["forget_loss"] == "npo"
+    assert cfg["method"]["name"] == "npo" and cfg["method"]["forget"] == {"type": "npo", "beta": 0.1}
     assert cfg["run"]["steps"] == 50 and cfg["optim"]["lr"] == 1e-4
     assert cfg["data"]["forget_split"] == "forget10"
 

@@ -23,24 +23,25 @@ def test_all_named_methods_load():
         assert n in names
         m = load_method(n)
         assert m.name == n
-    assert load_method("ngdiff").combiner == "ngdiff" and load_method("ngdiff").lr_rule == "gen"
-    assert load_method("ga").retain_loss == "none"
+    assert load_method("ngdiff").combiner.kind == "ngdiff" and load_method("ngdiff").rate.kind == "gen"
+    assert load_method("ga").retain.kind == "none"
     assert load_method("npo").needs_reference and not load_method("ngdiff").needs_reference
 
 
 def test_unlearn_config_with_overrides(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("model_path: some/model\nmethod: npo\noptim:\n  lr: 1.0e-5\nrun:\n  steps: 10\n")
-    cfg = load_config(UnlearnConfig, f, ["method=ngdiff", "run.steps=50", "optim.lr=1e-4", "method.beta=0.3"])
+    cfg = load_config(UnlearnConfig, f, ["method=ngdiff_npo", "run.steps=50", "optim.lr=1e-4",
+                                               "method.forget.beta=0.3"])  # fmt: skip
     assert isinstance(cfg.method, MethodConfig)
-    assert cfg.method.name == "ngdiff" and cfg.method.beta == 0.3
+    assert cfg.method.name == "ngdiff_npo" and cfg.method.forget.beta == 0.3
     assert cfg.run.steps == 50 and cfg.optim.lr == 1e-4
     # default method (ngdiff) when none given; a nested override extends it
-    cfg = load_config(UnlearnConfig, None, ["model_path=x", "method.probe=sum"])
-    assert cfg.method.name == "ngdiff" and cfg.method.probe == "sum"
+    cfg = load_config(UnlearnConfig, None, ["model_path=x", "method.rate.probe=sum"])
+    assert cfg.method.name == "ngdiff" and cfg.method.rate.probe == "sum" == cfg.method.probe
     # inline method mapping
-    cfg = build(UnlearnConfig, {"model_path": "x", "method": {"_base": None, "forget_loss": "npo", "name": "mine"}})
-    assert cfg.method.forget_loss == "npo" and cfg.method.combiner == "ngdiff"
+    cfg = build(UnlearnConfig, {"model_path": "x", "method": {"_base": None, "forget": "npo", "name": "mine"}})
+    assert cfg.method.forget.kind == "npo" and cfg.method.combiner.kind == "ngdiff"
 
 
 def test_unknown_key_names_it_and_valid_keys():
@@ -55,7 +56,7 @@ def test_unknown_key_names_it_and_valid_keys():
 def test_bad_values_and_missing_files():
     with pytest.raises(ConfigError, match="run.steps='many' must be an integer"):
         load_config(UnlearnConfig, None, ["model_path=x", "run.steps=many"])
-    with pytest.raises(ConfigError, match="method.combiner='sgd' is not one of"):
+    with pytest.raises(ConfigError, match="method.combiner.type='sgd' is not one of ngdiff, gdiff, mgda, pcgrad"):
         load_config(UnlearnConfig, None, ["model_path=x", "method.combiner=sgd"])
     pattern = r"config 'nosuch' not found.*configs/methods/nosuch.yaml.*Available.*ngdiff"
     with pytest.raises(FileNotFoundError, match=pattern):
@@ -64,8 +65,8 @@ def test_bad_values_and_missing_files():
         load_config(UnlearnConfig, None, [])
     with pytest.raises(ValueError, match="exactly one of `model`"):
         load_config(FinetuneConfig, None, [])
-    with pytest.raises(ValueError, match="retain_loss=none"):
-        build(MethodConfig, {"retain_loss": "none", "lr_rule": "gen", "probe": "retain"})
+    with pytest.raises(ValueError, match="method.retain.type=none; set method.rate.probe=forget"):
+        build(MethodConfig, {"retain": "none", "rate": {"type": "gen", "probe": "retain"}})
     with pytest.raises(ConfigError, match="not of the form key=value"):
         load_config(UnlearnConfig, None, ["model_path"])
 

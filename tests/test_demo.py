@@ -145,7 +145,7 @@ def test_demo_config_quick_and_methods():
     cfg = load_demo_config(methods=["ngdiff", "ga"])
     assert list(cfg.sweep.methods) == ["ngdiff", "ga"] and cfg.sweep.compare.against == ("ga",)
     assert cfg.sweep.robustness.methods == ()  # ngdiff_fixed and gdiff left out: no robustness claim
-    assert full.sweep.methods["ngdiff_fixed"].overrides == {"lr_rule": "constant"}
+    assert full.sweep.methods["ngdiff_fixed"].overrides == {"rate": "constant"}
 
 
 def test_hard_checks():

@@ -241,12 +241,12 @@ def test_rmu_objectives_equal_open_unlearning_compute_loss():
     fb = collate(fexs, pad_id=PAD, batch_size=4, buckets=(16,))
     rb = collate(rexs, pad_id=PAD, batch_size=4, buckets=(16,))
     p, p_ref = _params(7), _params(8)
-    meth = load_method("rmu", rmu_layer=0)
+    meth = load_method("rmu", forget={"layer": 0}, retain={"layer": 0})
     f_loss, _ = forget_objective(meth).loss(MODEL, p, fb, {})
     r_obj = retain_objective(meth)
     r_loss, _ = r_obj.loss(MODEL, p, rb, r_obj.reference(MODEL, p_ref, rb))
 
-    u = np.asarray(losses.rmu_control_vector(jax.random.PRNGKey(meth.rmu_seed), E, meth.rmu_steering_coeff))
+    u = np.asarray(losses.rmu_control_vector(jax.random.PRNGKey(meth.forget.seed), E, meth.forget.steering_coeff))
     fo, ro = ou_collate(fexs), ou_collate(rexs)
     model_forget_activations = _hidden_np(p, fo["input_ids"])
     control_vec = np.broadcast_to(u.astype(np.float64), model_forget_activations.shape)  # .expand_as
@@ -281,10 +281,10 @@ def test_idk_nll_against_tofu_idk_loss(f_lengths, r_lengths):
     fb, rb = _idk_batches(f_lengths, r_lengths, seed=9)
     p = _params(10)
     meth = load_method("idk_nll")
-    assert (meth.forget_weight, meth.retain_weight, meth.combiner) == (1.0, 1.0, "gdiff")
+    assert (meth.combiner.forget_weight, meth.combiner.retain_weight, meth.combiner.kind) == (1.0, 1.0, "gdiff")
     f, _ = forget_objective(meth).loss(MODEL, p, fb, {})
     r, _ = retain_objective(meth).loss(MODEL, p, rb, {})
-    ours = meth.forget_weight * float(f) + meth.retain_weight * float(r)
+    ours = meth.combiner.forget_weight * float(f) + meth.combiner.retain_weight * float(r)
 
     idk = (fb["alt_input_ids"], fb["alt_labels"], fb["alt_attention_mask"])
     ret = (rb["input_ids"], rb["labels"], rb["attention_mask"])

@@ -24,6 +24,7 @@ from ngdiff_jax import optim as O
 from ngdiff_jax.optim import TaskGrads
 from ngdiff_jax.training import OptimConfig, load_method, make_optimizer
 from ngdiff_jax.training.config_schema import MethodConfig, UnlearnConfig
+from ngdiff_jax.training.method_config import GA, ConstantRate, GDiff, RetainNLL
 from ngdiff_jax.training.methods import learning_rate_schedule, warmup_steps
 
 #: open-unlearning configs/trainer/*.yaml handlers whose runs go through the Trainer's schedule
@@ -54,27 +55,27 @@ def _torch_clip(grads: list[np.ndarray], max_norm: float) -> list[np.ndarray]:
 def test_simnpo_defaults_are_open_unlearnings():
     m = load_method("simnpo")
     # configs/trainer/SimNPO.yaml: delta 0.0, beta 4.5, alpha 1.0, gamma 0.125, retain NLL
-    assert (m.beta, m.simnpo_delta, m.retain_weight, m.forget_weight) == (4.5, 0.0, 1.0, 0.125)
-    assert (m.forget_loss, m.retain_loss, m.combiner) == ("simnpo", "nll", "gdiff")
+    assert (m.forget.beta, m.forget.delta, m.combiner.retain_weight, m.combiner.forget_weight) == (4.5, 0.0, 1.0, 0.125)
+    assert (m.forget.kind, m.retain.kind, m.combiner.kind) == ("simnpo", "nll", "gdiff")
 
 
 @pytest.mark.parametrize("name", FIXED_RATE_BASELINES)
 def test_fixed_rate_baselines_use_the_trainers_schedule_and_clipping(name):
     m = load_method(name)
-    assert (m.lr_rule, m.warmup_epochs, m.max_grad_norm) == ("linear", 1.0, 1.0), name
+    assert (m.rate.kind, m.rate.warmup_epochs, m.max_grad_norm) == ("linear", 1.0, 1.0), name
 
 
 @pytest.mark.parametrize("name", ("ngdiff", "ngdiff_npo"))
 def test_gen_methods_keep_the_papers_rule(name):
     m = load_method(name)
-    assert (m.lr_rule, m.warmup_epochs, m.max_grad_norm) == ("gen", 0.0, None)
+    assert (m.rate.kind, m.max_grad_norm) == ("gen", None) and not hasattr(m.rate, "warmup_epochs")
 
 
 @pytest.mark.parametrize("rows, batch", [(40, 32), (400, 32), (20, 8), (20, 16), (7, 8), (4000, 32)])
 def test_warmup_steps_count_one_epoch_as_open_unlearning(rows, batch):
     m = load_method("gdiff")
     assert warmup_steps(m, OptimConfig(), rows / batch) == _ou_warmup_steps(1.0, rows, batch)
-    half = load_method("gdiff", warmup_epochs=0.5)
+    half = load_method("gdiff", rate={"warmup_epochs": 0.5})
     assert warmup_steps(half, OptimConfig(), rows / batch) == _ou_warmup_steps(0.5, rows, batch)
 
 
@@ -121,8 +122,8 @@ def test_total_norm_clipping_is_torchs_on_the_summed_gradient(scale):
 def test_clipping_sits_between_the_combiner_and_adam():
     """With max_grad_norm the optimizer's direction is Adam of the clipped sum: at step 1 Adam's
     update is sign-like, so compare against optax's Adam fed the torch-clipped gradient."""
-    m = MethodConfig(name="c", forget_loss="ga", retain_loss="nll", combiner="gdiff", lr_rule="constant",
-                     max_grad_norm=0.5)  # fmt: skip
+    m = MethodConfig(name="c", forget=GA(), retain=RetainNLL(), combiner=GDiff(), rate=ConstantRate(),
+                     max_grad_norm=0.5)
     tx = make_optimizer(m, OptimConfig(lr=1e-2), 5)
     params = {"w": jnp.zeros(4)}
     g_r, g_f = {"w": jnp.array([3.0, -1.0, 0.5, 2.0])}, {"w": jnp.array([1.0, 1.0, -4.0, 0.0])}
@@ -140,8 +141,9 @@ def test_clipping_sits_between_the_combiner_and_adam():
 
 
 def test_bad_settings_fail_with_the_fix():
-    with pytest.raises(ValueError, match="warmup_epochs=1.0 with lr_rule=gen"):
-        load_method("ngdiff", warmup_epochs=1.0)
+    with pytest.raises(ValueError, match=r"method.rate.warmup_epochs is not a setting of method.rate.type=gen "
+                                         r"\(its settings: probe\); warmup_epochs belongs to constant, linear, cosine"):
+        load_method("ngdiff", rate={"warmup_epochs": 1.0})
     with pytest.raises(ValueError, match="pass steps_per_epoch="):
         make_optimizer(load_method("gdiff"), OptimConfig(), 10)
     with pytest.raises(ValueError, match="both set a warm-up"):
@@ -151,5 +153,5 @@ def test_bad_settings_fail_with_the_fix():
     # fine-tuning's keys in an unlearning config were ignored before: now refused with the method key
     with pytest.raises(ValueError, match=r"optim.max_grad_norm=1.0 is fine-tuning's setting.*method.max_grad_norm"):
         UnlearnConfig(model_path="x", optim=OptimConfig(max_grad_norm=1.0))
-    with pytest.raises(ValueError, match=r"optim.schedule=linear is fine-tuning's.*method.lr_rule=linear"):
+    with pytest.raises(ValueError, match=r"optim.schedule=linear is fine-tuning's.*method.rate=linear"):
         UnlearnConfig(model_path="x", optim=OptimConfig(schedule="linear"))

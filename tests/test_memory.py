@@ -54,12 +54,12 @@ def _batch(seed, pad_row=False):
 @pytest.mark.parametrize(
     "method,overrides",
     [
-        ("ngdiff", {"lr_rule": "constant", "adam": False}),
+        ("ngdiff", {"rate": "constant", "adam": False}),
         ("gdiff", {"adam": False}),
         ("mgda", {"adam": False}),
         ("pcgrad", {"adam": False}),
         ("ngdiff", {"adam": False}),  # GeN: probes the whole batch's loss
-        ("ngdiff_npo", {"retain_loss": "kl", "lr_rule": "constant", "adam": False}),  # row/position weights
+        ("ngdiff_npo", {"retain": "kl", "rate": "constant", "adam": False}),  # row/position weights
     ],
 )
 def test_micro_batches_equal_full_batch_step(method, overrides):

@@ -62,7 +62,7 @@ def _forget(seed):
 
 def _method(name, **kw):
     m = load_method(name, **kw)
-    return m if not m.needs_hidden else load_method(name, rmu_layer=0, **kw)
+    return m if not m.needs_hidden else load_method(name, forget={"layer": 0}, retain={"layer": 0}, **kw)
 
 
 @pytest.mark.slow
@@ -84,7 +84,8 @@ def test_losses_at_the_reference_match_hand_values(tiny):
     fb, rb = _forget(2), _batch(3)
     with jax.disable_jit():
         for name, check in [
-            ("idk_dpo", lambda m, meth: float(m["forget_loss"]) == pytest.approx(2 / meth.beta * np.log(2), rel=1e-5)),
+            ("idk_dpo", lambda m, meth: float(m["forget_loss"]) == pytest.approx(2 / meth.forget.beta * np.log(2),
+                                                                                 rel=1e-5)),
             ("ga_klr", lambda m, meth: abs(float(m["retain_loss"])) < 1e-6),
             ("rmu", lambda m, meth: abs(float(m["retain_loss"])) < 1e-10),
         ]:
@@ -95,7 +96,7 @@ def test_losses_at_the_reference_match_hand_values(tiny):
             assert check(m, meth), (name, m)
         meth = _method("rmu")
         h = apply_fn.hidden_state(params, fb["input_ids"], fb["attention_mask"], layer=0)
-        u = losses.rmu_control_vector(jax.random.PRNGKey(meth.rmu_seed), h.shape[-1], meth.rmu_steering_coeff)
+        u = losses.rmu_control_vector(jax.random.PRNGKey(meth.forget.seed), h.shape[-1], meth.forget.steering_coeff)
         lab = np.asarray(fb["labels"])
         sums = [np.sum(np.square(np.asarray(h[b]) - np.asarray(u)).mean(-1)[lab[b] != -100]) for b in range(B)]
         counts = [np.sum(lab[b] != -100) for b in range(B)]  # 56 and 8: open-unlearning's broadcast form
@@ -158,14 +159,13 @@ def test_idk_responses_file(tmp_path):
     bad.write_text('"I don\'t know."\nnot json\n')
     with pytest.raises(ValueError, match=r"idk.jsonl:2: not JSON"):
         load_idk_responses(bad)
-    with pytest.raises(FileNotFoundError, match="method.idk_path"):
+    with pytest.raises(FileNotFoundError, match="method.forget.idk_path"):
         load_idk_responses(tmp_path / "missing.jsonl")
 
 
-GEN = {"combiner": "ngdiff", "lr_rule": "gen", "retain_loss": "nll", "probe": "retain",
-       "warmup_epochs": 0.0}  # GeN sets its own rate (a warm-up with lr_rule=gen is refused)
+GEN = {"combiner": "ngdiff", "rate": {"type": "gen", "probe": "retain"}, "retain": "nll"}  # GeN sets its own rate
 #: every new method as configured, then any forget objective under every combiner: ngdiff with GeN, mgda, pcgrad
-RUNS = [(n, {}) for n in NEW] + [("idk_dpo", GEN), ("rmu", GEN), ("undial", {"combiner": "mgda", "retain_loss": "nll"}),
+RUNS = [(n, {}) for n in NEW] + [("idk_dpo", GEN), ("rmu", GEN), ("undial", {"combiner": "mgda", "retain": "nll"}),
                                  ("satimp", {"combiner": "pcgrad"})]  # fmt: skip
 
 
@@ -177,8 +177,11 @@ def test_every_new_method_steps(tiny, name, extra):
     and the parameters move."""
     apply_fn, params = tiny
     # rmu: its retain gradient is 0 while the weights equal the reference's, i.e. after a warm-up step at rate 0
-    kw = dict(extra, rmu_layer=-1, warmup_epochs=0.0) if name == "rmu" else extra
-    method = _method(name, **kw) if "rmu_layer" not in kw else load_method(name, **kw)
+    if name == "rmu":
+        own = {"retain": {"type": "embed_diff", "layer": -1}, "rate": {"type": "linear", "warmup_epochs": 0.0}}
+        method = load_method(name, **{**own, **extra, "forget": {"layer": -1}})
+    else:
+        method = _method(name, **extra)
     tx = make_optimizer(method, OptimConfig(lr=1e-3), total_steps=2, steps_per_epoch=2.0)
     step = jax.jit(make_unlearn_step(apply_fn, method, tx))
     ref = params if method.needs_reference else None
@@ -189,7 +192,7 @@ def test_every_new_method_steps(tiny, name, extra):
     assert last["skipped"] == 0, (name, last)
     assert np.isfinite(last["forget_loss"]) and np.isfinite(last["retain_loss"]), (name, last)
     assert last["forget_grad_norm"] > 0 and last["learning_rate"] > 0, (name, last)
-    assert (last["retain_grad_norm"] > 0) == (method.retain_loss != "none"), (name, last)
+    assert (last["retain_grad_norm"] > 0) == (method.retain.kind != "none"), (name, last)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params))), name
 
 
@@ -223,7 +226,7 @@ def test_unlearn_with_model_selection_exports_best_and_last(tiny_run):
     common = [f"model_path={d / 'model'}", f"data.source={data}", "data.forget_split=forget10",
               "data.retain_split=retain90", "data.batch_size=2", "data.max_length=96", "data.buckets=[96]",
               "run.checkpoint_every=0", "run.progress=false", "optim.lr=1e-2", "method=ga",
-              "method.warmup_epochs=0"]  # fmt: skip
+              "method.rate.warmup_epochs=0"]  # fmt: skip
     # GA lowers the forget probability every step: maximizing retain_prob subject to forget_prob below
     # its start picks the first step past the start, and patience 1 stops right after it
     with jax.disable_jit():

@@ -312,7 +312,6 @@ def test_norm_of_a_tree_mixing_float32_and_bfloat16_leaves():
 def _blue_reductions(absent_grads) -> int:
     """Blue's one-pass norm reductions (four float32 outputs) in the compiled bfloat16 GA + GeN
     step of a tiny model whose absent retain task's gradient is ``absent_grads(params)``."""
-    import dataclasses
     import re
 
     from flax import nnx
@@ -326,7 +325,7 @@ def _blue_reductions(absent_grads) -> int:
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=1, vocab_size=2048, hidden_size=64))
     model = models.CausalLM(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, backend="cpu_fast")
     fn, params = models.functional(model)
-    method = dataclasses.replace(load_method("ga"), lr_rule="gen", warmup_epochs=0.0)  # retain_loss: none
+    method = load_method("ga", rate={"type": "gen", "probe": "forget"})  # retain: none
     tx = make_optimizer(method, OptimConfig(), 10)
     sds = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)  # noqa: E731
     b = jax.ShapeDtypeStruct((2, 16), jnp.int32)

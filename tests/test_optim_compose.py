@@ -202,7 +202,7 @@ def test_inner_optimizer_weight_decay_and_mu_dtype():
 def test_make_optimizer_weight_decay_and_adam_keys():
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer
 
-    method = load_method("gdiff", lr_rule="constant", warmup_epochs=0.0)
+    method = load_method("gdiff", rate="constant")
     cfg = OptimConfig(lr=0.1, weight_decay=0.5, eps_root=1e-16, b1=0.0, adam_eps=1e-8)
     tx = make_optimizer(method, cfg, total_steps=10)  # raised before: weight decay was not supported
     params = {"w": jnp.zeros(2)}

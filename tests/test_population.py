@@ -103,8 +103,8 @@ def _assert_member(P, S_metrics, k, sep_params, sep_metrics):
 @pytest.mark.parametrize("name,settings,at_once", [
     ("ngdiff", {"optim.gen_every": [1, 2]}, None),   # GeN, members probing on different schedules
     ("ngdiff", {"optim.gen_every": [1, 2]}, 2),      # the same, two members at a time
-    ("npo", {"method.beta": [0.1, 0.5]}, None),      # fixed rate, a traced loss setting, a shared reference
-    ("gdiff", {"method.retain_weight": [1.0, 0.5], "optim.weight_decay": [0.0, 0.1]}, None),
+    ("npo", {"method.forget.beta": [0.1, 0.5]}, None),    # fixed rate, a traced loss setting, a shared reference
+    ("gdiff", {"method.combiner.retain_weight": [1.0, 0.5], "optim.weight_decay": [0.0, 0.1]}, None),
 ])  # fmt: skip
 def test_each_member_equals_its_separate_run(tiny, name, settings, at_once):
     apply_fn, params = tiny
@@ -164,18 +164,18 @@ def test_micro_batches_in_a_population(tiny):
 
 
 def test_population_section_checks_and_grid():
-    pop = PopulationSection(seeds=(0, 1), lr=(1e-4, 1e-3), settings={"method.beta": [0.1, 0.2]})
+    pop = PopulationSection(seeds=(0, 1), lr=(1e-4, 1e-3), settings={"method.forget.beta": [0.1, 0.2]})
     ms = pop.members(seed=7, lr=5e-4)
     assert len(ms) == 8 and [m.index for m in ms] == list(range(8))
-    assert ms[0].values == {"optim.lr": 1e-4, "method.beta": 0.1} and ms[1].seed == 1
+    assert ms[0].values == {"optim.lr": 1e-4, "method.forget.beta": 0.1} and ms[1].seed == 1
     assert [len(c) for c in dataclasses.replace(pop, chunk_size=3).chunks(ms)] == [3, 3, 2]
     assert PopulationSection().members(seed=7, lr=5e-4)[0].values == {"optim.lr": 5e-4}
     assert not PopulationSection().enabled and pop.enabled
     bad = [
-        ({"settings": {"method.rmu_layer": [1, 2]}}, "not a setting a population can vary"),
+        ({"settings": {"method.forget.layer": [1, 2]}}, "not a setting a population can vary"),
         ({"settings": {"optim.lr": [1e-3]}}, "population.lr instead"),
-        ({"settings": {"method.beta": 0.1}}, "non-empty list"),
-        ({"settings": {"method.beta": [0.1, 0.1]}}, "twice"),
+        ({"settings": {"method.forget.beta": 0.1}}, "non-empty list"),
+        ({"settings": {"method.forget.beta": [0.1, 0.1]}}, "twice"),
         ({"settings": {"optim.gen_every": [1.5]}}, "integer"),
         ({"lr": (0.0,)}, "positive"),
         ({"seeds": (1.5,)}, "integers"),

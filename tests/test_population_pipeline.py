@@ -119,8 +119,9 @@ def test_population_config_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="lora and selection.tofu"):
         _cfg(tiny, tmp_path / "x", "population.seeds=[0, 1]", "lora.rank=2", "selection.every=1", "selection.tofu=true",
              "selection.maximize=model_utility")
-    with pytest.raises(ValueError, match="population member m001 .*beta"):
-        run_population(_cfg(tiny, tmp_path / "x", "method=npo", "population.settings={method.beta: [0.1, -1.0]}"))
+    with pytest.raises(ValueError, match="population member m001 .*method.forget.beta"):
+        run_population(_cfg(tiny, tmp_path / "x", "method=npo",
+                            "population.settings={method.forget.beta: [0.1, -1.0]}"))
 
 
 @pytest.mark.slow
@@ -191,7 +192,7 @@ def test_a_population_whose_every_member_diverged_fails(tiny, tmp_path):
     rc = main(["unlearn", "--config", "synthetic_ngdiff", f"model_path={tiny['model']}", f"data.source={tiny['bench']}",
                f"run.output_dir={tmp_path / 'pop'}", "run.steps=2", "run.eval_every=0", "run.progress=false",
                "data.batch_size=4", "data.max_length=128", "data.buckets=[128]", "method=gdiff",
-               "method.warmup_epochs=0", "population.lr=[1e30, 1e31]"])  # fmt: skip
+               "method.rate.warmup_epochs=0", "population.lr=[1e30, 1e31]"])  # fmt: skip
     assert rc == 1
     saved = json.loads((tmp_path / "pop" / "population.json").read_text())
     assert all(m["diverged"] for m in saved["members"])

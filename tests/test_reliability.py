@@ -125,7 +125,7 @@ def test_dir_of_another_config_or_command_is_refused_naming_the_key(base, tmp_pa
     capsys.readouterr()
     assert _unlearn(base, out, "method=gdiff") == 2
     err = capsys.readouterr().err
-    assert "method.combiner='ngdiff' there, 'gdiff' now" in err, err
+    assert "method.combiner.type='ngdiff' there, 'gdiff' now" in err, err
     assert _unlearn(base, out, "optim.lr=0.002") == 2
     assert "optim.lr=0.001 there, 0.002 now" in capsys.readouterr().err
     rc = main(["finetune", "--config", "synthetic_finetune", f"data.source={base['bench']}", f"run.output_dir={out}"])
@@ -203,12 +203,12 @@ def test_atomic_dir_swaps_whole_exports_and_repairs_a_cut_swap(tmp_path):
     "override, message",
     [
         ("optim.lr=-1e-3", "optim.lr=-0.001: must be > 0"),
-        ("method.lr_rule=constant optim.lr=-1", "optim.lr=-1.0: must be > 0 (a negative rate climbs the loss"),
+        ("method.rate=constant optim.lr=-1", "optim.lr=-1.0: must be > 0 (a negative rate climbs the loss"),
         ("run.steps=0", "run.steps=0: must be >= 1"),
         ("run.epochs=-1", "run.epochs=-1.0: must be > 0"),
         ("run.checkpoint_every=-1", "run.checkpoint_every=-1: must be >= 0"),
         ("run.max_checkpoints=0", "run.max_checkpoints=0: must be >= 1"),
-        ("method.beta=-0.1", "method.beta=-0.1: must be > 0"),
+        ("method=npo method.forget.beta=-0.1", "method.forget.beta=-0.1: must be > 0"),
         ("run.log_every=0", "run.log_every=0: must be >= 1"),
         ("optim.lr=.nan", "optim.lr=nan: must be a finite number"),
         ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
@@ -308,7 +308,7 @@ def test_yaml_syntax_and_transformers_config_errors_are_one_line(base, tmp_path,
 
 def test_huge_rate_diverges_exit_1_and_no_export(base, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _unlearn(base, out, "optim.lr=1e30", "method.lr_rule=constant", "run.steps=4") == 1
+    assert _unlearn(base, out, "optim.lr=1e30", "method.rate=constant", "run.steps=4") == 1
     err = capsys.readouterr().err
     assert "the run diverged, first at step" in err and "lower the rate" in err and "optim.lr=1e+29" in err, err
     assert not (out / "model").exists() and not (out / "summary.json").exists()

@@ -46,7 +46,7 @@ def test_run_record_deleted_or_damaged_then_another_config_is_refused(base, tmp_
     exported = (out / "model" / "model.safetensors").read_bytes()
     manifest = out / ".ngdiff-run.json"
     manifest.unlink() if damage == "deleted" else manifest.write_text('{"comm')
-    assert _unlearn(base, out, "method.retain_weight=0.5") == 2
+    assert _unlearn(base, out, "method=gdiff", "method.combiner.retain_weight=0.5") == 2
     assert ".ngdiff-run.json is" in capsys.readouterr().err
     assert (out / "model" / "model.safetensors").read_bytes() == exported
 
@@ -90,10 +90,11 @@ def test_output_dir_beside_an_input_file_is_allowed(base, tmp_path):  # noqa: F8
     idk.write_text('"I do not know."\n')
     def cfg(out):
         return load_config(UnlearnConfig, "synthetic_ngdiff", [f"model_path={base['model']}",
-                           f"method.idk_path={idk}", f"run.output_dir={out}"], subdir="experiments")  # fmt: skip
+                           "method=idk_nll", f"method.forget.idk_path={idk}", f"run.output_dir={out}"],
+                           subdir="experiments")  # fmt: skip
 
     assert check_output_dir(cfg(exp / "run1")) == []
-    assert any("is the input method.idk_path" in e for e in check_output_dir(cfg(idk)))
+    assert any("is the input method.forget.idk_path" in e for e in check_output_dir(cfg(idk)))
 
 
 def test_eval_out_that_is_an_input_is_refused_before_loading(base, tmp_path, capsys):  # noqa: F811

@@ -20,7 +20,7 @@ STEPS = 4
 def _overrides(bench, model, out, *extra):
     return [
         f"data.source={bench}", f"model_path={model}", f"run.output_dir={out}", "run.progress=false",
-        "method=ngdiff_npo", "method.lr_rule=constant", f"run.steps={STEPS}", "run.checkpoint_every=2",
+        "method=ngdiff_npo", "method.rate=constant", f"run.steps={STEPS}", "run.checkpoint_every=2",
         "run.eval_every=0", *extra,
     ]  # fmt: skip
 

@@ -49,7 +49,7 @@ def test_unlearn_npo_under_ngdiff_logs_exports_and_does_not_recompile(trained, t
     out = tmp_path / "unlearn"
     cfg = load_config(
         UnlearnConfig, "synthetic_ngdiff",
-        _overrides(trained, out, "method=ngdiff_npo", "method.probe=sum", "run.steps=12",
+        _overrides(trained, out, "method=ngdiff_npo", "method.rate.probe=sum", "run.steps=12",
                    "run.eval_every=6", "run.checkpoint_every=6"),
         subdir="experiments",
     )  # fmt: skip

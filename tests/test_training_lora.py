@@ -51,7 +51,7 @@ def test_step_trains_only_adapters_and_keeps_bf16_base_bit_identical(tmp_path):
     assert all(v.dtype == jnp.bfloat16 for v in _flat(run.base).values())
     assert all(v.dtype == jnp.float32 for v in _flat(run.adapters).values())
 
-    method = load_method("ngdiff", lr_rule="constant")
+    method = load_method("ngdiff", rate="constant")
     tx = make_optimizer(method, load_config(UnlearnConfig, None, ["model_path=x", "optim.lr=1e-2"]).optim, 10)
     opt_state = tx.init(run.adapters)
     # the optimizer state holds only adapter-sized arrays (and scalars)
@@ -101,7 +101,7 @@ def test_unlearn_cli_with_lora_exports_merged_model_and_peft_adapter(tiny, tmp_p
     out = tmp_path / "run"
     rc = main(["unlearn", "--config", "synthetic_ngdiff", f"data.source={tiny['bench']}", f"model_path={tiny['model']}",
                f"run.output_dir={out}", "run.progress=false", "run.steps=3", "run.checkpoint_every=0",
-               "method=ngdiff_npo", "method.lr_rule=constant", "optim.lr=5e-2", "run.eval_every=3",
+               "method=ngdiff_npo", "method.rate=constant", "optim.lr=5e-2", "run.eval_every=3",
                "lora.rank=4", "lora.alpha=8", "lora.targets=[q_proj,v,down]"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -205,7 +205,7 @@ def test_lora_with_hidden_state_and_projection_methods(tiny, tmp_path, method, s
     rc = main(["unlearn", "--config", "synthetic_ngdiff", f"data.source={tiny['bench']}", f"model_path={tiny['model']}",
                f"run.output_dir={out}", "run.progress=false", "run.steps=2", "run.checkpoint_every=0",
                "run.eval_every=0", f"method={method}", "lora.rank=2", "lora.targets=[v,up]",
-               *(["method.rmu_layer=0"] if method == "rmu" else []),
+               *(["method.forget.layer=0", "method.retain.layer=0"] if method == "rmu" else []),
                *(["run.scan_layers=true", "run.remat=full"] if scan else [])])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     adapter = _safetensors(out / "adapter")

@@ -53,9 +53,9 @@ def test_every_fixed_rate_method_runs_and_reports_metrics(tiny):
     with jax.disable_jit():
         for name in FIXED_RATE:
             method = load_method(name)
-            assert method.lr_rule != "gen"
+            assert not method.rate.adaptive
             # the wiring at full rate: no warm-up (whose first step has rate 0; tests/test_fidelity_training.py)
-            method = load_method(name, warmup_epochs=0.0)
+            method = load_method(name, rate={"warmup_epochs": 0.0})
             tx = make_optimizer(method, OptimConfig(lr=1e-3), total_steps=10)
             step = make_unlearn_step(apply_fn, method, tx)
             ref = params if method.needs_reference else None
@@ -65,7 +65,7 @@ def test_every_fixed_rate_method_runs_and_reports_metrics(tiny):
             assert int(m["skipped"]) == 0 and float(m["learning_rate"]) == pytest.approx(1e-3)  # step 0: the peak
             moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
             assert moved > 0, f"method {name} did not change the parameters"
-            if method.retain_loss == "none":
+            if method.retain.kind == "none":
                 assert float(m["retain_grad_norm"]) == 0.0 and float(m["retain_nll"]) > 0
             if name == "ga":
                 assert float(m["forget_loss"]) == pytest.approx(-float(m["forget_nll"]))
@@ -83,7 +83,7 @@ def test_npo_reference_precomputed_equals_ref_params(tiny):
         fb2 = dict(fb, ref_logp_sum=reference_logp_sum(apply_fn, params, fb))
         p2, _, m2 = step(params, st, fb2, rb, jax.random.PRNGKey(0))
         # at the reference itself, NPO's loss is 2/beta * log 2
-        assert float(m1["forget_loss"]) == pytest.approx(2 / method.beta * np.log(2), rel=1e-5)
+        assert float(m1["forget_loss"]) == pytest.approx(2 / method.forget.beta * np.log(2), rel=1e-5)
         with pytest.raises(ValueError, match="needs the reference model"):
             step(params, st, fb, rb, jax.random.PRNGKey(0))
     np.testing.assert_allclose(float(m1["forget_loss"]), float(m2["forget_loss"]), rtol=1e-6)

@@ -16,9 +16,9 @@ from ngdiff_jax.parallel.plan import cost_flops
 #: The step variants: (method config name, overrides, GeN every or None).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the PyTorch side's step: plain sum, Adam, a fixed rate, no clipping
-    "gdiff": ("gdiff", {"lr_rule": "constant", "warmup_epochs": 0.0, "max_grad_norm": None}),
-    "ngdiff": ("ngdiff", {"lr_rule": "constant"}),
-    "ngdiff_gen": ("ngdiff", {"lr_rule": "gen", "probe": "retain"}),
+    "gdiff": ("gdiff", {"rate": {"type": "constant"}, "max_grad_norm": None}),
+    "ngdiff": ("ngdiff", {"rate": {"type": "constant"}}),
+    "ngdiff_gen": ("ngdiff", {"rate": {"type": "gen", "probe": "retain"}}),
 }
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 VARIANTS = {
     "f32": [],
-    "f32_const": ["method.lr_rule=constant"],
+    "f32_const": ["method.rate=constant"],
     "f32_remat": ["run.remat=full"],
     "bf16_remat": ["precision.params=bfloat16", "precision.compute=bfloat16", "precision.moments=float32",
                    "run.remat=full"],

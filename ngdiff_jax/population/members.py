@@ -6,15 +6,15 @@ combination of the listed values. Members differ only in numbers the step comput
 LoRA initialization), so they share one compiled program: the step is ``vmap``-ed over a
 leading member axis of the parameters, optimizer state, RNG keys, batches and settings
 (:mod:`ngdiff_jax.population.step`). A setting that changes the program's structure (the
-forget objective, the combiner, ``rmu_layer``) needs separate runs.
+forget objective, the combiner, RMU's ``layer``) needs separate runs.
 
 Example:
 
   >>> from ngdiff_jax.population import PopulationSection
-  >>> pop = PopulationSection(seeds=(0, 1), lr=(1e-4, 1e-3), settings={"method.beta": [0.1]})
+  >>> pop = PopulationSection(seeds=(0, 1), lr=(1e-4, 1e-3), settings={"method.forget.beta": [0.1]})
   >>> [m.name for m in pop.members(seed=0, lr=2e-4)]  # doctest: +NORMALIZE_WHITESPACE
-  ['lr=0.0001 method.beta=0.1 seed=0', 'lr=0.0001 method.beta=0.1 seed=1',
-   'lr=0.001 method.beta=0.1 seed=0', 'lr=0.001 method.beta=0.1 seed=1']
+  ['lr=0.0001 method.forget.beta=0.1 seed=0', 'lr=0.0001 method.forget.beta=0.1 seed=1',
+   'lr=0.001 method.forget.beta=0.1 seed=0', 'lr=0.001 method.forget.beta=0.1 seed=1']
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ SETTINGS: dict[str, str] = {
     "optim.eps": "NGDiff's normalization epsilon",
     "optim.clip_norm": "per-task gradient clipping norm",
     "method.max_grad_norm": "total-norm clipping of the combined direction",
-    "method.beta": "NPO / SimNPO / DPO / WGA / UNDIAL beta",
-    "method.retain_weight": "GDiff's retain weight",
-    "method.forget_weight": "GDiff's forget weight",
-    "method.simnpo_delta": "SimNPO's delta",
-    "method.satimp_beta1": "SatImp's beta1",
-    "method.satimp_beta2": "SatImp's beta2",
-    "method.rmu_steering_coeff": "RMU's steering coefficient",
+    "method.forget.beta": "NPO / SimNPO / DPO / WGA / UNDIAL beta",
+    "method.forget.delta": "SimNPO's delta",
+    "method.forget.beta1": "SatImp's beta1",
+    "method.forget.beta2": "SatImp's beta2",
+    "method.forget.steering_coeff": "RMU's steering coefficient",
+    "method.combiner.retain_weight": "GDiff's retain weight",
+    "method.combiner.forget_weight": "GDiff's forget weight",
 }
 _INTEGER = ("optim.gen_every",)
 
@@ -123,7 +123,7 @@ class PopulationSection:
             _unique("population.lr", self.lr)
         if not isinstance(self.settings, dict):
             raise ValueError("population.settings must map setting keys to lists of values, "
-                             "e.g. {method.beta: [0.05, 0.1]}.")  # fmt: skip
+                             "e.g. {method.forget.beta: [0.05, 0.1]}.")  # fmt: skip
         for key, values in self.settings.items():
             if key == "optim.lr":
                 raise ValueError("population.settings.optim.lr: list learning rates in population.lr instead.")
@@ -207,19 +207,27 @@ def traced_configs(method, optim, values: dict[str, Any]):
 
 
 def _set(method, optim, values: dict[str, Any], *, validate: bool):
-    groups: dict[str, dict] = {"method": {}, "optim": {}}
+    roots = {"method": method, "optim": optim}
     for key, v in values.items():
-        section, name = key.split(".", 1)
-        groups[section][name] = v
-    out = []
-    for cfg, changes in ((method, groups["method"]), (optim, groups["optim"])):
-        if not changes:
-            out.append(cfg)
-        elif validate:
-            out.append(dataclasses.replace(cfg, **changes))
-        else:
-            new = copy.copy(cfg)
-            for name, v in changes.items():
-                object.__setattr__(new, name, v)
-            out.append(new)
-    return tuple(out)
+        root, *path = key.split(".")
+        roots[root] = _set_path(roots[root], path, v, validate=validate, where=key)
+    return roots["method"], roots["optim"]
+
+
+def _set_path(cfg, path: list[str], value, *, validate: bool, where: str):
+    """``cfg`` (a frozen dataclass) with the field at ``path`` set: ``dataclasses.replace`` at every
+    level (its checks run) when ``validate``, else copies with the field set unchecked."""
+    name, rest = path[0], path[1:]
+    have = [f.name for f in dataclasses.fields(cfg)]
+    if name not in have:
+        section = where.rsplit(".", 1)[0]
+        what = f"{section}.type={cfg.kind}" if hasattr(cfg, "kind") else section
+        raise ValueError(f"population.settings.{where}: {what} has no setting {name!r} (its settings: "
+                         f"{', '.join(have) or 'none'}); vary a setting the method's {section} has, or drop this "
+                         "key.")  # fmt: skip
+    new = _set_path(getattr(cfg, name), rest, value, validate=validate, where=where) if rest else value
+    if validate:
+        return dataclasses.replace(cfg, **{name: new})
+    out = copy.copy(cfg)
+    object.__setattr__(out, name, new)
+    return out

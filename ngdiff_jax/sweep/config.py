@@ -4,7 +4,7 @@
 sweep:
   methods:                       # name -> {method: <configs/methods name>, overrides, settings, lr}
     ngdiff: {}
-    ngdiff_fixed: {method: ngdiff, overrides: {lr_rule: constant}}
+    ngdiff_fixed: {method: ngdiff, overrides: {rate: constant}}
     gdiff: {}
   lr: [3.0e-5, 1.0e-4, 3.0e-4, 1.0e-3]   # every method's initial rates (a method's own `lr` replaces them)
   selection_seeds: [0, 1, 2, 3, 4]       # the runs the rule selects on
@@ -37,7 +37,8 @@ __all__ = ["CompareSpec", "ForgettingChecksSpec", "RobustnessSpec", "SweepMethod
 @dataclass(frozen=True)
 class SweepMethod:
     """One method of a sweep: a config in ``configs/methods`` (default: the entry's name) with
-    field ``overrides``, population ``settings`` (``{method.beta: [...]}``), and its own ``lr``
+    ``overrides`` merged into its sections (``{rate: constant}``, ``{forget: {beta: 0.2}}``), population
+    ``settings`` (``{method.forget.beta: [...]}``), and its own ``lr``
     list (default: the sweep's)."""
 
     method: str | None = None
@@ -170,6 +171,10 @@ class SweepSection:
 
 def method_config(name: str, spec: SweepMethod) -> Any:
     """The :class:`MethodConfig` of a sweep entry (its config with ``overrides``, named ``name``)."""
+    from ngdiff_jax.config_loader import ConfigError
     from ngdiff_jax.training.config_schema import load_method
 
-    return load_method(spec.method or name, **{"name": name, **spec.overrides})
+    try:
+        return load_method(spec.method or name, **{"name": name, **spec.overrides})
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"sweep.methods.{name}.overrides: {e}") from None

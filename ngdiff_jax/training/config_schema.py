@@ -13,111 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ngdiff_jax.config_loader import build, load_yaml, resolve_config_path
+from ngdiff_jax.config_loader import build, deep_merge, load_yaml, resolve_config_path
 from ngdiff_jax.data.formatting import FormatSpec, load_format
 from ngdiff_jax.population.members import PopulationSection
+from ngdiff_jax.training.method_config import (
+    Combiner,
+    ForgetObjective,
+    MethodConfig,
+    RateRule,
+    RetainObjective,
+    choice_names,
+)
 from ngdiff_jax.training.selection import SelectionSection
 
-FORGET_LOSSES = ("ga", "npo", "simnpo", "nll", "idk_nll", "dpo", "wga", "satimp", "ceu", "undial", "rmu", "none")
-RETAIN_LOSSES = ("nll", "kl", "embed_diff", "none")
-# forget objectives that need the alternate ("I don't know") answers / a hidden state / the reference model
-ALTERNATE_LOSSES = ("idk_nll", "dpo")
-REFERENCE_LOSSES = ("npo", "dpo", "undial", "kl", "embed_diff")
-COMBINERS = ("ngdiff", "gdiff", "mgda", "pcgrad")
-LR_RULES = ("gen", "constant", "linear", "cosine")
-PROBES = ("retain", "forget", "sum")
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """An unlearning method: forget objective, retain objective, combiner, learning-rate rule.
-
-    Objectives are losses to *minimize*: ``ga`` is minus the NLL of the forget
-    answers, ``npo``/``simnpo`` are the (reference-relative / length-normalized)
-    preference losses, ``nll`` on the retain side keeps the model's answers,
-    ``kl`` keeps its distribution close to the reference model's. ``none``
-    drops that task (its gradient is zero and no backward pass is done).
-    ``idk_nll`` / ``dpo`` train toward refusal answers (``idk_path``), ``wga`` /
-    ``satimp`` are token-weighted ascent, ``ceu`` is CE-U, ``undial`` self-distils
-    from adjusted reference logits, ``rmu`` steers the hidden state after block
-    ``rmu_layer`` toward a random direction; ``embed_diff`` (retain) keeps that hidden
-    state at the reference model's. Definitions and sources: docs/METRICS.md.
-    """
-
-    name: str = "custom"
-    forget_loss: Literal[
-        "ga", "npo", "simnpo", "nll", "idk_nll", "dpo", "wga", "satimp", "ceu", "undial", "rmu", "none"
-    ] = "ga"
-    retain_loss: Literal["nll", "kl", "embed_diff", "none"] = "nll"
-    combiner: Literal["ngdiff", "gdiff", "mgda", "pcgrad"] = "ngdiff"
-    lr_rule: Literal["gen", "constant", "linear", "cosine"] = "gen"
-    # Which loss GeN probes along the update direction to set the learning rate.
-    probe: Literal["retain", "forget", "sum"] = "retain"
-    adam: bool = True
-    # gdiff weights: direction = retain_weight * g_r + forget_weight * g_f
-    retain_weight: float = 1.0
-    forget_weight: float = 1.0
-    # NPO / SimNPO / DPO / WGA / UNDIAL (each method's YAML sets open-unlearning's default)
-    beta: float = 0.1
-    simnpo_delta: float = 0.0
-    # SatImp (open-unlearning configs/trainer/SatImp.yaml)
-    satimp_beta1: float = 5.0
-    satimp_beta2: float = 1.0
-    # CE-U (configs/trainer/CEU.yaml)
-    ceu_ignore_first_n: int = 1
-    # RMU (configs/trainer/RMU.yaml: module model.layers.7, steering_coeff 2); negative layers count from the end
-    rmu_layer: int = 7
-    rmu_steering_coeff: float = 2.0
-    rmu_seed: int = 0  # seed of the fixed random control vector
-    # Fixed-rate rules only (constant / linear / cosine), open-unlearning's trainer settings: linear
-    # warm-up over this many epochs of the forget set (its ``warmup_epochs``: steps = int(epochs *
-    # forget rows // batch size)), and the combined direction clipped to this global norm before
-    # Adam (Hugging Face Trainer's ``max_grad_norm``). The fixed-rate methods' YAMLs set 1.0 / 1.0 /
-    # lr_rule linear (the Trainer's default scheduler); GeN methods keep the paper's rule.
-    warmup_epochs: float = 0.0
-    max_grad_norm: float | None = None
-    # refusal answers for idk_nll / dpo: a JSON-lines file of strings (null: configs/data/idk.jsonl)
-    idk_path: str | None = None
-
-    def __post_init__(self):
-        if self.forget_loss == "none" and self.retain_loss == "none":
-            raise ValueError(f"method {self.name!r} has forget_loss=none and retain_loss=none: nothing to train.")
-        if self.probe in ("retain", "sum") and self.retain_loss == "none" and self.lr_rule == "gen":
-            raise ValueError(
-                f"method {self.name!r} uses GeN probing the retain loss (probe={self.probe}) but has "
-                "retain_loss=none; set probe=forget or a retain loss."
-            )
-        if self.probe in ("forget", "sum") and self.forget_loss == "none" and self.lr_rule == "gen":
-            raise ValueError(
-                f"method {self.name!r} uses GeN probing the forget loss (probe={self.probe}) but has "
-                "forget_loss=none; set probe=retain or a forget loss."
-            )
-
-        if self.warmup_epochs and self.lr_rule == "gen":
-            raise ValueError(
-                f"method {self.name!r}: warmup_epochs={self.warmup_epochs} with lr_rule=gen: GeN sets its own "
-                "rate; set method.warmup_epochs=0 or a fixed-rate rule (constant, linear, cosine)."
-            )
-        if self.ceu_ignore_first_n < 0:
-            raise ValueError(f"method {self.name!r}: ceu_ignore_first_n={self.ceu_ignore_first_n} must be >= 0.")
-        if self.beta <= 0 and self.forget_loss in ("npo", "simnpo", "dpo"):
-            raise ValueError(f"method {self.name!r}: beta={self.beta} must be > 0 for {self.forget_loss}.")
-
-    @property
-    def needs_reference(self) -> bool:
-        """NPO, DPO, UNDIAL, KL and RMU's embed_diff compare against a frozen reference model
-        (the model before unlearning)."""
-        return self.forget_loss in REFERENCE_LOSSES or self.retain_loss in REFERENCE_LOSSES
-
-    @property
-    def needs_alternate(self) -> bool:
-        """``idk_nll`` / ``dpo``: forget batches carry the refusal answers as ``alt_*`` arrays."""
-        return self.forget_loss in ALTERNATE_LOSSES
-
-    @property
-    def needs_hidden(self) -> bool:
-        """``rmu`` / ``embed_diff`` read the hidden state after block ``rmu_layer``."""
-        return self.forget_loss == "rmu" or self.retain_loss == "embed_diff"
+# the registered names of each choice of a method (ngdiff_jax.training.method_config)
+FORGET_LOSSES = tuple(choice_names(ForgetObjective))
+RETAIN_LOSSES = tuple(choice_names(RetainObjective))
+COMBINERS = tuple(choice_names(Combiner))
+LR_RULES = tuple(choice_names(RateRule))
 
 
 @dataclass(frozen=True)
@@ -128,7 +41,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float | None = None  # finetune only
-    schedule: Literal["constant", "linear", "cosine"] = "constant"  # finetune only (unlearning: method.lr_rule)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # finetune only (unlearning: method.rate)
     # GeN (scale_by_gen) settings
     gen_every: int = 4
     gen_smoothing: float = 0.9
@@ -523,7 +436,7 @@ def refuse_finetune_only(optim: OptimConfig, where: str) -> None:
     if optim.schedule != "constant":
         raise ValueError(
             f"{where}.schedule={optim.schedule} is fine-tuning's setting; unlearning's rate rule is "
-            f"method.lr_rule (e.g. method.lr_rule={optim.schedule})."
+            f"method.rate (e.g. method.rate={optim.schedule})."
         )
 
 
@@ -551,9 +464,10 @@ def available_methods() -> list[str]:
 
 
 def load_method(name_or_path: str | Path, **overrides: Any) -> MethodConfig:
-    """A method by name (``"ngdiff"``) or YAML path, with optional field overrides."""
-    data = load_yaml(resolve_config_path(name_or_path, "methods"))
-    data.update(overrides)
+    """A method by name (``"ngdiff"``) or YAML path, with overrides merged into it section by
+    section (``load_method("npo", forget={"beta": 0.2}, rate="constant")``; a section with
+    another ``type`` replaces the method's: `ngdiff_jax.config_loader.deep_merge`)."""
+    data = deep_merge(load_yaml(resolve_config_path(name_or_path, "methods")), overrides)
     return build(MethodConfig, data, where="method")
 
 

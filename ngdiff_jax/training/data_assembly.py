@@ -158,22 +158,22 @@ class PairedBatcher:
 
 def forget_stream(rows, examples, tokenizer, data: DataConfig, method, *, seed: int, spec=None):
     """The forget batch stream of ``method``: a plain batcher, or a :class:`PairedBatcher` with the
-    refusal answers (``method.idk_path``, in format ``spec`` as the forget rows) when the method
+    refusal answers (``method.forget.idk_path``, in format ``spec`` as the forget rows) when the method
     needs them (``idk_nll``, ``dpo``)."""
     main = make_batcher(examples, tokenizer, data, seed=seed)
     if not getattr(method, "needs_alternate", False):
         return main
     if data.kind == "text":
-        raise ValueError(f"method.forget_loss={method.forget_loss} pairs forget questions with refusal answers; "
+        raise ValueError(f"method.forget.type={method.forget.kind} pairs forget questions with refusal answers; "
                          "data.kind=text has no questions: choose a method without refusals (e.g. ngdiff, npo).")
     from ngdiff_jax.training.methods import load_idk_responses
 
     alt = alternate_rows(rows, load_idk_responses(method.idk_path), seed=seed)
-    alt_ex = encode_split(alt, tokenizer, data, spec, where="the refusal answers (method.idk_path)")
+    alt_ex = encode_split(alt, tokenizer, data, spec, where="the refusal answers (method.forget.idk_path)")
     if len(alt_ex) != len(examples):
         raise ValueError(
             f"{len(examples)} forget examples but {len(alt_ex)} refusal examples (data.overlong dropped rows); "
-            f"{method.forget_loss} pairs every forget row with a refusal: raise data.max_length or set "
+            f"{method.forget.kind} pairs every forget row with a refusal: raise data.max_length or set "
             "data.overlong=truncate."
         )
     return PairedBatcher(main, make_batcher(alt_ex, tokenizer, data, seed=seed))

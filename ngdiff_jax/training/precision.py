@@ -75,7 +75,7 @@ def gen_bf16_warning(params, lr: float, *, threshold: float = 0.1) -> str | None
     frac = frozen_fraction(params, float(lr))
     if frac is None or frac < threshold:
         return None
-    return (f"warning: method.lr_rule=gen with precision.params=bfloat16 at optim.lr={float(lr):g}: GeN's probe "
+    return (f"warning: method.rate.type=gen with precision.params=bfloat16 at optim.lr={float(lr):g}: GeN's probe "
             f"points round back to the current weights for {frac:.0%} of them, so the rate it fits is unreliable; "
             "set precision.params=float32 (float32 master weights; precision.compute=bfloat16 keeps the speed).")
 

@@ -31,7 +31,8 @@ from ngdiff_jax.optim.tasks import TaskGrads
 from ngdiff_jax.shifted import accepts_shifted, takes_shifted
 from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.grad_accum import accumulate_gradients, split_micro_batches
-from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
+from ngdiff_jax.training.methods import forget_objective, retain_objective
+from ngdiff_jax.training.objectives import ModelFns
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -99,7 +100,7 @@ def _norm(tree) -> jax.Array:
 
 
 def _absent_task_grads(params):
-    """The zero gradient of a task a method leaves out (``retain_loss: none`` ...), behind an
+    """The zero gradient of a task a method leaves out (``retain: none`` ...), behind an
     optimization barrier: as constants, XLA constant-folds the norms taken of them, one element
     at a time (bfloat16 SmolLM2, GA + GeN: many minutes of compiling)."""
     return jax.lax.optimization_barrier(jax.tree_util.tree_map(jnp.zeros_like, params))
@@ -144,15 +145,15 @@ def make_unlearn_step(
     if k < 1:
         raise ValueError(f"run.micro_batches={k}: use 1 (no accumulation) or more.")
     if k > 1:  # fail now, not at the first step, for an objective that cannot be accumulated exactly
-        for kind, obj in ((method.forget_loss, f_obj), (method.retain_loss, r_obj)):
+        for kind, obj in ((method.forget.kind, f_obj), (method.retain.kind, r_obj)):
             if obj is not None:
                 _objective_weight(kind, {"labels": jnp.zeros((1, 2), jnp.int32),
                                          "attention_mask": jnp.zeros((1, 2), jnp.int32)})
     hidden_fn = hidden_fn if hidden_fn is not None else getattr(apply_fn, "hidden_state", None)
     if method.needs_hidden and hidden_fn is None:
         raise ValueError(
-            f"method {method.name!r} reads a hidden state (forget_loss={method.forget_loss}, "
-            f"retain_loss={method.retain_loss}) but apply_fn has no `hidden_state`; build it with "
+            f"method {method.name!r} reads a hidden state (method.forget.type={method.forget.kind}, "
+            f"method.retain.type={method.retain.kind}) but apply_fn has no `hidden_state`; build it with "
             "ngdiff_jax.models.functional or pass hidden_fn=."
         )
     model_fns = ModelFns(apply_fn, hidden_fn, getattr(apply_fn, "token_logprobs", None))
@@ -175,10 +176,10 @@ def make_unlearn_step(
         if obj.precomputed and all(k in batch for k in obj.precomputed):
             return {k: batch[k] for k in obj.precomputed}
         if ref_params is None:
-            loss = method.forget_loss if task == "forget" else method.retain_loss
+            loss = getattr(method, task).kind
             extra = f" or put precomputed {list(obj.precomputed)} in the {task} batch" if obj.precomputed else ""
             raise ValueError(
-                f"method {method.name!r} uses {task}_loss={loss}, which needs the reference model: pass "
+                f"method {method.name!r} uses method.{task}.type={loss}, which needs the reference model: pass "
                 f"ref_params to the step{extra}."
             )
         return jax.tree_util.tree_map(jax.lax.stop_gradient, obj.reference(model_fns, ref_params, batch))
@@ -199,7 +200,7 @@ def make_unlearn_step(
             fn = task_loss(obj, view(obj, batch), reference(obj, task, batch, ref_params))
             (loss, nll), grads = jax.value_and_grad(fn, has_aux=True)(params)
             return loss, nll, constrain(grads), probe_fn(lambda p: fn(p)[0])
-        kind = method.forget_loss if task == "forget" else method.retain_loss
+        kind = getattr(method, task).kind
         mbs = split_micro_batches(batch, k)
         w_obj, w_nll = _weights(kind, mbs), _weights("nll", mbs)
         whole = _whole_batch_ref(kind, batch)

@@ -99,7 +99,7 @@ def run_unlearn(
     # every process computes it (the weights may be sharded over processes), the first one prints it
     lines = [] if lora_run is not None else [
         precision.bf16_rate_warning(params, cfg.optim.lr),
-        precision.gen_bf16_warning(params, cfg.optim.lr) if cfg.method.lr_rule == "gen" else None]
+        precision.gen_bf16_warning(params, cfg.optim.lr) if cfg.method.rate.adaptive else None]
     for line in filter(None, lines) if main else ():
         print(line, file=sys.stderr)
     if lora_run is None:
