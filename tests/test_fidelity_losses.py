@@ -24,8 +24,9 @@ import pytest
 
 from ngdiff_jax import losses
 from ngdiff_jax.data.batching import collate
+from ngdiff_jax.models import ModelView
 from ngdiff_jax.training import load_method
-from ngdiff_jax.training.methods import ModelFns, forget_objective, retain_objective
+from ngdiff_jax.training.methods import forget_objective, retain_objective
 
 V, E, PAD = 11, 6, 0
 IGNORE = -100
@@ -48,7 +49,7 @@ def _logits_jnp(params, ids, mask=None):
     return _hidden_jnp(params, ids) @ jnp.asarray(params["head"])
 
 
-MODEL = ModelFns(_logits_jnp, _hidden_jnp)
+MODEL = ModelView(_logits_jnp, _hidden_jnp)
 
 
 def _hidden_np(params, ids):

@@ -58,9 +58,9 @@ def test_targets_cover_every_projection(adapted):
     name, _, model, spec, _, base, adapters = adapted
     # every Dense of every block except the LM head is adapted
     kernels = {p for p in map(lambda kv: kv[0], _flat(base).items()) if p.endswith(".kernel") and "lm_head" not in p}
-    adapted_paths = {p.rsplit(".", 1)[0] + ".kernel" for p in _flat(adapters)}
+    adapted_paths = {p.rsplit(".", 2)[0] + ".kernel" for p in _flat(adapters)}  # <projection>.lora.lora_a
     assert kernels == adapted_paths, name
-    assert all(k.endswith((".lora_a", ".lora_b")) for k in _flat(adapters))
+    assert all(k.endswith((".lora.lora_a", ".lora.lora_b")) for k in _flat(adapters))
 
 
 def _flat(tree):

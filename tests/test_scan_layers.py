@@ -103,7 +103,7 @@ def test_lora_stacked_equals_per_block(kernels):
         lora.attach(model, spec, seed=0)
         # B = 0 at init: give the adapters a value so that both factors get a gradient
         for layer in model.layers:
-            layer.attn.q_proj.lora_b[...] = jnp.full(layer.attn.q_proj.lora_b[...].shape, 0.1)
+            layer.attn.q_proj.lora.lora_b[...] = jnp.full(layer.attn.q_proj.lora.lora_b[...].shape, 0.1)
         M.set_remat(model, "full")
         fn, base, adapters = lora.split(model, stacked=is_stacked)
         ids = _ids(model.config.vocab_size)

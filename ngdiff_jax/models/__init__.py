@@ -23,11 +23,12 @@ from ngdiff_jax.models.sharding import (
     logical_axes,
     param_shardings,
 )
+from ngdiff_jax.models.view import ModelView
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelConfig", "CausalLM", "from_config", "from_pretrained", "save_pretrained",
     "functional", "with_params", "abstract_model", "set_remat", "REMAT_POLICIES",
     "generate", "logical_axes", "param_shardings", "PARAM_LOGICAL_AXES",
     "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "token_logprobs", "TokenLogprobs", "sequence_nll",
-    "IGNORE_INDEX", "stacked",
+    "IGNORE_INDEX", "stacked", "ModelView",
 ]

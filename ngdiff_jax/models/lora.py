@@ -5,10 +5,12 @@ A targeted projection ``y = x @ W (+ b)`` becomes ``y = x @ W (+ b) + scale * (x
 projection's flattened HF sizes (q: ``[E] -> [H*D]``, o: ``[H*D] -> [E]``), so ``A``/``B`` are
 PEFT's ``lora_A.weight.T`` / ``lora_B.weight.T``. ``W + scale * A @ B`` is never formed in training.
 
-* :func:`attach` puts the adapters on the model's `Dense` layers as :class:`LoraParam` variables
-  (not ``nnx.Param``): ``nnx.state(model, nnx.Param)`` stays the frozen base, and the modeling
-  code adds the low-rank term in every path that uses the projection (including the fused
-  SwiGLU down-projection).
+* :func:`attach` gives each targeted `Dense` layer an adapter submodule, ``dense.lora`` (a
+  :class:`LoRA`: flax's ``nnx.LoRA`` with PEFT's ``scale``), whose matrices are :class:`LoraParam`
+  variables (not ``nnx.Param``): ``nnx.state(model, nnx.Param)`` stays the frozen base. The model
+  never imports this module: `ngdiff_jax.models.modeling.add_adapters` adds any ``dense.lora``'s
+  low-rank term in every path that uses the projection (including the fused SwiGLU
+  down-projection).
 * :func:`split` gives ``(apply_fn, base, adapters)``: ``apply_fn({"base": base, "lora": adapters},
   input_ids, attention_mask)`` is pure; differentiate in ``adapters`` only and the gradients,
   optimizer state and combiner norms cover just the adapters.
@@ -31,6 +33,10 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+
+from ngdiff_jax.models import stacked
+from ngdiff_jax.models.modeling import CausalLM, is_stacked
+from ngdiff_jax.models.view import ModelView
 
 Array = jax.Array
 
@@ -127,6 +133,22 @@ class LoraParam(nnx.Variable):
     """A LoRA adapter matrix. Not an ``nnx.Param``: filters keep it apart from the frozen base."""
 
 
+class LoRA(nnx.LoRA):
+    """One projection's adapter: flax's ``nnx.LoRA`` (``lora_a [in, r]``, ``lora_b [r, out]``, no
+    base module) whose matrices are :class:`LoraParam`, plus PEFT's ``scale = alpha / r``.
+    ``lora(x) = scale * x @ lora_a @ lora_b`` on ``x [..., in]``; inside the model,
+    `ngdiff_jax.models.modeling.add_adapters` computes the same term on the projection's input."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, *, scale: float, a, dtype=np.float32):
+        super().__init__(in_features, rank, out_features, param_dtype=dtype, lora_param_type=LoraParam,
+                         rngs=nnx.Rngs(0))  # fmt: skip
+        self.lora_a.set_value(jax.numpy.asarray(a, dtype))  # drawn by `attach` (PEFT's initialization)
+        self.scale = float(scale)
+
+    def __call__(self, x: Array) -> Array:
+        return super().__call__(x) * self.scale
+
+
 def _module(model, path: str):
     obj = model
     for part in path.split("."):
@@ -154,13 +176,12 @@ def attach(model, spec: LoraSpec, *, seed: int = 0, dtype=np.float32) -> None:
     rng = np.random.default_rng(seed)
     for _, _, path in target_paths(model, spec.targets):
         dense = _module(model, path)
-        if getattr(dense, "lora_a", None) is not None:
+        if dense.lora is not None:
             raise ValueError(f"{path} already has a LoRA adapter; attach once per model.")
         k, o = _io_sizes(dense)
         bound = 1.0 / math.sqrt(k)
-        dense.lora_a = LoraParam(jax.numpy.asarray(rng.uniform(-bound, bound, (k, spec.rank)).astype(dtype)))
-        dense.lora_b = LoraParam(jax.numpy.zeros((spec.rank, o), dtype))
-        dense.lora_scale = spec.scale
+        dense.lora = LoRA(k, spec.rank, o, scale=spec.scale, dtype=dtype,
+                          a=rng.uniform(-bound, bound, (k, spec.rank)).astype(dtype))  # fmt: skip
 
 
 def initial_adapters(model, spec: LoraSpec, *, seed: int, dtype=np.float32) -> dict:
@@ -173,34 +194,19 @@ def initial_adapters(model, spec: LoraSpec, *, seed: int, dtype=np.float32) -> d
         k, o = _io_sizes(_module(model, path))
         bound = 1.0 / math.sqrt(k)
         node = out
-        for part in path.split("."):
+        for part in [*path.split("."), "lora"]:
             node = node[int(part) if part.isdigit() else part]
         node["lora_a"] = jax.numpy.asarray(rng.uniform(-bound, bound, (k, spec.rank)).astype(dtype))
         node["lora_b"] = jax.numpy.zeros((spec.rank, o), dtype)
     return out
 
 
-def add_lora(layers, x: Array, ys: list[Array]) -> list[Array]:
-    """``ys[j] + scale_j * (x @ A_j) @ B_j`` for the layers that carry adapters (the hook called by
-    ``modeling.dense_many`` and the fused SwiGLU path). ``x`` is the layers' shared input."""
-    ops = layers[0].backend
-    B, T = x.shape[:2]
-    x2 = x.reshape(B, T, math.prod(x.shape[2:]))
-    idx = [j for j, layer in enumerate(layers) if getattr(layer, "lora_a", None) is not None]
-    hs = ops.einsums(["btk,kr->btr"] * len(idx), x2, [layers[j].lora_a[...].astype(x.dtype) for j in idx])
-    ys = list(ys)
-    for j, h in zip(idx, hs):
-        layer = layers[j]
-        d = ops.einsums(["btr,ro->bto"], h * layer.lora_scale, [layer.lora_b[...].astype(x.dtype)])[0]
-        ys[j] = ys[j] + d.reshape(ys[j].shape).astype(ys[j].dtype)
-    return ys
-
-
 # ---------------------------------------------------------------------- functional core
 def split(model, *, stacked: bool = False):
-    """``(apply_fn, base, adapters)`` for a model with adapters attached.
+    """``(view, base, adapters)`` for a model with adapters attached: a `ModelView` on
+    ``{"base": base, "lora": adapters}``.
 
-    ``apply_fn(params, input_ids, attention_mask=None, positions=None) -> logits`` with
+    ``view(params, input_ids, attention_mask=None, positions=None) -> logits`` with
     ``params = {"base": base, "lora": adapters}`` (pure dicts of arrays) is pure and jittable;
     differentiate it in ``params["lora"]`` only. With ``stacked=True`` both trees are in the
     stacked layout of `ngdiff_jax.models.stacked` (the blocks run as one scan) and ``model``
@@ -229,14 +235,10 @@ def split(model, *, stacked: bool = False):
     def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
         return _model(params).token_logprobs(input_ids, labels, attention_mask, positions)
 
-    apply_fn.hidden_state = hidden_state  # as models.functional's
-    apply_fn.token_logprobs = token_logprobs
-    return apply_fn, base, adapters
+    return ModelView(apply_fn, hidden_state, token_logprobs), base, adapters
 
 
 def _split_stacked(model):
-    from ngdiff_jax.models import stacked
-
     if not jax.tree_util.tree_leaves(nnx.state(model, LoraParam)):
         raise ValueError("the model has no LoRA adapters; call models.lora.attach first.")
     call, (base, adapters) = stacked.runner(model, nnx.Param, LoraParam, release=True, frozen=(0,))
@@ -252,9 +254,7 @@ def _split_stacked(model):
         return call("token_logprobs", [params["base"], params["lora"]], input_ids, labels, attention_mask,
                     positions)  # fmt: skip
 
-    apply_fn.hidden_state = hidden_state
-    apply_fn.token_logprobs = token_logprobs
-    return apply_fn, base, adapters
+    return ModelView(apply_fn, hidden_state, token_logprobs), base, adapters
 
 
 def _get(tree, path: str):
@@ -265,8 +265,6 @@ def _get(tree, path: str):
 
 def _per_block(**trees) -> None:
     """Refuse trees in the stacked layout (``split(model, stacked=True)``): these functions index blocks."""
-    from ngdiff_jax.models.stacked import is_stacked
-
     for name, tree in trees.items():
         if isinstance(tree, dict) and is_stacked(tree):
             raise ValueError(f"{name} are in the stacked layout (from lora.split(model, stacked=True) or "
@@ -277,7 +275,7 @@ def _adapter_pairs(model, adapters, targets) -> list[tuple[int, str, str, np.nda
     _per_block(adapters=adapters)
     out = []
     for i, t, path in target_paths(model, targets):
-        node = _get(adapters, path)
+        node = _get(adapters, path)["lora"]
         out.append((i, t, path, np.asarray(jax.device_get(node["lora_a"]), np.float32),
                     np.asarray(jax.device_get(node["lora_b"]), np.float32)))
     return out
@@ -348,8 +346,6 @@ def merged_model(model, base, adapters, spec: LoraSpec, *, dtype=None, stats: di
                  lazy: bool = False):
     """A plain `CausalLM` (no adapters) holding the merged weights (in ``dtype``, default the
     base's), for ``save_pretrained``; ``stats`` as in `merge_params`."""
-    from ngdiff_jax.models.modeling import CausalLM
-
     cfg = model.config
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
                                                param_dtype=dtype if dtype is not None else model.param_dtype))

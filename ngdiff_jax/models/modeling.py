@@ -35,6 +35,7 @@ from ngdiff_jax.bits import from_bits
 from ngdiff_jax.models.attention import attend, resolve_attention
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
+from ngdiff_jax.models.view import ModelView
 from ngdiff_jax.shifted import shift_leaf
 
 Array = jax.Array
@@ -64,6 +65,9 @@ class Dense(nnx.Module):
         init = jax.nn.initializers.normal(std)
         self.kernel = nnx.Param(init(rngs.params(), tuple(kernel_shape), param_dtype))
         self.bias = nnx.Param(jnp.zeros(tuple(bias_shape), param_dtype)) if bias_shape is not None else None
+        # an optional low-rank adapter, set by `ngdiff_jax.models.lora.attach`: a module with
+        # ``lora_a [in, r]``, ``lora_b [r, out]`` and ``scale`` (an ``nnx.LoRA``), added by `add_adapters`
+        self.lora = nnx.data(None)
 
     def __call__(self, x: Array) -> Array:
         return dense_many([self], x)[0]
@@ -76,10 +80,25 @@ def dense_many(layers, x: Array) -> list[Array]:
     ws = [layer.kernel[...].astype(dt) for layer in layers]
     ys = layers[0].backend.einsums([layer.eq for layer in layers], x.astype(dt), ws)
     ys = [y if layer.bias is None else y + layer.bias[...].astype(dt) for y, layer in zip(ys, layers)]
-    if any(getattr(layer, "lora_a", None) is not None for layer in layers):  # adapters from models.lora.attach
-        from ngdiff_jax.models.lora import add_lora
+    return add_adapters(layers, x.astype(dt), ys)
 
-        ys = add_lora(layers, x.astype(dt), ys)
+
+def add_adapters(layers, x: Array, ys: list[Array]) -> list[Array]:
+    """``ys[j] + scale_j * (x @ A_j) @ B_j`` for the `Dense` layers that carry a LoRA adapter
+    (``layer.lora``; PEFT's definition on the projection flattened to 2-D), ``ys`` unchanged for the
+    others. ``x`` is the layers' shared input: the ``x @ A_j`` are one backend call."""
+    idx = [j for j, layer in enumerate(layers) if layer.lora is not None]
+    if not idx:
+        return ys
+    ops = layers[0].backend
+    B, T = x.shape[:2]
+    x2 = x.reshape(B, T, math.prod(x.shape[2:]))
+    hs = ops.einsums(["btk,kr->btr"] * len(idx), x2, [layers[j].lora.lora_a[...].astype(x.dtype) for j in idx])
+    ys = list(ys)
+    for j, h in zip(idx, hs):
+        lora = layers[j].lora
+        d = ops.einsums(["btr,ro->bto"], h * lora.scale, [lora.lora_b[...].astype(x.dtype)])[0]
+        ys[j] = ys[j] + d.reshape(ys[j].shape).astype(ys[j].dtype)
     return ys
 
 
@@ -213,10 +232,7 @@ class MLP(nnx.Module):
             down = self.down_proj
             dt = down.dtype
             y = down.backend.gated_down(f, gate, up, down.kernel[...].astype(dt))
-            if getattr(down, "lora_a", None) is not None:  # the fused path must not skip it
-                from ngdiff_jax.models.lora import add_lora
-
-                y = add_lora([down], (f(gate) * up).astype(dt), [y])[0]
+            y = add_adapters([down], (f(gate) * up).astype(dt), [y])[0]  # the fused path must not skip one
             return y if down.bias is None else y + down.bias[...].astype(dt)
         return self.fc2(f(self.fc1(x)))
 
@@ -450,6 +466,13 @@ class CausalLM(nnx.Module):
         dt = dtype or self.dtype
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
+
+
+def is_stacked(params: dict) -> bool:
+    """Whether ``params["layers"]`` is in the stacked layout of `ngdiff_jax.models.stacked` (one
+    subtree whose leaves have a leading layer axis, not one subtree per block)."""
+    layers = params.get("layers") if isinstance(params, dict) else None
+    return isinstance(layers, dict) and bool(layers) and not any(isinstance(k, int) for k in layers)
 
 
 def model_inputs(input_ids, attention_mask, positions):
@@ -723,13 +746,14 @@ def _normal(key, n):
 
 
 # ---------------------------------------------------------------------- functional core
-def functional(model: CausalLM):
-    """``(apply_fn, params)``: ``apply_fn(params, input_ids, attention_mask=None) -> logits``
-    is pure, jittable and differentiable in ``params`` (a pure nested dict of arrays).
-    ``apply_fn.hidden_state(params, input_ids, attention_mask=None, *, layer)`` gives the
-    hidden state after one block (:meth:`CausalLM.hidden_state`), and
-    ``apply_fn.token_logprobs(params, input_ids, labels, attention_mask=None)`` the labels'
-    log-probs through the chunked head (:meth:`CausalLM.token_logprobs`), equally pure."""
+def functional(model: CausalLM) -> tuple[ModelView, dict]:
+    """``(view, params)``: the model's `ModelView` on ``params``, a pure nested dict of arrays
+    with one subtree per block. ``view(params, input_ids, attention_mask=None) -> logits`` is
+    pure, jittable and differentiable in ``params``; ``view.hidden_state(params, input_ids,
+    attention_mask=None, *, layer)`` gives the hidden state after one block
+    (:meth:`CausalLM.hidden_state`), and ``view.token_logprobs(params, input_ids, labels,
+    attention_mask=None)`` the labels' log-probs through the chunked head
+    (:meth:`CausalLM.token_logprobs`), equally pure."""
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     # The closure keeps only shapes: holding ``state`` itself would keep the model's arrays
@@ -748,9 +772,7 @@ def functional(model: CausalLM):
         m = _merge(graphdef, template, params)
         return m.token_logprobs(input_ids, labels, attention_mask, positions)
 
-    apply_fn.hidden_state = hidden_state  # per-layer hidden states, for RMU (see CausalLM.hidden_state)
-    apply_fn.token_logprobs = token_logprobs  # labels' log-probs without the logits (the training losses)
-    return apply_fn, params
+    return ModelView(apply_fn, hidden_state, token_logprobs), params
 
 
 def _merge(graphdef, template_state, params):
@@ -768,8 +790,6 @@ def abstract_model(model: CausalLM) -> CausalLM:
 
 def with_params(model: CausalLM, params) -> CausalLM:
     """A new `CausalLM` like ``model`` holding ``params`` (a pure dict as from `functional`)."""
-    from ngdiff_jax.models.stacked import is_stacked
-
     if is_stacked(params):
         raise ValueError("with_params: params are in the stacked layout (params['layers'] is one tree of "
                          "[num_layers, ...] arrays, as from functional(model, stacked=True) or scan_layers); a "

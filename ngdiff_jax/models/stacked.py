@@ -11,8 +11,8 @@ block, and an optimizer sees one leaf per block parameter.
 
 * `stack` / `unstack` convert between the layouts (``stack(consume=True)`` frees each block's
   arrays as soon as they are stacked, so converting holds one extra leaf, not a second model);
-* `functional` is `ngdiff_jax.models.functional` on the stacked layout (same ``apply_fn`` API:
-  ``apply_fn``, ``.hidden_state``, ``.token_logprobs``; no KV cache, so no generation);
+* `functional` is `ngdiff_jax.models.functional` on the stacked layout (the same `ModelView`:
+  logits, ``.hidden_state``, ``.token_logprobs``; no KV cache, so no generation);
 * `runner` is the building block for parameter trees split by variable type (LoRA's frozen base
   and adapters, `ngdiff_jax.models.lora.split`).
 
@@ -40,23 +40,23 @@ Example:
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.models.modeling import frozen_from_bits, frozen_weight, model_inputs
+from ngdiff_jax.models.modeling import (
+    frozen_from_bits,
+    frozen_weight,
+    is_stacked,
+    model_inputs,
+    shared_block_graphdef,
+)
+from ngdiff_jax.models.view import ModelView
 from ngdiff_jax.shifted import Shifted, takes_shifted
 
 __all__ = ["functional", "is_stacked", "runner", "stack", "unstack"]
-
-
-def is_stacked(params: dict) -> bool:
-    """Whether ``params["layers"]`` is in the stacked layout (one subtree, not one per block)."""
-    layers = params.get("layers") if isinstance(params, dict) else None
-    return isinstance(layers, dict) and bool(layers) and not any(isinstance(k, int) for k in layers)
 
 
 def stack(params: dict, *, consume: bool = False, convert=None) -> dict:
@@ -119,8 +119,6 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     of ``filters`` whose trees are never differentiated (LoRA's base: a gradient with respect to
     them raises), which lets the backend carry their weights into the layer scan in its own form
     (``modeling._scan_stacked``, `ngdiff_jax.backends.Backend.carry`)."""
-    from ngdiff_jax.models.modeling import shared_block_graphdef
-
     layers = list(model.layers)
     shared_block_graphdef(layers)  # identical blocks, or a clear error
     graphdef, *states = nnx.split(model, *filters) if filters else nnx.split(model)
@@ -187,8 +185,8 @@ def _hidden_state(m, blocks, input_ids, attention_mask=None, *, layer, positions
 _METHODS = {"__call__": _call, "token_logprobs": _token_logprobs, "hidden_state": _hidden_state}
 
 
-def functional(model, *, release: bool = False) -> tuple[Any, dict]:
-    """``(apply_fn, params)`` as `ngdiff_jax.models.functional`, with ``params`` stacked (module
+def functional(model, *, release: bool = False) -> tuple[ModelView, dict]:
+    """``(view, params)`` as `ngdiff_jax.models.functional`, with ``params`` stacked (module
     doc); ``release``: see `runner`."""
     call, (params,) = runner(model, release=release)
 
@@ -202,6 +200,4 @@ def functional(model, *, release: bool = False) -> tuple[Any, dict]:
         return call("token_logprobs", [params], input_ids, labels, attention_mask, positions)
 
     # each takes GeN's probe point unmade (ngdiff_jax.shifted): the scan shifts one block at a time
-    apply_fn.hidden_state = takes_shifted(hidden_state)
-    apply_fn.token_logprobs = takes_shifted(token_logprobs)
-    return takes_shifted(apply_fn), params
+    return ModelView(takes_shifted(apply_fn), takes_shifted(hidden_state), takes_shifted(token_logprobs)), params

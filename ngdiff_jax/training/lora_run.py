@@ -56,14 +56,10 @@ class LoraRun:
         def step(adapters, opt_state, *args):
             *args, base = args
 
-            def apply(params, *a, **kw):
-                return pair_apply({"base": base, "lora": params}, *a, **kw)
+            def on_adapters(fn):
+                return lambda params, *a, **kw: fn({"base": base, "lora": params}, *a, **kw)
 
-            apply.hidden_state = lambda params, *a, **kw: pair_apply.hidden_state(
-                {"base": base, "lora": params}, *a, **kw)
-            apply.token_logprobs = lambda params, *a, **kw: pair_apply.token_logprobs(
-                {"base": base, "lora": params}, *a, **kw)
-            return make_step(apply)(adapters, opt_state, *args)
+            return make_step(pair_apply.map(on_adapters))(adapters, opt_state, *args)
 
         return step
 

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from ngdiff_jax.training.config_schema import MethodConfig, OptimConfig, available_methods, load_method
-from ngdiff_jax.training.objectives import ModelFns, Objective
+from ngdiff_jax.training.objectives import Objective
 
 __all__ = [
     "MethodConfig",
-    "ModelFns",
     "Objective",
     "available_methods",
     "forget_objective",

@@ -1,8 +1,9 @@
-"""What a task loss is made of: the model functions it may call and the :class:`Objective` it returns.
+"""What a task loss is made of: the :class:`Objective` and the helpers that build one.
 
-An objective is ``loss(model, params, batch, ref) -> (loss, nll)``: it runs the model itself
-(``model.logits(params, ids, mask)``, ``model.token_logprobs(...)``, or ``model.hidden(params,
-ids, mask, layer=...)`` for RMU), so it can read a second answer of each question (``alt_*``
+An objective is ``loss(model, params, batch, ref) -> (loss, nll)`` where ``model`` is a
+`ngdiff_jax.models.ModelView`: it runs the model itself (``model(params, ids, mask)`` for the
+logits, ``model.logprobs(params, ids, labels, mask)``, or ``model.hidden(params, ids, mask,
+layer=...)`` for RMU), so it can read a second answer of each question (``alt_*``
 arrays: DPO/IdkNLL) or a hidden state. ``ref`` holds what the frozen reference model
 contributes, made by ``reference(model, ref_params, batch)`` (``ref_logp_sum [B]`` for NPO,
 ``ref_logits`` for KL and UNDIAL, ...) or read from precomputed batch entries. ``nll`` is the
@@ -14,39 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 
 from ngdiff_jax import losses
-from ngdiff_jax.models.logprobs import TokenLogprobs, token_logprobs
+from ngdiff_jax.models.view import ModelView
 
 __all__ = [
-    "ALT_KEYS", "BATCH_KEYS", "ModelFns", "Objective", "hidden", "logit_objective", "logits", "logprob_objective",
-    "logprobs", "nll", "ref_logits", "ref_logp_sum",
+    "ALT_KEYS", "BATCH_KEYS", "Objective", "hidden", "logit_objective", "logits", "logprob_objective", "logprobs",
+    "nll", "ref_logits", "ref_logp_sum",
 ]
-
-ApplyFn = Callable[..., jax.Array]
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 ALT_KEYS = ("alt_input_ids", "alt_attention_mask", "alt_labels")
-
-
-class ModelFns(NamedTuple):
-    """What an objective may call: ``logits(params, ids, mask)``; for RMU,
-    ``hidden(params, ids, mask, *, layer)`` (``apply_fn.hidden_state`` of ``models.functional``);
-    and ``logprobs(params, ids, mask, labels) -> TokenLogprobs`` (``apply_fn.token_logprobs``: the
-    chunked head, no ``[B, T, V]`` logits; None: computed from ``logits``)."""
-
-    logits: ApplyFn
-    hidden: Callable[..., jax.Array] | None = None
-    logprobs: Callable[..., Any] | None = None
-
-    def token_logprobs(self, params, ids, mask, labels):
-        """The labels' log-probs as a `TokenLogprobs` (through ``logprobs`` when given)."""
-        if self.logprobs is not None:
-            return self.logprobs(params, ids, labels, mask)
-        return TokenLogprobs(*token_logprobs(self.logits(params, ids, mask), labels))
 
 
 @dataclass(frozen=True)
@@ -56,8 +38,8 @@ class Objective:
     may stand in for ``reference`` (e.g. ``ref_logp_sum``); ``batch_keys``: the batch
     entries the loss reads."""
 
-    loss: Callable[[ModelFns, Any, dict, dict], tuple[jax.Array, jax.Array]]
-    reference: Callable[[ModelFns, Any, dict], dict] | None = None
+    loss: Callable[[ModelView, Any, dict, dict], tuple[jax.Array, jax.Array]]
+    reference: Callable[[ModelView, Any, dict], dict] | None = None
     precomputed: tuple[str, ...] = ()
     batch_keys: tuple[str, ...] = BATCH_KEYS
 
@@ -67,17 +49,17 @@ def nll(logits_or_logprobs, labels):
     return losses.nll(logits_or_logprobs, labels)
 
 
-def logits(model: ModelFns, params, batch, prefix: str = ""):
-    return model.logits(params, batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
+def logits(model: ModelView, params, batch, prefix: str = ""):
+    return model(params, batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
 
 
-def logprobs(model: ModelFns, params, batch, prefix: str = ""):
+def logprobs(model: ModelView, params, batch, prefix: str = ""):
     """The labels' log-probs (a `TokenLogprobs`, accepted by the log-prob losses in place of logits)."""
-    return model.token_logprobs(params, batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
-                                batch[prefix + "labels"])
+    return model.logprobs(params, batch[prefix + "input_ids"], batch[prefix + "labels"],
+                          batch[prefix + "attention_mask"])
 
 
-def hidden(model: ModelFns, params, batch, layer: int):
+def hidden(model: ModelView, params, batch, layer: int):
     return model.hidden(params, batch["input_ids"], batch["attention_mask"], layer=layer)
 
 

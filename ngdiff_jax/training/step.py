@@ -26,23 +26,24 @@ import optax
 
 from ngdiff_jax.backends import resolve as resolve_backend
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
+from ngdiff_jax.models.view import ModelView
 from ngdiff_jax.optim._base import shared_reductions, tree_scaled_norm
 from ngdiff_jax.optim.tasks import TaskGrads
-from ngdiff_jax.shifted import accepts_shifted, takes_shifted
+from ngdiff_jax.shifted import takes_shifted
 from ngdiff_jax.training.config_schema import MethodConfig
 from ngdiff_jax.training.grad_accum import accumulate_gradients, split_micro_batches
 from ngdiff_jax.training.methods import forget_objective, retain_objective
-from ngdiff_jax.training.objectives import ModelFns
 
-ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+#: a `ModelView`, or a bare logits function ``(params, input_ids, attention_mask) -> logits``
+ApplyFn = ModelView | Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 __all__ = ["make_finetune_step", "make_unlearn_step", "reference_logp_sum"]
 
 
 def reference_logp_sum(apply_fn: ApplyFn, ref_params, batch) -> jax.Array:
     """Summed log-prob of each sample's scored tokens under the reference model, ``[B]``."""
-    fns = ModelFns(apply_fn, None, getattr(apply_fn, "token_logprobs", None))
-    logp, _ = fns.token_logprobs(ref_params, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logp, _ = ModelView.of(apply_fn).logprobs(ref_params, batch["input_ids"], batch["labels"],
+                                              batch["attention_mask"])  # fmt: skip
     return jax.lax.stop_gradient(logp.sum(-1))
 
 
@@ -112,7 +113,9 @@ def make_unlearn_step(
 ):
     """The two-task unlearning step for ``method`` with the optax chain ``tx`` (see module doc).
 
-    ``hidden_fn(params, ids, mask, *, layer)`` (default ``apply_fn.hidden_state``) serves
+    ``apply_fn`` is a `ngdiff_jax.models.ModelView` (what ``models.functional`` returns) or a
+    bare logits function. ``hidden_fn(params, ids, mask, *, layer)`` (default the view's
+    ``hidden_state``) serves
     the methods that read a hidden state (RMU). Metrics: ``forget_loss``, ``retain_loss``
     (the objectives), ``forget_nll``, ``retain_nll``, ``forget_grad_norm``, ``retain_grad_norm``,
     ``learning_rate``, ``skipped`` (cumulative count of skipped non-finite steps).
@@ -149,17 +152,18 @@ def make_unlearn_step(
             if obj is not None:
                 _objective_weight(kind, {"labels": jnp.zeros((1, 2), jnp.int32),
                                          "attention_mask": jnp.zeros((1, 2), jnp.int32)})
-    hidden_fn = hidden_fn if hidden_fn is not None else getattr(apply_fn, "hidden_state", None)
-    if method.needs_hidden and hidden_fn is None:
+    model_fns = ModelView.of(apply_fn)
+    if hidden_fn is not None:
+        model_fns = model_fns.replace(hidden_state=hidden_fn)
+    if method.needs_hidden and model_fns.hidden_state is None:
         raise ValueError(
             f"method {method.name!r} reads a hidden state (method.forget.type={method.forget.kind}, "
             f"method.retain.type={method.retain.kind}) but apply_fn has no `hidden_state`; build it with "
             "ngdiff_jax.models.functional or pass hidden_fn=."
         )
-    model_fns = ModelFns(apply_fn, hidden_fn, getattr(apply_fn, "token_logprobs", None))
     # GeN's probe point reaches the model unmade when every model function takes one
     # (ngdiff_jax.shifted; the stacked layout shifts one block's weights at a time)
-    lazy_probe = all(accepts_shifted(f) for f in model_fns if f is not None)
+    lazy_probe = model_fns.accepts_shifted
 
     def probe_fn(fn):
         return takes_shifted(fn) if lazy_probe else fn
@@ -298,8 +302,7 @@ def _check_updates(updates, params) -> None:
 def _plain_nll(apply_fn, params, batch):
     from ngdiff_jax import losses
 
-    fns = ModelFns(apply_fn, None, getattr(apply_fn, "token_logprobs", None))
-    lp = fns.token_logprobs(params, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    lp = ModelView.of(apply_fn).logprobs(params, batch["input_ids"], batch["labels"], batch["attention_mask"])
     return jax.lax.stop_gradient(losses.nll(lp, batch["labels"]))
 
 
@@ -314,10 +317,10 @@ def make_finetune_step(
     k = int(micro_batches)
     constrain = _constrainer(grad_sharding)
 
-    fns = ModelFns(apply_fn, None, getattr(apply_fn, "token_logprobs", None))
+    view = ModelView.of(apply_fn)
 
     def loss_fn(p, batch):
-        lp = fns.token_logprobs(p, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        lp = view.logprobs(p, batch["input_ids"], batch["labels"], batch["attention_mask"])
         return losses.nll(lp, batch["labels"])
 
     def step(params, opt_state, batch, rng):
