@@ -143,6 +143,7 @@ def _looks_like_float(s: str) -> bool:
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``dotted.key=value`` set (creating sub-mappings)."""
     out = _deepcopy(data)
+    made: set[int] = set()  # mappings made by these overrides (an earlier override reached into them)
     for text in overrides:
         keys, value = parse_override(text)
         node = out
@@ -152,6 +153,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                 # A string here is a reference to a config file; the override extends it.
                 child = {"_base": child} if isinstance(child, str) else {}
                 node[k] = child
+                made.add(id(child))
             elif not isinstance(child, dict):
                 raise ConfigError(
                     f"override {text!r}: {'.'.join(keys[: i + 1])} is a {type(child).__name__}, "
@@ -159,7 +161,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
                 )
             node = child
         last = keys[-1]
-        if isinstance(node.get(last), dict) and isinstance(value, str) and "_base" not in node[last]:
+        if isinstance(node.get(last), dict) and isinstance(value, str) and id(node[last]) in made:
+            node[last]["_base"] = value  # `a.b=1 a=name`: the name, extended by the earlier overrides
+        elif isinstance(node.get(last), dict) and isinstance(value, str) and "_base" not in node[last]:
             node[last] = value  # replacing an inline section by a named config
         elif isinstance(node.get(last), dict) and "_base" in node[last] and not isinstance(value, dict):
             node[last]["_base"] = value
@@ -181,13 +185,15 @@ def deep_merge(base: dict, top: dict) -> dict:
     ``_base`` (a named config, or a registered choice's type: ``combiner: gdiff`` under
     ``combiner: {forget_weight: 0.1}``); a mapping with its own ``_base``, or whose ``type``
     differs from the base's, replaces it (another registered choice starts from that choice's
-    defaults, not the other's fields)."""
+    defaults, not the other's fields); a string naming the base mapping's own ``type`` keeps it."""
     out = _deepcopy(base)
     for k, v in top.items():
         old = out.get(k)
         if isinstance(v, dict) and isinstance(old, dict) and not ("_base" in v or v.get("type", old.get("type"))
                                                                   != old.get("type")):
             out[k] = deep_merge(old, v)
+        elif isinstance(v, str) and isinstance(old, dict) and old.get("type") == v:
+            pass  # naming a registered choice's own type again keeps its settings
         elif isinstance(v, dict) and isinstance(old, str) and "_base" not in v and "type" not in v:
             out[k] = {"_base": old, **_deepcopy(v)}
         else:
@@ -290,8 +296,9 @@ def build(cls: type[T], data: Mapping[str, Any] | None, *, where: str = "config"
         if k in renamed:
             path = f"{where}.{k}".removeprefix("config.")
             new = [f"{where}.{n}".removeprefix("config.") for n in renamed[k]]
+            hint = getattr(cls, "RENAMED_HINTS", {}).get(k, "")
             raise ConfigError(f"{path}={data[k]!r}: this key is now {' and '.join(new)}; write "
-                              f"{' '.join(f'{n}={data[k]}' for n in new)}{getattr(cls, 'RENAMED_NOTE', '')}.")
+                              f"{' '.join(f'{n}={data[k]}' for n in new)}{hint}{getattr(cls, 'RENAMED_NOTE', '')}.")
     if unknown:
         names = ", ".join(repr(f"{where}.{k}".removeprefix("config.")) for k in unknown)
         raise ConfigError(

@@ -154,3 +154,41 @@ def test_adding_a_method_is_one_dataclass_and_one_yaml(scaled_ga, tmp_path):
     assert _cli(f"method={f}", "method.forget.scale=3").forget.scale == 3.0
     with pytest.raises(ValueError, match="method.forget.scale=-1.0: must be > 0"):
         _cli(f"method={f}", "method.forget.scale=-1")
+
+
+def test_naming_a_sections_own_type_keeps_its_settings_and_override_order_does_not_matter():
+    assert _cli("method=npo", "method.rate=linear").rate == mc.LinearRate(warmup_epochs=1.0)
+    assert _cli("method=satimp", "method.combiner=gdiff").combiner == mc.GDiff(1.0, 0.1)
+    a = _cli("method=npo", "method.rate.warmup_epochs=0.5", "method.rate=constant").rate
+    b = _cli("method=npo", "method.rate=constant", "method.rate.warmup_epochs=0.5").rate
+    assert a == b == mc.ConstantRate(warmup_epochs=0.5)
+
+
+def test_a_run_saved_with_the_flat_keys_is_compared_under_the_new_ones():
+    """A run started before the typed sections recorded ``method.beta``...: resuming it with another
+    beta must be refused, not pass because the old and new keys never meet."""
+    from ngdiff_jax.training.checkpoint import flat_settings, settings_diff
+
+    now = flat_settings({"method": to_dict(load_method("npo", forget={"beta": 0.5}))})
+    old = {"method.name": "npo", "method.forget_loss": "npo", "method.retain_loss": "nll", "method.combiner": "gdiff",
+           "method.lr_rule": "linear", "method.beta": 0.1, "method.warmup_epochs": 1.0, "method.rmu_layer": 7,
+           "method.retain_weight": 1.0, "method.forget_weight": 1.0, "method.max_grad_norm": 1.0}  # fmt: skip
+    assert settings_diff(old, now) == ["method.forget.beta"]
+    assert settings_diff({**old, "method.beta": 0.5}, now) == []
+    assert settings_diff({**old, "method.beta": 0.5, "method.combiner": "ngdiff"}, now) == ["method.combiner.type"]
+
+
+def test_a_population_member_is_checked_whole_not_one_setting_at_a_time():
+    base = load_method("gdiff", combiner={"retain_weight": 0.0})
+    m = Member(0, 0, {"optim.lr": 1e-3, "method.combiner.forget_weight": 0.0, "method.combiner.retain_weight": 1.0})
+    assert concrete_configs(base, OptimConfig(), m)[0].combiner == mc.GDiff(1.0, 0.0)
+
+
+def test_a_sweep_entry_names_where_its_method_fails():
+    from ngdiff_jax.sweep.config import SweepMethod, method_config
+
+    with pytest.raises(ConfigError, match=r"^sweep.methods.fixed.overrides \(merged .*\): method.lr_rule='constant': "
+                                          r"this key is now method.rate.type"):  # fmt: skip
+        method_config("fixed", SweepMethod(method="ngdiff", overrides={"lr_rule": "constant"}))
+    fixed = method_config("fixed", SweepMethod(method="ngdiff", overrides={"rate": "constant"}))
+    assert fixed.rate == mc.ConstantRate() and fixed.name == "fixed"

@@ -8,6 +8,7 @@ import platform
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,29 @@ def _unlearn_base(cfg: DemoConfig, target_dir: Path, tofu_dir: Path, out: Path, 
     }
 
 
+def _cpu() -> dict:
+    """The CPU model and its vector extensions (Linux's /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    vector = sorted({f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))})
+    return {"cpu_model": model, "cpu_vector_extensions": vector}
+
+
 def _machine() -> dict:
-    info = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    """Where the study ran. XLA:CPU compiles for the host's instruction set, so the same code and
+    seeds round differently on another CPU (AVX-512 or not) or another jaxlib: the CPU model, its
+    vector extensions and the library versions say whether a rerun can be bit-equal."""
+    info = {"cpus": os.cpu_count(), "platform": platform.platform(), **_cpu()}
+    info["versions"] = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            info["versions"][pkg] = version(pkg)
+        except PackageNotFoundError:
+            info["versions"][pkg] = None
     try:
         info["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:

@@ -207,27 +207,35 @@ def traced_configs(method, optim, values: dict[str, Any]):
 
 
 def _set(method, optim, values: dict[str, Any], *, validate: bool):
-    roots = {"method": method, "optim": optim}
+    changes: dict[str, dict] = {"method": {}, "optim": {}}
     for key, v in values.items():
         root, *path = key.split(".")
-        roots[root] = _set_path(roots[root], path, v, validate=validate, where=key)
-    return roots["method"], roots["optim"]
+        node = changes[root]
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = v
+    return (_set_fields(method, changes["method"], validate=validate, where="method"),
+            _set_fields(optim, changes["optim"], validate=validate, where="optim"))  # fmt: skip
 
 
-def _set_path(cfg, path: list[str], value, *, validate: bool, where: str):
-    """``cfg`` (a frozen dataclass) with the field at ``path`` set: ``dataclasses.replace`` at every
-    level (its checks run) when ``validate``, else copies with the field set unchecked."""
-    name, rest = path[0], path[1:]
+def _set_fields(cfg, changes: dict, *, validate: bool, where: str):
+    """``cfg`` (a frozen dataclass) with ``changes`` (``{field: value or nested changes}``) set, one
+    ``dataclasses.replace`` per dataclass (its checks run on the member's whole setting) when
+    ``validate``, else copies with the fields set unchecked (``cfg`` itself is never changed)."""
+    if not changes:
+        return cfg
     have = [f.name for f in dataclasses.fields(cfg)]
-    if name not in have:
-        section = where.rsplit(".", 1)[0]
-        what = f"{section}.type={cfg.kind}" if hasattr(cfg, "kind") else section
-        raise ValueError(f"population.settings.{where}: {what} has no setting {name!r} (its settings: "
-                         f"{', '.join(have) or 'none'}); vary a setting the method's {section} has, or drop this "
-                         "key.")  # fmt: skip
-    new = _set_path(getattr(cfg, name), rest, value, validate=validate, where=where) if rest else value
+    for name in changes:
+        if name not in have:
+            what = f"{where}.type={cfg.kind}" if hasattr(cfg, "kind") else where
+            raise ValueError(f"population.settings.{where}.{name}: {what} has no setting {name!r} (its settings: "
+                             f"{', '.join(have) or 'none'}); vary a setting the method's {where.split('.')[-1]} "
+                             "has, or drop this key.")  # fmt: skip
+    new = {name: _set_fields(getattr(cfg, name), v, validate=validate, where=f"{where}.{name}")
+           if isinstance(v, dict) else v for name, v in changes.items()}  # fmt: skip
     if validate:
-        return dataclasses.replace(cfg, **{name: new})
+        return dataclasses.replace(cfg, **new)
     out = copy.copy(cfg)
-    object.__setattr__(out, name, new)
+    for name, v in new.items():
+        object.__setattr__(out, name, v)
     return out

@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ngdiff_jax.config_loader import to_dict
+from ngdiff_jax.training.method_config import MethodConfig
 
 __all__ = ["Checkpointer", "flat_settings", "settings_diff"]
 
@@ -232,11 +233,26 @@ def flat_settings(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: keys an earlier version saved -> the keys that replaced them (the flat method settings, now
+#: typed sections: `ngdiff_jax.training.method_config.MethodConfig.RENAMED`); compared under the new names
+RENAMED_SETTINGS: dict[str, tuple[str, ...]] = {
+    **{f"method.{old}": tuple(f"method.{n}" for n in new) for old, new in MethodConfig.RENAMED.items()},
+    "method.combiner": ("method.combiner.type",),
+}
+
+
 def settings_diff(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ. A key only one side has is not a difference: it was
     added or removed by another ngdiff version (its value then is the default of the version
     that has it), so runs stay resumable across versions; so is a saved ``precision.compute: null``
-    (recorded before versions resolved it to the backend's dtype)."""
+    (recorded before versions resolved it to the backend's dtype). A saved key that a later
+    version renamed (`RENAMED_SETTINGS`) is compared under its new name: a run started with
+    ``method.beta=0.1`` differs from one asked for ``method.forget.beta=0.5``."""
+    saved = dict(saved)
+    for old, new in RENAMED_SETTINGS.items():
+        if old in saved and old not in current:
+            value = saved.pop(old)
+            saved.update({n: value for n in new if n not in saved})
     unresolved = {"precision.compute"} if saved.get("precision.compute", "") is None else set()
     return sorted(k for k in set(saved) & set(current)
                   if saved[k] != current[k] and k not in _MOVABLE and k not in unresolved)  # fmt: skip

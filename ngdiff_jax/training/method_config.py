@@ -544,6 +544,12 @@ class MethodConfig:
     }
     RENAMED_NOTE: ClassVar[str] = (" (a method's settings sit under forget, retain, combiner and rate: "
                                    "configs/methods/*.yaml)")
+    #: what switching a section's type by its new key does not carry over (a new type starts from its defaults)
+    RENAMED_HINTS: ClassVar[dict[str, str]] = {
+        "lr_rule": ", with method.rate.warmup_epochs=<epochs> to keep a warm-up (another rule starts from its "
+                   "own defaults)",
+        "forget_loss": ", with the objective's settings (another objective starts from its own defaults)",
+    }
 
     name: str = "custom"
     forget: ForgetObjective = field(default_factory=GA)
