@@ -184,8 +184,13 @@ def test_a_population_member_is_checked_whole_not_one_setting_at_a_time():
     assert concrete_configs(base, OptimConfig(), m)[0].combiner == mc.GDiff(1.0, 0.0)
 
 
-def test_a_sweep_entry_names_where_its_method_fails():
+def test_a_sweep_entry_names_where_its_method_fails(tmp_path):
     from ngdiff_jax.sweep.config import SweepMethod, method_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("name: old\nforget_loss: npo\nbeta: 0.1\n")  # a method file in the flat keys
+    with pytest.raises(ConfigError, match=r"^sweep.methods.old: method.forget_loss='npo': this key is now"):
+        method_config("old", SweepMethod(method=str(old), overrides={"rate": "constant"}))
 
     with pytest.raises(ConfigError, match=r"^sweep.methods.fixed.overrides \(merged .*\): method.lr_rule='constant': "
                                           r"this key is now method.rate.type"):  # fmt: skip

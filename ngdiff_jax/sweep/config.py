@@ -175,11 +175,12 @@ def method_config(name: str, spec: SweepMethod) -> Any:
     from ngdiff_jax.training.config_schema import load_method
 
     try:
-        load_method(spec.method or name)
-    except (ConfigError, ValueError, TypeError) as e:  # the method's own file, before any override
-        raise ConfigError(f"sweep.methods.{name}: {e}") from None
-    try:
         return load_method(spec.method or name, **{"name": name, **spec.overrides})
     except (ConfigError, ValueError, TypeError) as e:
-        raise ConfigError(f"sweep.methods.{name}.overrides (merged into the method's sections, e.g. "
-                          f"{{rate: constant}} or {{forget: {{beta: 0.2}}}}): {e}") from None
+        error = e
+    try:  # whose fault: the method's own file, or the entry's overrides
+        load_method(spec.method or name)
+    except (ConfigError, ValueError, TypeError) as e:
+        raise ConfigError(f"sweep.methods.{name}: {e}") from None
+    raise ConfigError(f"sweep.methods.{name}.overrides (merged into the method's sections, e.g. "
+                      f"{{rate: constant}} or {{forget: {{beta: 0.2}}}}): {error}") from None

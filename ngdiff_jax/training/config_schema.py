@@ -16,21 +16,8 @@ from typing import Any, Literal
 from ngdiff_jax.config_loader import build, deep_merge, load_yaml, resolve_config_path
 from ngdiff_jax.data.formatting import FormatSpec, load_format
 from ngdiff_jax.population.members import PopulationSection
-from ngdiff_jax.training.method_config import (
-    Combiner,
-    ForgetObjective,
-    MethodConfig,
-    RateRule,
-    RetainObjective,
-    choice_names,
-)
+from ngdiff_jax.training.method_config import MethodConfig
 from ngdiff_jax.training.selection import SelectionSection
-
-# the registered names of each choice of a method (ngdiff_jax.training.method_config)
-FORGET_LOSSES = tuple(choice_names(ForgetObjective))
-RETAIN_LOSSES = tuple(choice_names(RetainObjective))
-COMBINERS = tuple(choice_names(Combiner))
-LR_RULES = tuple(choice_names(RateRule))
 
 
 @dataclass(frozen=True)

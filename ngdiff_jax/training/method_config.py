@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import draccus
@@ -610,13 +610,3 @@ class MethodConfig:
     def idk_path(self) -> str | None:
         """The refusal answers of ``idk_nll`` / ``dpo`` (None: configs/data/idk.jsonl)."""
         return getattr(self.forget, "idk_path", None)
-
-    @property
-    def summary(self) -> str:
-        """``forget=npo retain=nll combiner=gdiff rate=linear``: the four choices, for messages."""
-        return " ".join(f"{k}={getattr(self, k).kind}" for k in ("forget", "retain", "combiner", "rate"))
-
-
-def choice_fields(choice) -> list[str]:
-    """The settings of a registered choice class or instance (its dataclass fields)."""
-    return [f.name for f in fields(choice)]
