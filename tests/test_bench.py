@@ -61,3 +61,20 @@ def test_layer_scan_bench_computes_the_same_step(tmp_path):
     s = child(str(tmp_path / "hf"), True, 2, 2, 8)
     np.testing.assert_allclose(u["first_losses"], s["first_losses"], rtol=1e-5)
     assert len(u["step_s"]) == len(s["step_s"]) == 2 and u["temp_mb"] >= 0 and s["compile_s"] > 0
+
+
+@pytest.mark.slow
+def test_decode_scan_bench_decodes_the_same_tokens(tmp_path, capsys):
+    from flax import nnx
+
+    from ngdiff_jax.bench import decode_scan
+    from ngdiff_jax.models import from_config, save_pretrained
+    from ngdiff_jax.models.testing import tiny_hf_config
+
+    save_pretrained(from_config(tiny_hf_config("llama"), rngs=nnx.Rngs(0)), tmp_path / "m")
+    out = tmp_path / "decode.json"
+    assert decode_scan.main(["--model", str(tmp_path / "m"), "--batch", "2", "--prompt", "8", "--new-tokens", "4",
+                             "--repeats", "1", "--out", str(out)]) == 0  # fmt: skip
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["variant"] for r in runs] == ["unrolled", "scanned"] and runs[0]["tokens"] == runs[1]["tokens"]
+    assert "ms per token" in capsys.readouterr().out

@@ -224,6 +224,33 @@ def test_cli_eval_and_report(tok, cfg, tofu_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_cli_eval_with_scanned_layers_writes_the_same_result(tok, cfg, muse_news_dir, tmp_path):
+    """``ngdiff eval --scan-layers true`` (the blocks as one scan) gives the unrolled run's numbers and
+    generations; a bad value is refused by the parser (exit code 2)."""
+    from ngdiff_jax.cli import main
+    from ngdiff_jax.models import save_pretrained
+
+    model_dir = tmp_path / "tiny"
+    save_pretrained(from_config(cfg, rngs=nnx.Rngs(0)), model_dir, tokenizer=tok)
+    results = []
+    for flag in ("false", "true"):
+        out = tmp_path / f"{flag}.json"
+        rc = main(["eval", "--model", str(model_dir), "--benchmark", "muse", "--data", str(muse_news_dir),
+                   "--limit", "2", "--batch-size", "4", "--max-new-tokens", "8", "--scan-layers", flag,
+                   "--out", str(out)])  # fmt: skip
+        assert rc == 0
+        results.append(EvalResult.load(out))
+    a, b = results
+    assert a.generations == b.generations
+    assert a.aggregates.keys() == b.aggregates.keys()
+    for k, v in a.aggregates.items():
+        assert (b.aggregates[k] is None) if v is None else b.aggregates[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(model_dir), "--scan-layers", "yes"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["mistral", "gpt2"])  # a sliding window of 6; learned positions
 def test_packed_rows_equal_whole_rows(family, monkeypatch):
     """Short examples packed several to a row (a shared prompt once, continuations after it, a group

@@ -9,6 +9,11 @@ aggregate and per-sample value, and how many generations differ. Load averages a
 before and after each side: on a shared machine, compare only figures taken at similar load.
 
     python -m ngdiff_jax.bench.eval_speed --tofu-limit 5 --muse-limit 2 --out eval_speed.json
+    python -m ngdiff_jax.bench.eval_speed --benchmarks muse --muse-limit 8 \
+        --variant 'unrolled=--scan-layers false' --variant 'scanned=--scan-layers true'
+
+Each ``--variant`` is one more ``ngdiff eval`` process against the same PyTorch run (PyTorch runs
+first); the variants run in the order given.
 """
 
 from __future__ import annotations
@@ -85,8 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--muse-limit", type=int, default=2, help="rows of every MUSE file")
     p.add_argument("--max-new-tokens", type=int, default=200, help="TOFU answer length")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores)")
+    p.add_argument("--variant", action="append", default=None, metavar="NAME=ARGS",
+                   help="an `ngdiff eval` configuration to time, e.g. 'scanned=--scan-layers true' (repeatable; "
+                        "each runs against the same PyTorch run; default: one, 'default', with no extra args)")
     p.add_argument("--out", default=None, help="write the JSON result here too")
     a = p.parse_args(argv)
+    variants = {}
+    for v in a.variant or ["default="]:
+        name, sep, args = v.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {v!r}: write NAME=ARGS, e.g. 'scanned=--scan-layers true'")
+        variants[name] = args.split()
     from ngdiff_jax.paths import shared_data_dir
 
     data = Path(a.data) if a.data else shared_data_dir()
@@ -110,35 +124,35 @@ def main(argv: list[str] | None = None) -> int:
                 jax_cmd += ["--forget-split", a.forget_split, "--max-new-tokens", str(a.max_new_tokens)]
                 torch_cmd += ["--forget-split", a.forget_split, "--max-new-tokens", str(a.max_new_tokens)]
             r = {"limit": limit, "load_before": [round(x, 2) for x in os.getloadavg()]}
-            r["jax_wall_s"] = round(_run(jax_cmd, env), 1)
-            r["load_between"] = [round(x, 2) for x in os.getloadavg()]
             r["torch_wall_s"] = round(_run(torch_cmd, env), 1)
-            r["load_after"] = [round(x, 2) for x in os.getloadavg()]
-            r["speedup"] = round(r["torch_wall_s"] / r["jax_wall_s"], 2)
-            jx, tr = json.loads(jax_out.read_text()), json.loads(torch_out.read_text())
-            r["jax_timings"] = {k: v for k, v in jx.get("timings", {}).items() if k != "shapes"}
-            r["compiled_shapes"] = {k: len(v) for k, v in jx.get("timings", {}).get("shapes", {}).items()}
-            r["diff"] = compare(jx, tr)
-            results["runs"][bench] = r
-            d = r["diff"]
+            r["load_after_torch"] = [round(x, 2) for x in os.getloadavg()]
+            tr = json.loads(torch_out.read_text())
             r["torch_in_process_s"] = round(tr.get("seconds_in_process", float("nan")), 1)
             r["torch_timings"] = tr.get("timings", {})
-            print(
-                f"{bench:5s} rows/split={limit}: ngdiff eval {r['jax_wall_s']:.1f} s, "
-                f"PyTorch {r['torch_wall_s']:.1f} s, speedup {r['speedup']:.2f}x | "
-                f"max |diff| aggregates {d['max_aggregate_diff']:.2e} "
-                f"({d['worst_aggregate']}), per-sample {d['max_per_sample_diff']:.2e} ({d['worst_per_sample']}), "
-                f"generations differing {d['generations_differing']} | load {r['load_before']} -> "
-                f"{r['load_between']} -> {r['load_after']}",
-                flush=True,
-            )
-            jt = r["jax_timings"]
-            print(
-                f"      ngdiff: compile {jt.get('total_compile_s', 0):.1f} s, run {jt.get('total_run_s', 0):.1f} s "
-                f"(per phase {jt.get('run_s')}; shapes {r['compiled_shapes']}) | PyTorch in-process "
-                f"{r['torch_in_process_s']:.1f} s: {r['torch_timings']}",
-                flush=True,
-            )
+            print(f"{bench:5s} rows/split={limit}: PyTorch {r['torch_wall_s']:.1f} s (in process "
+                  f"{r['torch_in_process_s']:.1f} s: {r['torch_timings']}) | load {r['load_before']} -> "
+                  f"{r['load_after_torch']}", flush=True)  # fmt: skip
+            r["variants"] = {}
+            for name, extra in variants.items():
+                v = {"args": extra, "jax_wall_s": round(_run(jax_cmd + extra, env), 1)}
+                v["load_after"] = [round(x, 2) for x in os.getloadavg()]
+                v["speedup"] = round(r["torch_wall_s"] / v["jax_wall_s"], 2)
+                jx = json.loads(jax_out.read_text())
+                v["jax_timings"] = {k: x for k, x in jx.get("timings", {}).items() if k != "shapes"}
+                v["compiled_shapes"] = {k: len(x) for k, x in jx.get("timings", {}).get("shapes", {}).items()}
+                v["diff"] = d = compare(jx, tr)
+                r["variants"][name] = v
+                jt = v["jax_timings"]
+                print(
+                    f"      ngdiff eval [{name}] {v['jax_wall_s']:.1f} s, speedup {v['speedup']:.2f}x | "
+                    f"max |diff| aggregates {d['max_aggregate_diff']:.2e} ({d['worst_aggregate']}), per-sample "
+                    f"{d['max_per_sample_diff']:.2e} ({d['worst_per_sample']}), generations differing "
+                    f"{d['generations_differing']} | compile {jt.get('total_compile_s', 0):.1f} s, run "
+                    f"{jt.get('total_run_s', 0):.1f} s (compile per phase {jt.get('compile_s')}; run per phase "
+                    f"{jt.get('run_s')}; shapes {v['compiled_shapes']}) | load after {v['load_after']}",
+                    flush=True,
+                )
+            results["runs"][bench] = r
     if a.out:
         Path(a.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -102,6 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parameter and compute dtype of the evaluated model (logits and scores stay float32); "
                              "default the backend's: float32 on CPU, bfloat16 on GPU/TPU (as open-unlearning "
                              "evaluates).")  # fmt: skip
+    parser.add_argument("--scan-layers", choices=("true", "false"), default=None,
+                        help="run the decoder blocks as one scan over stacked weights (one block compiled, not one "
+                             "per layer; the same scores); default the backend's (`Backend.eval_scan_layers`).")
 
 
 def _dtype(name: str | None):
@@ -110,6 +113,16 @@ def _dtype(name: str | None):
     from ngdiff_jax.backends import for_platform
 
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name or for_platform().compute]
+
+
+def _scan_layers(flag: str | None) -> bool | None:
+    """`from_pretrained`'s ``scan_layers``: the flag, else the backend's default where the model's
+    blocks allow it (``None``)."""
+    from ngdiff_jax.backends import for_platform
+
+    if flag is None:
+        return None if for_platform().eval_scan_layers else False
+    return flag == "true"
 
 
 def run(args) -> int:
@@ -143,10 +156,11 @@ def _load_and_evaluate(args, name: str, out: Path) -> int:
             return 2
     try:
         dt = _dtype(args.dtype)
-        model = from_pretrained(args.model, dtype=dt, param_dtype=dt)
+        scan = _scan_layers(args.scan_layers)
+        model = from_pretrained(args.model, dtype=dt, param_dtype=dt, scan_layers=scan)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         # the reference model in the evaluated model's dtype (open-unlearning evaluates both alike)
-        reference_model = (from_pretrained(args.reference_model, dtype=dt, param_dtype=dt)
+        reference_model = (from_pretrained(args.reference_model, dtype=dt, param_dtype=dt, scan_layers=scan)
                            if args.reference_model else None)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"error: cannot load model/tokenizer from {args.model} (or --reference-model): {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ from flax import nnx
 
 from ngdiff_jax.backends import for_platform as backend_defaults
 from ngdiff_jax.evaluation.batching import Stopwatch, Timings
+from ngdiff_jax.models import kv_cache
 from ngdiff_jax.models.generation import greedy_decode
 from ngdiff_jax.models.logprobs import IGNORE_INDEX
 
@@ -138,9 +139,7 @@ def _score_plain(graphdef, state, ids, lengths, labels, *, head_tokens, chunk=No
     for a in range(0, T, chunk):
         b = min(T, a + chunk)
         grow = model.init_cache(B, b - a)
-        cache = grow if cache is None else [
-            (jnp.concatenate([k, gk], 1), jnp.concatenate([v, gv], 1)) for (k, v), (gk, gv) in zip(cache, grow)
-        ]
+        cache = grow if cache is None else kv_cache.concat(cache, grow)
         pos = jnp.broadcast_to(jnp.arange(a, b, dtype=jnp.int32), (B, b - a))
         h, cache = model.forward(ids[:, a:b], pos, valid[:, :b], cache, a, return_hidden=True)
         hs.append(h)
@@ -164,13 +163,10 @@ def _prefill(model, ids, positions, kv_valid, cache, start, block):
     for a in range(0, R, block):
         b = min(R, a + block)
         end = start + b
-        part = [(k[:, :end], v[:, :end]) for k, v in cache]
+        part = kv_cache.slots(cache, end)
         out, part = model.forward(ids[:, a:b], positions[:, a:b], kv_valid[:, :end], part, start + a,
                                   last_only=True, return_hidden=b < R)  # fmt: skip
-        cache = [
-            (jax.lax.dynamic_update_slice(k, pk, (0, 0, 0, 0)), jax.lax.dynamic_update_slice(v, pv, (0, 0, 0, 0)))
-            for (k, v), (pk, pv) in zip(cache, part)
-        ]
+        cache = kv_cache.write(cache, part)
     return out, cache
 
 
@@ -187,9 +183,7 @@ def _teacher_forced(model, last_logits, cache, kv_valid, last_pos, teach, start,
     if G == 1:
         return tuple(x[:, None] for x in first)
     inputs = jnp.where(valid[:, :-1], teach[:, :-1], pad_id)
-    k0 = cache[0][0]
-    pad = jnp.zeros((B, G - 1) + k0.shape[2:], k0.dtype)
-    part = [(jnp.concatenate([k[:, :start], pad], 1), jnp.concatenate([v[:, :start], pad], 1)) for k, v in cache]
+    part = kv_cache.padded(cache, start, G - 1)
     kvv = jnp.concatenate([kv_valid, jnp.ones((B, G - 1), jnp.int32)], axis=1)
     pos = last_pos[:, None] + 1 + jnp.arange(G - 1, dtype=jnp.int32)[None, :]
     pos = jnp.minimum(pos, model.config.max_position_embeddings - 1)  # padding past a learned position table
@@ -210,7 +204,7 @@ def _generate(graphdef, state, shared_ids, shared_len, ids, mask, row_valid, max
         kv1 = jnp.concatenate([smask, jnp.zeros((1, R + n_buf), jnp.int32)], axis=1)
         spos = jnp.arange(S0, dtype=jnp.int32)[None]
         _, cache = model.forward(shared_ids, spos, kv1, model.init_cache(1, S), 0, last_only=True, return_hidden=True)
-        cache = [(jnp.broadcast_to(k, (B,) + k.shape[1:]), jnp.broadcast_to(v, (B,) + v.shape[1:])) for k, v in cache]
+        cache = kv_cache.broadcast(cache, B)
         base_valid = jnp.broadcast_to(smask, (B, S0))
         base_pos = shared_len
     else:

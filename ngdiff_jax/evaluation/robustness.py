@@ -91,13 +91,11 @@ def _requantized(model, bits: int):
 
 def _in_dtype(model, dtype):
     """``model`` rebuilt with parameters and compute in ``dtype`` (same architecture and backend)."""
-    from flax import nnx
-
-    from ngdiff_jax.models import CausalLM, functional, with_params
+    from ngdiff_jax.models import abstract_like, functional, with_params
 
     _, params = functional(model)
-    clone = nnx.eval_shape(lambda: CausalLM(model.config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                                            backend=model.backend))  # fmt: skip
+    # the attention implementation is chosen again for the new dtype
+    clone = abstract_like(model, dtype=dtype, param_dtype=dtype, attention=None)
     return with_params(clone, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
 
 

@@ -9,6 +9,7 @@ from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs, sequence_nll
 from ngdiff_jax.models.modeling import (
     REMAT_POLICIES,
     CausalLM,
+    abstract_like,
     abstract_model,
     from_config,
     functional,
@@ -27,7 +28,7 @@ from ngdiff_jax.models.view import ModelView
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "ModelConfig", "CausalLM", "from_config", "from_pretrained", "save_pretrained",
-    "functional", "with_params", "abstract_model", "set_remat", "REMAT_POLICIES",
+    "functional", "with_params", "abstract_like", "abstract_model", "set_remat", "REMAT_POLICIES",
     "generate", "logical_axes", "param_shardings", "PARAM_LOGICAL_AXES",
     "DATA_PARALLEL", "FSDP", "FSDP_TENSOR", "token_logprobs", "TokenLogprobs", "sequence_nll",
     "IGNORE_INDEX", "stacked", "ModelView",

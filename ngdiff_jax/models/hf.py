@@ -29,6 +29,7 @@ from flax import nnx
 from ngdiff_jax.backends import Backend
 from ngdiff_jax.backends import resolve as resolve_backend
 from ngdiff_jax.models import sharding as shd
+from ngdiff_jax.models import stacked
 from ngdiff_jax.models.attention import resolve_attention
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, unsupported_type_error
 from ngdiff_jax.models.modeling import CausalLM
@@ -438,9 +439,13 @@ def _set_leaves(tree, flat: dict[str, Any]):
 
 
 def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-                    rules=None, backend: Backend | str | None = None, attention: str | None = None) -> CausalLM:
+                    rules=None, backend: Backend | str | None = None, attention: str | None = None,
+                    scan_layers: bool | None = False) -> CausalLM:
     """Load a HF checkpoint directory (or hub id) into a `CausalLM` (``backend``: see
     `ngdiff_jax.backends`, ``attention``: `ngdiff_jax.models.attention`; defaults by platform).
+    ``scan_layers``: the blocks stacked on a layer axis and run as one scan (`CausalLM`; each
+    block's tensors are released as they are stacked); ``None``: so where the blocks are one block
+    repeated (all but GPT-2's ``scale_attn_by_inverse_layer_idx``), else unrolled.
 
     With ``mesh``, every tensor is streamed into its `NamedSharding` (from ``rules``; default
     the FSDP preset), reading only each device's block.
@@ -455,7 +460,14 @@ def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float
     pure = nnx.to_pure_dict(state)
     flat_abs = flat_params(pure)
     flat = load_params(d, cfg, flat_abs, mesh=mesh, rules=rules, backend=backend)
-    nnx.replace_by_pure_dict(state, _set_leaves(pure, flat))
+    params = _set_leaves(pure, flat)
+    del flat
+    if scan_layers is None:
+        scan_layers = not cfg.scale_attn_by_inverse_layer_idx
+    if scan_layers:
+        graphdef, state = nnx.split(stacked.scanned_like(abstract))
+        params = stacked.stack(params, consume=True)
+    nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
@@ -488,7 +500,8 @@ def save_pretrained(model: CausalLM, path, *, tokenizer=None, max_shard_size: in
     out.mkdir(parents=True, exist_ok=True)
     hf_cfg = cfg.to_hf()
     hf_cfg.architectures = [ARCHITECTURES[cfg.model_type]]
-    flat = flat_params(nnx.state(model, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat = flat_params(stacked.unstack(params, host=True) if model.scan_layers else params)
     pdt = np.dtype(next(iter(flat.values())).dtype)
     hf_cfg.dtype = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16",
                     np.dtype(np.float16): "float16"}.get(pdt, "float32")

@@ -173,6 +173,10 @@ def target_paths(model, targets) -> list[tuple[int, str, str]]:
 def attach(model, spec: LoraSpec, *, seed: int = 0, dtype=np.float32) -> None:
     """Add adapters to ``model`` in place: ``A`` drawn as PEFT's default (kaiming-uniform,
     ``U(-1/sqrt(in), 1/sqrt(in))``), ``B`` zeros, so the adapted model starts equal to the base."""
+    if getattr(model, "scan_layers", False):
+        raise ValueError("lora.attach: this model's blocks are stacked (scan_layers=True); attach the adapters to "
+                         "the unrolled model (models.stacked.unrolled(model)) and run LoRA with "
+                         "run.scan_layers=true (lora.split(model, stacked=True)).")  # fmt: skip
     rng = np.random.default_rng(seed)
     for _, _, path in target_paths(model, spec.targets):
         dense = _module(model, path)

@@ -274,9 +274,11 @@ class CausalLM(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32,
                  param_dtype: Any = jnp.float32, backend: Backend | str | None = None,
-                 attention: str | None = None, head_chunk_elements: int | None = None):
+                 attention: str | None = None, head_chunk_elements: int | None = None,
+                 scan_layers: bool = False):
         cfg = config
         self.config = cfg
+        self.scan_layers = bool(scan_layers)
         self.backend = b = resolve_backend(backend)
         self.attention = resolve_attention(attention, dtype, b)
         self.head_chunk_elements = int(head_chunk_elements or b.head_chunk_elements)
@@ -289,10 +291,12 @@ class CausalLM(nnx.Module):
                 init(rngs.params(), (cfg.max_position_embeddings, cfg.hidden_size), param_dtype))
         else:
             self.pos_embed = None
-        self.layers = nnx.List([
-            Block(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype, backend=b, attention=self.attention)
-            for i in range(cfg.num_layers)
-        ])
+        block = partial(Block, cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, backend=b,
+                        attention=self.attention)  # fmt: skip
+        if scan_layers:  # one block whose every weight has a leading [num_layers] axis (`_stacked_blocks`)
+            self.layers = _stacked_blocks(cfg, block, rngs)
+        else:
+            self.layers = nnx.List([block(i) for i in range(cfg.num_layers)])
         self.final_norm = Norm(cfg.hidden_size, cfg.norm_type, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
         if cfg.tie_embeddings:
             self.lm_head = None
@@ -301,6 +305,10 @@ class CausalLM(nnx.Module):
                                  (cfg.vocab_size,) if cfg.lm_head_bias else None,
                                  rngs=rngs, std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype,
                                  backend=b)  # fmt: skip
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
 
     @property
     def kernels(self) -> str:
@@ -337,14 +345,29 @@ class CausalLM(nnx.Module):
             x = x + self.backend.lookup(self.pos_embed[...], positions).astype(self.dtype)
         new_cache = [] if cache is not None else None
         remat = getattr(self, "remat", "none")
-        if stacked is not None:  # the blocks' weights come stacked (ngdiff_jax.models.stacked)
-            if cache is not None:
-                raise ValueError("a model run on stacked block weights (models.stacked) has no KV-cache path; "
-                                 "unstack the parameters (models.stacked.unstack) for generation.")
+        if stacked is None and self.scan_layers:  # the model's own blocks, stacked (scan_layers=True)
+            stacked = (*nnx.split(self.layers), ())
+        if stacked is not None:  # the blocks' weights come stacked: one scan over the layer axis
             block_def, states, frozen, *shift = stacked
-            x = _scan_stacked(block_def, states, x, positions, kv_valid, remat, frozen=frozen,
-                              shift=shift[0] if shift else None, backend=self.backend)
+            if not isinstance(states, tuple):
+                states = (states,)
+            shift = shift[0] if shift else None
+            if cache is not None:
+                if isinstance(cache, list):
+                    raise ValueError("this model's blocks are stacked (scan_layers=True): its KV cache is one "
+                                     "(k, v) pair stacked on a layer axis (model.init_cache), not a list per block.")
+                if shift is not None and any(sh is not None for sh in shift):
+                    raise ValueError("a KV cache and a shifted (GeN probe) point cannot be combined; "
+                                     "materialize the point first (ngdiff_jax.shifted.Shifted.materialize).")
+                x, new_cache = _scan_cached(block_def, states, x, positions, kv_valid, cache, write_index,
+                                            frozen=frozen)  # fmt: skip
+            else:
+                x = _scan_stacked(block_def, states, x, positions, kv_valid, remat, frozen=frozen, shift=shift,
+                                  backend=self.backend)  # fmt: skip
         else:
+            if cache is not None and not isinstance(cache, list):
+                raise ValueError("this model's blocks are unrolled: its KV cache is a list of (k, v) per block "
+                                 "(model.init_cache), not one stacked pair (a scan_layers=True model's).")
             for i, layer in enumerate(self.layers):
                 if cache is None and remat != "none":
                     x = _remat_block(layer, x, positions, kv_valid, remat)
@@ -453,8 +476,11 @@ class CausalLM(nnx.Module):
         x = self.backend.lookup(self.embed[...], input_ids).astype(self.dtype)
         if self.pos_embed is not None:
             x = x + self.backend.lookup(self.pos_embed[...], positions).astype(self.dtype)
+        if stacked is None and self.scan_layers:
+            stacked = (*nnx.split(self.layers), ())
         if stacked is not None:  # see forward
             block_def, states, frozen, *shift = stacked
+            states = states if isinstance(states, tuple) else (states,)
             return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen,
                                  shift=shift[0] if shift else None, backend=self.backend)
         for i in range(idx + 1):
@@ -462,10 +488,33 @@ class CausalLM(nnx.Module):
         return x
 
     def init_cache(self, batch: int, length: int, dtype=None):
+        """An empty KV cache of ``length`` slots: a list of ``(k, v)`` per block, each ``[batch,
+        length, kv_heads, head_dim]``; with ``scan_layers`` one ``(k, v)`` pair stacked on a leading
+        layer axis. Either way the slot axis is ``-3`` and the batch axis ``-4`` of every leaf
+        (`ngdiff_jax.models.kv_cache` works on both)."""
         cfg = self.config
         dt = dtype or self.dtype
         shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+        if self.scan_layers:
+            shape = (cfg.num_layers, *shape)
+            return (jnp.zeros(shape, dt), jnp.zeros(shape, dt))
         return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.num_layers)]
+
+
+def _stacked_blocks(cfg: ModelConfig, block, rngs: nnx.Rngs):
+    """``cfg.num_layers`` blocks made as one (``nnx.vmap`` over split keys, as flax's scan-over-layers
+    example): every weight gains a leading layer axis. The blocks must differ in their weights only."""
+    if cfg.scale_attn_by_inverse_layer_idx:
+        raise ValueError("scan_layers=True: this model scales each block's attention by its layer index "
+                         "(scale_attn_by_inverse_layer_idx), so its blocks are not one block repeated; "
+                         "use scan_layers=False.")  # fmt: skip
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return block(0, rngs=rngs)
+
+    return make(rngs)
 
 
 def is_stacked(params: dict) -> bool:
@@ -612,6 +661,30 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     # a prefix of the blocks (hidden states): index the stacked weights one block at a time
     return jax.lax.scan(lambda h, i: (block(h, jax.tree.map(lambda a: a[i], states)), None), x,
                         jnp.arange(length))[0]  # fmt: skip
+
+
+def _scan_cached(block_graphdef, states: tuple, x: Array, positions: Array, kv_valid: Array, cache, write_index,
+                 frozen: tuple = ()) -> tuple[Array, tuple]:
+    """`_scan_stacked` with a KV cache ``(k, v)``, each stacked ``[num_layers, B, S, K, D]``: every block
+    reads its layer's slots and writes its ``T`` new keys and values at ``write_index`` (only those
+    slots are written back into the stacked cache, carried through the scan and updated in place).
+    Returns ``(hidden, (k, v))``."""
+    frozen = tuple(frozen)
+    ks, vs = cache
+    T = x.shape[1]
+
+    def body(carry, sts):
+        h, ks, vs, i = carry
+        sts = tuple(jax.tree.map(frozen_from_bits, st) if j in frozen else st for j, st in enumerate(sts))
+        layer = tuple(jax.lax.dynamic_index_in_dim(c, i, keepdims=False) for c in (ks, vs))
+        y, (k, v) = nnx.merge(block_graphdef, *sts)(h, positions, kv_valid, layer, write_index)
+        start = (i, 0, write_index, 0, 0)
+        ks = jax.lax.dynamic_update_slice(ks, jax.lax.dynamic_slice_in_dim(k, write_index, T, axis=1)[None], start)
+        vs = jax.lax.dynamic_update_slice(vs, jax.lax.dynamic_slice_in_dim(v, write_index, T, axis=1)[None], start)
+        return (y, ks, vs, i + 1), None
+
+    (x, ks, vs, _), _ = jax.lax.scan(body, (x, ks, vs, jnp.int32(0)), states)
+    return x, (ks, vs)
 
 
 def _shifted_weight(a, b, step, backend):
@@ -781,6 +854,15 @@ def _merge(graphdef, template_state, params):
     return nnx.merge(graphdef, st)
 
 
+def abstract_like(model: CausalLM, **changes) -> CausalLM:
+    """An abstract `CausalLM` (shapes only, no weights) built with ``model``'s constructor arguments
+    (config, dtypes, backend, attention, head chunk, ``scan_layers``) but for ``changes``."""
+    kw = dict(dtype=model.dtype, param_dtype=model.param_dtype, backend=model.backend, attention=model.attention,
+              head_chunk_elements=model.head_chunk_elements, scan_layers=model.scan_layers)  # fmt: skip
+    kw.update(changes)
+    return nnx.eval_shape(lambda: CausalLM(model.config, rngs=nnx.Rngs(0), **kw))
+
+
 def abstract_model(model: CausalLM) -> CausalLM:
     """``model`` with every array replaced by its ``jax.ShapeDtypeStruct``: the structure
     (for `with_params` / `save_pretrained` later) without holding the weights."""
@@ -790,7 +872,10 @@ def abstract_model(model: CausalLM) -> CausalLM:
 
 def with_params(model: CausalLM, params) -> CausalLM:
     """A new `CausalLM` like ``model`` holding ``params`` (a pure dict as from `functional`)."""
-    if is_stacked(params):
+    if is_stacked(params) != model.scan_layers and (model.scan_layers or params.get("layers")):
+        if model.scan_layers:
+            raise ValueError("with_params: this model's blocks are stacked (scan_layers=True) but params hold one "
+                             "tree per block: pass models.stacked.stack(params).")  # fmt: skip
         raise ValueError("with_params: params are in the stacked layout (params['layers'] is one tree of "
                          "[num_layers, ...] arrays, as from functional(model, stacked=True) or scan_layers); a "
                          "CausalLM holds one tree per block: pass models.stacked.unstack(params).")  # fmt: skip

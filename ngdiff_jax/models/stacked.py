@@ -47,6 +47,8 @@ import numpy as np
 from flax import nnx
 
 from ngdiff_jax.models.modeling import (
+    CausalLM,
+    abstract_like,
     frozen_from_bits,
     frozen_weight,
     is_stacked,
@@ -56,7 +58,7 @@ from ngdiff_jax.models.modeling import (
 from ngdiff_jax.models.view import ModelView
 from ngdiff_jax.shifted import Shifted, takes_shifted
 
-__all__ = ["functional", "is_stacked", "runner", "stack", "unstack"]
+__all__ = ["functional", "is_stacked", "runner", "scanned", "stack", "unrolled", "unstack"]
 
 
 def stack(params: dict, *, consume: bool = False, convert=None) -> dict:
@@ -102,6 +104,47 @@ def unstack(params: dict, *, host: bool = False) -> dict:
     out = {k: v for k, v in params.items() if k != "layers"}
     out["layers"] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)}
     return out
+
+
+def scanned_like(model: CausalLM) -> CausalLM:
+    """An abstract `CausalLM` (shapes only) built as ``model`` was, with ``scan_layers=True``."""
+    return abstract_like(model, scan_layers=True)
+
+
+def _refill(model: CausalLM, like: CausalLM, params: dict) -> CausalLM:
+    graphdef, state = nnx.split(like)
+    nnx.replace_by_pure_dict(state, params)
+    out = nnx.merge(graphdef, state)
+    out.remat = getattr(model, "remat", "none")
+    return out
+
+
+def _no_adapters(model: CausalLM, what: str) -> None:
+    if any(getattr(m, "lora", None) is not None for _, m in nnx.iter_modules(model)):
+        raise ValueError(f"{what}: the model carries LoRA adapters; convert the base model first and attach "
+                         "the adapters to the result (models.lora.attach).")
+
+
+def scanned(model: CausalLM) -> CausalLM:
+    """``model`` with its decoder blocks as one block stacked on a layer axis (``CausalLM(...,
+    scan_layers=True)``; the forward pass, KV cache included, is one ``lax.scan`` over the blocks and
+    XLA compiles one block). The same function: logits, log-probs, hidden states and generations
+    equal the unrolled model's. ``model`` itself when it is scanned already."""
+    if model.scan_layers:
+        return model
+    _no_adapters(model, "scanned")
+    like = abstract_like(model, scan_layers=True)  # a clear error where the blocks differ by construction
+    shared_block_graphdef(list(model.layers))
+    return _refill(model, like, stack(nnx.to_pure_dict(nnx.state(model))))
+
+
+def unrolled(model: CausalLM) -> CausalLM:
+    """`scanned`'s inverse: one `Block` per layer in ``model.layers``."""
+    if not model.scan_layers:
+        return model
+    _no_adapters(model, "unrolled")
+    like = abstract_like(model, scan_layers=False)
+    return _refill(model, like, unstack(nnx.to_pure_dict(nnx.state(model))))
 
 
 def _abstract(tree):
