@@ -163,3 +163,30 @@ def test_a_model_with_adapters_is_converted_without_them_first():
     lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"])), seed=0)
     with pytest.raises(ValueError, match="LoRA adapters.*lora.attach"):
         stacked.scanned(model)
+
+
+def test_quantization_checks_quantize_a_scanned_model_block_by_block():
+    """The int8/int4 robustness checks quantize each block's weights as the unrolled model's (norms and
+    biases, one dimension per block, stay), not the stacked arrays as one."""
+    from ngdiff_jax.evaluation.robustness import _requantized
+
+    model, scan = _pair("qwen2")  # biases on q/k/v
+    ids = jnp.ones((1, 6), jnp.int32)
+    for bits in (8, 4):
+        q_scan = _requantized(scan, bits)
+        assert q_scan.scan_layers
+        np.testing.assert_allclose(q_scan(ids), _requantized(model, bits)(ids), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(q_scan.layers.attn_norm.scale[...], scan.layers.attn_norm.scale[...])
+
+
+def test_the_split_runner_and_members_name_the_layout_they_need():
+    from ngdiff_jax.evaluation.members import Members
+
+    model, scan = _pair("llama")
+    with pytest.raises(ValueError, match="stacked already.*models.functional"):
+        stacked.functional(scan)
+    _, per_block = models.functional(model)
+    batched = jax.tree.map(lambda a: a[None], per_block)
+    with pytest.raises(ValueError, match="stacked on a layer axis"):
+        Members(scan, batched)
+    Members(scan, jax.tree.map(lambda a: a[None], models.functional(scan)[1]))  # the stacked layout: accepted

@@ -34,8 +34,10 @@ class Members:
         expected = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), nnx.to_pure_dict(state))
         got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), per_member)
         if expected != got:
+            layout = ("stacked on a layer axis (models.stacked.stack), as the template's blocks are scanned"
+                      if getattr(template, "scan_layers", False) else "per block, as the template's")
             raise ValueError("Members: the parameters (without their member axis) do not match the template "
-                             "model's shapes and dtypes; pass the full model's per-block parameters.")  # fmt: skip
+                             f"model's shapes and dtypes; pass the full model's parameters, {layout}.")  # fmt: skip
         st = jax.tree.map(lambda x: x, state)
         nnx.replace_by_pure_dict(st, params)
         self.graphdef, self.state = graphdef, st

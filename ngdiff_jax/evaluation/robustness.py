@@ -82,8 +82,14 @@ def quantize_roundtrip(w, bits: int, block: int = QUANT_BLOCK):
 
 
 def _requantized(model, bits: int):
+    """``model`` with every weight quantized (`quantize_roundtrip`), block by block: a scanned model's
+    stacked weights are quantized per block, as the unrolled model's (its norms and biases stay)."""
     from flax import nnx
 
+    from ngdiff_jax.models import stacked
+
+    if model.scan_layers:
+        return stacked.scanned(_requantized(stacked.unrolled(model), bits))
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda x: quantize_roundtrip(x, bits), state)
     return nnx.merge(graphdef, state)

@@ -333,7 +333,8 @@ class CausalLM(nnx.Module):
         e.g. on a few positions or in chunks). ``stacked = (block graphdef, tuple of block states
         stacked on a leading layer axis, indices of the frozen ones)`` runs the decoder blocks from
         those weights as one scan instead of from ``self.layers`` (`_scan_stacked`,
-        `ngdiff_jax.models.stacked`; no KV cache)."""
+        `ngdiff_jax.models.stacked`); a ``scan_layers`` model scans its own blocks, with a KV cache
+        through `_scan_cached`."""
         if stacked is None:
             self._require_weights()
         return self._forward(input_ids, positions, kv_valid, cache, write_index, last_only, return_hidden, stacked)
@@ -507,7 +508,7 @@ def _stacked_blocks(cfg: ModelConfig, block, rngs: nnx.Rngs):
     if cfg.scale_attn_by_inverse_layer_idx:
         raise ValueError("scan_layers=True: this model scales each block's attention by its layer index "
                          "(scale_attn_by_inverse_layer_idx), so its blocks are not one block repeated; "
-                         "use scan_layers=False.")  # fmt: skip
+                         "use scan_layers=False (ngdiff eval: --scan-layers false).")  # fmt: skip
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)

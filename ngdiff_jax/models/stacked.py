@@ -162,6 +162,10 @@ def runner(model, *filters, release: bool = False, frozen: tuple[int, ...] = ())
     of ``filters`` whose trees are never differentiated (LoRA's base: a gradient with respect to
     them raises), which lets the backend carry their weights into the layer scan in its own form
     (``modeling._scan_stacked``, `ngdiff_jax.backends.Backend.carry`)."""
+    if model.scan_layers:
+        raise ValueError("this model's blocks are stacked already (scan_layers=True): models.functional(model) gives "
+                         "its stacked parameters; for trees split by variable type (LoRA), pass "
+                         "models.stacked.unrolled(model).")  # fmt: skip
     layers = list(model.layers)
     shared_block_graphdef(layers)  # identical blocks, or a clear error
     graphdef, *states = nnx.split(model, *filters) if filters else nnx.split(model)
