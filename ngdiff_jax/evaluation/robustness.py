@@ -32,8 +32,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ngdiff_jax.evaluation import metrics as M
+from ngdiff_jax.models import stacked
 
 __all__ = ["CHECKS", "QUANT_BLOCK", "forget_probe", "parse_checks", "quantize_roundtrip", "robustness_aggregates",
            "robustness_checks", "robustness_table"]  # fmt: skip
@@ -84,10 +86,6 @@ def quantize_roundtrip(w, bits: int, block: int = QUANT_BLOCK):
 def _requantized(model, bits: int):
     """``model`` with every weight quantized (`quantize_roundtrip`), block by block: a scanned model's
     stacked weights are quantized per block, as the unrolled model's (its norms and biases stay)."""
-    from flax import nnx
-
-    from ngdiff_jax.models import stacked
-
     if model.scan_layers:
         return stacked.scanned(_requantized(stacked.unrolled(model), bits))
     graphdef, state = nnx.split(model)
