@@ -41,7 +41,7 @@ class Backend:
     eval_attention_block: int | None = None
     eval_head_tokens: int = 16384
     #: `ngdiff eval` runs the blocks as one scan (``CausalLM(scan_layers=True)``): one block compiled
-    #: instead of one per layer, but on XLA:CPU each decoded token is 15-35 % slower (docs/PERFORMANCE.md),
+    #: instead of one per layer, but on XLA:CPU each decoded token takes 1.54x as long (docs/PERFORMANCE.md),
     #: so off until measured better on a backend
     eval_scan_layers: bool = False
     #: bfloat16 parameters cross a donated jitted step's boundary as their bits (`ShardedStep`)

@@ -32,7 +32,7 @@ from ngdiff_jax.models import sharding as shd
 from ngdiff_jax.models import stacked
 from ngdiff_jax.models.attention import resolve_attention
 from ngdiff_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, unsupported_type_error
-from ngdiff_jax.models.modeling import CausalLM
+from ngdiff_jax.models.modeling import CausalLM, abstract_like
 from ngdiff_jax.models.safetensors_io import SafetensorsFile, aligned_empty, write_safetensors
 
 A = ((0,),)  # 1-D, unchanged
@@ -465,7 +465,7 @@ def from_pretrained(path_or_repo_id, *, dtype=jnp.float32, param_dtype=jnp.float
     if scan_layers is None:
         scan_layers = not cfg.scale_attn_by_inverse_layer_idx
     if scan_layers:
-        graphdef, state = nnx.split(stacked.scanned_like(abstract))
+        graphdef, state = nnx.split(abstract_like(abstract, scan_layers=True))
         params = stacked.stack(params, consume=True)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)

@@ -307,10 +307,6 @@ class CausalLM(nnx.Module):
                                  backend=b)  # fmt: skip
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    @property
     def kernels(self) -> str:
         """The backend's name: ``"cpu_fast"`` (the CPU kernels) or ``"xla"`` (portable)."""
         return self.backend.name
@@ -346,12 +342,10 @@ class CausalLM(nnx.Module):
             x = x + self.backend.lookup(self.pos_embed[...], positions).astype(self.dtype)
         new_cache = [] if cache is not None else None
         remat = getattr(self, "remat", "none")
-        if stacked is None and self.scan_layers:  # the model's own blocks, stacked (scan_layers=True)
-            stacked = (*nnx.split(self.layers), ())
+        if stacked is None and self.scan_layers:
+            stacked = self._own_blocks()
         if stacked is not None:  # the blocks' weights come stacked: one scan over the layer axis
             block_def, states, frozen, *shift = stacked
-            if not isinstance(states, tuple):
-                states = (states,)
             shift = shift[0] if shift else None
             if cache is not None:
                 if isinstance(cache, list):
@@ -381,6 +375,11 @@ class CausalLM(nnx.Module):
         if return_hidden:
             return x, new_cache
         return self._head(x), new_cache
+
+    def _own_blocks(self):
+        """``forward``'s ``stacked`` for a ``scan_layers`` model: its own block, whose weights are stacked."""
+        block_def, state = nnx.split(self.layers)
+        return block_def, (state,), ()
 
     def head(self, x: Array) -> Array:
         """Final norm + LM head on hidden states from ``forward(..., return_hidden=True)``: float32 logits."""
@@ -478,10 +477,9 @@ class CausalLM(nnx.Module):
         if self.pos_embed is not None:
             x = x + self.backend.lookup(self.pos_embed[...], positions).astype(self.dtype)
         if stacked is None and self.scan_layers:
-            stacked = (*nnx.split(self.layers), ())
+            stacked = self._own_blocks()
         if stacked is not None:  # see forward
             block_def, states, frozen, *shift = stacked
-            states = states if isinstance(states, tuple) else (states,)
             return _scan_stacked(block_def, states, x, positions, mask, "none", length=idx + 1, frozen=frozen,
                                  shift=shift[0] if shift else None, backend=self.backend)
         for i in range(idx + 1):
@@ -873,10 +871,10 @@ def abstract_model(model: CausalLM) -> CausalLM:
 
 def with_params(model: CausalLM, params) -> CausalLM:
     """A new `CausalLM` like ``model`` holding ``params`` (a pure dict as from `functional`)."""
-    if is_stacked(params) != model.scan_layers and (model.scan_layers or params.get("layers")):
-        if model.scan_layers:
-            raise ValueError("with_params: this model's blocks are stacked (scan_layers=True) but params hold one "
-                             "tree per block: pass models.stacked.stack(params).")  # fmt: skip
+    if model.scan_layers and not is_stacked(params):
+        raise ValueError("with_params: this model's blocks are stacked (scan_layers=True) but params hold one "
+                         "tree per block: pass models.stacked.stack(params).")  # fmt: skip
+    if not model.scan_layers and is_stacked(params):
         raise ValueError("with_params: params are in the stacked layout (params['layers'] is one tree of "
                          "[num_layers, ...] arrays, as from functional(model, stacked=True) or scan_layers); a "
                          "CausalLM holds one tree per block: pass models.stacked.unstack(params).")  # fmt: skip

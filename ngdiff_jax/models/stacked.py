@@ -106,11 +106,6 @@ def unstack(params: dict, *, host: bool = False) -> dict:
     return out
 
 
-def scanned_like(model: CausalLM) -> CausalLM:
-    """An abstract `CausalLM` (shapes only) built as ``model`` was, with ``scan_layers=True``."""
-    return abstract_like(model, scan_layers=True)
-
-
 def _refill(model: CausalLM, like: CausalLM, params: dict) -> CausalLM:
     graphdef, state = nnx.split(like)
     nnx.replace_by_pure_dict(state, params)
