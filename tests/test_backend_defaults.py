@@ -93,7 +93,7 @@ def _build_step(backend, dtype, stacked=False):
 
     model = models.from_config(tiny_hf_config("llama_tied"), rngs=nnx.Rngs(0), backend=backend, dtype=dtype,
                                param_dtype=dtype)  # fmt: skip
-    apply_fn, params = models.stacked.functional(model) if stacked else models.functional(model)
+    apply_fn, params = models.functional(models.stacked.scanned(model) if stacked else model)
     method = load_method("ngdiff")
     tx = make_optimizer(method, OptimConfig(lr=1e-2), total_steps=10, steps_per_epoch=2.0, backend=backend)
     return make_unlearn_step(apply_fn, method, tx, backend=backend), params, tx

@@ -25,6 +25,7 @@ MODULES = (
     "ngdiff_jax.backends",
     "ngdiff_jax.models.hf",
     "ngdiff_jax.models.stacked",
+    "ngdiff_jax.models.pure",
     "ngdiff_jax.training.grad_accum",
 )
 

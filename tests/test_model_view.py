@@ -25,14 +25,14 @@ def _model():
 def _views():
     """``{layout: (view, params)}`` of the same weights; LoRA's adapters are zero-effect (B = 0)."""
     plain, p = models.functional(_model())
-    st, sp = stacked.functional(_model())
+    st, sp = models.functional(stacked.scanned(_model()))
     spec = lora.LoraSpec(rank=2, alpha=2.0, targets=("q", "v"))
     m = _model()
     lora.attach(m, spec)
     lv, base, adapters = lora.split(m)
-    m2 = _model()
+    m2 = stacked.scanned(_model())
     lora.attach(m2, spec)
-    lsv, sbase, sadapters = lora.split(m2, stacked=True)
+    lsv, sbase, sadapters = lora.split(m2)
     return {"plain": (plain, p), "stacked": (st, sp), "lora": (lv, {"base": base, "lora": adapters}),
             "lora_stacked": (lsv, {"base": sbase, "lora": sadapters})}
 

@@ -73,11 +73,14 @@ def test_population_members_equal_their_own_runs_and_export(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_lora_members_share_one_base_and_equal_their_own_runs(tiny, tmp_path):
+@pytest.mark.parametrize("scan", [[], ["run.scan_layers=true", "run.remat=full"]], ids=["unrolled", "scanned"])
+def test_lora_members_share_one_base_and_equal_their_own_runs(tiny, tmp_path, scan):
+    """A scanned population (adapters stacked on the layer axis, each member's drawn as the unrolled
+    model draws them) equals the unrolled single run too."""
     from ngdiff_jax.training import run_unlearn
 
     lora = ["lora.rank=2", "lora.alpha=4", "method=npo"]
-    res = run_population(_cfg(tiny, tmp_path / "pop", *lora, "population.seeds=[0, 1]"))
+    res = run_population(_cfg(tiny, tmp_path / "pop", *lora, *scan, "population.seeds=[0, 1]"))
     assert len(res.results) == 2
     run_unlearn(_cfg(tiny, tmp_path / "one", *lora, "run.seed=1"))
     _close(_weights(tmp_path / "pop" / "members" / "m001" / "adapter"), _weights(tmp_path / "one" / "adapter"))

@@ -40,7 +40,7 @@ def _bits(x):
 def test_the_point_shifted_in_the_scan_is_the_made_point(kernels, dtype, remat):
     model = _model(kernels, dtype)
     M.set_remat(model, remat)
-    fn, params = stacked.functional(model)
+    fn, params = M.functional(stacked.scanned(model))
     assert accepts_shifted(fn) and accepts_shifted(fn.token_logprobs) and accepts_shifted(fn.hidden_state)
     ids = _ids(model.config.vocab_size)
     labels = ids.at[:, :3].set(-100)
@@ -76,7 +76,7 @@ def test_a_gen_step_probing_lazily_equals_one_probing_a_made_point(dtype):
 
     model = _model("cpu_fast", dtype)
     M.set_remat(model, "full")
-    fn, params = stacked.functional(model)
+    fn, params = M.functional(stacked.scanned(model))
     ids = _ids(model.config.vocab_size)
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "labels": ids}
     method = load_method("ngdiff")

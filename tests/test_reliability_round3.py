@@ -399,8 +399,10 @@ def tiny_adapted():
     from ngdiff_jax.models import lora
     from ngdiff_jax.models.testing import tiny_hf_config
 
-    def make():
+    def make(scanned=False):
         model = models.from_config(tiny_hf_config("llama"), rngs=nnx.Rngs(0))
+        if scanned:
+            model = models.stacked.scanned(model)
         spec = lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"]))
         lora.attach(model, spec, seed=0)
         return model, spec
@@ -423,9 +425,9 @@ def test_stacked_trees_where_per_block_trees_are_needed_name_unstack(tiny_adapte
     from ngdiff_jax import models
     from ngdiff_jax.models import lora
 
-    model, spec = tiny_adapted()
+    model, spec = tiny_adapted(scanned=True)
     abstract = models.abstract_model(model)
-    apply_fn, frozen, adapters = lora.split(model, stacked=True)
+    apply_fn, frozen, adapters = lora.split(model, release=True)
     with pytest.raises(ValueError, match=r"unstack\(adapters\)"):
         lora.save_peft_adapter(abstract, adapters, spec, tmp_path / "a")
     with pytest.raises(ValueError, match=r"unstack\(base\)"):

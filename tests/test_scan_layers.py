@@ -1,8 +1,9 @@
-"""``run.scan_layers``: the decoder blocks' weights stacked on a leading layer axis
-(`ngdiff_jax.models.stacked`) and run as one ``lax.scan``. The forward pass, the log-probs, the
-hidden states and the gradients equal the unrolled model's (both kernel settings, with and
-without remat, with LoRA); the compiled step holds one block; pipelines trained either way
-export the same weights; blocks that differ are refused with a message naming the key."""
+"""``run.scan_layers``: the decoder blocks as one block whose weights are stacked on a leading layer
+axis (a ``scan_layers=True`` model, `ngdiff_jax.models.stacked`) and run as one ``lax.scan``. The
+forward pass, the log-probs, the hidden states and the gradients equal the unrolled model's (both
+kernel settings, with and without remat, with LoRA); the compiled step holds one block; pipelines
+trained either way export the same weights; blocks that differ are refused with a message naming
+the key."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_stacked_model_equals_the_unrolled_one(kernels, remat):
     ids = _ids(model.config.vocab_size)
     labels = ids.at[:, :3].set(-100)
     plain_fn, plain = M.functional(model)
-    fn, params = stacked.functional(model)
+    fn, params = M.functional(stacked.scanned(model))
     assert stacked.is_stacked(params) and not stacked.is_stacked(plain)
     assert params["layers"]["attn"]["q_proj"]["kernel"].shape[0] == 3
 
@@ -80,18 +81,23 @@ def test_stack_consumes_blocks_and_unstack_inverts_it():
 
 def test_release_leaves_the_model_with_shapes_only():
     model = _model()
-    _, params = stacked.functional(model, release=True)
+    _, want = M.functional(model)
+    scan = stacked.scanned(model, release=True)
     leaves = jax.tree.leaves(nnx.state(model))
     assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    _, params = M.functional(scan)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    assert _max_diff(stacked.unstack(params), want) == 0.0
 
 
 def test_per_block_params_given_to_the_stacked_function_fail_clearly():
     model = _model()
-    fn, _ = stacked.functional(model)
-    _, plain = M.functional(model)
-    with pytest.raises(ValueError, match="stacked layout"):
+    fn, stacked_params = M.functional(stacked.scanned(model))
+    plain_fn, plain = M.functional(model)
+    with pytest.raises(ValueError, match=r"one tree per block.*models.stacked.stack\(params\)"):
         fn(plain, _ids(model.config.vocab_size))
+    with pytest.raises(ValueError, match=r"stacked layout.*models.stacked.unstack\(params\)"):
+        plain_fn(stacked_params, _ids(model.config.vocab_size))
 
 
 @pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
@@ -99,13 +105,13 @@ def test_lora_stacked_equals_per_block(kernels):
     spec = lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"]))
     grads = []
     for is_stacked in (False, True):
-        model = _model(kernels)
-        lora.attach(model, spec, seed=0)
+        model = stacked.scanned(_model(kernels)) if is_stacked else _model(kernels)
+        lora.attach(model, spec, seed=0)  # the same adapters in either layout
         # B = 0 at init: give the adapters a value so that both factors get a gradient
-        for layer in model.layers:
+        for layer in [model.layers] if is_stacked else model.layers:
             layer.attn.q_proj.lora.lora_b[...] = jnp.full(layer.attn.q_proj.lora.lora_b[...].shape, 0.1)
         M.set_remat(model, "full")
-        fn, base, adapters = lora.split(model, stacked=is_stacked)
+        fn, base, adapters = lora.split(model)
         ids = _ids(model.config.vocab_size)
         g = jax.grad(lambda a, fn=fn, base=base, ids=ids: fn.token_logprobs({"base": base, "lora": a}, ids, ids)
                      .logp.sum())(adapters)  # fmt: skip
@@ -117,9 +123,9 @@ def test_lora_stacked_equals_per_block(kernels):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_a_frozen_base_is_not_silently_differentiated(dtype):
-    model = _model("xla")
+    model = stacked.scanned(_model("xla"))
     lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["q"])), seed=0)
-    fn, base, adapters = lora.split(model, stacked=True)
+    fn, base, adapters = lora.split(model)
     # a bfloat16 base is stored as its bits (no float32 copy in the scan on XLA:CPU), as integers
     assert {str(x.dtype) for x in jax.tree.leaves(base["layers"])} == {"float32"}
     ids = _ids(model.config.vocab_size)
@@ -138,9 +144,10 @@ def test_a_bfloat16_base_is_stored_as_the_backend_carries_it(backend, stored):
     without a float32 copy), the portable one as it is; both read back the same weights."""
     cfg = ModelConfig.from_hf(tiny_hf_config("llama", num_hidden_layers=2))
     model = M.CausalLM(cfg, rngs=nnx.Rngs(0), backend=backend, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"])), seed=0)
     _, plain = M.functional(model)
-    fn, base, adapters = lora.split(model, stacked=True)
+    model = stacked.scanned(model, release=True)
+    lora.attach(model, lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"])), seed=0)
+    fn, base, adapters = lora.split(model, release=True)
     assert {str(x.dtype) for x in jax.tree.leaves(base["layers"])} == {stored}
     back = stacked.unstack(base)["layers"][1]["mlp"]["up_proj"]["kernel"]
     assert back.dtype == jnp.bfloat16
@@ -154,11 +161,11 @@ def test_blocks_that_differ_are_refused_naming_the_key():
     cfg = ModelConfig.from_hf(tiny_hf_config("gpt2", scale_attn_by_inverse_layer_idx=True))
     model = M.CausalLM(cfg, rngs=nnx.Rngs(0), backend="xla")
     with pytest.raises(ValueError, match="run.scan_layers=false"):
-        stacked.functional(model)
+        stacked.scanned(model)
 
 
 def test_stacked_params_shard_with_a_replicated_layer_axis():
-    axes = M.logical_axes(stacked.functional(_model())[1])
+    axes = M.logical_axes(M.functional(stacked.scanned(_model()))[1])
     assert axes["layers"]["attn"]["q_proj"]["kernel"] == ("layers", "embed", "heads", "head_dim")
     assert axes["embed"] == ("vocab", "embed")
 
@@ -183,7 +190,7 @@ def _step_dots(params_fn, layers):
 @pytest.mark.slow
 def test_the_scanned_step_compiles_one_block():
     unrolled = [_step_dots(M.functional, n) for n in (2, 4)]
-    scanned = [_step_dots(stacked.functional, n) for n in (2, 4)]
+    scanned = [_step_dots(lambda m: M.functional(stacked.scanned(m)), n) for n in (2, 4)]
     assert unrolled[1] > unrolled[0]  # every block's matmuls, once per block
     assert scanned[1] == scanned[0] < unrolled[0]  # one block, whatever the depth
 
@@ -259,7 +266,7 @@ def test_bfloat16_stacked_weights_are_not_widened_for_the_scan():
     for kernels in ("xla", "cpu_fast"):
         model = _bf16_stacked(kernels)
         ids = _ids(model.config.vocab_size)
-        fn, params = stacked.functional(model)
+        fn, params = M.functional(stacked.scanned(model))
         loss = lambda p, fn=fn, ids=ids: fn.token_logprobs(p, ids, ids).logp.sum()  # noqa: E731
         hlo[kernels] = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
         grads[kernels] = jax.jit(jax.grad(loss))(params)
@@ -283,7 +290,7 @@ def _bits_step(bits: bool, steps: int):
 
     model = _bf16_stacked("cpu_fast", hidden_size=128, intermediate_size=512)
     ids = _ids(model.config.vocab_size, B=2, T=16)
-    fn, p = stacked.functional(model)
+    fn, p = M.functional(stacked.scanned(model))
     method = load_method("ngdiff")
     tx = make_optimizer(method, OptimConfig(), 10)
     step = make_unlearn_step(fn, method, tx)
@@ -331,3 +338,23 @@ def test_bfloat16_params_as_bits_are_not_copied_in_the_step():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, 0]  # gate and up have this shape
+
+
+@pytest.mark.slow
+def test_lora_with_scan_layers_selects_on_the_full_tofu_evaluation(tiny, tmp_path, capsys):
+    """Model selection evaluates a LoRA run's merged weights in a plain per-block model (it put them
+    into the model that carried the adapters: an internal error once the scan took its arrays), and
+    scores what the unrolled run scores."""
+    best = {}
+    for scan in ("false", "true"):
+        out = tmp_path / f"sel_{scan}"
+        rc = main(["unlearn", "--config", "synthetic_ngdiff", f"data.source={tiny['bench']}",
+                   f"model_path={tiny['model']}", f"run.output_dir={out}", "run.progress=false", "run.steps=2",
+                   "run.checkpoint_every=0", "run.remat=full", f"run.scan_layers={scan}", "lora.rank=4",
+                   "run.eval_every=2", "selection.every=2", "selection.tofu=true", "selection.tofu_limit=2",
+                   "selection.tofu_max_new_tokens=4", "selection.maximize=forget_truth_ratio",
+                   "data.buckets=[128]"])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+        best[scan] = json.loads((out / "selection.json").read_text())["best"]["metrics"]
+    for k in ("forget_Q_A_Prob", "retain_Q_A_Prob", "forget_truth_ratio", "wf_Q_A_Prob"):
+        assert best["true"][k] == pytest.approx(best["false"][k], rel=1e-4), k

@@ -179,14 +179,72 @@ def test_quantization_checks_quantize_a_scanned_model_block_by_block():
         np.testing.assert_array_equal(q_scan.layers.attn_norm.scale[...], scan.layers.attn_norm.scale[...])
 
 
-def test_the_split_runner_and_members_name_the_layout_they_need():
+def test_members_name_the_layout_they_need():
     from ngdiff_jax.evaluation.members import Members
 
     model, scan = _pair("llama")
-    with pytest.raises(ValueError, match="stacked already.*models.functional"):
-        stacked.functional(scan)
     _, per_block = models.functional(model)
     batched = jax.tree.map(lambda a: a[None], per_block)
     with pytest.raises(ValueError, match="stacked on a layer axis"):
         Members(scan, batched)
     Members(scan, jax.tree.map(lambda a: a[None], models.functional(scan)[1]))  # the stacked layout: accepted
+
+
+def test_lora_on_a_scanned_model_draws_the_unrolled_models_adapters_and_saves_both_ways(tmp_path):
+    """Issue 25 part 3: LoRA attaches to a scanned model (one adapter per target, stacked on the layer
+    axis), one seed draws the same adapters in either layout, and the export of a scanned run (per block,
+    PEFT's keys) is the unrolled run's."""
+    from safetensors.numpy import load_file
+
+    from ngdiff_jax.models import lora
+
+    spec = lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["q", "down"]))
+    model, scan = _pair("llama")
+    lora.attach(model, spec, seed=7)
+    lora.attach(scan, spec, seed=7)
+    assert scan.layers.attn.q_proj.lora.lora_a[...].shape == (model.config.num_layers, model.config.hidden_size, 2)
+    _, _, adapters = lora.split(model)
+    _, _, scan_adapters = lora.split(scan)
+    assert jax.tree.structure(stacked.stack(adapters)) == jax.tree.structure(scan_adapters)
+    for a, b in zip(jax.tree.leaves(stacked.stack(adapters)), jax.tree.leaves(scan_adapters)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(stacked.stack(lora.initial_adapters(model, spec, seed=3))),
+                    jax.tree.leaves(lora.initial_adapters(scan, spec, seed=3))):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+    moved = jax.tree.map(lambda x: x + 0.01, adapters)
+    lora.save_peft_adapter(model, moved, spec, tmp_path / "a")
+    lora.save_peft_adapter(scan, stacked.unstack(stacked.stack(moved)), spec, tmp_path / "b")
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
+        lora.attach(scan, spec)
+
+
+def test_the_functional_builder_checks_its_arguments_and_keeps_forward_mode():
+    """`models.functional` is the one builder: frozen trees only on a scanned model and only by filter
+    index, and a scanned model's view (the CPU kernels included) supports jax.jvp."""
+    from ngdiff_jax.models import lora
+
+    model = models.from_config(tiny_hf_config("llama"), rngs=nnx.Rngs(0), backend="cpu_fast")
+    scan = stacked.scanned(model)
+    with pytest.raises(ValueError, match="frozen=.*must index the filters"):
+        models.functional(scan, frozen=(0,))
+    with pytest.raises(ValueError, match="frozen=.*must index the filters"):
+        models.functional(scan, nnx.Param, frozen=(1,))
+    with pytest.raises(ValueError, match="unrolled: build it with scan_layers=True"):
+        models.functional(model, nnx.Param, frozen=(0,))
+    view, params = models.functional(scan)
+    plain_view, plain = models.functional(model)
+    ids = jax.random.randint(jax.random.key(1), (2, 8), 0, model.config.vocab_size)
+    tangent = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+    _, dy = jax.jvp(lambda p: view(p, ids).sum(), (params,), (tangent,))
+    _, want = jax.jvp(lambda p: plain_view(p, ids).sum(), (plain,), (stacked.unstack(tangent),))
+    np.testing.assert_allclose(float(dy), float(want), rtol=1e-4)
+    trees_view, trees = models.functional(scan, nnx.Param)  # filters: a tuple of trees
+    assert isinstance(trees, tuple) and len(trees) == 1
+    np.testing.assert_array_equal(trees_view(trees, ids), view(params, ids))
+    with pytest.raises(ValueError, match="takes 1 parameter trees"):
+        trees_view((params, params), ids)
+    lora.attach(scan, lora.LoraSpec(rank=2, alpha=4.0, targets=("q",)))
+    lora.split(scan, release=True)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(scan)))

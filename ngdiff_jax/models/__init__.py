@@ -12,10 +12,10 @@ from ngdiff_jax.models.modeling import (
     abstract_like,
     abstract_model,
     from_config,
-    functional,
     set_remat,
     with_params,
 )
+from ngdiff_jax.models.pure import functional
 from ngdiff_jax.models.sharding import (
     DATA_PARALLEL,
     FSDP,

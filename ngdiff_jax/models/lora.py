@@ -11,9 +11,10 @@ PEFT's ``lora_A.weight.T`` / ``lora_B.weight.T``. ``W + scale * A @ B`` is never
   never imports this module: `ngdiff_jax.models.modeling.add_adapters` adds any ``dense.lora``'s
   low-rank term in every path that uses the projection (including the fused SwiGLU
   down-projection).
-* :func:`split` gives ``(apply_fn, base, adapters)``: ``apply_fn({"base": base, "lora": adapters},
+* :func:`split` gives ``(view, base, adapters)``: ``view({"base": base, "lora": adapters},
   input_ids, attention_mask)`` is pure; differentiate in ``adapters`` only and the gradients,
-  optimizer state and combiner norms cover just the adapters.
+  optimizer state and combiner norms cover just the adapters. A scanned model
+  (``scan_layers=True``) carries one adapter per target stacked on the layer axis.
 * :func:`merge_params` / :func:`merged_model` fold the adapters into the kernels (for
   ``save_pretrained``); :func:`save_peft_adapter` writes ``adapter_config.json`` +
   ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads onto the HF base.
@@ -34,9 +35,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.models import stacked
 from ngdiff_jax.models.modeling import CausalLM, is_stacked
-from ngdiff_jax.models.view import ModelView
+from ngdiff_jax.models.pure import functional
 
 Array = jax.Array
 
@@ -142,7 +142,9 @@ class LoRA(nnx.LoRA):
     def __init__(self, in_features: int, rank: int, out_features: int, *, scale: float, a, dtype=np.float32):
         super().__init__(in_features, rank, out_features, param_dtype=dtype, lora_param_type=LoraParam,
                          rngs=nnx.Rngs(0))  # fmt: skip
-        self.lora_a.set_value(jax.numpy.asarray(a, dtype))  # drawn by `attach` (PEFT's initialization)
+        a = jax.numpy.asarray(a, dtype)  # drawn by `attach` (PEFT's initialization); [layers, in, r] when stacked
+        self.lora_a.set_value(a)
+        self.lora_b.set_value(jax.numpy.zeros((*a.shape[:-2], rank, out_features), dtype))
         self.scale = float(scale)
 
     def __call__(self, x: Array) -> Array:
@@ -156,109 +158,92 @@ def _module(model, path: str):
     return obj
 
 
-def _io_sizes(dense) -> tuple[int, int]:
-    """``(in, out)`` of a `Dense` flattened to 2-D (contracted axes lead the kernel for every target)."""
+def _io_sizes(dense, *, stacked: bool = False) -> tuple[int, int]:
+    """``(in, out)`` of a `Dense` flattened to 2-D (contracted axes lead the kernel for every target;
+    ``stacked``: the kernel has a leading layer axis first, a scanned model's)."""
     xs = dense.eq.split("->")[0].split(",")[0]
     nc = len(xs) - 2
-    shape = dense.kernel.shape
+    shape = dense.kernel.shape[1:] if stacked else dense.kernel.shape
     return math.prod(shape[:nc]), math.prod(shape[nc:])
 
 
 def target_paths(model, targets) -> list[tuple[int, str, str]]:
-    """``(layer, target, module path)`` for every adapted projection."""
+    """``(layer, target, module path)`` for every adapted projection, per block (as an unrolled
+    model holds them, and as the merge and PEFT export read the adapters)."""
     table = TARGETS[model.config.model_type]
     return [(i, t, f"layers.{i}.{table[t]}") for i in range(model.config.num_layers) for t in targets]
 
 
+def _sites(model, targets) -> list[tuple[str, object]]:
+    """``(module path, Dense)`` of every adapted projection in ``model``'s own layout: one per block
+    and target, or one per target for a scanned model (its kernel stacked on the layer axis)."""
+    if not model.scan_layers:
+        return [(path, _module(model, path)) for _, _, path in target_paths(model, targets)]
+    table = TARGETS[model.config.model_type]
+    return [(f"layers.{table[t]}", _module(model, f"layers.{table[t]}")) for t in targets]
+
+
+def _initial_a(model, spec: LoraSpec, seed: int, dtype) -> list[np.ndarray]:
+    """Every adapter's ``A``, in `_sites` order: PEFT's default (kaiming-uniform, ``U(-1/sqrt(in),
+    1/sqrt(in))``), drawn block by block and target by target whatever the layout, so one seed
+    gives the same adapters to an unrolled and a scanned model."""
+    rng = np.random.default_rng(seed)
+    sites = _sites(model, spec.targets)
+    n = len(spec.targets)
+    per_block = []
+    for j in range(model.config.num_layers * n):  # block by block, target by target
+        _, dense = sites[j % n] if model.scan_layers else sites[j]
+        k = _io_sizes(dense, stacked=model.scan_layers)[0]
+        per_block.append(rng.uniform(-1.0 / math.sqrt(k), 1.0 / math.sqrt(k), (k, spec.rank)).astype(dtype))
+    return [np.stack(per_block[j::n]) for j in range(n)] if model.scan_layers else per_block
+
+
 def attach(model, spec: LoraSpec, *, seed: int = 0, dtype=np.float32) -> None:
     """Add adapters to ``model`` in place: ``A`` drawn as PEFT's default (kaiming-uniform,
-    ``U(-1/sqrt(in), 1/sqrt(in))``), ``B`` zeros, so the adapted model starts equal to the base."""
-    if getattr(model, "scan_layers", False):
-        raise ValueError("lora.attach: this model's blocks are stacked (scan_layers=True); attach the adapters to "
-                         "the unrolled model (models.stacked.unrolled(model)) and run LoRA with "
-                         "run.scan_layers=true (lora.split(model, stacked=True)).")  # fmt: skip
-    rng = np.random.default_rng(seed)
-    for _, _, path in target_paths(model, spec.targets):
-        dense = _module(model, path)
+    ``U(-1/sqrt(in), 1/sqrt(in))``), ``B`` zeros, so the adapted model starts equal to the base.
+    On a scanned model (``scan_layers=True``) each target gets one adapter stacked on the layer
+    axis, equal block by block to the unrolled model's for the same seed."""
+    for (path, dense), a in zip(_sites(model, spec.targets), _initial_a(model, spec, seed, dtype)):
         if dense.lora is not None:
             raise ValueError(f"{path} already has a LoRA adapter; attach once per model.")
-        k, o = _io_sizes(dense)
-        bound = 1.0 / math.sqrt(k)
-        dense.lora = LoRA(k, spec.rank, o, scale=spec.scale, dtype=dtype,
-                          a=rng.uniform(-bound, bound, (k, spec.rank)).astype(dtype))  # fmt: skip
+        k, o = _io_sizes(dense, stacked=model.scan_layers)
+        dense.lora = LoRA(k, spec.rank, o, scale=spec.scale, dtype=dtype, a=a)
 
 
 def initial_adapters(model, spec: LoraSpec, *, seed: int, dtype=np.float32) -> dict:
     """The adapters :func:`attach` draws with ``seed``, as the pure dict :func:`split` returns for
-    them (per-block layout), without touching ``model`` (which must have adapters attached): a
+    them (in ``model``'s layout), without touching ``model`` (which must have adapters attached): a
     population of runs starts each member from its own seed's adapters."""
-    rng = np.random.default_rng(seed)
     out = jax.tree.map(lambda x: x, nnx.to_pure_dict(nnx.state(model, LoraParam)))
-    for _, _, path in target_paths(model, spec.targets):
-        k, o = _io_sizes(_module(model, path))
-        bound = 1.0 / math.sqrt(k)
+    for (path, _), a in zip(_sites(model, spec.targets), _initial_a(model, spec, seed, dtype)):
         node = out
         for part in [*path.split("."), "lora"]:
             node = node[int(part) if part.isdigit() else part]
-        node["lora_a"] = jax.numpy.asarray(rng.uniform(-bound, bound, (k, spec.rank)).astype(dtype))
-        node["lora_b"] = jax.numpy.zeros((spec.rank, o), dtype)
+        node["lora_a"] = jax.numpy.asarray(a)
+        node["lora_b"] = jax.numpy.zeros(node["lora_b"].shape, dtype)
     return out
 
 
 # ---------------------------------------------------------------------- functional core
-def split(model, *, stacked: bool = False):
+def split(model, *, release: bool = False):
     """``(view, base, adapters)`` for a model with adapters attached: a `ModelView` on
     ``{"base": base, "lora": adapters}``.
 
     ``view(params, input_ids, attention_mask=None, positions=None) -> logits`` with
     ``params = {"base": base, "lora": adapters}`` (pure dicts of arrays) is pure and jittable;
-    differentiate it in ``params["lora"]`` only. With ``stacked=True`` both trees are in the
-    stacked layout of `ngdiff_jax.models.stacked` (the blocks run as one scan) and ``model``
-    keeps its structure but gives up its arrays (``stacked.runner(release=True)``)."""
-    if stacked:
-        return _split_stacked(model)
-    graphdef, base_state, lora_state = nnx.split(model, nnx.Param, LoraParam)
-    base = nnx.to_pure_dict(base_state)
-    adapters = nnx.to_pure_dict(lora_state)
-    if not jax.tree_util.tree_leaves(adapters):
-        raise ValueError("the model has no LoRA adapters; call models.lora.attach first.")
-
-    def _model(params):
-        bs = jax.tree.map(lambda x: x, base_state)
-        ls = jax.tree.map(lambda x: x, lora_state)
-        nnx.replace_by_pure_dict(bs, params["base"])
-        nnx.replace_by_pure_dict(ls, params["lora"])
-        return nnx.merge(graphdef, bs, ls)
-
-    def apply_fn(params, input_ids, attention_mask=None, positions=None):
-        return _model(params)(input_ids, attention_mask, positions)
-
-    def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
-        return _model(params).hidden_state(input_ids, attention_mask, layer=layer, positions=positions)
-
-    def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
-        return _model(params).token_logprobs(input_ids, labels, attention_mask, positions)
-
-    return ModelView(apply_fn, hidden_state, token_logprobs), base, adapters
-
-
-def _split_stacked(model):
+    differentiate it in ``params["lora"]`` only. Both trees are in the model's layout: stacked on
+    the layer axis for a scanned model, whose base is then frozen (`ngdiff_jax.models.functional`:
+    carried into the layer scan as the backend stores it; differentiating it raises).
+    ``release``: the model gives its arrays to the trees (it keeps its structure; see there)."""
     if not jax.tree_util.tree_leaves(nnx.state(model, LoraParam)):
         raise ValueError("the model has no LoRA adapters; call models.lora.attach first.")
-    call, (base, adapters) = stacked.runner(model, nnx.Param, LoraParam, release=True, frozen=(0,))
+    frozen = (0,) if model.scan_layers else ()
+    view, (base, adapters) = functional(model, nnx.Param, LoraParam, frozen=frozen, release=release)
 
-    def apply_fn(params, input_ids, attention_mask=None, positions=None):
-        return call("__call__", [params["base"], params["lora"]], input_ids, attention_mask, positions)
+    def on_pair(fn):
+        return lambda params, *args, **kwargs: fn((params["base"], params["lora"]), *args, **kwargs)
 
-    def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
-        return call("hidden_state", [params["base"], params["lora"]], input_ids, attention_mask, layer=layer,
-                    positions=positions)  # fmt: skip
-
-    def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
-        return call("token_logprobs", [params["base"], params["lora"]], input_ids, labels, attention_mask,
-                    positions)  # fmt: skip
-
-    return ModelView(apply_fn, hidden_state, token_logprobs), base, adapters
+    return view.map(on_pair), base, adapters
 
 
 def _get(tree, path: str):
@@ -268,11 +253,11 @@ def _get(tree, path: str):
 
 
 def _per_block(**trees) -> None:
-    """Refuse trees in the stacked layout (``split(model, stacked=True)``): these functions index blocks."""
+    """Refuse trees in the stacked layout (a scanned model's ``split``): these functions index blocks."""
     for name, tree in trees.items():
         if isinstance(tree, dict) and is_stacked(tree):
-            raise ValueError(f"{name} are in the stacked layout (from lora.split(model, stacked=True) or "
-                             f"scan_layers); pass models.stacked.unstack({name}) (one tree per block).")  # fmt: skip
+            raise ValueError(f"{name} are in the stacked layout (from lora.split of a scan_layers=True model); "
+                             f"pass models.stacked.unstack({name}) (one tree per block).")  # fmt: skip
 
 
 def _adapter_pairs(model, adapters, targets) -> list[tuple[int, str, str, np.ndarray, np.ndarray]]:

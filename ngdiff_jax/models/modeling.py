@@ -35,7 +35,6 @@ from ngdiff_jax.bits import from_bits
 from ngdiff_jax.models.attention import attend, resolve_attention
 from ngdiff_jax.models.config import ModelConfig
 from ngdiff_jax.models.logprobs import IGNORE_INDEX, TokenLogprobs
-from ngdiff_jax.models.view import ModelView
 from ngdiff_jax.shifted import shift_leaf
 
 Array = jax.Array
@@ -315,7 +314,7 @@ class CausalLM(nnx.Module):
     def _require_weights(self) -> None:
         if isinstance(self.embed.get_value(), jax.ShapeDtypeStruct):
             raise ValueError("this CausalLM holds no weights, only their shapes: it gave its arrays away "
-                             "(functional/lora.split with stacked=True, or abstract_model); call the apply_fn "
+                             "(functional(..., release=True) or abstract_model); call the view "
                              "those returned with the params, or models.with_params(model, params).")  # fmt: skip
 
     def forward(self, input_ids: Array, positions: Array, kv_valid: Array, cache=None, write_index=None,
@@ -817,36 +816,6 @@ def _normal(key, n):
     return jax.random.normal(key, (n,), jnp.float32)
 
 
-# ---------------------------------------------------------------------- functional core
-def functional(model: CausalLM) -> tuple[ModelView, dict]:
-    """``(view, params)``: the model's `ModelView` on ``params``, a pure nested dict of arrays
-    with one subtree per block. ``view(params, input_ids, attention_mask=None) -> logits`` is
-    pure, jittable and differentiable in ``params``; ``view.hidden_state(params, input_ids,
-    attention_mask=None, *, layer)`` gives the hidden state after one block
-    (:meth:`CausalLM.hidden_state`), and ``view.token_logprobs(params, input_ids, labels,
-    attention_mask=None)`` the labels' log-probs through the chunked head
-    (:meth:`CausalLM.token_logprobs`), equally pure."""
-    graphdef, state = nnx.split(model)
-    params = nnx.to_pure_dict(state)
-    # The closure keeps only shapes: holding ``state`` itself would keep the model's arrays
-    # alive for as long as ``apply_fn`` lives (next to the training loop's own copies).
-    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-
-    def apply_fn(params, input_ids, attention_mask=None, positions=None):
-        m = _merge(graphdef, template, params)
-        return m(input_ids, attention_mask, positions)
-
-    def hidden_state(params, input_ids, attention_mask=None, *, layer, positions=None):
-        m = _merge(graphdef, template, params)
-        return m.hidden_state(input_ids, attention_mask, layer=layer, positions=positions)
-
-    def token_logprobs(params, input_ids, labels, attention_mask=None, positions=None):
-        m = _merge(graphdef, template, params)
-        return m.token_logprobs(input_ids, labels, attention_mask, positions)
-
-    return ModelView(apply_fn, hidden_state, token_logprobs), params
-
-
 def _merge(graphdef, template_state, params):
     st = jax.tree.map(lambda x: x, template_state)
     nnx.replace_by_pure_dict(st, params)
@@ -876,7 +845,7 @@ def with_params(model: CausalLM, params) -> CausalLM:
                          "tree per block: pass models.stacked.stack(params).")  # fmt: skip
     if not model.scan_layers and is_stacked(params):
         raise ValueError("with_params: params are in the stacked layout (params['layers'] is one tree of "
-                         "[num_layers, ...] arrays, as from functional(model, stacked=True) or scan_layers); a "
+                         "[num_layers, ...] arrays, as from functional(model) of a scan_layers=True model); a "
                          "CausalLM holds one tree per block: pass models.stacked.unstack(params).")  # fmt: skip
     graphdef, state = nnx.split(model)
     return _merge(graphdef, state, params)

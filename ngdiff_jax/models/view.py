@@ -1,8 +1,8 @@
 """A model as pure functions of its parameter tree: the one functional view.
 
-`ngdiff_jax.models.functional` (one tree per block), `ngdiff_jax.models.stacked.functional`
-(blocks stacked on a layer axis) and `ngdiff_jax.models.lora.split` (a frozen base and the
-adapters) all return a :class:`ModelView`; the unlearning step and its objectives call nothing
+`ngdiff_jax.models.functional` (`ngdiff_jax.models.pure`; one tree per block, or the blocks stacked
+on a layer axis for a scanned model) builds a :class:`ModelView`, and `ngdiff_jax.models.lora.split`
+(a frozen base and the adapters) wraps it; the unlearning step and its objectives call nothing
 else. Its three functions are pure and jittable:
 
 * ``logits(params, input_ids, attention_mask=None, positions=None) -> float32 [B, T, V]``;

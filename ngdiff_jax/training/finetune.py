@@ -97,21 +97,20 @@ def run_finetune(cfg: FinetuneConfig, *, eval_fn=None) -> tuple[LoopResult, dict
     train = data_assembly.make_batcher(examples, tok, cfg.data, seed=cfg.run.seed)
     num_steps = cfg.run.steps if cfg.run.steps is not None else steps_for_epochs(cfg.run.epochs, len(train))
 
+    if cfg.run.scan_layers:  # the blocks as one block stacked on the layer axis, run as one scan
+        model = models.stacked.scanned(model, release=True)
     models.set_remat(model, cfg.run.remat)
     lora_run = None
     if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
         from ngdiff_jax.training.lora_run import LoraRun
 
-        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed, stacked=cfg.run.scan_layers)
+        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
         params = lora_run.adapters
     else:
-        if cfg.run.scan_layers:  # the blocks' weights stacked, run as one scan (models.stacked)
-            apply_fn, params = models.stacked.functional(model, release=True)
-            if eval_fn is not None:  # a caller's hook gets the per-block layout
-                eval_fn = lambda step, p, fn=eval_fn: fn(step, models.stacked.unstack(p))  # noqa: E731
-        else:
-            apply_fn, params = models.functional(model)
-        model = models.abstract_model(model)  # the structure for the export, without the weights
+        apply_fn, params = models.functional(model)
+        if cfg.run.scan_layers and eval_fn is not None:  # a caller's hook gets the per-block layout
+            eval_fn = lambda step, p, fn=eval_fn: fn(step, models.stacked.unstack(p))  # noqa: E731
+    model = models.abstract_like(model, scan_layers=False)  # the per-block structure for the export
     tx = make_finetune_optimizer(cfg.optim, num_steps)
     prec = cfg.precision
     # every process computes it (the weights may be sharded over processes), the first one prints it

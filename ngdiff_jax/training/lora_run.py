@@ -19,28 +19,26 @@ from typing import Any
 
 import numpy as np
 
-from ngdiff_jax.models import lora
+from ngdiff_jax.models import lora, stacked
 
 
 class LoraRun:
     """A loaded model with adapters attached for one run."""
 
-    def __init__(self, model, section, *, seed: int = 0, stacked: bool = False):
+    def __init__(self, model, section, *, seed: int = 0):
         self.spec = section.spec(model.config.model_type)  # unknown targets for this family: error
         lora.attach(model, self.spec, seed=seed)
         self.model = model
-        # apply_fn takes {"base": ..., "lora": ...}; `stacked` (run.scan_layers): both trees stacked
-        # (ngdiff_jax.models.stacked), the model keeps its structure only
-        self.stacked = bool(stacked)
-        self.apply_fn, self.base, self.adapters = lora.split(model, stacked=self.stacked)
+        # apply_fn takes {"base": ..., "lora": ...}; a scanned model (run.scan_layers): both trees
+        # stacked on the layer axis, the base frozen, and the model keeps its structure only
+        self.stacked = model.scan_layers
+        self.apply_fn, self.base, self.adapters = lora.split(model, release=self.stacked)
 
     def _per_block(self, adapters, *, host: bool = False):
         """``(base, adapters)`` in the per-block layout the merge and PEFT export read (``host``:
         the base as views of the stacked arrays, no copy, for the export)."""
         if not self.stacked:
             return self.base, adapters
-        from ngdiff_jax.models import stacked
-
         return stacked.unstack(self.base, host=host), stacked.unstack(adapters)
 
     @property

@@ -86,31 +86,29 @@ class _Setup:
         prec = cfg.precision
         model = models.from_pretrained(model_io.model_dir(cfg.model_path), dtype=prec.jnp("compute"),
                                        param_dtype=prec.jnp("params"))  # fmt: skip
+        if cfg.run.scan_layers:  # the blocks as one block stacked on the layer axis, run as one scan
+            model = models.stacked.scanned(model, release=True)
         models.set_remat(model, cfg.run.remat)
         self.lora_run = None
         if cfg.lora.enabled:
             from ngdiff_jax.models import lora
             from ngdiff_jax.training.lora_run import LoraRun
 
-            self.lora_run = LoraRun(model, cfg.lora, seed=members[0].seed, stacked=cfg.run.scan_layers)
+            self.lora_run = LoraRun(model, cfg.lora, seed=members[0].seed)
             self.apply_fn = self.lora_run.apply_fn
             self._adapters = {}
 
-            def initial(seed):
+            def initial(seed):  # in the model's layout, as the run's own adapters
                 if seed not in self._adapters:
-                    a = lora.initial_adapters(model, self.lora_run.spec, seed=seed)
-                    self._adapters[seed] = models.stacked.stack(a) if cfg.run.scan_layers else a
+                    self._adapters[seed] = lora.initial_adapters(self.lora_run.model, self.lora_run.spec, seed=seed)
                 return self._adapters[seed]
 
             self.initial_params = initial
         else:
-            if cfg.run.scan_layers:
-                self.apply_fn, params = models.stacked.functional(model, release=True)
-            else:
-                self.apply_fn, params = models.functional(model)
+            self.apply_fn, params = models.functional(model)
             self.initial_params = lambda seed: params
-            model = models.abstract_model(model)
-        self.model = model
+        # the per-block structure (no adapters, no weights) that the export and evaluation fill
+        self.model = models.abstract_like(model, scan_layers=False)
         self.to_full = (self.lora_run.merged_params if self.lora_run is not None
                         else models.stacked.unstack if cfg.run.scan_layers else None)  # fmt: skip
         self.tok = model_io.load_tokenizer(cfg.tokenizer or cfg.model_path)

@@ -85,15 +85,15 @@ def run_unlearn(
         model_io.model_dir(cfg.model_path), mesh=mesh, rules=par.resolve_rules(rules),
         dtype=prec.jnp("compute"), param_dtype=prec.jnp("params"),
     )  # fmt: skip
+    if cfg.run.scan_layers:  # the blocks as one block stacked on the layer axis, run as one scan
+        model = models.stacked.scanned(model, release=True)
     models.set_remat(model, cfg.run.remat)
     lora_run = None
     if cfg.lora.enabled:  # train adapters only; the base is a frozen extra step argument
         from ngdiff_jax.training.lora_run import LoraRun
 
-        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed, stacked=cfg.run.scan_layers)
+        lora_run = LoraRun(model, cfg.lora, seed=cfg.run.seed)
         apply_fn, params = lora_run.apply_fn, lora_run.adapters
-    elif cfg.run.scan_layers:  # the blocks' weights stacked, run as one scan (models.stacked)
-        apply_fn, params = models.stacked.functional(model, release=True)
     else:
         apply_fn, params = models.functional(model)
     # every process computes it (the weights may be sharded over processes), the first one prints it
@@ -102,8 +102,8 @@ def run_unlearn(
         precision.gen_bf16_warning(params, cfg.optim.lr) if cfg.method.rate.adaptive else None]
     for line in filter(None, lines) if main else ():
         print(line, file=sys.stderr)
-    if lora_run is None:
-        model = models.abstract_model(model)  # the structure for the export, without the weights
+    # the per-block structure (no adapters, no weights) that the export and model selection fill
+    model = models.abstract_like(model, scan_layers=False)
     # the export and the best-model hook take the per-block layout
     to_full = lora_run.merged_params if lora_run is not None else (
         models.stacked.unstack if cfg.run.scan_layers else None)
