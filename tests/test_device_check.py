@@ -15,7 +15,7 @@ def test_dry_run_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "device check (dry run)" in out and "step:" in out and "device_check.json" in out
     r = json.loads((tmp_path / "device_check.json").read_text())
-    assert {"dry_run", "options", "environment", "step", "eval", "tests", "total_s", "failed"} <= set(r)
+    assert {"dry_run", "options", "environment", "step", "scan", "eval", "tests", "total_s", "failed"} <= set(r)
     assert r["dry_run"] is True and r["failed"] == [] and r["total_s"] > 0
     env = r["environment"]
     assert env["backend"] == "cpu" and env["device_count"] >= 1 and env["child_jax_platforms"] == "cpu"
@@ -31,6 +31,13 @@ def test_dry_run_end_to_end(tmp_path, capsys):
     assert s["plan"]["peak_bytes"] > 0 and s["plan"]["estimate_bytes"] > 0 and s["compile_s"] > 0
     assert s["measured_matmul_flops"]["flops"] > 0 and s["median_step_s"] > 0
     assert all(abs(v) < 1e6 for v in s["last_metrics"].values())
+
+    c = r["scan"]  # the same step, the blocks scanned: the same losses (one layout's float order or the other's)
+    assert c["status"] == "ok" and c["layout"].startswith("scanned") and len(c["step_s_all"]) == 2
+    assert c["step_time_vs_unrolled"] == pytest.approx(c["mean_step_s"] / s["mean_step_s"])
+    assert c["compiled_memory_vs_unrolled"]["temp_size_in_bytes"] > 0 and "scan:" in out
+    for k, v in s["last_metrics"].items():
+        assert c["last_metrics"][k] == pytest.approx(v, rel=1e-2, abs=1e-3), k
 
     t = r["tests"]
     assert t["status"] == "ok" and t["exit_code"] == 0 and t["passed"] >= 1 and t["failed"] == t["errors"] == 0
@@ -48,7 +55,7 @@ def test_dry_run_end_to_end(tmp_path, capsys):
 def test_bad_skip_exits_2_with_one_line(tmp_path, capsys):
     assert main(["device-check", "--out", str(tmp_path / "o"), "--dry-run", "--skip", "steps,eval"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --skip steps") and "step, eval, tests" in err and len(err.splitlines()) == 1
+    assert err.startswith("error: --skip steps") and "step, scan, eval, tests" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
@@ -57,11 +64,11 @@ def test_a_failing_part_exits_1(tmp_path, monkeypatch, capsys):
         raise RuntimeError("out of luck")
 
     monkeypatch.setattr(device_check, "run_step", boom)
-    assert main(["device-check", "--out", str(tmp_path), "--dry-run", "--skip", "eval,tests"]) == 1
+    assert main(["device-check", "--out", str(tmp_path), "--dry-run", "--skip", "scan,eval,tests"]) == 1
     r = json.loads((tmp_path / "device_check.json").read_text())
     assert r["failed"] == [{"part": "step", "error": "RuntimeError: out of luck"}]
     assert r["step"]["status"] == "failed"
-    assert r["eval"] == r["tests"] == {"status": "skipped", "reason": "--skip"}
+    assert r["scan"] == r["eval"] == r["tests"] == {"status": "skipped", "reason": "--skip"}
     assert "step: FAILED: RuntimeError: out of luck" in capsys.readouterr().out
 
 

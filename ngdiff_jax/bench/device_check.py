@@ -15,6 +15,13 @@ Parts, in this order (each can be skipped; a failing part is recorded and the ne
   kind is not in the table); XLA's own FLOP count of the compiled step is reported beside it.
   Peak device memory is ``memory_stats()["peak_bytes_in_use"]`` (None on CPU, which keeps no
   such statistics).
+* ``scan``: the same step on the same model with its blocks scanned (``run.scan_layers=true``:
+  `ngdiff_jax.models.stacked.scanned`, one ``lax.scan`` over the blocks, the step part's remat
+  policy), so one run says whether scanning is the faster layout on this device (issue 24: the
+  accelerator default is scan + remat only where measured better). Its figures sit beside the
+  step part's, with ``step_time_vs_unrolled`` (mean step time over the step part's) and XLA's
+  compiled memory of both programs; the device's peak counter is cumulative (it includes the step
+  part), so it is reported as such.
 * ``eval``: ``ngdiff eval`` (TOFU, a fresh process: imports, load and every compile included)
   against :mod:`~ngdiff_jax.bench.eval_torch` (transformers, one prompt at a time) on the same
   device, the same rows and the same model: wall seconds of both, the speedup and the largest
@@ -51,7 +58,7 @@ from typing import Any
 from ngdiff_jax.errors import InputError, one_line
 from ngdiff_jax.paths import REPO_ROOT
 
-PARTS = ("step", "eval", "tests")
+PARTS = ("step", "scan", "eval", "tests")
 
 #: test files run on the accelerator: model parity with transformers, the two-task combiners,
 #: GeN, the training step and the losses (small models, numerics that a GPU's kernels change)
@@ -192,11 +199,8 @@ def _memory_stats(device) -> dict[str, int] | None:
 def run_step(opts: CheckOptions, log: Callable[[str], None]) -> dict[str, Any]:
     """The ``step`` part (module doc)."""
     import jax
-    import numpy as np
 
-    from ngdiff_jax.bench import jax_side
     from ngdiff_jax.bench.sizes import SIZES
-    from ngdiff_jax.models import functional, set_remat
     from ngdiff_jax.parallel.plan import plan_step
 
     size = replace(SIZES[opts.size], batch=opts.batch, seq_len=opts.seq_len)
@@ -229,20 +233,39 @@ def run_step(opts: CheckOptions, log: Callable[[str], None]) -> dict[str, Any]:
                                  f"{limit / GIB:.1f} GiB with remat none: remat full")  # fmt: skip
         remat = res["remat"] = "full"
         res["plan"] = plan(remat)
+    res.update(_time_step(opts, size, remat, log))
+    if "error" in res["plan"]:
+        res["error"] = "; ".join(x for x in (res.get("error"), f"plan: {res['plan']['error']}") if x)
+    return res
+
+
+def _time_step(opts: CheckOptions, size, remat: str, log: Callable[[str], None], *,
+               scan_layers: bool = False) -> dict[str, Any]:
+    """Compile and time the step on a fresh random model of ``size`` (scanned with ``scan_layers``)."""
+    import jax
+    import numpy as np
+
+    from ngdiff_jax.bench import jax_side
+    from ngdiff_jax.models import functional, set_remat, stacked
+
+    tokens = 2 * size.batch * size.seq_len
+    device = jax.devices()[0]
     model = jax_side.build_model(size, opts.dtype)
+    if scan_layers:
+        model = stacked.scanned(model, release=True)
     if remat != "none":
         set_remat(model, remat)
-    res["kernels"] = getattr(model, "kernels", None)
+    res: dict[str, Any] = {"kernels": getattr(model, "kernels", None)}
     apply_fn, params = functional(model)
     del model
     fb, rb = (jax_side.device_batch(b) for b in jax_side.make_batches(size))
-    log("step: compiling")
+    log(f"{'scan' if scan_layers else 'step'}: compiling")
     cstep = jax_side.compile_step(apply_fn, params, fb, rb, "ngdiff_gen", gen_every=opts.gen_every)
     res["compile_s"] = round(cstep.compile_s, 2)
     res["compiled_memory_bytes"] = cstep.memory
     before = _memory_stats(device)
     opt_state, key, times, metrics = cstep.opt_state, jax.random.key(0), [], None
-    log(f"step: {opts.warmup} warm-up + {opts.steps} timed steps")
+    log(f"{'scan' if scan_layers else 'step'}: {opts.warmup} warm-up + {opts.steps} timed steps")
     for i in range(opts.warmup + opts.steps):
         t0 = time.perf_counter()
         params, opt_state, metrics = cstep.compiled(params, opt_state, fb, rb, key)
@@ -253,9 +276,10 @@ def run_step(opts: CheckOptions, log: Callable[[str], None]) -> dict[str, Any]:
     mean, median = statistics.fmean(times), statistics.median(times)
     model_flops = size.step_flops()
     peak = peak_flops(device.device_kind)
-    n = 128 if opts.dry_run else 8192  # the achievable bf16 matmul rate, for reading the MFU
-    res["measured_matmul_flops"] = {"n": n, "flops": jax_side.matmul_rate(n, "bfloat16", 5)}
     last = {k: float(np.asarray(v)) for k, v in metrics.items() if np.asarray(v).size == 1}
+    if not scan_layers:
+        n = 128 if opts.dry_run else 8192  # the achievable bf16 matmul rate, for reading the MFU
+        res["measured_matmul_flops"] = {"n": n, "flops": jax_side.matmul_rate(n, "bfloat16", 5)}
     res.update({
         "step_s_all": [round(t, 5) for t in times],
         "median_step_s": median,
@@ -279,11 +303,30 @@ def run_step(opts: CheckOptions, log: Callable[[str], None]) -> dict[str, Any]:
         res["peak_device_bytes_reason"] = (f"the {device.platform} backend keeps no device memory statistics "
                                            "(memory_stats() is None)")  # fmt: skip
     bad = sorted(k for k, v in last.items() if not np.isfinite(v))
-    errors = [] if not bad else [f"non-finite metrics after {len(times) + opts.warmup} steps: {', '.join(bad)}"]
-    if "error" in res["plan"]:
-        errors.append(f"plan: {res['plan']['error']}")
-    if errors:
-        res["error"] = "; ".join(errors)
+    if bad:
+        res["error"] = f"non-finite metrics after {len(times) + opts.warmup} steps: {', '.join(bad)}"
+    return res
+
+
+def run_scan(opts: CheckOptions, step: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    """The ``scan`` part (module doc): ``step`` is the step part's result (its size, remat and times)."""
+    from ngdiff_jax.bench.sizes import SIZES
+
+    size = replace(SIZES[opts.size], batch=opts.batch, seq_len=opts.seq_len)
+    remat = step.get("remat", opts.remat)
+    res: dict[str, Any] = {"size": size.name, "layout": "scanned (run.scan_layers=true)", "remat": remat,
+                           "compute_dtype": opts.dtype, "warmup_steps": opts.warmup, "timed_steps": opts.steps}
+    res.update(_time_step(opts, size, remat, log, scan_layers=True))
+    res["peak_device_bytes_note"] = "the device's cumulative peak: it includes the step part"
+    if step.get("mean_step_s"):
+        res["step_time_vs_unrolled"] = res["mean_step_s"] / step["mean_step_s"]
+        ours, theirs = res.get("compiled_memory_bytes"), step.get("compiled_memory_bytes")
+        if isinstance(ours, dict) and isinstance(theirs, dict):
+            res["compiled_memory_vs_unrolled"] = {k: ours[k] / theirs[k] for k in ours
+                                                  if isinstance(ours[k], int | float) and theirs.get(k)}
+    else:
+        res["step_time_vs_unrolled"] = None
+        res["step_time_vs_unrolled_reason"] = "the step part did not time the unrolled step"
     return res
 
 
@@ -441,6 +484,7 @@ def run_check(opts: CheckOptions, log: Callable[[str], None] | None = None) -> d
         + (", dry run" if opts.dry_run else ""))  # fmt: skip
     runners = {
         "step": lambda: run_step(opts, log),
+        "scan": lambda: run_scan(opts, result.get("step", {}), log),
         "eval": lambda: run_eval(opts, env_info, deadline, log),
         "tests": lambda: run_tests(opts, env_info, deadline, log),
     }
@@ -464,7 +508,7 @@ def run_check(opts: CheckOptions, log: Callable[[str], None] | None = None) -> d
         result[part] = res
         result["total_s"] = round(time.perf_counter() - t_start, 2)
         _write(result, path)
-        if part == "step":  # free the step's device buffers before the other parts' processes start
+        if part in ("step", "scan"):  # free the step's device buffers before the next part starts
             import gc
 
             import jax
@@ -497,6 +541,13 @@ def format_summary(result: dict[str, Any], path: Path | None = None) -> str:
             f"measured {s['measured_matmul_flops']['flops'] / 1e12:.1f} TFLOP/s); "
             f"peak device memory {_gib(s['peak_device_bytes'])} (plan: peak {_gib(plan.get('peak_bytes'))}, "
             f"estimate {_gib(plan.get('estimate_bytes'))})")  # fmt: skip
+    c = result.get("scan", {})
+    if "tokens_per_s" in c:
+        vs = c.get("step_time_vs_unrolled")
+        mfu = f"{100 * c['mfu']:.1f}%" if c["mfu"] is not None else "n/a"
+        lines.append(f"  scan: the step with the blocks scanned (remat {c['remat']}): compile {c['compile_s']:.1f} s, "
+                     f"step {c['mean_step_s'] * 1e3:.1f} ms" + (f" ({vs:.2f}x the unrolled step's)" if vs else "")
+                     + f", {c['tokens_per_s']:,.0f} tokens/s, MFU {mfu}")  # fmt: skip
     e = result.get("eval", {})
     if "speedup" in e:
         lines.append(f"  eval: ngdiff eval {e['ngdiff_wall_s']:.1f} s, transformers {e['transformers_wall_s']:.1f} s "

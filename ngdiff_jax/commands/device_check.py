@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="the same parts on CPU at the micro size, 2 timed steps, a one-row evaluation and "
                              "one test file (well under a minute)")  # fmt: skip
-    parser.add_argument("--skip", type=_csv, default=(), help="comma-separated parts to skip: step, eval, tests")
+    parser.add_argument("--skip", type=_csv, default=(), help="comma-separated parts to skip: step, scan, eval, tests")
     parser.add_argument("--batch", type=positive_int, default=None, help="rows per task (default 8; dry run 2)")
     parser.add_argument("--seq", type=positive_int, default=None, help="sequence length (default 512; dry run 16)")
     parser.add_argument("--steps", type=positive_int, default=None,
