@@ -4,9 +4,9 @@ GeN (`ngdiff_jax.optim.gen`) evaluates the loss at two points along the update. 
 tree, each point is one more parameter-sized array next to the parameters and the update
 (SmolLM2 in bfloat16: 257 MiB of the step's temporaries). A loss function that sets the
 attribute ``accepts_shifted = True`` receives a :class:`Shifted` instead and computes each
-weight when it reads it: `ngdiff_jax.models.stacked` shifts one decoder block's weights at a
-time inside its layer scan. Both ways compute every weight with `shift_leaf`, so the point is
-the same to the bit.
+weight when it reads it: a scanned model's view (`ngdiff_jax.models.functional` of a
+``scan_layers=True`` model) shifts one decoder block's weights at a time inside its layer scan.
+Both ways compute every weight with `shift_leaf`, so the point is the same to the bit.
 
 >>> import jax.numpy as jnp
 >>> point = Shifted({"w": jnp.ones(2)}, {"w": jnp.array([1.0, -1.0])}, jnp.float32(0.5))

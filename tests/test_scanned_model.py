@@ -227,9 +227,9 @@ def test_the_functional_builder_checks_its_arguments_and_keeps_forward_mode():
 
     model = models.from_config(tiny_hf_config("llama"), rngs=nnx.Rngs(0), backend="cpu_fast")
     scan = stacked.scanned(model)
-    with pytest.raises(ValueError, match="frozen=.*must index the filters"):
+    with pytest.raises(ValueError, match="frozen=.*none were given"):
         models.functional(scan, frozen=(0,))
-    with pytest.raises(ValueError, match="frozen=.*must index the filters"):
+    with pytest.raises(ValueError, match=r"frozen=\(1,\) must index the 1 filters \(0..0\)"):
         models.functional(scan, nnx.Param, frozen=(1,))
     with pytest.raises(ValueError, match="unrolled: build it with scan_layers=True"):
         models.functional(model, nnx.Param, frozen=(0,))
@@ -248,3 +248,32 @@ def test_the_functional_builder_checks_its_arguments_and_keeps_forward_mode():
     lora.attach(scan, lora.LoraSpec(rank=2, alpha=4.0, targets=("q",)))
     lora.split(scan, release=True)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(scan)))
+
+
+def test_weightless_models_and_wrong_tree_shapes_fail_with_one_line():
+    """A model that gave its arrays away (release=True) is refused by the view and the conversions with
+    a message naming what happened, not a TypeError from inside JAX; a view's trees are checked too."""
+    from ngdiff_jax.models import lora
+
+    model = models.from_config(tiny_hf_config("llama"), rngs=nnx.Rngs(0), backend="cpu_fast",
+                               dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)  # fmt: skip
+    scan = stacked.scanned(model, release=True)
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="holds shapes only, no weights"):
+        stacked.scanned(model)
+    lora.attach(scan, lora.LoraSpec(rank=2, alpha=4.0, targets=("q",)))
+    view, base, adapters = lora.split(scan, release=True)
+    assert view({"base": base, "lora": adapters}, ids).shape == (1, 4, model.config.vocab_size)
+    view2, base2, adapters2 = lora.split(scan)  # again, on the released model: shapes only
+    with pytest.raises(ValueError, match=r"hold shapes only.*the model gave its arrays away"):
+        view2({"base": base2, "lora": adapters2}, ids)
+    one_view, params = models.functional(stacked.scanned(models.from_config(tiny_hf_config("llama"),
+                                                                            rngs=nnx.Rngs(0))))  # fmt: skip
+    with pytest.raises(ValueError, match="takes one parameter tree"):
+        one_view((params,), ids)
+    split_view, trees = models.functional(stacked.scanned(models.from_config(tiny_hf_config("llama"),
+                                                                              rngs=nnx.Rngs(0))), nnx.Param)
+    with pytest.raises(ValueError, match="takes a tuple of 1 parameter trees"):
+        split_view(trees[0], ids)
+    with pytest.raises(ValueError, match="none were given"):
+        models.functional(scan, frozen=(0,))

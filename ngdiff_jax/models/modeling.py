@@ -327,8 +327,8 @@ class CausalLM(nnx.Module):
         last block's output ``[B, T, hidden]`` instead of the logits (apply :meth:`head` to it,
         e.g. on a few positions or in chunks). ``stacked = (block graphdef, tuple of block states
         stacked on a leading layer axis, indices of the frozen ones)`` runs the decoder blocks from
-        those weights as one scan instead of from ``self.layers`` (`_scan_stacked`,
-        `ngdiff_jax.models.stacked`); a ``scan_layers`` model scans its own blocks, with a KV cache
+        those weights as one scan instead of from ``self.layers`` (`_scan_stacked`; what
+        `ngdiff_jax.models.functional` passes); a ``scan_layers`` model scans its own blocks, with a KV cache
         through `_scan_cached`."""
         if stacked is None:
             self._require_weights()
@@ -611,9 +611,9 @@ def _scan_stacked(block_graphdef, states: tuple, x: Array, positions: Array, kv_
     block; the scan's backward pass runs (and recomputes) one block at a time by construction.
 
     ``frozen``: indices of ``states`` that are never differentiated (LoRA's base; differentiating
-    them raises). Their leaves enter the scan as the backend carries them (`Backend.carry`; the
-    CPU backend: bfloat16 as bits, as `ngdiff_jax.models.stacked` may store a frozen tree already)
-    and are read back inside the block.
+    these block weights raises). Their leaves enter the scan as the backend carries them
+    (`Backend.carry`; the CPU backend: bfloat16 as bits, as `ngdiff_jax.models.functional` stores a
+    frozen tree already) and are read back inside the block.
 
     ``shift`` (GeN's probe point, `ngdiff_jax.shifted`): per state, ``None`` or ``(direction,
     step)`` with ``direction`` stacked like the state; the blocks then run on ``state + step *

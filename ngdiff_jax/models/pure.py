@@ -12,8 +12,9 @@ a scanned model the view
 
 * takes GeN's probe point unmade (a `ngdiff_jax.shifted.Shifted` in place of any tree): the layer
   scan makes one block's shifted weights at a time, so the point never exists as a whole tree;
-* carries ``frozen`` trees (indices of ``filters``; never differentiated: doing so raises) into
-  the scan as the model's backend stores them (`ngdiff_jax.backends.Backend.carry`), converted
+* carries the block weights of ``frozen`` trees (indices of ``filters``, e.g. LoRA's base: never
+  differentiated, and differentiating those weights raises) into the scan as the model's backend
+  stores them (`ngdiff_jax.backends.Backend.carry`; the CPU backend: bfloat16 as bits), converted
   once here rather than in every call.
 
 Example:
@@ -60,12 +61,23 @@ def _fresh(template, pure: dict):
 
 def _convert_in_place(tree: dict, fn) -> None:
     """Replace every leaf of the nested dict ``tree`` by ``fn(leaf)``, one at a time (each old leaf
-    is released as soon as it is converted, where nothing else holds it)."""
+    is released as soon as it is converted, where nothing else holds it); a shape-only leaf (an
+    abstract model's) by the shape ``fn`` would give."""
     for k, v in tree.items():
         if isinstance(v, dict):
             _convert_in_place(v, fn)
         else:
-            tree[k] = fn(v)
+            tree[k] = jax.eval_shape(fn, v) if isinstance(v, jax.ShapeDtypeStruct) else fn(v)
+
+
+_WEIGHTLESS = ("these parameters hold shapes only (jax.ShapeDtypeStruct), no weights: the model gave its arrays "
+               "away (functional(..., release=True), stacked.scanned(..., release=True) or abstract_model); "
+               "pass the trees the first functional(...) call returned.")
+
+
+def _check_weights(trees) -> None:
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trees)):
+        raise ValueError(_WEIGHTLESS)
 
 
 def functional(model: CausalLM, *filters, frozen: tuple[int, ...] = (), release: bool = False):
@@ -77,10 +89,13 @@ def functional(model: CausalLM, *filters, frozen: tuple[int, ...] = (), release:
     converting the frozen trees holds one leaf more, not a second copy; call the view, or
     `ngdiff_jax.models.with_params`, from then on."""
     frozen = tuple(sorted(set(frozen)))
-    n = max(len(filters), 1)
-    if any(not 0 <= i < n for i in frozen) or (frozen and not filters):
-        raise ValueError(f"functional: frozen={frozen} must index the filters (0..{n - 1}); the model's own "
-                         "state as one tree cannot be frozen.")  # fmt: skip
+    if frozen and not filters:
+        raise ValueError(f"functional: frozen={frozen} names trees split by filters, and none were given; the "
+                         "model's own state as one tree cannot be frozen (e.g. functional(model, nnx.Param, "
+                         "lora.LoraParam, frozen=(0,)) freezes the base).")  # fmt: skip
+    if any(not 0 <= i < len(filters) for i in frozen):
+        raise ValueError(f"functional: frozen={frozen} must index the {len(filters)} filters "
+                         f"(0..{len(filters) - 1}).")  # fmt: skip
     if frozen and not model.scan_layers:
         raise ValueError("functional: frozen trees are carried into a layer scan; this model's blocks are "
                          "unrolled: build it with scan_layers=True (models.stacked.scanned), or pass no frozen.")
@@ -96,9 +111,16 @@ def functional(model: CausalLM, *filters, frozen: tuple[int, ...] = (), release:
     scanned = model.scan_layers
 
     def trees_of(params):
+        if single and isinstance(params, tuple | list):
+            raise ValueError(f"this view takes one parameter tree (a dict), got a {type(params).__name__} of "
+                             f"{len(params)}; build it with filters (functional(model, *filters)) for a tuple.")
+        if not single and not isinstance(params, tuple | list):
+            raise ValueError(f"this view takes a tuple of {len(templates)} parameter trees (one per filter), got "
+                             f"a {type(params).__name__}.")  # fmt: skip
         trees = (params,) if single else tuple(params)
         if len(trees) != len(templates):
             raise ValueError(f"this view takes {len(templates)} parameter trees (one per filter), got {len(trees)}")
+        _check_weights(trees)
         return trees
 
     def unrolled_model(params):

@@ -108,6 +108,10 @@ def _no_adapters(model: CausalLM, what: str) -> None:
 def _taken(model: CausalLM, release: bool) -> dict:
     """The model's state as a pure dict; with ``release`` the model keeps only the shapes."""
     pure = nnx.to_pure_dict(nnx.state(model))
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pure)):
+        raise ValueError("this model holds shapes only, no weights (it gave its arrays away: release=True or "
+                         "abstract_model); convert the model that holds them, or build the layout you need with "
+                         "models.abstract_like(model, scan_layers=...).")  # fmt: skip
     if release:
         nnx.update(model, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model)))
     return pure
