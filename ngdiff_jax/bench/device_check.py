@@ -55,6 +55,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ngdiff_jax.bench.sizes import SIZES
 from ngdiff_jax.errors import InputError, one_line
 from ngdiff_jax.paths import REPO_ROOT
 
@@ -120,8 +123,6 @@ class CheckOptions:
         return cls(**base)
 
     def validate(self) -> None:
-        from ngdiff_jax.bench.sizes import SIZES
-
         bad = [s for s in self.skip if s not in PARTS]
         if bad:
             raise InputError(f"--skip {','.join(bad)}: not a part; choose among {', '.join(PARTS)}.")
@@ -200,7 +201,6 @@ def run_step(opts: CheckOptions, log: Callable[[str], None]) -> dict[str, Any]:
     """The ``step`` part (module doc)."""
     import jax
 
-    from ngdiff_jax.bench.sizes import SIZES
     from ngdiff_jax.parallel.plan import plan_step
 
     size = replace(SIZES[opts.size], batch=opts.batch, seq_len=opts.seq_len)
@@ -243,7 +243,6 @@ def _time_step(opts: CheckOptions, size, remat: str, log: Callable[[str], None],
                scan_layers: bool = False) -> dict[str, Any]:
     """Compile and time the step on a fresh random model of ``size`` (scanned with ``scan_layers``)."""
     import jax
-    import numpy as np
 
     from ngdiff_jax.bench import jax_side
     from ngdiff_jax.models import functional, set_remat, stacked
@@ -310,7 +309,6 @@ def _time_step(opts: CheckOptions, size, remat: str, log: Callable[[str], None],
 
 def run_scan(opts: CheckOptions, step: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     """The ``scan`` part (module doc): ``step`` is the step part's result (its size, remat and times)."""
-    from ngdiff_jax.bench.sizes import SIZES
 
     size = replace(SIZES[opts.size], batch=opts.batch, seq_len=opts.seq_len)
     remat = step.get("remat", opts.remat)
