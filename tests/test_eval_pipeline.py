@@ -87,6 +87,7 @@ def test_whole_rows_reuse_a_longer_compiled_length(tok, cfg, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_shared_prompt_scoring_matches_whole_rows(tok, cfg):
     # a question's answers are scored from one cached encoding of its prompt; the numbers
     # equal a plain forward over each whole row (independent reference: sequence_nll)

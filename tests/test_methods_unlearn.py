@@ -246,6 +246,7 @@ def test_unlearn_with_model_selection_exports_best_and_last(tiny_run):
                                           "selection.maximize=retain_prob"])  # fmt: skip
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_model_selection_on_a_mesh(tiny_run):
     """The sharded path (an fsdp mesh over the process's 8 simulated devices): the hook evaluates the
     sharded params and the best model is exported gathered."""

@@ -37,6 +37,7 @@ def _views():
             "lora_stacked": (lsv, {"base": sbase, "lora": sadapters})}
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_every_builder_returns_one_view_that_agrees_across_layouts():
     views = _views()
     ref_view, ref_params = views["plain"]

@@ -81,6 +81,7 @@ def test_xla_attention_equals_einsum_logits_and_grads(family):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6), ga, gb)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_xla_attention_with_kv_cache_generates_as_einsum():
     ids, mask = _batch()
     outs = {}

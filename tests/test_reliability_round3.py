@@ -62,6 +62,7 @@ def test_config_file_that_is_the_runs_own_config_yaml_is_refused(base, tmp_path,
     assert mine.read_text() == text
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_a_finished_run_copied_elsewhere_can_be_rerun_there(base, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "run"
     assert _unlearn(base, out) == 0
@@ -70,6 +71,7 @@ def test_a_finished_run_copied_elsewhere_can_be_rerun_there(base, tmp_path, caps
     assert _unlearn(base, moved) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_rerunning_a_finished_run_keeps_one_eval_row_per_step(base, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     assert _unlearn(base, out, "run.eval_every=2") == 0

@@ -113,6 +113,7 @@ def test_relearning_brings_back_what_gradient_ascent_hid(setup):
     assert got["worst"]["forget_Q_A_Prob"]["check"] == "relearn"
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_int4_roundtrip_undoes_a_suppression_below_its_resolution(setup):
     """A model that 'forgot' by a perturbation smaller than half an int4 step (on the int4 grid of
     the memorized model, block maxima untouched): the int4 check rounds it back to the knowledge."""

@@ -100,7 +100,7 @@ def test_per_block_params_given_to_the_stacked_function_fail_clearly():
         plain_fn(stacked_params, _ids(model.config.vocab_size))
 
 
-@pytest.mark.parametrize("kernels", ["xla", "cpu_fast"])
+@pytest.mark.parametrize("kernels", [pytest.param("xla", marks=pytest.mark.slow), "cpu_fast"])  # xla: over 4 s
 def test_lora_stacked_equals_per_block(kernels):
     spec = lora.LoraSpec(rank=2, alpha=4.0, targets=lora.resolve_targets("llama", ["all"]))
     grads = []
@@ -258,6 +258,7 @@ def _bf16_stacked(kernels, layers=4, **overrides):
 
 
 @pytest.mark.xla_cpu
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_bfloat16_stacked_weights_are_not_widened_for_the_scan():
     """XLA:CPU converts a bfloat16 array that a loop slices to float32 before the loop: under a
     plain scan (``backend="xla"``) the gradient holds a float32 copy of each stacked weight;

@@ -48,6 +48,7 @@ def test_a_scanned_model_computes_what_the_unrolled_one_does(family):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_the_kv_cache_path_of_the_scan_decodes_as_the_unrolled_model():
     """The decode loop on the stacked cache gives the unrolled model's tokens; a cache written in
     blocks (the engine's prefill) equals one written at once and the unrolled model's, stacked; each
@@ -88,6 +89,7 @@ def test_kv_cache_helpers_take_either_layout():
         assert b.shape[-4] == 5
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_engine_programs_equal_on_either_layout(monkeypatch):
     """The evaluation engine's block-causal scoring and generation (shared prefix, blocked prefill,
     teacher-forced continuations) give the same numbers on a scanned model."""

@@ -45,6 +45,7 @@ def _batch(seed):
 FIXED_RATE = ("ga", "gdiff", "npo", "simnpo", "mgda", "pcgrad")
 
 
+@pytest.mark.slow  # over 4 s on 2 cores: the full suite (pyproject's markers)
 def test_every_fixed_rate_method_runs_and_reports_metrics(tiny):
     # Eagerly (no compile per method): the wiring of objectives, reference and combiner.
     apply_fn, params = tiny
