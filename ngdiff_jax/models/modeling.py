@@ -831,11 +831,27 @@ def abstract_like(model: CausalLM, **changes) -> CausalLM:
     return nnx.eval_shape(lambda: CausalLM(model.config, rngs=nnx.Rngs(0), **kw))
 
 
+def shapes(tree):
+    """``tree`` with every array replaced by its ``jax.ShapeDtypeStruct``."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def shapes_only(tree) -> bool:
+    """Whether ``tree`` holds shapes (``jax.ShapeDtypeStruct``) where weights should be."""
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def release_weights(model: CausalLM) -> None:
+    """Replace ``model``'s arrays by their shapes, in place: it keeps its structure and gives its weights
+    away (whoever holds them now, e.g. the trees `ngdiff_jax.models.functional` returned, owns them)."""
+    nnx.update(model, shapes(nnx.state(model)))
+
+
 def abstract_model(model: CausalLM) -> CausalLM:
     """``model`` with every array replaced by its ``jax.ShapeDtypeStruct``: the structure
     (for `with_params` / `save_pretrained` later) without holding the weights."""
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+    return nnx.merge(graphdef, shapes(state))
 
 
 def with_params(model: CausalLM, params) -> CausalLM:

@@ -41,15 +41,20 @@ import jax
 from flax import nnx
 
 from ngdiff_jax.backends import forward_mode
-from ngdiff_jax.models.modeling import CausalLM, frozen_weight, is_stacked, model_inputs, with_backend
+from ngdiff_jax.models.modeling import (
+    CausalLM,
+    frozen_weight,
+    is_stacked,
+    model_inputs,
+    release_weights,
+    shapes,
+    shapes_only,
+    with_backend,
+)
 from ngdiff_jax.models.view import ModelView
 from ngdiff_jax.shifted import Shifted, takes_shifted
 
 __all__ = ["functional"]
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _fresh(template, pure: dict):
@@ -75,11 +80,6 @@ _WEIGHTLESS = ("these parameters hold shapes only (jax.ShapeDtypeStruct), no wei
                "pass the trees the first functional(...) call returned.")
 
 
-def _check_weights(trees) -> None:
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(trees)):
-        raise ValueError(_WEIGHTLESS)
-
-
 def functional(model: CausalLM, *filters, frozen: tuple[int, ...] = (), release: bool = False):
     """``(view, params)`` for ``model`` (module doc): ``params`` one pure dict, or with ``filters``
     a tuple of them, one per filter, which the view then takes as a tuple.
@@ -101,10 +101,10 @@ def functional(model: CausalLM, *filters, frozen: tuple[int, ...] = (), release:
                          "unrolled: build it with scan_layers=True (models.stacked.scanned), or pass no frozen.")
     graphdef, *states = nnx.split(model, *filters) if filters else nnx.split(model)
     pures = [nnx.to_pure_dict(st) for st in states]
-    templates = [_abstract(st) for st in states]
+    templates = [shapes(st) for st in states]
     del states
     if release:
-        nnx.update(model, _abstract(nnx.state(model)))
+        release_weights(model)
     for i in frozen:  # stored as the backend carries them into the scan (modeling._scan_stacked)
         _convert_in_place(pures[i].get("layers", {}), partial(frozen_weight, model.backend))
     single = not filters
@@ -120,7 +120,8 @@ def functional(model: CausalLM, *filters, frozen: tuple[int, ...] = (), release:
         trees = (params,) if single else tuple(params)
         if len(trees) != len(templates):
             raise ValueError(f"this view takes {len(templates)} parameter trees (one per filter), got {len(trees)}")
-        _check_weights(trees)
+        if shapes_only(trees):
+            raise ValueError(_WEIGHTLESS)
         return trees
 
     def unrolled_model(params):

@@ -42,7 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ngdiff_jax.models.modeling import CausalLM, abstract_like, frozen_from_bits, is_stacked, shared_block_graphdef
+from ngdiff_jax.models.modeling import (
+    CausalLM,
+    abstract_like,
+    frozen_from_bits,
+    is_stacked,
+    release_weights,
+    shapes_only,
+    shared_block_graphdef,
+)
 
 __all__ = ["is_stacked", "scanned", "stack", "unrolled", "unstack"]
 
@@ -108,12 +116,12 @@ def _no_adapters(model: CausalLM, what: str) -> None:
 def _taken(model: CausalLM, release: bool) -> dict:
     """The model's state as a pure dict; with ``release`` the model keeps only the shapes."""
     pure = nnx.to_pure_dict(nnx.state(model))
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(pure)):
+    if shapes_only(pure):
         raise ValueError("this model holds shapes only, no weights (it gave its arrays away: release=True or "
                          "abstract_model); convert the model that holds them, or build the layout you need with "
                          "models.abstract_like(model, scan_layers=...).")  # fmt: skip
     if release:
-        nnx.update(model, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model)))
+        release_weights(model)
     return pure
 
 
