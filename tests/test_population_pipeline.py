@@ -129,13 +129,15 @@ def test_population_config_errors(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_members_spread_over_devices_equal_one_device(tiny, tmp_path, devices8):
-    """Three members on the 8-device 'member' mesh axis (five padding members) give the results of
-    one device (``population.spread=false``)."""
-    members = ["run.steps=2", "population.seeds=[0, 1, 2]", "population.export=false"]
+    """Three members in chunks of two, spread over the 'member' mesh axis of 8 devices, give the
+    results of one device (``population.spread=false``): the axis takes as many devices as a chunk
+    has members (2, not 8 with six padding copies), and the last chunk's one member is padded."""
+    members = ["run.steps=2", "population.seeds=[0, 1, 2]", "population.export=false", "population.chunk_size=2"]
     one = run_population(_cfg(tiny, tmp_path / "one", *members, "population.spread=false"))
     eight = run_population(_cfg(tiny, tmp_path / "eight", *members))
     assert json.loads((tmp_path / "one" / "population.json").read_text())["devices"] == 1
-    assert json.loads((tmp_path / "eight" / "population.json").read_text())["devices"] == len(jax.local_devices())
+    assert json.loads((tmp_path / "eight" / "population.json").read_text())["devices"] == 2 < len(jax.local_devices())
+    assert len(eight.results) == len(one.results) == 3
     for a, b in zip(eight.results, one.results):
         for k in ("forget_loss", "retain_loss", "learning_rate"):
             np.testing.assert_allclose(a["last_metrics"][k], b["last_metrics"][k], rtol=1e-5)

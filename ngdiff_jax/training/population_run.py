@@ -4,9 +4,10 @@ Every member (seed x learning rate x settings, :class:`ngdiff_jax.population.Pop
 is the run ``ngdiff unlearn`` would make with those values; members run together as one
 compiled program with a leading member axis (:func:`ngdiff_jax.population.population_step`),
 ``population.chunk_size`` members at a time. Members are spread over the local devices along a
-``member`` mesh axis (a chunk is padded with copies of its last member to a multiple of the
-device count; the copies are dropped). With LoRA every member trains its own adapters on one
-shared frozen base (memory: the base once plus K x adapters and their optimizer state).
+``member`` mesh axis, over no more devices than a chunk has members (a chunk is padded with
+copies of its last member to a multiple of the device count; the copies are dropped). With LoRA
+every member trains its own adapters on one shared frozen base (memory: the base once plus K x
+adapters and their optimizer state).
 
 Output directory::
 
@@ -181,8 +182,13 @@ class _CompileFirst:
         return self.fn(*args)
 
 
-def _devices(cfg) -> list:
-    return list(jax.local_devices()) if cfg.population.spread else list(jax.local_devices()[:1])
+def _devices(cfg, members: Sequence[Member]) -> list:
+    """The devices of the ``member`` mesh axis: with ``population.spread`` every local device but no
+    more than the largest chunk has members (a device beyond those would compute only padding
+    copies: 7 of 8 simulated CPU devices for one member), else the first."""
+    if not cfg.population.spread:
+        return list(jax.local_devices()[:1])
+    return list(jax.local_devices()[: max(len(c) for c in cfg.population.chunks(members))])
 
 
 def _shardings(mesh, extra_axes):
@@ -251,7 +257,7 @@ def run_population(
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup = _Setup(cfg, members)
-    devices = _devices(cfg)
+    devices = _devices(cfg, members)
     mesh = Mesh(np.array(devices), (MEMBER_AXIS,))
     max_skipped = math.floor(cfg.run.max_skipped_fraction * setup.num_steps)
     shared_ref = cfg.method.needs_reference and setup.lora_run is None
