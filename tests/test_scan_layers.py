@@ -282,10 +282,14 @@ def test_bfloat16_stacked_weights_are_not_widened_for_the_scan():
         assert float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) <= 0.05 * scale
 
 
-def _bits_step(bits: bool, steps: int):
+#: XLA:CPU's own settings of the two flags tests/conftest.py's FAST_COMPILE changes, as per-compile options
+XLA_CPU_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+
+def _bits_step(bits: bool, steps: int, compiler_options: dict | None = None):
     """``(params after `steps` steps, copies, first param donated)`` of a stacked bfloat16 NGDiff
     step sharded on the XLA:CPU backend with ``bits_params=bits``; ``copies``: the compiled step's fusions that make a
-    bits copy (``u16``) of a stacked weight from its argument."""
+    bits copy (``u16``) of a stacked weight from its argument (compiled with ``compiler_options``)."""
     from ngdiff_jax import parallel as par
     from ngdiff_jax.training import OptimConfig, load_method, make_optimizer, make_unlearn_step
 
@@ -306,7 +310,7 @@ def _bits_step(bits: bool, steps: int):
     p, opt = sharded.place_state(p, tx.init(p))
     gate = p["layers"]["mlp"]["gate_proj"]["kernel"]
     copy_of_arg = re.compile(r"= u16\[" + ",".join(map(str, gate.shape)) + r"\]\S* fusion\(%params")
-    copies = len(copy_of_arg.findall(sharded.lower(p, opt, batch, batch, rng).compile().as_text()))
+    copies = len(copy_of_arg.findall(sharded.lower(p, opt, batch, batch, rng).compile(compiler_options).as_text()))
     for _ in range(steps):
         p, opt, _ = sharded(p, opt, batch, batch, rng)
     return p, copies, gate.is_deleted()
@@ -329,16 +333,10 @@ def test_bfloat16_params_cross_the_sharded_step_as_bits():
 def test_bfloat16_params_as_bits_are_not_copied_in_the_step():
     """With XLA:CPU's default flags (the tests compile without its fusion emitters, which makes the
     conversion a free bitcast), a bfloat16 argument that a loop reads as bits is copied into a
-    new buffer: one fusion per stacked weight. Passed as bits (``bits_params``) it is not."""
-    import subprocess
-    import sys
-
-    code = ("import json, sys; sys.path.insert(0, 'tests'); from test_scan_layers import _bits_step; "
-            "print(json.dumps([_bits_step(b, 0)[1] for b in (False, True)]))")  # fmt: skip
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, 0]  # gate and up have this shape
+    new buffer: one fusion per stacked weight. Passed as bits (``bits_params``) it is not. The
+    defaults are given per compile, in this process, over conftest's FAST_COMPILE flags (with
+    those the step has no copy: [0, 0])."""
+    assert [_bits_step(b, 0, XLA_CPU_DEFAULTS)[1] for b in (False, True)] == [2, 0]  # gate and up have this shape
 
 
 @pytest.mark.slow
