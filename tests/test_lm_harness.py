@@ -103,29 +103,69 @@ def test_sampling_and_bad_model_args_fail_naming_the_key(model_dir, both):
 
 
 def _local_task(tmp_path) -> str:
-    """A multiple-choice task read from a JSONL file (no network): its include path."""
+    """A multiple-choice task read from a JSONL file (no network), ``tiny_mc``, and one whose file
+    is missing, ``tiny_mc_missing``: their include path."""
     rows = [{"question": "The capital of France is", "choices": [" Paris.", " blue", " dog."], "label": 0},
             {"question": "Cats like to", "choices": [" sleep in the sun.", " Paris.", " ten."], "label": 0},
             {"question": "A quick brown fox jumps over the lazy", "choices": [" sea.", " dog."], "label": 1}]
     data = tmp_path / "tiny_mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
+    for task, path in (("tiny_mc", data), ("tiny_mc_missing", tmp_path / "missing.jsonl")):
+        (tmp_path / f"{task}.yaml").write_text(
+            f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {path}\ntest_split: test\noutput_type: multiple_choice\n"
+            'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
+            "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+        )
     return str(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory) -> str:
+    """`_local_task`'s folder, shared by the module's tests (lm-eval indexes it once: `task_manager`)."""
+    return _local_task(tmp_path_factory.mktemp("lm_eval_tasks"))
+
+
+def test_the_task_manager_is_built_once_per_state_of_its_folder(tmp_path, monkeypatch):
+    """`task_manager`: one index per folder while its task YAMLs are unchanged; an added or edited
+    task file gives a new one (lm-eval's TaskManager counted, not built: each takes ~6 s)."""
+    import lm_eval.tasks
+
+    from ngdiff_jax.integrations.lm_harness import _task_manager, task_manager
+
+    built = []
+
+    class Counted:
+        def __init__(self, include_path=None):
+            built.append(include_path)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Counted)
+    _task_manager.cache_clear()
+    try:
+        include = _local_task(tmp_path)
+        first = task_manager(include)
+        assert task_manager(include) is first and task_manager() is task_manager() and built == [include, None]
+        (tmp_path / "results.json").write_text("{}")  # not a task file
+        assert task_manager(include) is first
+        (tmp_path / "extra").mkdir()
+        (tmp_path / "extra" / "tiny_mc2.yaml").write_text("task: tiny_mc2\n")
+        second = task_manager(include)
+        assert second is not first and task_manager(include) is second
+        (tmp_path / "extra" / "tiny_mc2.yaml").write_text("task: tiny_mc2\ntest_split: test\n")  # edited
+        assert task_manager(include) is not second and len(built) == 4
+    finally:
+        _task_manager.cache_clear()
+
+
 @pytest.mark.slow
-def test_an_offline_task_runs_and_equals_the_hf_backend(both, tmp_path, monkeypatch):
+def test_an_offline_task_runs_and_equals_the_hf_backend(both, local_tasks, monkeypatch):
     import lm_eval
-    from lm_eval.tasks import TaskManager
+
+    from ngdiff_jax.integrations.lm_harness import task_manager
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tm = TaskManager(include_path=_local_task(tmp_path))
+    tm = task_manager(local_tasks)
     ours, theirs = both
     res = [lm_eval.simple_evaluate(model=m, tasks=["tiny_mc"], task_manager=tm, log_samples=False)["results"]
            ["tiny_mc"] for m in (ours, theirs)]  # fmt: skip
@@ -134,12 +174,11 @@ def test_an_offline_task_runs_and_equals_the_hf_backend(both, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_ngdiff_eval_lm_eval_writes_a_result(model_dir, tmp_path, monkeypatch, capsys):
+def test_ngdiff_eval_lm_eval_writes_a_result(model_dir, local_tasks, tmp_path, monkeypatch, capsys):
     from ngdiff_jax.cli import main
 
-    include = _local_task(tmp_path)
     out = tmp_path / "res.json"
-    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc", "--lm-eval-include", include,
+    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc", "--lm-eval-include", local_tasks,
                "--model", str(model_dir), "--dtype", "float32", "--out", str(out)])  # fmt: skip
     assert rc == 0, capsys.readouterr()
     r = json.loads(out.read_text())
@@ -162,7 +201,7 @@ def test_ngdiff_eval_lm_eval_fails_at_once_for_a_task_without_local_data(model_d
 
 
 @pytest.mark.slow
-def test_ngdiff_lm_eval_is_lm_evals_cli_with_the_ngdiff_model(model_dir, tmp_path, monkeypatch, capsys):
+def test_ngdiff_lm_eval_is_lm_evals_cli_with_the_ngdiff_model(model_dir, local_tasks, tmp_path, monkeypatch, capsys):
     """``ngdiff-lm-eval --model ngdiff ...`` (the console script): lm-eval's own command line, the
     adapter registered."""
     import sys
@@ -177,23 +216,21 @@ def test_ngdiff_lm_eval_is_lm_evals_cli_with_the_ngdiff_model(model_dir, tmp_pat
     monkeypatch.setattr(logger, "level", logger.level)
     out = tmp_path / "out"
     main(["--model", "ngdiff", "--model_args", f"pretrained={model_dir},dtype=float32", "--batch_size", "2", "--tasks",
-          "tiny_mc", "--include_path", _local_task(tmp_path), "--output_path", str(out)])  # fmt: skip
+          "tiny_mc", "--include_path", local_tasks, "--output_path", str(out)])  # fmt: skip
     written = list(out.rglob("results*.json"))
     assert written and "tiny_mc" in json.loads(written[0].read_text())["results"]
 
 
 @pytest.mark.slow
-def test_ngdiff_eval_lm_eval_fails_at_once_for_missing_task_data(model_dir, tmp_path, capsys):
+def test_ngdiff_eval_lm_eval_fails_at_once_for_missing_task_data(model_dir, local_tasks, tmp_path, capsys):
     """A known task whose data file is missing (offline: nothing downloads) fails before the model
     runs, in one line naming the task (exit 2); so does a negative --num-fewshot."""
     from ngdiff_jax.cli import main
 
-    include = _local_task(tmp_path)
-    (tmp_path / "tiny_mc.jsonl").unlink()
-    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc", "--lm-eval-include", include,
+    rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc_missing", "--lm-eval-include", local_tasks,
                "--model", str(model_dir), "--out", str(tmp_path / "r.json")])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and "--tasks tiny_mc: lm-eval could not load the task data offline" in err, err
+    assert rc == 2 and "--tasks tiny_mc_missing: lm-eval could not load the task data offline" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
     rc = main(["eval", "--benchmark", "lm-eval", "--tasks", "tiny_mc", "--num-fewshot", "-1", "--model",
                str(model_dir), "--out", str(tmp_path / "r.json")])  # fmt: skip

@@ -10,7 +10,9 @@ Importing this module registers it as ``ngdiff``::
     ngdiff-lm-eval --model ngdiff --model_args pretrained=DIR --tasks arc_easy   # lm_eval's CLI
     ngdiff eval --benchmark lm-eval --tasks arc_easy --model DIR                 # our result JSON
 
-or from Python, ``lm_eval.simple_evaluate(model=NgdiffLM(pretrained=DIR), tasks=[...])``.
+or from Python, ``lm_eval.simple_evaluate(model=NgdiffLM(pretrained=DIR), tasks=[...],
+task_manager=task_manager())``: `task_manager` indexes lm-eval's task files once per process
+(about 6 s each time otherwise), so evaluating several models or checkpoints pays it once.
 ``lm-eval`` is the optional extra ``ngdiff-jax[lm-eval]``.
 
 What equals lm-eval's own transformers backend (``--model hf``; tests/test_lm_harness.py): the
@@ -31,7 +33,9 @@ Nothing downloads: ``pretrained`` is a local HF directory (``ngdiff convert``,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,7 +51,7 @@ except ImportError as e:  # pragma: no cover - the extra is not installed
         f"(lm-eval==0.4.13) ({e})"
     ) from e
 
-__all__ = ["DEFAULT_BATCH_SIZE", "NgdiffLM", "evaluate_lm_eval", "main"]
+__all__ = ["DEFAULT_BATCH_SIZE", "NgdiffLM", "evaluate_lm_eval", "main", "task_manager"]
 
 #: rows per compiled scoring batch when ``batch_size`` is not given (or ``auto``)
 DEFAULT_BATCH_SIZE = 16
@@ -258,13 +262,32 @@ def _offline() -> None:
         pass
 
 
-def _tasks(tasks: Sequence[str], include_path: str | None):
-    """lm-eval's task manager and the tasks' names, or a one-line error naming an unknown task."""
+def task_manager(include_path: str | None = None):
+    """lm-eval's ``TaskManager`` with the task YAMLs under ``include_path`` added, built once per
+    process and state of that folder: indexing lm-eval's built-in task YAMLs takes about 6 s on
+    2 cores at every construction. The cache key holds the path, size and modification time of
+    every ``*.yaml``/``*.yml`` file under ``include_path``, so an added, edited or removed task
+    file gives a new index."""
+    files = ()
+    if include_path:
+        root = Path(include_path)
+        files = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*")
+                             if f.suffix in (".yaml", ".yml") and f.is_file()))  # fmt: skip
+    return _task_manager(str(include_path) if include_path else None, files)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None, files: tuple):
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
+
+
+def _tasks(tasks: Sequence[str], include_path: str | None):
+    """lm-eval's task manager and the tasks' names, or a one-line error naming an unknown task."""
     from ngdiff_jax.errors import InputError
 
-    tm = TaskManager(include_path=include_path) if include_path else TaskManager()
+    tm = task_manager(include_path)
     known = set(tm.all_tasks)
     unknown = [t for t in tasks if t not in known and not tm.match_tasks([t])]
     if unknown:
