@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -144,7 +145,8 @@ def test_the_task_manager_is_built_once_per_state_of_its_folder(tmp_path, monkey
     try:
         include = _local_task(tmp_path)
         first = task_manager(include)
-        assert task_manager(include) is first and task_manager() is task_manager() and built == [include, None]
+        assert task_manager(include) is first and task_manager() is task_manager()
+        assert built == [str(Path(include).resolve()), None]
         (tmp_path / "results.json").write_text("{}")  # not a task file
         assert task_manager(include) is first
         (tmp_path / "extra").mkdir()
@@ -153,6 +155,10 @@ def test_the_task_manager_is_built_once_per_state_of_its_folder(tmp_path, monkey
         assert second is not first and task_manager(include) is second
         (tmp_path / "extra" / "tiny_mc2.yaml").write_text("task: tiny_mc2\ntest_split: test\n")  # edited
         assert task_manager(include) is not second and len(built) == 4
+        one = tmp_path / "extra" / "tiny_mc2.yaml"  # a task file as the include path: its own state is the key
+        assert task_manager(one) is task_manager(str(one)) and len(built) == 5
+        one.write_text("task: tiny_mc2\n")
+        assert task_manager(one) is not None and len(built) == 6
     finally:
         _task_manager.cache_clear()
 

@@ -84,7 +84,7 @@ def test_chunked_head_keeps_no_vocabulary_sized_buffer(monkeypatch):
     x = jnp.ones((B, T, model.config.hidden_size), jnp.float32)  # the last block's output
 
     def fused(x):
-        return losses.nll(model._head_logprobs(x, labels), labels)
+        return losses.nll(model.head_logprobs(x, labels), labels)
 
     def plain(x):
         return losses.nll(model._head(x), labels)

@@ -266,14 +266,15 @@ def task_manager(include_path: str | None = None):
     """lm-eval's ``TaskManager`` with the task YAMLs under ``include_path`` added, built once per
     process and state of that folder: indexing lm-eval's built-in task YAMLs takes about 6 s on
     2 cores at every construction. The cache key holds the path, size and modification time of
-    every ``*.yaml``/``*.yml`` file under ``include_path``, so an added, edited or removed task
-    file gives a new index."""
-    files = ()
-    if include_path:
-        root = Path(include_path)
-        files = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*")
-                             if f.suffix in (".yaml", ".yml") and f.is_file()))  # fmt: skip
-    return _task_manager(str(include_path) if include_path else None, files)
+    every ``*.yaml``/``*.yml`` file under ``include_path`` (or of that file), so an added, edited
+    or removed task file gives a new index."""
+    if not include_path:
+        return _task_manager(None, ())
+    root = Path(include_path).expanduser().resolve()
+    found = [root] if root.is_file() else root.rglob("*")
+    files = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in found
+                         if f.suffix in (".yaml", ".yml") and f.is_file()))  # fmt: skip
+    return _task_manager(str(root), files)
 
 
 @functools.lru_cache(maxsize=8)

@@ -409,7 +409,7 @@ class CausalLM(nnx.Module):
         graphdef, state = _split_for_mode(self)
         return _jit_logprobs(graphdef, state, input_ids, jnp.asarray(labels), attention_mask, positions)
 
-    def _head_logprobs(self, x: Array, labels: Array) -> TokenLogprobs:
+    def head_logprobs(self, x: Array, labels: Array) -> TokenLogprobs:
         """`TokenLogprobs` of ``labels`` from the last block's output ``x [B, T, E]``, chunked."""
         B, T, E = x.shape
         targets = labels[:, 1:]
@@ -765,7 +765,7 @@ def _jit_call(graphdef, state, input_ids, attention_mask, positions):
 def _jit_logprobs(graphdef, state, input_ids, labels, attention_mask, positions):
     model = nnx.merge(graphdef, state)
     x, _ = model.forward(input_ids, positions, attention_mask, return_hidden=True)
-    return model._head_logprobs(x, labels)
+    return model.head_logprobs(x, labels)
 
 
 def from_config(hf_config, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,

@@ -186,7 +186,7 @@ def functional(model: CausalLM, *filters, frozen: tuple[int, ...] = (), release:
             m, blocks = scanned_model(params)
             input_ids, attention_mask, positions = model_inputs(input_ids, attention_mask, positions)
             x, _ = m.forward(input_ids, positions, attention_mask, return_hidden=True, stacked=blocks)
-            return m._head_logprobs(x, jax.numpy.asarray(labels))
+            return m.head_logprobs(x, jax.numpy.asarray(labels))
 
         # each takes GeN's probe point unmade (ngdiff_jax.shifted): the scan shifts one block at a time
         view = ModelView(takes_shifted(logits), takes_shifted(hidden_state), takes_shifted(token_logprobs))
