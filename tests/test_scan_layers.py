@@ -282,7 +282,8 @@ def test_bfloat16_stacked_weights_are_not_widened_for_the_scan():
         assert float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) <= 0.05 * scale
 
 
-#: XLA:CPU's own settings of the two flags tests/conftest.py's FAST_COMPILE changes, as per-compile options
+#: XLA:CPU's own settings of the two flags in tests/conftest.py's FAST_COMPILE that change what it emits
+#: (the third, the LLVM module split, does not), as per-compile options
 XLA_CPU_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
 
 
